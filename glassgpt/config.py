@@ -1,0 +1,271 @@
+"""Typed configuration with nanoGPT's habits: `train.py config/x.py --batch_size=32`.
+
+Arguments are read left to right: a bare path is a nanoGPT-style config file (`key = value` Python),
+executed in a fresh namespace (never our globals); `--key=value` overrides one field, its value
+parsed as a Python literal when it is one and kept as a string otherwise. Every key must name a field
+of the dataclass (unknown keys are rejected with the closest valid name), and every value must have
+the field's type: ints are accepted for floats, None only where the field allows it.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from glassgpt.errors import UserError
+
+C = TypeVar("C")
+
+
+@dataclass
+class TrainConfig:
+    """Every nanoGPT train.py key with its nanoGPT default, then glassgpt's own."""
+
+    # I/O
+    out_dir: str = "out"
+    eval_interval: int = 2000
+    log_interval: int = 1
+    eval_iters: int = 200
+    eval_only: bool = False
+    """Evaluate once at the start and exit (config/eval_gpt2*.py)."""
+    always_save_checkpoint: bool = True
+    """Save at every eval; False saves only when val loss improves."""
+    init_from: str = "scratch"
+    """'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2*' (OpenAI weights) or a local HF GPT-2 directory."""
+    # wandb logging (imported only when wandb_log is True)
+    wandb_log: bool = False
+    wandb_project: str = "owt"
+    wandb_run_name: str = "gpt2"
+    # data
+    dataset: str = "openwebtext"
+    gradient_accumulation_steps: int = 5 * 8
+    """Micro-steps per optimizer step, over the whole job (divided among DDP ranks)."""
+    batch_size: int = 12
+    """Sequences per micro-step per process."""
+    block_size: int = 1024
+    # model
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    """0 for pretraining, try 0.1+ for finetuning."""
+    bias: bool = False
+    """Biases in Linears and LayerNorms."""
+    # AdamW
+    learning_rate: float = 6e-4
+    max_iters: int = 600000
+    weight_decay: float = 1e-1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables."""
+    # learning rate schedule
+    decay_lr: bool = True
+    warmup_iters: int = 2000
+    lr_decay_iters: int = 600000
+    """Cosine decay ends here (~= max_iters per Chinchilla)."""
+    min_lr: float = 6e-5
+    # system
+    backend: str = "nccl"
+    """torch.distributed backend for DDP: 'nccl' on GPUs, 'gloo' on CPUs."""
+    device: str = "auto"
+    """'cpu', 'cuda', 'cuda:1', 'mps', or 'auto' (cuda > mps > cpu)."""
+    dtype: str = "auto"
+    """'float32', 'bfloat16' or 'float16' (GradScaler); 'auto' = bfloat16 where supported on CUDA, else
+    float16 on CUDA, float32 elsewhere."""
+    compile: bool = True
+    """torch.compile the model (PyTorch 2.0+)."""
+    # glassgpt
+    seed: int = 1337
+    data_dir: str | None = None
+    """Prepared data directory; default data/<dataset>."""
+    vocab_dir: str | None = None
+    """Directory with GPT-2's encoder.json + vocab.bpe when offline (else GLASSGPT_MIRROR / tiktoken)."""
+    parallel: str = "ddp"
+    """Multi-process strategy under torchrun: 'ddp' or 'fsdp' (sharded parameters)."""
+    plot: bool = True
+    """Write out_dir/loss.png at the end."""
+    activation: str | None = None
+    """Override the MLP activation ('gelu' or 'gelu_new'); None keeps the checkpoint's / 'gelu'."""
+
+
+@dataclass
+class SampleConfig:
+    """nanoGPT sample.py's keys, plus glassgpt's engine controls."""
+
+    init_from: str = "resume"
+    """'resume' (from out_dir) or a GPT-2 variant / local HF directory."""
+    out_dir: str = "out"
+    start: str = "\n"
+    """Prompt text, or FILE:path to read it from a file."""
+    num_samples: int = 10
+    max_new_tokens: int = 500
+    temperature: float = 0.8
+    """0 = greedy; 1.0 = the model's distribution; higher = more random."""
+    top_k: int | None = 200
+    top_p: float | None = None
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    stop: str | None = None
+    """Stop a sample when this string appears (it is kept)."""
+    stream: bool = True
+    """Print tokens as they are produced (single sample)."""
+    interactive: bool = False
+    """Keep the model loaded and read prompts from stdin."""
+    vocab_dir: str | None = None
+    data_dir: str | None = None
+
+
+@dataclass
+class BenchConfig:
+    """nanoGPT bench.py's keys."""
+
+    batch_size: int = 12
+    block_size: int = 1024
+    bias: bool = False
+    real_data: bool = True
+    dataset: str = "openwebtext"
+    data_dir: str | None = None
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = True
+    profile: bool = False
+    """Write a torch profiler trace to bench_log/ instead of timing."""
+    num_steps: int = 20
+    """Timed steps (after 10 warm-up steps)."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _allowed(tp: Any) -> tuple[tuple[type, ...], bool]:
+    """(concrete types, allows None) for a field annotation like `int | None`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        return tuple(a for a in args if a is not type(None)), type(None) in args
+    return (tp,), False
+
+
+def coerce(key: str, value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the field type, widening int -> float; raise UserError otherwise."""
+    kinds, nullable = _allowed(tp)
+    if value is None:
+        if nullable:
+            return None
+        raise UserError(f"{where}: {key} cannot be None")
+    for k in kinds:
+        if k is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if k is bool and isinstance(value, bool):
+            return value
+        if k is not bool and isinstance(value, k) and not (k is int and isinstance(value, bool)):
+            return value
+    names = " or ".join(k.__name__ for k in kinds) + (" or None" if nullable else "")
+    raise UserError(f"{where}: {key} must be {names}, got {type(value).__name__} {value!r}")
+
+
+def _reject_unknown(key: str, valid: list[str], where: str) -> None:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise UserError(f"{where}: unknown config key {key!r}{hint}")
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Execute a nanoGPT-style config file in a fresh namespace and return its public values."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} does not exist")
+    ns: dict[str, Any] = {}
+    try:
+        exec(compile(p.read_text(), str(p), "exec"), ns)
+    except Exception as e:
+        raise UserError(f"config file {path} failed to run: {type(e).__name__}: {e}") from None
+    return {
+        k: v for k, v in ns.items()
+        if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))
+    }
+
+
+def parse_value(text: str) -> Any:
+    """`--k=v`: a Python literal when v is one (3, 1e-3, True, None, 'x'), else the string itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def load_config(cls: type[C], argv: list[str] | None = None, base: C | None = None) -> C:
+    """Build a `cls` dataclass from config files and --key=value overrides, nanoGPT style."""
+    cfg = dataclasses.replace(base) if base is not None else cls()
+    hints = _field_types(cls)
+    valid = list(hints)
+    for arg in argv or []:
+        if arg.startswith("--"):
+            key, eq, raw = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            where = f"argument {arg}"
+            if key not in hints:
+                _reject_unknown(key, valid, where)
+            if not eq:
+                # `--flag` alone means True for booleans, as most CLIs do
+                if bool in _allowed(hints[key])[0]:
+                    raw = "True"
+                else:
+                    raise UserError(f"{where}: give a value, as --{key}=VALUE")
+            value = parse_value(raw)
+            if str in _allowed(hints[key])[0] and not isinstance(value, str) and value is not None:
+                value = raw  # e.g. --start=123 or --out_dir=2024 stay strings
+            setattr(cfg, key, coerce(key, value, hints[key], where))
+        else:
+            for key, value in read_config_file(arg).items():
+                if key not in hints:
+                    _reject_unknown(key, valid, f"config file {arg}")
+                setattr(cfg, key, coerce(key, value, hints[key], f"config file {arg}"))
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field (for --help), read from the source."""
+    import inspect
+
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
+    return docs
+
+
+def help_text(cls: type, prog: str) -> str:
+    docs = field_docs(cls)
+    lines = [f"usage: {prog} [config_file.py ...] [--key=value ...]", "", "keys (default):"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        lines.append(f"  --{f.name}={default!r}" + (f"  {docs[f.name]}" if f.name in docs else ""))
+    return "\n".join(lines)
+
+
+__all__ = ["TrainConfig", "SampleConfig", "BenchConfig", "load_config", "config_to_dict", "help_text", "field"]

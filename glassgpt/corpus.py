@@ -1,0 +1,143 @@
+"""A prepared dataset on disk and the coordinates that point back into it.
+
+Layout of `data/<dataset>/` (docs/FORMATS.md has the full story):
+
+    train.bin, val.bin        uint16 token ids, one stream per split (nanoGPT's format)
+    meta.json                 tokenizer description (+ stoi/itos for char) and split sizes
+    documents.json            [{"id", "source", "char_offset", "line"}]: each source document
+    train.docs.npy, val.docs.npy
+                              int64 (n_segments, 5) rows [doc, tok_start, tok_end, char_start, line_start]:
+                              tokens [tok_start, tok_end) of the split come from document `doc`, starting
+                              at character `char_start` (line `line_start`, 1-based) of that document.
+
+A split may cut a document (tiny-shakespeare's 90/10 split does), so segments, not documents, tile a
+split. Every attribution result is resolved here into a `Location`: document id, token range, text,
+character offset and line number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from glassgpt.errors import UserError
+from glassgpt.tokenizer import Tokenizer, read_meta, tokenizer_from_meta
+
+SEGMENT_COLUMNS = ("doc", "tok_start", "tok_end", "char_start", "line_start")
+DATA_FORMAT = "glassgpt-data/1"
+
+
+@dataclass
+class Location:
+    """Where a token range of a split sits in the training data."""
+
+    split: str
+    doc: int  # index into documents.json
+    doc_id: str
+    source: str
+    token_start: int  # in the split's token stream (train.bin / val.bin)
+    token_end: int
+    char_offset: int  # character offset of token_start in the source document
+    line: int  # 1-based line of token_start in the source document
+    text: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | Path, obj) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1, ensure_ascii=False).encode())
+
+
+def write_segments(data_dir: str | Path, split: str, segments: np.ndarray | list) -> None:
+    seg = np.asarray(segments, dtype=np.int64).reshape(-1, len(SEGMENT_COLUMNS))
+    tmp = Path(data_dir) / f".{split}.docs.tmp.npy"
+    np.save(tmp, seg)
+    os.replace(tmp, Path(data_dir) / f"{split}.docs.npy")
+
+
+def check_uint16(ids: np.ndarray, where: str = "") -> np.ndarray:
+    """uint16 storage holds ids < 65536; refuse (rather than wrap) anything larger."""
+    ids = np.asarray(ids)
+    if ids.size and (ids.max() > 65535 or ids.min() < 0):
+        raise UserError(f"token id {int(ids.max())} does not fit uint16 storage{where}; "
+                        "this tokenizer's vocabulary is too large for .bin files")
+    return ids.astype(np.uint16)
+
+
+def count_lines(text: str) -> int:
+    return text.count("\n")
+
+
+class Corpus:
+    """Read-only view of a prepared dataset directory: token streams, segments, locations."""
+
+    def __init__(self, data_dir: str | Path):
+        self.data_dir = Path(data_dir)
+        if not (self.data_dir / "train.bin").exists():
+            raise UserError(f"no prepared data in {self.data_dir} (train.bin missing); run its prepare "
+                            f"script, e.g. `python data/{self.data_dir.name}/prepare.py`")
+        self.meta = read_meta(self.data_dir) or {}
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        return tokenizer_from_meta(self.meta)
+
+    @cached_property
+    def documents(self) -> list[dict]:
+        p = self.data_dir / "documents.json"
+        if p.exists():
+            return json.loads(p.read_text())
+        return [{"id": self.data_dir.name, "source": "", "char_offset": 0, "line": 1}]
+
+    def tokens(self, split: str) -> np.memmap:
+        path = self.data_dir / f"{split}.bin"
+        if not path.exists():
+            raise UserError(f"{path} is missing; run the dataset's prepare script")
+        return np.memmap(path, dtype=np.uint16, mode="r")
+
+    def segments(self, split: str) -> np.ndarray:
+        """(n, 5) int64 segment table; a single whole-split segment for nanoGPT-prepared data."""
+        p = self.data_dir / f"{split}.docs.npy"
+        if p.exists():
+            return np.load(p)
+        return np.array([[0, 0, len(self.tokens(split)), 0, 1]], dtype=np.int64)
+
+    def document_bounds(self, split: str) -> np.ndarray:
+        """Sorted token positions where a new document begins in the split (for 'no match across
+        documents' rules): the starts of segments."""
+        return self.segments(split)[:, 1].copy()
+
+    def segment_of(self, split: str, pos: int) -> np.ndarray:
+        seg = self.segments(split)
+        i = int(np.searchsorted(seg[:, 1], pos, side="right")) - 1
+        if i < 0 or pos >= seg[i, 2] and not (pos == seg[i, 2] == seg[-1, 2]):
+            raise IndexError(f"token position {pos} is outside the {split} split")
+        return seg[i]
+
+    def decode(self, split: str, start: int, end: int) -> str:
+        return self.tokenizer.decode(self.tokens(split)[start:end].tolist())
+
+    def locate(self, split: str, token_start: int, token_end: int) -> Location:
+        """Resolve a token range of a split to its document, character offset, line and text."""
+        doc, seg_start, _, char_start, line_start = (int(v) for v in self.segment_of(split, token_start))
+        before = self.decode(split, seg_start, token_start)
+        d = self.documents[doc]
+        return Location(
+            split=split, doc=doc, doc_id=str(d["id"]), source=str(d.get("source", "")),
+            token_start=int(token_start), token_end=int(token_end),
+            char_offset=char_start + len(before), line=line_start + count_lines(before),
+            text=self.decode(split, token_start, token_end),
+        )

@@ -1,0 +1,28 @@
+"""User-facing errors: one line saying what is wrong and what to do, and a non-zero exit.
+
+Raise `UserError` for mistakes a user can fix (bad config, missing data, a foreign checkpoint...);
+`cli.run_main` turns it into `error: <message>` on stderr and exit status 2. Internal bugs are not
+UserErrors and keep their traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """A mistake in the user's input or environment, explained in one actionable line."""
+
+
+def run_main(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
+    """Call `main(argv)`, printing a UserError as one line and returning the exit status."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny datasets and checkpoints made on the fly, and the offline data mirror."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from glassgpt.checkpoint import save_checkpoint
+from glassgpt.corpus import write_json, write_segments
+from glassgpt.model import GPT, GPTConfig
+from glassgpt.tokenizer import CharTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+TINY_TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+    "All:\nResolved. resolved.\n\n"
+) * 8
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_mirror():
+    """Tests never touch the network: point GLASSGPT_MIRROR at ../shared/data unless set."""
+    if "GLASSGPT_MIRROR" not in os.environ and SHARED_DATA.exists():
+        os.environ["GLASSGPT_MIRROR"] = str(SHARED_DATA)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture
+def mirror() -> Path:
+    """The offline mirror of public data (../shared/data); CI has it beside the checkout."""
+    path = Path(os.environ.get("GLASSGPT_MIRROR", SHARED_DATA))
+    assert (path / "tinyshakespeare" / "input.txt").exists(), f"offline data mirror missing at {path}"
+    return path
+
+
+def make_char_dataset(data_dir: Path, text: str = TINY_TEXT, val_fraction: float = 0.1) -> Path:
+    """A prepared char-level dataset in glassgpt's layout (see glassgpt/corpus.py), one document."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tok = CharTokenizer.from_text(text)
+    n = int(len(text) * (1 - val_fraction))
+    for split, part, char_start in (("train", text[:n], 0), ("val", text[n:], n)):
+        np.array(tok.encode(part), dtype=np.uint16).tofile(data_dir / f"{split}.bin")
+        write_segments(data_dir, split, [[0, 0, len(part), char_start, 1 + text[:char_start].count("\n")]])
+    write_json(data_dir / "meta.json", {**tok.meta(), "format": "glassgpt-data/1"})
+    write_json(data_dir / "documents.json", [{"id": "tiny", "source": "tiny.txt", "char_offset": 0, "line": 1}])
+    return data_dir
+
+
+@pytest.fixture
+def char_dataset(tmp_path: Path) -> Path:
+    return make_char_dataset(tmp_path / "data" / "tiny_char")
+
+
+def make_checkpoint(out_dir: Path, data_dir: Path, block_size: int = 32, n_layer: int = 2, n_head: int = 2,
+                    n_embd: int = 32, seed: int = 0) -> Path:
+    """A random-weight checkpoint over `data_dir`'s char vocabulary, in glassgpt's ckpt.pt layout."""
+    import json
+
+    torch.manual_seed(seed)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    cfg = GPTConfig(block_size=block_size, vocab_size=meta["vocab_size"], n_layer=n_layer, n_head=n_head,
+                    n_embd=n_embd, bias=False)
+    model = GPT(cfg)
+    ckpt = {"model": model.state_dict(), "optimizer": {}, "model_args": cfg.to_dict(), "iter_num": 0,
+            "best_val_loss": 1e9, "config": {"dataset": data_dir.name, "data_dir": str(data_dir)},
+            "tokenizer": {k: meta[k] for k in ("tokenizer", "vocab_size", "stoi", "itos")}}
+    return save_checkpoint(out_dir / "ckpt.pt", ckpt)
+
+
+@pytest.fixture
+def char_checkpoint(tmp_path: Path, char_dataset: Path) -> Path:
+    """out_dir holding a random tiny char-model checkpoint over `char_dataset`."""
+    out = tmp_path / "out"
+    make_checkpoint(out, char_dataset)
+    return out
