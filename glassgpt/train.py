@@ -1,0 +1,342 @@
+"""The training loop: nanoGPT's train.py as functions a test can call with a 2-layer model for 3 steps.
+
+    python train.py config/train_shakespeare_char.py --device=cpu --compile=False
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+
+docs/training.md walks through it in the order data flows. What the logged numbers mean:
+- loss: the average of -ln p(correct next token) over the batch, in nats. A model that guesses
+  uniformly over V tokens scores ln(V) (4.17 for Shakespeare's 65 characters).
+- perplexity = e^loss: the number of tokens the model is, on average, "choosing between".
+- e^-loss: the geometric-mean probability the model gives the correct next token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glassgpt import distributed
+from glassgpt.checkpoint import ckpt_path, clean_state_dict, load_checkpoint, model_from_checkpoint, save_checkpoint
+from glassgpt.config import TrainConfig, config_to_dict, help_text, load_config
+from glassgpt.data import BatchSampler, data_dir_for
+from glassgpt.errors import UserError, run_main
+from glassgpt.model import GPT, GPTConfig, device_peak_flops
+from glassgpt.runtime import autocast, resolve_device, resolve_dtype
+from glassgpt.tokenizer import read_meta
+
+LOG_NAME = "log.jsonl"
+
+
+def get_lr(it: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay from learning_rate to min_lr at lr_decay_iters, then flat."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model: torch.nn.Module, batches: BatchSampler, eval_iters: int, ctx) -> dict[str, float]:
+    """Mean loss over `eval_iters` fixed batches of each split."""
+    out = {}
+    model.eval()
+    for split in ("train", "val"):
+        gen = batches.eval_generator(split)
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            x, y = batches.get_batch(split, gen)
+            with ctx:
+                _, loss = model(x, y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def explain_loss(loss: float, vocab_size: int) -> str:
+    return (f"ppl {math.exp(min(loss, 50)):.2f}, p(next) {math.exp(-loss):.3f}; "
+            f"uniform guess ln({vocab_size}) = {math.log(vocab_size):.2f}")
+
+
+@dataclass
+class RunLog:
+    """Metrics as JSON lines in out_dir/log.jsonl (appended across resumes) and in memory."""
+
+    path: Path | None
+    records: list[dict] = field(default_factory=list)
+
+    def write(self, **rec: Any) -> None:
+        self.records.append(rec)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Fail before training, not at the first checkpoint, if out_dir cannot be written."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = Path(out_dir) / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"out_dir {out_dir} is not writable ({e.strerror}); choose another --out_dir") from None
+
+
+def build_model(cfg: TrainConfig, meta_vocab: int | None) -> tuple[GPT, dict | None, dict]:
+    """(model, checkpoint if resuming, model_args) for init_from = scratch | resume | gpt2* | HF dir."""
+    ckpt = None
+    if cfg.init_from == "scratch":
+        if meta_vocab is None:
+            print("no vocab_size in the dataset's metadata: using GPT-2's 50304 (50257 rounded up for efficiency)")
+        args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                    bias=cfg.bias, vocab_size=meta_vocab or 50304, dropout=cfg.dropout,
+                    activation=cfg.activation or "gelu")
+        try:
+            model = GPT(GPTConfig(**args))
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    elif cfg.init_from == "resume":
+        ckpt = load_checkpoint(ckpt_path(cfg.out_dir), map_location="cpu")
+        trained_block = int(ckpt["model_args"]["block_size"])
+        if cfg.block_size > trained_block:
+            raise UserError(f"block_size={cfg.block_size} is larger than the checkpoint's {trained_block}; grow it "
+                            f"first with `glassgpt extend-context --out_dir={cfg.out_dir} --block_size={cfg.block_size}`")
+        # nanoGPT: the architecture comes from the checkpoint, only dropout may change
+        model = model_from_checkpoint(ckpt, dropout=cfg.dropout, activation=cfg.activation)
+        if cfg.block_size < trained_block:
+            model.crop_block_size(cfg.block_size)
+        args = model.config.to_dict()
+    else:
+        from glassgpt.pretrained import from_pretrained
+
+        model = from_pretrained(cfg.init_from, {"dropout": cfg.dropout})
+        if cfg.block_size < model.config.block_size:
+            model.crop_block_size(cfg.block_size)
+        args = model.config.to_dict()
+    cfg.block_size = model.config.block_size
+    if meta_vocab is not None and meta_vocab > model.config.vocab_size:
+        raise UserError(f"the dataset's vocabulary has {meta_vocab} tokens but the model only "
+                        f"{model.config.vocab_size}; train on the dataset the model was made for, or from scratch")
+    return model, ckpt, args
+
+
+def plot_losses(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [(r["iter"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["iter"], r["train_loss"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if steps:
+        ax.plot(*zip(*steps), lw=0.8, alpha=0.6, label="train (batch)")
+    if evals:
+        it, tr, va = zip(*evals)
+        ax.plot(it, tr, "o-", label="train (eval)")
+        ax.plot(it, va, "o-", label="val (eval)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run a training job; returns {'iter_num', 'best_val_loss', 'last_eval', 'log': [records]}."""
+    dist_info = distributed.setup(cfg.backend, resolve_device(cfg.device))
+    try:
+        return _train(cfg, dist_info)
+    finally:
+        distributed.teardown(dist_info)
+
+
+def _train(cfg: TrainConfig, dist_info: distributed.DistInfo) -> dict[str, Any]:
+    device = dist_info.device
+    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    dtype = resolve_dtype(cfg.dtype, device)
+    master = dist_info.master
+    grad_accum = distributed.split_grad_accum(cfg.gradient_accumulation_steps, dist_info.world_size)
+    if master:
+        check_out_dir(cfg.out_dir)
+    torch.manual_seed(cfg.seed + dist_info.rank)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ctx = autocast(device, dtype)
+
+    data_dir = data_dir_for(cfg.dataset, cfg.data_dir)
+    meta = read_meta(data_dir) if data_dir.exists() else None
+    meta_vocab = int(meta["vocab_size"]) if meta and "vocab_size" in meta else None
+
+    model, ckpt, model_args = build_model(cfg, meta_vocab)
+    batches = BatchSampler(data_dir, cfg.block_size, cfg.batch_size, device, cfg.seed, dist_info.rank)
+    model.to(device)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+
+    iter_num, best_val_loss, resumed_at = 0, 1e9, None
+    if ckpt is not None:
+        iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
+        if ckpt.get("optimizer"):
+            optimizer.load_state_dict(ckpt["optimizer"])
+        rng = ckpt.get("rng")
+        if rng:  # glassgpt checkpoint: continue the exact random streams of the interrupted run
+            torch.set_rng_state(rng["torch"])
+            batches.load_state_dict(rng["sampler"])
+            resumed_at = iter_num  # its eval at this iteration already ran before the save
+        ckpt = None  # free memory
+
+    raw_model = model
+    if cfg.compile:
+        print("compiling the model... (takes a ~minute)")
+        model = torch.compile(model)
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[dist_info.local_rank] if device_type == "cuda" else None)
+
+    vocab = model_args["vocab_size"] if meta_vocab is None else meta_vocab
+    tokens_per_iter = grad_accum * dist_info.world_size * cfg.batch_size * cfg.block_size
+    peak = device_peak_flops(device, dtype)
+    run_log = RunLog(Path(cfg.out_dir) / LOG_NAME if master else None)
+    config_dict = config_to_dict(cfg)
+    tok_meta = {k: v for k, v in (meta or {"tokenizer": "gpt2"}).items() if k in ("tokenizer", "vocab_size", "stoi", "itos", "eot_token")}
+    if master:
+        print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters | {tokens_per_iter:,} tokens per iteration "
+              f"({grad_accum * dist_info.world_size} x {cfg.batch_size} x {cfg.block_size}) | device {device}, {dtype}")
+        print(f"loss is -ln p(correct next token), averaged; uniform guessing over {vocab} tokens scores "
+              f"ln({vocab}) = {math.log(vocab):.2f}")
+        if cfg.wandb_log:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("wandb_log=True but wandb is not installed; `pip install wandb` or pass --wandb_log=False") from None
+            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config_dict)
+
+    def save(at_iter: int) -> None:
+        save_checkpoint(ckpt_path(cfg.out_dir), {
+            "model": clean_state_dict(raw_model.state_dict()), "optimizer": optimizer.state_dict(),
+            "model_args": model_args, "iter_num": at_iter, "best_val_loss": best_val_loss,
+            "config": config_dict, "tokenizer": tok_meta,
+            "rng": {"torch": torch.get_rng_state(), "sampler": batches.state_dict()},
+        })
+
+    def nonfinite(what: str, value: float) -> UserError:
+        path = ckpt_path(cfg.out_dir)
+        kept = (f"the last good checkpoint {path} (iter {json.loads(path.with_suffix('.json').read_text())['iter_num']}) is kept"
+                if path.with_suffix(".json").exists() else "no checkpoint had been saved")
+        return UserError(f"{what} became {value} at iteration {iter_num}; training stopped and {kept}. "
+                         "Try a lower learning_rate, grad_clip=1.0, or dtype=bfloat16")
+
+    last_eval: dict[str, float] = {}
+    t0 = time.time()
+    run_t0 = t0
+    local_iter = 0
+    while True:
+        lr = get_lr(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        if (iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters) and master and iter_num != resumed_at:
+            losses = estimate_loss(model, batches, cfg.eval_iters, ctx)
+            last_eval = losses
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+                  f"({explain_loss(losses['val'], vocab)})")
+            run_log.write(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr)
+            if cfg.wandb_log:
+                wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+            if not math.isfinite(losses["val"]):
+                raise nonfinite("val loss", losses["val"])
+            if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
+                best_val_loss = min(best_val_loss, losses["val"])
+                if iter_num > 0:
+                    save(iter_num)
+                    print(f"saved checkpoint to {ckpt_path(cfg.out_dir)}")
+        if cfg.eval_only or iter_num >= cfg.max_iters:
+            break
+
+        loss_sum = torch.zeros((), device=device)
+        for micro_step in range(grad_accum):
+            if dist_info.enabled:
+                # only all-reduce gradients on the last micro-step (no_sync for the others)
+                model.require_backward_grad_sync = micro_step == grad_accum - 1
+            x, y = batches.get_batch("train")
+            with ctx:
+                _, loss = model(x, y)
+                loss = loss / grad_accum
+            loss_sum += loss.detach()
+            scaler.scale(loss).backward()
+        log_now = iter_num % cfg.log_interval == 0 and master
+        grad_norm = None
+        if cfg.grad_clip != 0.0 or log_now:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+        # On the CPU the check is free (every op is synchronous); on GPUs only when logging.
+        if device_type == "cpu" or log_now:
+            lossf = loss_sum.item()
+            if not math.isfinite(lossf):
+                raise nonfinite("loss", lossf)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        if log_now:
+            gn = grad_norm.item() if grad_norm is not None else float("nan")
+            clipped = cfg.grad_clip != 0.0 and gn > cfg.grad_clip
+            tok_s = tokens_per_iter / dt
+            mfu = raw_model.estimate_mfu(tok_s / dist_info.world_size, peak) if local_iter >= 5 else None
+            mfu_s = f", mfu {mfu * 100:.1f}%" if mfu is not None else ""
+            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, {tok_s:,.0f} tok/s{mfu_s}, "
+                  f"|g| {gn:.2f}{' (clipped)' if clipped else ''}")
+            run_log.write(iter=iter_num, loss=lossf, lr=lr, ms=dt * 1000, tok_s=tok_s, grad_norm=gn, clipped=clipped,
+                          **({"mfu": mfu} if mfu is not None else {}))
+            if cfg.wandb_log:
+                wandb.log({"iter": iter_num, "train/batch_loss": lossf, "grad_norm": gn, "tok_s": tok_s})
+        iter_num += 1
+        local_iter += 1
+
+    if master and cfg.plot and local_iter > 0:
+        records = []
+        log_path = Path(cfg.out_dir) / LOG_NAME
+        for line in log_path.read_text().splitlines() if log_path.exists() else []:
+            records.append(json.loads(line))
+        plot_losses(records, Path(cfg.out_dir) / "loss.png")
+    elapsed = time.time() - run_t0
+    if master and local_iter:
+        print(f"done: {local_iter} iterations in {elapsed:.1f} s ({elapsed / local_iter * 1000:.1f} ms/iter), "
+              f"best val loss {best_val_loss:.4f}")
+    return {"iter_num": iter_num, "best_val_loss": best_val_loss, "last_eval": last_eval,
+            "log": run_log.records, "elapsed": elapsed}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text(TrainConfig, "train.py"))
+        return None
+    cfg = load_config(TrainConfig, argv)
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
