@@ -1,0 +1,174 @@
+"""Grow a checkpoint's context length: `glassgpt extend-context --out_dir=out --block_size=512`.
+
+GPT-2-style models learn one position embedding per position (`transformer.wpe`, block_size rows),
+so a longer context needs new rows. This writes a new checkpoint (never over the source unless
+--overwrite=True) whose wpe has `block_size` rows, made by one of two methods:
+
+- copy (default): rows 0..B-1 stay exactly as trained; new row p (p >= B) is trained row p mod B,
+  i.e. the trained table is tiled. The first B positions are untouched, so before any further
+  training the extended model's logits on sequences of up to B tokens equal the original's. Beyond
+  B the model sees positions it never trained on (each looks like an earlier one) until trained.
+- interpolate: position interpolation (Chen et al. 2023, https://arxiv.org/abs/2306.15595) applied
+  to learned embeddings: new row p is the linear interpolation of the trained table at fractional
+  position p * (B - 1) / (B' - 1). Rows 0 and B'-1 equal trained rows 0 and B-1; all others are
+  blends, so the whole range looks like the familiar one, stretched. Every position's embedding
+  changes (except the two ends), so logits on the first B positions are NOT the original's.
+
+Then continue training as usual, from the new directory:
+
+    python train.py --init_from=resume --out_dir=<new_out_dir> --block_size=<new> --max_iters=<more>
+
+The checkpoint is resume-ready: model_args.block_size and config.block_size are the new size,
+iter_num is kept (so the learning-rate schedule continues), best_val_loss is reset (losses over the
+longer context are not comparable with the old ones) and the AdamW state is adapted to wpe's new
+shape: exp_avg_sq rows are mapped like the weights (so each row's step size stays on its trained
+scale), exp_avg (momentum) is kept for unchanged rows and zeroed for new or blended ones. With
+--optimizer=reset the optimizer state is dropped instead (a fresh AdamW, same hyper-parameters).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glassgpt.checkpoint import ckpt_path, load_checkpoint, model_from_checkpoint, save_checkpoint
+from glassgpt.config import help_text, load_config
+from glassgpt.errors import UserError
+
+METHODS = ("copy", "interpolate")
+WPE = "transformer.wpe.weight"
+
+
+@dataclass
+class ExtendConfig:
+    out_dir: str = "out"
+    """Directory with the source ckpt.pt."""
+    block_size: int = 0
+    """The new, longer context length (required)."""
+    method: str = "copy"
+    """'copy' (tile the trained rows; the first positions are unchanged) or 'interpolate' (stretch
+    the trained table over the longer range)."""
+    new_out_dir: str | None = None
+    """Where to write the extended checkpoint; default <out_dir>-ctx<block_size>."""
+    overwrite: bool = False
+    """Allow writing into a directory that already has a ckpt.pt (including the source itself)."""
+    optimizer: str = "adapt"
+    """'adapt' (extend AdamW's moments for wpe, see the module docstring) or 'reset' (drop them)."""
+
+
+def extend_rows(table: torch.Tensor, new_rows: int, method: str) -> torch.Tensor:
+    """A (new_rows, C) table from a (B, C) one by `method` (see the module docstring)."""
+    old_rows = table.size(0)
+    if method == "copy":
+        return table[torch.arange(new_rows) % old_rows].clone()
+    if method == "interpolate":
+        if old_rows == 1:
+            return table.expand(new_rows, -1).clone()
+        # fractional source position of every new row; float64 so the ends land exactly on 0 and B-1
+        pos = torch.arange(new_rows, dtype=torch.float64) * (old_rows - 1) / (new_rows - 1)
+        lo = pos.floor().long().clamp(max=old_rows - 2)
+        frac = (pos - lo).unsqueeze(1)
+        t = table.double()
+        return ((1 - frac) * t[lo] + frac * t[lo + 1]).to(table.dtype)
+    raise UserError(f"method={method!r} is not one of {', '.join(METHODS)}")
+
+
+def unchanged_rows(old_rows: int, new_rows: int, method: str) -> int:
+    """How many leading rows an extension leaves exactly as they were."""
+    return old_rows if method == "copy" else 1
+
+
+def _wpe_optimizer_index(ckpt: dict[str, Any]) -> int | None:
+    """Which AdamW state index belongs to wpe: rebuild the model and the optimizer grouping the train
+    loop uses (GPT.configure_optimizers), then find wpe's position in the flattened groups."""
+    model = model_from_checkpoint(ckpt)
+    opt = model.configure_optimizers(0.0, 1e-3, (0.9, 0.95), "cpu")
+    flat = [p for g in opt.param_groups for p in g["params"]]
+    wpe = model.transformer.wpe.weight
+    ids = [i for i, p in enumerate(flat) if p is wpe]
+    saved = ckpt["optimizer"].get("param_groups", [])
+    if len(ids) != 1 or sum(len(g["params"]) for g in saved) != len(flat):
+        return None
+    return [i for g in saved for i in g["params"]][ids[0]]
+
+
+def extend_optimizer(ckpt: dict[str, Any], new_rows: int, method: str, mode: str) -> dict[str, Any]:
+    """The AdamW state_dict for the extended model (see the module docstring)."""
+    opt = ckpt.get("optimizer") or {}
+    if not opt or "state" not in opt:
+        return copy.deepcopy(opt)  # nothing saved (e.g. an inference-only checkpoint): nothing to adapt
+    if mode == "reset":
+        return {"state": {}, "param_groups": copy.deepcopy(opt["param_groups"])}
+    if mode != "adapt":
+        raise UserError(f"optimizer={mode!r} is not one of adapt, reset")
+    idx = _wpe_optimizer_index(ckpt)
+    if idx is None:
+        raise UserError("the checkpoint's optimizer state does not match GPT.configure_optimizers' grouping, "
+                        "so wpe's moments cannot be found; rerun with --optimizer=reset")
+    out = {"state": dict(opt["state"]), "param_groups": copy.deepcopy(opt["param_groups"])}
+    st = opt["state"].get(idx)
+    if st is not None:
+        old_rows = st["exp_avg"].size(0)
+        keep = unchanged_rows(old_rows, new_rows, method)
+        exp_avg = torch.zeros((new_rows, *st["exp_avg"].shape[1:]), dtype=st["exp_avg"].dtype)
+        exp_avg[:keep] = st["exp_avg"][:keep]
+        # second moments stay non-negative under both maps (copy picks rows, interpolate blends them)
+        exp_avg_sq = extend_rows(st["exp_avg_sq"], new_rows, method)
+        out["state"][idx] = {**st, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    return out
+
+
+def extend_checkpoint(ckpt: dict[str, Any], block_size: int, method: str = "copy",
+                      optimizer: str = "adapt") -> dict[str, Any]:
+    """A new checkpoint dict with `block_size` positions; the source dict is not modified."""
+    if method not in METHODS:
+        raise UserError(f"method={method!r} is not one of {', '.join(METHODS)}")
+    old = int(ckpt["model_args"]["block_size"])
+    if block_size < old:
+        raise UserError(f"block_size={block_size} is smaller than the checkpoint's {old}: extend-context only "
+                        f"grows; to use a shorter context, pass --block_size={block_size} at train/sample time "
+                        "(GPT.crop_block_size)")
+    if block_size == old:
+        raise UserError(f"the checkpoint already has block_size={old}; give a larger --block_size")
+    state = dict(ckpt["model"])
+    wpe_keys = [k for k in state if k.endswith(WPE)]  # also finds `_orig_mod.`-prefixed names
+    if len(wpe_keys) != 1:
+        raise UserError(f"expected one {WPE} in the checkpoint, found {wpe_keys}; is this a GPT checkpoint?")
+    state[wpe_keys[0]] = extend_rows(state[wpe_keys[0]], block_size, method)
+    new = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+    new["model"] = state
+    new["optimizer"] = extend_optimizer(ckpt, block_size, method, optimizer)
+    new["model_args"] = {**ckpt["model_args"], "block_size": block_size}
+    new["config"] = {**(ckpt.get("config") or {}), "block_size": block_size}
+    new["best_val_loss"] = 1e9
+    new["extended_from"] = {"block_size": old, "method": method, "optimizer": optimizer,
+                            "iter_num": ckpt.get("iter_num")}
+    return new
+
+
+def main(argv: list[str] | None = None) -> Path:
+    if argv and argv[0] in ("-h", "--help"):
+        print(help_text(ExtendConfig, "glassgpt extend-context"))
+        return Path()
+    cfg = load_config(ExtendConfig, argv)
+    if cfg.block_size <= 0:
+        raise UserError("give the new context length, e.g. --block_size=512")
+    src = ckpt_path(cfg.out_dir)
+    ckpt = load_checkpoint(src)
+    new_dir = Path(cfg.new_out_dir or f"{cfg.out_dir.rstrip('/')}-ctx{cfg.block_size}")
+    dst = new_dir / src.name
+    if dst.exists() and not cfg.overwrite:
+        what = "is the source checkpoint" if dst.resolve() == src.resolve() else "already exists"
+        raise UserError(f"{dst} {what}; choose another --new_out_dir or pass --overwrite=True")
+    new = extend_checkpoint(ckpt, cfg.block_size, cfg.method, cfg.optimizer)
+    model_from_checkpoint(new)  # the new weights must load into the new shape before we write them
+    save_checkpoint(dst, new)
+    old = ckpt["model_args"]["block_size"]
+    print(f"wrote {dst}: block_size {old} -> {cfg.block_size} ({cfg.method}; optimizer {cfg.optimizer})")
+    print(f"continue training: python train.py --init_from=resume --out_dir={new_dir} "
+          f"--block_size={cfg.block_size} --max_iters=<more than {ckpt.get('iter_num', 0)}>")
+    return dst

@@ -1,0 +1,137 @@
+"""extend-context: same logits on the old positions (copy), longer forwards, resumable optimizer state."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from glassgpt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from glassgpt.errors import UserError, run_main
+from glassgpt.extend import extend_checkpoint, extend_rows, main
+
+
+def trained_checkpoint(out_dir: Path, data_dir: Path, steps: int = 3) -> Path:
+    """A tiny char checkpoint (block 32) with a real AdamW state, as the train loop saves it."""
+    from tests.conftest import make_checkpoint
+
+    path = make_checkpoint(out_dir, data_dir, block_size=32)
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    data = torch.from_numpy(np.fromfile(data_dir / "train.bin", dtype=np.uint16).astype(np.int64))
+    for _ in range(steps):
+        x = torch.stack([data[i:i + 32] for i in (0, 50, 100)])
+        y = torch.stack([data[i + 1:i + 33] for i in (0, 50, 100)])
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    ckpt.update(model=model.state_dict(), optimizer=opt.state_dict(), iter_num=steps,
+                config={**ckpt["config"], "block_size": 32})
+    return save_checkpoint(path, ckpt)
+
+
+@pytest.fixture
+def trained(tmp_path, char_dataset) -> Path:
+    trained_checkpoint(tmp_path / "out", char_dataset)
+    return tmp_path / "out"
+
+
+def test_copy_keeps_logits_on_old_positions_and_forwards_longer(trained, tmp_path):
+    dst = main([f"--out_dir={trained}", "--block_size=64", f"--new_out_dir={tmp_path / 'ext'}"])
+    old = model_from_checkpoint(load_checkpoint(trained)).eval()
+    new_ckpt = load_checkpoint(dst)
+    new = model_from_checkpoint(new_ckpt).eval()
+    assert new.config.block_size == 64 and new_ckpt["config"]["block_size"] == 64
+    x = torch.randint(0, old.config.vocab_size, (2, 64))
+    head = x[:, :32].contiguous()
+    with torch.no_grad():
+        ref, _ = old(head, head)
+        got, _ = new(head, head)
+        longer, _ = new(x, x)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert longer.shape == (2, 64, old.config.vocab_size) and torch.isfinite(longer).all()
+    # the source is untouched
+    assert load_checkpoint(trained)["model_args"]["block_size"] == 32
+
+
+def test_interpolate_matches_numpy_reference_and_keeps_ends():
+    torch.manual_seed(0)
+    table = torch.randn(32, 8)
+    new = extend_rows(table, 64, "interpolate")
+    xs = np.arange(64) * 31 / 63
+    ref = np.stack([np.interp(xs, np.arange(32), table[:, c].numpy()) for c in range(8)], axis=1)
+    np.testing.assert_allclose(new.numpy(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(new[0], table[0])
+    torch.testing.assert_close(new[-1], table[-1])
+    tiled = extend_rows(table, 80, "copy")
+    torch.testing.assert_close(tiled[32:64], table)
+    torch.testing.assert_close(tiled[64:], table[:16])
+
+
+def test_interpolate_changes_the_first_positions(trained, tmp_path):
+    dst = main([f"--out_dir={trained}", "--block_size=64", "--method=interpolate", f"--new_out_dir={tmp_path / 'i'}"])
+    old = model_from_checkpoint(load_checkpoint(trained)).eval()
+    new = model_from_checkpoint(load_checkpoint(dst)).eval()
+    x = torch.randint(0, old.config.vocab_size, (1, 32))
+    with torch.no_grad():
+        diff = (old(x, x)[0] - new(x, x)[0]).abs().max().item()
+    assert diff > 1e-4, f"interpolation should move positions 1..30, logits moved by only {diff}"
+
+
+@pytest.mark.parametrize("method", ["copy", "interpolate"])
+@pytest.mark.parametrize("mode", ["adapt", "reset"])
+def test_optimizer_state_loads_and_training_steps_run(trained, tmp_path, char_dataset, method, mode):
+    dst = main([f"--out_dir={trained}", "--block_size=64", f"--method={method}", f"--optimizer={mode}",
+                f"--new_out_dir={tmp_path / 'e'}"])
+    ckpt = load_checkpoint(dst)
+    model = model_from_checkpoint(ckpt)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt.load_state_dict(ckpt["optimizer"])  # what init_from=resume does
+    wpe_state = opt.state.get(model.transformer.wpe.weight, {})
+    if mode == "adapt":
+        assert wpe_state["exp_avg_sq"].shape == (64, 32) and (wpe_state["exp_avg_sq"] >= 0).all()
+        old = load_checkpoint(trained)["optimizer"]["state"][1]
+        keep = 32 if method == "copy" else 1
+        torch.testing.assert_close(wpe_state["exp_avg"][:keep], old["exp_avg"][:keep])
+        assert wpe_state["exp_avg"][keep:].abs().max().item() == 0
+    else:
+        assert not opt.state
+    data = torch.from_numpy(np.fromfile(char_dataset / "train.bin", dtype=np.uint16).astype(np.int64))
+    x, y = data[:64].unsqueeze(0), data[1:65].unsqueeze(0)
+    before = model.transformer.wpe.weight.detach().clone()
+    losses = []
+    for _ in range(3):
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert all(np.isfinite(losses)), losses
+    assert (model.transformer.wpe.weight[32:] - before[32:]).abs().max().item() > 0, "new rows must train"
+
+
+def test_extend_checkpoint_does_not_touch_its_input(trained):
+    ckpt = load_checkpoint(trained)
+    wpe = ckpt["model"]["transformer.wpe.weight"].clone()
+    new = extend_checkpoint(ckpt, 64)
+    assert ckpt["model"]["transformer.wpe.weight"].shape == (32, 32)
+    torch.testing.assert_close(ckpt["model"]["transformer.wpe.weight"], wpe)
+    assert new["extended_from"] == {"block_size": 32, "method": "copy", "optimizer": "adapt", "iter_num": 3}
+
+
+def test_bad_input_is_one_line_and_nonzero(trained, tmp_path, capsys):
+    for argv, needle in (
+        ([f"--out_dir={trained}", "--block_size=16"], "crop_block_size"),
+        ([f"--out_dir={trained}", "--block_size=32"], "already has block_size=32"),
+        ([f"--out_dir={trained}", "--block_size=64", "--method=spline"], "copy, interpolate"),
+        ([f"--out_dir={trained}"], "--block_size=512"),
+        ([f"--out_dir={trained}", "--block_size=64", f"--new_out_dir={trained}"], "is the source checkpoint"),
+    ):
+        assert run_main(main, argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and needle in err and "\n" not in err, err
+    with pytest.raises(UserError, match="overwrite"):
+        main([f"--out_dir={trained}", "--block_size=64", f"--new_out_dir={tmp_path / 'x'}"])
+        main([f"--out_dir={trained}", "--block_size=64", f"--new_out_dir={tmp_path / 'x'}"])
