@@ -119,9 +119,16 @@ class SampleConfig:
     stream: bool = True
     """Print tokens as they are produced (single sample)."""
     interactive: bool = False
-    """Keep the model loaded and read prompts from stdin."""
+    """Keep the model loaded and read prompts from stdin, one per line, until EOF (an empty line
+    reuses --start)."""
     vocab_dir: str | None = None
+    """Directory with GPT-2's encoder.json + vocab.bpe when offline."""
     data_dir: str | None = None
+    """Dataset directory whose meta.json / meta.pkl holds the tokenizer, when the checkpoint lacks it
+    (nanoGPT checkpoints: default data/<dataset>)."""
+    window: str = "chunked"
+    """Past block_size: 'chunked' (restart from the last block_size//2 tokens when the window is
+    full; fast) or 'sliding' (nanoGPT's: always the last block_size tokens; slow). docs/generation.md"""
 
 
 @dataclass
