@@ -20,7 +20,8 @@ Then continue training as usual, from the new directory:
 
 The checkpoint is resume-ready: model_args.block_size and config.block_size are the new size,
 iter_num is kept (so the learning-rate schedule continues), best_val_loss is reset (losses over the
-longer context are not comparable with the old ones) and the AdamW state is adapted to wpe's new
+longer context are not comparable with the old ones), the saved RNG state is dropped (so the resumed
+run evaluates the extended model before its first step) and the AdamW state is adapted to wpe's new
 shape: exp_avg_sq rows are mapped like the weights (so each row's step size stays on its trained
 scale), exp_avg (momentum) is kept for unchanged rows and zeroed for new or blended ones. With
 --optimizer=reset the optimizer state is dropped instead (a fresh AdamW, same hyper-parameters).
@@ -139,7 +140,9 @@ def extend_checkpoint(ckpt: dict[str, Any], block_size: int, method: str = "copy
     if len(wpe_keys) != 1:
         raise UserError(f"expected one {WPE} in the checkpoint, found {wpe_keys}; is this a GPT checkpoint?")
     state[wpe_keys[0]] = extend_rows(state[wpe_keys[0]], block_size, method)
-    new = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+    # "rng" is dropped: the resumed run then starts a fresh batch stream and evaluates the extended
+    # model before its first step (train skips that eval when it restores an interrupted run's rng).
+    new = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng")}
     new["model"] = state
     new["optimizer"] = extend_optimizer(ckpt, block_size, method, optimizer)
     new["model_args"] = {**ckpt["model_args"], "block_size": block_size}

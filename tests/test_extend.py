@@ -135,3 +135,24 @@ def test_bad_input_is_one_line_and_nonzero(trained, tmp_path, capsys):
     with pytest.raises(UserError, match="overwrite"):
         main([f"--out_dir={trained}", "--block_size=64", f"--new_out_dir={tmp_path / 'x'}"])
         main([f"--out_dir={trained}", "--block_size=64", f"--new_out_dir={tmp_path / 'x'}"])
+
+
+def test_training_resumes_through_glassgpt_train(tmp_path, char_dataset):
+    """scratch (block 32) -> extend to 64 -> `train --init_from=resume --block_size=64` runs and saves."""
+    from glassgpt.train import main as train_main
+
+    common = [f"--data_dir={char_dataset}", "--dataset=tiny_char", "--n_layer=2", "--n_head=2", "--n_embd=32",
+              "--batch_size=4", "--gradient_accumulation_steps=1", "--eval_iters=2", "--eval_interval=2",
+              "--device=cpu", "--dtype=float32", "--compile=False", "--plot=False", "--log_interval=1",
+              "--warmup_iters=0", "--lr_decay_iters=10", "--always_save_checkpoint=True"]
+    src, ext = tmp_path / "src", tmp_path / "ext"
+    train_main([f"--out_dir={src}", "--block_size=32", "--max_iters=2", *common])
+    main([f"--out_dir={src}", "--block_size=64", f"--new_out_dir={ext}"])
+    out = train_main([f"--out_dir={ext}", "--init_from=resume", "--block_size=64", "--max_iters=4", *common])
+    assert out["iter_num"] == 4 and np.isfinite(out["last_eval"]["val"]), out
+    ckpt = load_checkpoint(ext)
+    assert ckpt["iter_num"] == 4 and ckpt["model_args"]["block_size"] == 64
+    assert ckpt["model"]["transformer.wpe.weight"].shape == (64, 32)
+    # resuming without the longer block_size is refused by train with a pointer here
+    with pytest.raises(UserError, match="extend-context"):
+        train_main([f"--out_dir={src}", "--init_from=resume", "--block_size=64", "--max_iters=4", *common])
