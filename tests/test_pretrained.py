@@ -1,0 +1,240 @@
+"""GPT-2 weights in and out, checked against Hugging Face transformers on tiny random GPT-2s.
+
+The slow oracle is transformers' own GPT2LMHeadModel: every parameter (biases and LayerNorm gains
+included) is randomised so a missed transpose or a dropped bias cannot hide behind zero init.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from glassgpt.checkpoint import save_checkpoint
+from glassgpt.cli import main as cli_main
+from glassgpt.errors import UserError
+from glassgpt.model import GPT, GPTConfig
+from glassgpt.pretrained import PRETRAINED_NAMES, check_vocab, export_hf, from_pretrained
+
+transformers = pytest.importorskip("transformers")  # a test dependency in pyproject's [test] extra
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+# (n_layer, n_head, n_embd, n_positions, vocab_size, activation_function): odd shapes on purpose.
+SHAPES = [
+    (3, 4, 96, 77, 1000, "gelu_new"),
+    (1, 1, 8, 9, 17, "gelu_new"),
+    (2, 5, 40, 33, 321, "gelu"),
+    (4, 3, 48, 130, 777, "gelu_pytorch_tanh"),
+]
+
+
+def make_hf_model(n_layer=3, n_head=4, n_embd=96, n_positions=77, vocab_size=1000, act="gelu_new",
+                  seed=0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions, vocab_size=vocab_size,
+                     activation_function=act, bos_token_id=0, eos_token_id=0)
+    hf = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # wide random weights: peaked logits, non-zero biases, non-unit LN gains
+        for name, p in hf.named_parameters():
+            p.normal_(1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.0, 0.15)
+    return hf
+
+
+def save_hf(hf: GPT2LMHeadModel, path: Path) -> Path:
+    hf.save_pretrained(path)
+    return path
+
+
+def our_logits(model: GPT, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.lm_head(model.hidden_states(x))  # all positions (forward() scores only the last)
+
+
+def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    diff = (ours - ref).abs().max().item()
+    print(f"{what}: max |logit diff| = {diff:.2e}")
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "L{}H{}C{}T{}V{}-{}".format(*s))
+def test_logits_match_transformers(tmp_path, shape):
+    n_layer, n_head, n_embd, n_pos, vocab, act = shape
+    hf = make_hf_model(*shape)
+    model = from_pretrained(str(save_hf(hf, tmp_path / "hf"))).eval()
+    assert model.config.activation == ("gelu" if act == "gelu" else "gelu_new")
+    assert (model.config.n_layer, model.config.block_size, model.config.vocab_size) == (n_layer, n_pos, vocab)
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied again after loading
+    x = torch.randint(0, vocab, (3, n_pos))
+    with torch.no_grad():
+        ref = hf(x).logits
+    assert_logits_close(our_logits(model, x), ref, f"logits {shape}")
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "L{}H{}C{}".format(*s[:3]))
+def test_greedy_generation_matches_transformers(tmp_path, shape):
+    hf = make_hf_model(*shape)
+    model = from_pretrained(str(save_hf(hf, tmp_path / "hf"))).eval()
+    vocab, n_pos = shape[4], shape[3]
+    prompt = torch.randint(0, vocab, (2, min(5, n_pos - 1)))
+    new = min(20, n_pos - prompt.size(1))  # HF cannot go past n_positions; the 1-layer model has 9
+    with torch.no_grad():
+        ref = hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                          attention_mask=torch.ones_like(prompt))
+    ours = model.generate(prompt, max_new_tokens=new, temperature=0)
+    print(f"greedy {shape}: {ours[0, prompt.size(1):].tolist()}")
+    assert ours.tolist() == ref.tolist()
+    if shape == SHAPES[0]:
+        assert new == 20
+
+
+def test_openai_layout_bin_without_prefix(tmp_path):
+    """OpenAI's hub files were saved from GPT2Model (no `transformer.` prefix), some as pytorch_model.bin
+    with the causal-mask buffers in them: load those too, with weights_only=True."""
+    hf = make_hf_model()
+    d = tmp_path / "openai_layout"
+    d.mkdir()
+    state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    state["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 77, 77))  # old transformers' mask buffer
+    torch.save(state, d / "pytorch_model.bin")
+    hf.config.to_json_file(d / "config.json")
+    model = from_pretrained(str(d)).eval()
+    x = torch.randint(0, 1000, (2, 40))
+    with torch.no_grad():
+        assert_logits_close(our_logits(model, x), hf(x).logits, "pytorch_model.bin")
+
+
+def test_pickled_code_is_refused(tmp_path):
+    hf = make_hf_model(1, 1, 8, 9, 17)
+    d = save_hf(hf, tmp_path / "evil")
+    (d / "model.safetensors").unlink()
+    torch.save({"x": np.float64}, d / "pytorch_model.bin")  # a global (a class): weights_only says no
+    with pytest.raises(UserError, match="could not read the weights"):
+        from_pretrained(str(d))
+
+
+@pytest.mark.parametrize("bias,activation,vocab", [(False, "gelu", 50304), (True, "gelu_new", 300)])
+def test_export_round_trip(tmp_path, mirror, bias, activation, vocab):
+    """our checkpoint -> `glassgpt export` -> transformers -> identical logits -> from_pretrained again."""
+    torch.manual_seed(1)
+    cfg = GPTConfig(block_size=24, vocab_size=vocab, n_layer=2, n_head=2, n_embd=32, bias=bias, activation=activation)
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # nanoGPT init leaves biases at 0 and LN gains at 1: perturb them
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    out = tmp_path / "out"
+    save_checkpoint(out / "ckpt.pt", {"model": model.state_dict(), "model_args": cfg.to_dict(), "iter_num": 0,
+                                      "best_val_loss": 1e9, "config": {}, "optimizer": {},
+                                      "tokenizer": {"tokenizer": "gpt2", "vocab_size": 50257}})
+    dest = tmp_path / "exported"
+    assert cli_main(["export", f"--out_dir={out}", "--to=hf", str(dest)]) == 0
+    hf_cfg = json.loads((dest / "config.json").read_text())
+    assert hf_cfg["activation_function"] == activation and hf_cfg["vocab_size"] == vocab
+    hf = GPT2LMHeadModel.from_pretrained(dest).eval()
+    x = torch.randint(0, vocab, (2, 24))
+    with torch.no_grad():
+        ref = hf(x).logits
+    assert_logits_close(ref, our_logits(model, x), f"export bias={bias} {activation}")
+    back = from_pretrained(str(dest)).eval()
+    assert back.config.activation == activation
+    torch.testing.assert_close(our_logits(back, x), our_logits(model, x), rtol=0, atol=0)
+    # the GPT-2 tokenizer files came along, and transformers reads them as GPT-2's BPE
+    tok = transformers.GPT2Tokenizer.from_pretrained(dest)
+    assert tok.encode("Hello world") == [15496, 995]
+
+
+def test_export_char_checkpoint_keeps_its_vocab(tmp_path, char_checkpoint):
+    dest = tmp_path / "hf_char"
+    assert cli_main(["export", f"--out_dir={char_checkpoint}", str(dest)]) == 0
+    meta = json.loads((dest / "glassgpt_tokenizer.json").read_text())
+    assert meta["tokenizer"] == "char" and not (dest / "vocab.json").exists()
+    assert "eos_token_id" not in json.loads((dest / "config.json").read_text())
+    assert "lm_head.weight" not in load_file(str(dest / "model.safetensors"))  # tied, HF re-ties
+
+
+def test_export_bad_arguments(tmp_path, char_checkpoint, capsys):
+    assert cli_main(["export", f"--out_dir={char_checkpoint}", "--to=onnx", str(tmp_path / "x")]) == 2
+    assert "--to=onnx is not supported" in capsys.readouterr().err
+    assert cli_main(["export", f"--out_dir={char_checkpoint}"]) == 2
+    assert "say where to write" in capsys.readouterr().err
+    assert cli_main(["export", f"--out_dir={tmp_path / 'nothing'}", str(tmp_path / "x")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_overrides(tmp_path):
+    d = str(save_hf(make_hf_model(), tmp_path / "hf"))
+    m = from_pretrained(d, {"dropout": 0.2, "block_size": 50, "activation": None})
+    assert m.config.dropout == 0.2 and m.config.block_size == 50
+    assert m.transformer.wpe.weight.shape == (50, 96)
+    with pytest.raises(UserError, match="larger than the 77 positions"):
+        from_pretrained(d, {"block_size": 78})
+    with pytest.raises(UserError, match="cannot override n_layer"):
+        from_pretrained(d, {"n_layer": 2})
+
+
+def test_unknown_model_name_lists_valid_ones():
+    with pytest.raises(UserError) as e:
+        from_pretrained("gpt2-xxl")
+    msg = str(e.value)
+    assert "did you mean gpt2-xl" in msg and all(n in msg for n in PRETRAINED_NAMES)
+    assert PRETRAINED_NAMES == ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def test_hub_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE is set and gpt2 .* not in the Hugging Face cache"):
+        from_pretrained("gpt2")
+
+
+def test_directories_that_are_not_gpt2(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        from_pretrained(str(empty))
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(UserError, match="'llama' model, not GPT-2"):
+        from_pretrained(str(llama))
+    d = save_hf(make_hf_model(1, 1, 8, 9, 17), tmp_path / "noweights")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="no weights"):
+        from_pretrained(str(d))
+    (d / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(UserError, match="could not read the weights"):
+        from_pretrained(str(d))
+    # config.json says 2 layers, the weights hold 1
+    d2 = save_hf(make_hf_model(1, 1, 8, 9, 17), tmp_path / "mismatch")
+    cfg = json.loads((d2 / "config.json").read_text())
+    (d2 / "config.json").write_text(json.dumps({**cfg, "n_layer": 2}))
+    with pytest.raises(UserError, match="missing"):
+        from_pretrained(str(d2))
+    # an untied lm_head and an unsupported option are refused, not silently mangled
+    d3 = save_hf(make_hf_model(1, 1, 8, 9, 17), tmp_path / "untied")
+    state = load_file(str(d3 / "model.safetensors"))
+    state["lm_head.weight"] = torch.randn_like(state["transformer.wte.weight"])
+    save_file(state, str(d3 / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="untied"):
+        from_pretrained(str(d3))
+    (d3 / "config.json").write_text(json.dumps({**cfg, "scale_attn_by_inverse_layer_idx": True}))
+    with pytest.raises(UserError, match="scale_attn_by_inverse_layer_idx"):
+        from_pretrained(str(d3))
+
+
+def test_check_vocab():
+    gpt2_meta = {"tokenizer": "gpt2", "vocab_size": 50257}
+    check_vocab(50304, gpt2_meta)  # padded vocab holds GPT-2's ids
+    check_vocab(50257, None)  # nanoGPT data without meta: GPT-2 assumed
+    with pytest.raises(UserError, match="50257 token ids .* embeds only 1000"):
+        check_vocab(1000, gpt2_meta)
+    char_meta = {"tokenizer": "char", "vocab_size": 65, "stoi": {"a": 0}}
+    with pytest.raises(UserError, match="character-level .* GPT-2 BPE"):
+        check_vocab(50257, char_meta)
+    check_vocab(65, char_meta, model_tokenizer=char_meta)
+    with pytest.raises(UserError, match="different char vocabulary"):
+        check_vocab(65, char_meta, model_tokenizer={**char_meta, "stoi": {"b": 0}})
