@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from glassgpt.errors import UserError
-from glassgpt.tokenizer import Tokenizer, read_meta, tokenizer_from_meta
+from glassgpt.tokenizer import CharTokenizer, Tokenizer, read_meta, tokenizer_from_meta
 
 SEGMENT_COLUMNS = ("doc", "tok_start", "tok_end", "char_start", "line_start")
 DATA_FORMAT = "glassgpt-data/1"
@@ -90,6 +90,10 @@ class Corpus:
             raise UserError(f"no prepared data in {self.data_dir} (train.bin missing); run its prepare "
                             f"script, e.g. `python data/{self.data_dir.name}/prepare.py`")
         self.meta = read_meta(self.data_dir) or {}
+        # per split: memmap, segment table, newline positions (char-level); loaded once, on first use
+        self._tokens: dict[str, np.memmap] = {}
+        self._segments: dict[str, np.ndarray] = {}
+        self._newlines: dict[str, np.ndarray] = {}
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
@@ -103,17 +107,20 @@ class Corpus:
         return [{"id": self.data_dir.name, "source": "", "char_offset": 0, "line": 1}]
 
     def tokens(self, split: str) -> np.memmap:
-        path = self.data_dir / f"{split}.bin"
-        if not path.exists():
-            raise UserError(f"{path} is missing; run the dataset's prepare script")
-        return np.memmap(path, dtype=np.uint16, mode="r")
+        if split not in self._tokens:
+            path = self.data_dir / f"{split}.bin"
+            if not path.exists():
+                raise UserError(f"{path} is missing; run the dataset's prepare script")
+            self._tokens[split] = np.memmap(path, dtype=np.uint16, mode="r")
+        return self._tokens[split]
 
     def segments(self, split: str) -> np.ndarray:
         """(n, 5) int64 segment table; a single whole-split segment for nanoGPT-prepared data."""
-        p = self.data_dir / f"{split}.docs.npy"
-        if p.exists():
-            return np.load(p)
-        return np.array([[0, 0, len(self.tokens(split)), 0, 1]], dtype=np.int64)
+        if split not in self._segments:
+            p = self.data_dir / f"{split}.docs.npy"
+            self._segments[split] = (np.load(p) if p.exists() else
+                                     np.array([[0, 0, len(self.tokens(split)), 0, 1]], dtype=np.int64))
+        return self._segments[split]
 
     def document_bounds(self, split: str) -> np.ndarray:
         """Sorted token positions where a new document begins in the split (for 'no match across
@@ -130,14 +137,57 @@ class Corpus:
     def decode(self, split: str, start: int, end: int) -> str:
         return self.tokenizer.decode(self.tokens(split)[start:end].tolist())
 
+    @cached_property
+    def _char_level(self) -> bool:
+        tok = self.tokenizer
+        return isinstance(tok, CharTokenizer) and all(len(s) == 1 for s in tok.itos.values())
+
+    @cached_property
+    def _token_text_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per token id: the characters it starts and the newlines it holds. Summed over the tokens
+        before a position they give its character offset and line, without decoding the prefix.
+        GPT-2 tokens are byte sequences that may cut a character: a token "starts" a character for
+        each byte that is not a UTF-8 continuation byte (0b10xxxxxx)."""
+        tok = self.tokenizer
+        chars = np.zeros(tok.vocab_size, dtype=np.int64)
+        newlines = np.zeros(tok.vocab_size, dtype=np.int64)
+        token_bytes = getattr(tok, "token_bytes", None)
+        for i in range(tok.vocab_size):
+            if token_bytes is not None:
+                b = token_bytes(i)
+                chars[i] = sum(1 for c in b if c & 0xC0 != 0x80)
+                newlines[i] = b.count(b"\n")
+            else:
+                s = tok.decode([i])
+                chars[i], newlines[i] = len(s), s.count("\n")
+        return chars, newlines
+
+    def _newline_positions(self, split: str) -> np.ndarray:
+        """Sorted token positions of newlines in a char-level split (one token = one character)."""
+        if split not in self._newlines:
+            nl = self.tokenizer.stoi.get("\n")  # type: ignore[attr-defined]
+            self._newlines[split] = (np.flatnonzero(self.tokens(split) == nl) if nl is not None
+                                     else np.zeros(0, dtype=np.int64))
+        return self._newlines[split]
+
+    def text_counts(self, split: str, start: int, end: int) -> tuple[int, int]:
+        """(characters, newlines) in tokens [start, end) of a split. Char-level: the token count and
+        a binary search in the cached newline positions; otherwise vectorized per-token counts."""
+        if self._char_level:
+            nl = self._newline_positions(split)
+            return end - start, int(np.searchsorted(nl, end) - np.searchsorted(nl, start))
+        chars, newlines = self._token_text_counts
+        ids = np.asarray(self.tokens(split)[start:end], dtype=np.int64)
+        return int(chars[ids].sum()), int(newlines[ids].sum())
+
     def locate(self, split: str, token_start: int, token_end: int) -> Location:
         """Resolve a token range of a split to its document, character offset, line and text."""
         doc, seg_start, _, char_start, line_start = (int(v) for v in self.segment_of(split, token_start))
-        before = self.decode(split, seg_start, token_start)
+        n_chars, n_newlines = self.text_counts(split, seg_start, token_start)
         d = self.documents[doc]
         return Location(
             split=split, doc=doc, doc_id=str(d["id"]), source=str(d.get("source", "")),
             token_start=int(token_start), token_end=int(token_end),
-            char_offset=char_start + len(before), line=line_start + count_lines(before),
+            char_offset=char_start + n_chars, line=line_start + n_newlines,
             text=self.decode(split, token_start, token_end),
         )

@@ -15,6 +15,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from glassgpt.download import GPT2_ENCODER_JSON, GPT2_VOCAB_BPE, MIRROR_ENV, mirror_dir, sha256_file
 from glassgpt.errors import UserError
 
@@ -59,6 +61,22 @@ class CharTokenizer:
                 f"the text has {len(unseen)} character(s) this char-level model never saw: {shown}; "
                 "remove or replace them"
             ) from None
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """`encode` as an int64 array, vectorized: tiny-shakespeare takes milliseconds, not a Python loop
+        per character. Characters outside the vocabulary raise encode's UserError."""
+        if not hasattr(self, "_lookup"):
+            # sorted code points of the vocabulary and the id of each, for a binary search per character
+            points = sorted((ord(s), i) for s, i in self.stoi.items() if len(s) == 1)
+            self._lookup = (np.array([p for p, _ in points], dtype=np.int64),
+                            np.array([i for _, i in points], dtype=np.int64))
+        keys, ids = self._lookup
+        # surrogatepass: JSON can carry lone surrogates, which are characters to Python too
+        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4").astype(np.int64)
+        pos = np.minimum(np.searchsorted(keys, cps), max(len(keys) - 1, 0))
+        if len(keys) == 0 or not np.array_equal(keys[pos], cps):
+            return np.asarray(self.encode(text), dtype=np.int64)  # raises, naming the unseen characters
+        return ids[pos]
 
     def decode(self, ids: list[int]) -> str:
         return "".join(self.itos[int(i)] for i in ids)

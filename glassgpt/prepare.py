@@ -1,0 +1,548 @@
+"""Dataset preparation: text in, nanoGPT's train.bin / val.bin out, plus the coordinates that point back.
+
+    python data/shakespeare_char/prepare.py [--input=PATH]   # = glassgpt prepare shakespeare_char
+    python data/shakespeare/prepare.py                       # tiny-shakespeare in GPT-2 BPE
+    glassgpt prepare corpus --input=docs.jsonl --out_dir=data/english [--tokenizer=char] [--num_proc=2]
+    python data/openwebtext/prepare.py                       # = corpus from the Hugging Face hub
+
+The layout written is glassgpt/corpus.py's. The Shakespeare datasets reproduce nanoGPT exactly: one
+text, its first 90% of characters train and the rest val, cutting the one document in two (the val
+segment starts mid-file, with its character offset and line). A corpus is split by whole documents:
+a seeded random `val_fraction` of them (at least one) goes to val, the rest to train, each split in
+source order; every document gets one segment, and GPT-2's `<|endoftext|>` after it.
+
+Large corpora: documents are read twice (a cheap first pass validates them, counts them for the split
+and, for `tokenizer=char`, collects the vocabulary), and the second pass tokenizes them in batches in
+`num_proc` worker processes, appending each batch's tokens to the split files as it arrives, so memory
+holds a few batches, never the corpus. Results come back in submission order, so the output does not
+depend on `num_proc`.
+
+Everything is written into a temporary directory inside out_dir and moved into place only when all of
+it is done: a run that fails (bad input, Ctrl-C) leaves an older prepared dataset as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from glassgpt.config import help_text, load_config
+from glassgpt.corpus import DATA_FORMAT, check_uint16, write_json, write_segments
+from glassgpt.download import TINYSHAKESPEARE, fetch
+from glassgpt.errors import UserError
+from glassgpt.tokenizer import GPT2_EOT, CharTokenizer, GPT2Tokenizer
+
+UINT16_IDS = 1 << 16
+LOCAL_SUFFIXES = (".txt", ".jsonl")  # what a directory contributes; a named file may be any text
+
+
+@dataclass
+class ShakespeareConfig:
+    """`prepare shakespeare_char` and `prepare shakespeare`: nanoGPT's 90/10 character split of one text."""
+
+    out_dir: str | None = None
+    """Where to write; default data/<name> (the data/*/prepare.py scripts pass their own directory)."""
+    input: str | None = None
+    """A local text file to prepare instead of tiny-shakespeare (downloaded and sha256-checked, or
+    copied from $GLASSGPT_MIRROR)."""
+    vocab_dir: str | None = None
+    """BPE only: directory with GPT-2's encoder.json + vocab.bpe when offline (else $GLASSGPT_MIRROR/gpt2,
+    else tiktoken's download)."""
+
+
+@dataclass
+class CorpusConfig:
+    """`prepare corpus` (and `prepare openwebtext`): many documents, split into train/val by document."""
+
+    input: str | None = None
+    """A Hugging Face dataset name, or local .txt files (one document each), .jsonl files (one
+    {"text": ..., "id": ...} document a line), or directories of them; several separated by commas."""
+    out_dir: str | None = None
+    """Where to write; default data/<name>."""
+    tokenizer: str = "gpt2"
+    """'gpt2' (BPE, <|endoftext|> after each document) or 'char' (the corpus's characters, sorted)."""
+    vocab_dir: str | None = None
+    """Directory with GPT-2's encoder.json + vocab.bpe when offline (else $GLASSGPT_MIRROR/gpt2, else
+    tiktoken's download)."""
+    num_proc: int | None = None
+    """Tokenizer worker processes (and load_dataset's); default min(8, CPU count). 1 = no workers."""
+    val_fraction: float = 0.0005
+    """Share of documents held out for val (nanoGPT's test_size), rounded up, at least one."""
+    seed: int = 2357
+    """Seed of the train/val document split (nanoGPT's)."""
+    text_key: str = "text"
+    """JSONL / Hugging Face field holding a document's text."""
+    id_key: str = "id"
+    """JSONL / Hugging Face field holding a document's id (else file:line or name:split:index)."""
+    on_bad_line: str = "stop"
+    """A JSONL line that is not a JSON object with a string text field: 'stop' with an error naming
+    file and line, or 'skip' it (and count the skipped lines)."""
+    hf_split: str = "train"
+    """Hugging Face: the split to load and divide into train/val."""
+    batch_chars: int = 1 << 20
+    """Characters of text per worker task: bounds memory at ~2 x num_proc tasks in flight."""
+
+
+@dataclass
+class Document:
+    id: str
+    source: str  # file path, or hf:<name>
+    line: int  # line of the source where the document starts (JSONL: its line number)
+    text: str
+
+    def record(self, split: str) -> dict:
+        return {"id": self.id, "source": self.source, "char_offset": 0, "line": self.line, "split": split}
+
+
+# ---------------------------------------------------------------- output staging
+
+
+class Staging:
+    """A temporary directory in out_dir; `commit()` moves its files over the old ones, and leaving the
+    `with` block without committing deletes it, so a failed prepare changes nothing."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(self.out_dir / f".prepare-tmp-{os.getpid()}")
+            self.tmp.mkdir(exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot write to {self.out_dir} ({e.strerror}); choose another --out_dir") from None
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def commit(self) -> None:
+        # meta.json last: a reader that finds the new meta.json finds the new data beside it
+        names = sorted(p.name for p in self.tmp.iterdir())
+        for name in sorted(names, key=lambda n: n == "meta.json"):
+            os.replace(self.tmp / name, self.out_dir / name)
+
+    def __exit__(self, *exc: Any) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def read_text_file(path: str | Path) -> str:
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"input file {path} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory; prepare it with `glassgpt prepare corpus --input={path}`") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror})") from None
+
+
+def source_name(src: Path, out_dir: Path) -> str:
+    """How documents.json names a source: relative to the dataset directory when inside it (the
+    downloaded input.txt), so the dataset can move; else as given."""
+    try:
+        return str(src.resolve().relative_to(out_dir.resolve()))
+    except ValueError:
+        return str(src)
+
+
+def split_record(tokens: int, documents: int, segments: int) -> dict:
+    return {"tokens": tokens, "documents": documents, "segments": segments}
+
+
+# ---------------------------------------------------------------- tiny-shakespeare (nanoGPT)
+
+
+def prepare_shakespeare(cfg: ShakespeareConfig, name: str = "shakespeare_char") -> dict:
+    """nanoGPT's data/shakespeare_char (char) or data/shakespeare (GPT-2 BPE, encode_ordinary, no EOT)."""
+    bpe = name == "shakespeare"
+    out_dir = Path(cfg.out_dir or Path("data") / name)
+    t0 = time.time()
+    with Staging(out_dir) as stage:
+        if cfg.input:
+            src, doc_id = Path(cfg.input), Path(cfg.input).stem
+        else:
+            src, doc_id = fetch(TINYSHAKESPEARE, out_dir / "input.txt"), "tinyshakespeare"
+        text, source = read_text_file(src), source_name(src, out_dir)
+        tok = GPT2Tokenizer(cfg.vocab_dir) if bpe else CharTokenizer.from_text(text)
+        cut = int(len(text) * 0.9)  # nanoGPT: data[:int(n*0.9)] / data[int(n*0.9):]
+        if cut == 0 or cut == len(text):
+            raise UserError(f"{src} has {len(text)} characters, too few to split 90/10 into train and val")
+        sizes = {}
+        for split, part, char_start in (("train", text[:cut], 0), ("val", text[cut:], cut)):
+            ids = np.asarray(tok.encode_ordinary(part) if bpe else tok.encode_array(part))
+            check_uint16(ids, f" in {src}").tofile(stage.tmp / f"{split}.bin")
+            # the val segment starts mid-document: record where, so locations point into the file
+            line = 1 + text.count("\n", 0, char_start)
+            write_segments(stage.tmp, split, [[0, 0, len(ids), char_start, line]])
+            sizes[split] = split_record(len(ids), 1, 1)
+        write_json(stage.tmp / "documents.json",
+                   [{"id": doc_id, "source": source, "char_offset": 0, "line": 1, "split": "train,val"}])
+        meta = {**tok.meta(), "format": DATA_FORMAT, "dataset": name, "source": source,
+                "train_tokens": sizes["train"]["tokens"], "val_tokens": sizes["val"]["tokens"], "splits": sizes}
+        write_json(stage.tmp / "meta.json", meta)
+        stage.commit()
+    print(f"{name}: vocab {tok.vocab_size}, train {sizes['train']['tokens']:,} tokens, "
+          f"val {sizes['val']['tokens']:,} tokens -> {out_dir} ({time.time() - t0:.1f}s)")
+    return {"out_dir": str(out_dir), "vocab_size": tok.vocab_size, **{f"{s}_tokens": v["tokens"] for s, v in sizes.items()}}
+
+
+# ---------------------------------------------------------------- corpus sources
+
+
+class BadLines:
+    """--on_bad_line: stop at the first bad JSONL line, or skip and count them."""
+
+    def __init__(self, mode: str):
+        self.mode, self.count, self.first = mode, 0, ""
+
+    def report(self, path: Path, lineno: int, problem: str) -> None:
+        where = f"{path}:{lineno}: {problem}"
+        if self.mode == "stop":
+            raise UserError(f"{where}; fix or remove the line, or pass --on_bad_line=skip")
+        self.count += 1
+        self.first = self.first or where
+
+
+def iter_jsonl(path: Path, cfg: CorpusConfig, bad: BadLines) -> Iterator[Document]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue  # blank lines (a trailing newline) are not documents
+            try:
+                obj = json.loads(raw)
+            except UnicodeDecodeError as e:
+                bad.report(path, lineno, f"not UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            except json.JSONDecodeError as e:
+                bad.report(path, lineno, f"not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(obj, dict) or not isinstance(obj.get(cfg.text_key), str):
+                what = f"a JSON {type(obj).__name__}" if not isinstance(obj, dict) else \
+                    f"an object without a string {cfg.text_key!r} field"
+                bad.report(path, lineno, f"{what}, expected {{\"{cfg.text_key}\": \"...\"}}")
+                continue
+            doc_id = obj.get(cfg.id_key)
+            yield Document(str(doc_id) if doc_id is not None else f"{path.name}:{lineno}", str(path), lineno,
+                           obj[cfg.text_key])
+
+
+def local_files(spec: str) -> list[Path] | None:
+    """The files `--input` names when it is local: a file, a directory (its .txt/.jsonl files,
+    recursively, sorted), or several of those separated by commas. None when it is no path at all
+    (then it is taken as a Hugging Face dataset name)."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    files: list[Path] = []
+    for part in parts:
+        p = Path(part).expanduser()
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in LOCAL_SUFFIXES)
+        elif p.exists():
+            files.append(p)
+        elif len(parts) == 1 and not looks_like_path(part):
+            return None
+        else:
+            raise UserError(f"input {part} does not exist; give an existing .txt/.jsonl file or directory")
+    return files
+
+
+def looks_like_path(s: str) -> bool:
+    # Hugging Face names are "name" or "owner/name": a file suffix or a leading / . ~ means a path
+    return Path(s).suffix in (*LOCAL_SUFFIXES, ".json", ".text") or s.startswith(("/", ".", "~")) or "\\" in s
+
+
+class LocalSource:
+    """Local .txt (one document per file) and .jsonl (one document per line) files, in order."""
+
+    def __init__(self, files: list[Path], cfg: CorpusConfig):
+        self.files, self.cfg = files, cfg
+
+    def documents(self, bad: BadLines) -> Iterator[Document]:
+        for path in self.files:
+            if path.suffix == ".jsonl":
+                yield from iter_jsonl(path, self.cfg, bad)
+            else:
+                yield Document(str(path), str(path), 1, read_text_file(path))
+
+
+def load_hf_splits(cfg: CorpusConfig, num_proc: int) -> dict[str, Any]:
+    """nanoGPT's openwebtext recipe for any hub dataset: load, then train_test_split(test_size, seed)."""
+    try:
+        import datasets  # optional: pip install 'glassgpt[hf]'
+    except ImportError:
+        raise UserError(f"input {cfg.input!r} is not a local file or directory, and loading it as a Hugging "
+                        "Face dataset needs the `datasets` package (pip install datasets); check the path") from None
+    try:
+        ds = datasets.load_dataset(cfg.input, num_proc=num_proc)
+    except Exception as e:  # unknown names, no network, gated sets: many exception types, one answer
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"unknown dataset {cfg.input!r}: not a local path, and Hugging Face could not load it "
+                        f"({first}); check the name, or give a .txt/.jsonl path") from None
+    if cfg.hf_split not in ds:
+        raise UserError(f"dataset {cfg.input!r} has no split {cfg.hf_split!r} (it has {', '.join(ds)}); "
+                        "pass --hf_split=NAME")
+    split = ds[cfg.hf_split].train_test_split(test_size=cfg.val_fraction, seed=cfg.seed, shuffle=True)
+    return {"train": split["train"], "val": split["test"]}  # nanoGPT renames 'test' to 'val'
+
+
+def iter_hf(dataset: Any, split: str, cfg: CorpusConfig) -> Iterator[Document]:
+    if cfg.text_key not in dataset.column_names:
+        raise UserError(f"dataset {cfg.input!r} has no {cfg.text_key!r} column (it has "
+                        f"{', '.join(dataset.column_names)}); pass --text_key=NAME")
+    has_id = cfg.id_key in dataset.column_names
+    i = 0
+    for batch in dataset.iter(batch_size=1000):
+        for j, text in enumerate(batch[cfg.text_key]):
+            doc_id = batch[cfg.id_key][j] if has_id else f"{cfg.input}:{split}:{i}"
+            yield Document(str(doc_id), f"hf:{cfg.input}", 1, text or "")
+            i += 1
+
+
+# ---------------------------------------------------------------- parallel tokenization
+
+_worker_encode: Callable[[str], np.ndarray] | None = None
+
+
+def make_encoder(spec: tuple[str, str | None]) -> Callable[[str], np.ndarray]:
+    """('gpt2', vocab_dir): BPE ids of a document + <|endoftext|>; ('char', chars): ids of its characters."""
+    kind, arg = spec
+    if kind == "gpt2":
+        tok = GPT2Tokenizer(arg)
+        return lambda text: check_uint16(np.array(tok.encode_ordinary(text) + [GPT2_EOT], dtype=np.int64))
+    chars = CharTokenizer.from_text(arg or "")
+    return lambda text: check_uint16(chars.encode_array(text))
+
+
+def _init_worker(spec: tuple[str, str | None]) -> None:
+    global _worker_encode
+    _worker_encode = make_encoder(spec)
+
+
+def _encode_batch(texts: list[str]) -> list[np.ndarray]:
+    assert _worker_encode is not None, "_init_worker did not run"
+    return [_worker_encode(t) for t in texts]
+
+
+def batched(docs: Iterable[tuple[str, Document]], batch_chars: int) -> Iterator[list[tuple[str, Document]]]:
+    batch: list[tuple[str, Document]] = []
+    size = 0
+    for item in docs:
+        batch.append(item)
+        size += len(item[1].text)
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def tokenize_in_order(batches: Iterable[list[tuple[str, Document]]], spec: tuple[str, str | None],
+                      num_proc: int) -> Iterator[tuple[str, Document, np.ndarray]]:
+    """(split, document, uint16 ids) in input order. Workers get at most 2 x num_proc batches ahead
+    (Pool.imap would read the whole input into its queue); num_proc=1 tokenizes in this process."""
+    if num_proc == 1:
+        _init_worker(spec)
+        for batch in batches:
+            yield from ((s, d, ids) for (s, d), ids in zip(batch, _encode_batch([d.text for _, d in batch])))
+        return
+    with multiprocessing.get_context().Pool(num_proc, _init_worker, (spec,)) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append((batch, pool.apply_async(_encode_batch, ([d.text for _, d in batch],))))
+            while len(pending) > 2 * num_proc or (pending and pending[0][1].ready()):
+                done, result = pending.popleft()
+                yield from ((s, d, ids) for (s, d), ids in zip(done, result.get()))
+        while pending:
+            done, result = pending.popleft()
+            yield from ((s, d, ids) for (s, d), ids in zip(done, result.get()))
+
+
+class SplitWriter:
+    """Appends documents' tokens to one split's .bin file and keeps its segment table."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "wb")
+        self.n_tokens = 0
+        self.segments: list[list[int]] = []
+
+    def append(self, doc_index: int, ids: np.ndarray) -> None:
+        ids.tofile(self.file)
+        self.segments.append([doc_index, self.n_tokens, self.n_tokens + len(ids), 0, 1])
+        self.n_tokens += len(ids)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+# ---------------------------------------------------------------- corpus preparation
+
+
+def choose_val(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of val documents: ceil(val_fraction * n) of them (as HF's train_test_split),
+    at least one, chosen by a seeded permutation, so the split depends only on (n, fraction, seed)."""
+    if n_docs < 2:
+        raise UserError(f"the corpus has {n_docs} document(s); a document-level train/val split needs at least 2 "
+                        "(add files, or prepare one text with `glassgpt prepare shakespeare_char --input=FILE`)")
+    n_val = min(n_docs - 1, max(1, math.ceil(val_fraction * n_docs)))
+    is_val = np.zeros(n_docs, dtype=bool)
+    is_val[np.random.default_rng(seed).permutation(n_docs)[:n_val]] = True
+    return is_val
+
+
+def check_corpus_config(cfg: CorpusConfig) -> int:
+    if not cfg.input:
+        raise UserError("give the corpus with --input=PATH (a .txt/.jsonl file or directory) or a Hugging Face dataset name")
+    if cfg.tokenizer not in ("gpt2", "char"):
+        raise UserError(f"--tokenizer must be 'gpt2' or 'char', got {cfg.tokenizer!r}")
+    if cfg.on_bad_line not in ("stop", "skip"):
+        raise UserError(f"--on_bad_line must be 'stop' or 'skip', got {cfg.on_bad_line!r}")
+    if not 0 < cfg.val_fraction < 1:
+        raise UserError(f"--val_fraction must be between 0 and 1, got {cfg.val_fraction}")
+    num_proc = cfg.num_proc if cfg.num_proc is not None else min(8, os.cpu_count() or 1)
+    if num_proc < 1 or cfg.batch_chars < 1:
+        raise UserError("--num_proc and --batch_chars must be at least 1")
+    return num_proc
+
+
+def prepare_corpus(cfg: CorpusConfig, name: str = "corpus") -> dict:
+    """Tokenize a corpus of documents into train.bin / val.bin, split by document; see the module doc."""
+    num_proc = check_corpus_config(cfg)
+    out_dir = Path(cfg.out_dir or Path("data") / name)
+    t0 = time.time()
+    bad = BadLines(cfg.on_bad_line)
+    files = local_files(cfg.input)  # type: ignore[arg-type]
+    if files is not None:
+        source = LocalSource(files, cfg)
+        # pass 1: validate and count (and collect characters); texts are not kept
+        n_docs, charset = 0, set()
+        for doc in source.documents(bad):
+            if doc.text:
+                n_docs += 1
+                if cfg.tokenizer == "char":
+                    charset.update(doc.text)
+        is_val = choose_val(n_docs, cfg.val_fraction, cfg.seed) if n_docs else None
+
+        def stream() -> Iterator[tuple[str, Document]]:
+            docs = (d for d in source.documents(BadLines("skip")) if d.text)
+            for i, doc in enumerate(docs):
+                if i >= n_docs:
+                    raise UserError(f"{cfg.input} changed while being prepared; run again")
+                yield ("val" if is_val[i] else "train"), doc
+    else:
+        hf = load_hf_splits(cfg, num_proc)
+        n_docs, charset = sum(len(d) for d in hf.values()), set()
+        if cfg.tokenizer == "char":
+            for split, dset in hf.items():
+                for doc in iter_hf(dset, split, cfg):
+                    charset.update(doc.text)
+
+        def stream() -> Iterator[tuple[str, Document]]:
+            for split, dset in hf.items():
+                yield from ((split, d) for d in iter_hf(dset, split, cfg) if d.text)
+
+    if n_docs == 0:
+        raise UserError(f"the corpus {cfg.input} is empty: no documents with text"
+                        + (f" ({bad.count} bad lines skipped, first {bad.first})" if bad.count else ""))
+    if bad.count:
+        print(f"warning: skipped {bad.count} bad JSONL line(s); first: {bad.first}", file=sys.stderr)
+    if cfg.tokenizer == "char":
+        if len(charset) > UINT16_IDS:
+            raise UserError(f"the corpus has {len(charset):,} distinct characters, more than the {UINT16_IDS:,} "
+                            "token ids uint16 .bin files can hold; use --tokenizer=gpt2")
+        chars = "".join(sorted(charset))
+        tok: CharTokenizer | GPT2Tokenizer = CharTokenizer.from_text(chars)
+        spec: tuple[str, str | None] = ("char", chars)
+    else:
+        tok = GPT2Tokenizer(cfg.vocab_dir)  # fails here, before any work, when the vocabulary is missing
+        spec = ("gpt2", cfg.vocab_dir)
+
+    with Staging(out_dir) as stage:
+        writers = {s: SplitWriter(stage.tmp / f"{s}.bin") for s in ("train", "val")}
+        documents: list[dict] = []
+        bar = tqdm(total=n_docs, unit="doc", desc=f"tokenizing ({num_proc} proc)", disable=None)
+        try:
+            for split, doc, ids in tokenize_in_order(batched(stream(), cfg.batch_chars), spec, num_proc):
+                writers[split].append(len(documents), ids)
+                documents.append(doc.record(split))
+                bar.update(1)
+        finally:
+            bar.close()
+            for w in writers.values():
+                w.close()
+        sizes = {s: split_record(w.n_tokens, len(w.segments), len(w.segments)) for s, w in writers.items()}
+        if not sizes["train"]["tokens"] or not sizes["val"]["tokens"]:
+            raise UserError(f"the corpus {cfg.input} gave an empty train or val split; add documents")
+        for s, w in writers.items():
+            write_segments(stage.tmp, s, w.segments)
+        write_json(stage.tmp / "documents.json", documents)
+        meta = {**tok.meta(), "format": DATA_FORMAT, "dataset": name, "source": cfg.input,
+                "train_tokens": sizes["train"]["tokens"], "val_tokens": sizes["val"]["tokens"], "splits": sizes,
+                "split": {"by": "document", "val_fraction": cfg.val_fraction, "seed": cfg.seed},
+                "skipped_bad_lines": bad.count}
+        write_json(stage.tmp / "meta.json", meta)
+        stage.commit()
+    seconds = time.time() - t0
+    total = sizes["train"]["tokens"] + sizes["val"]["tokens"]
+    print(f"{name}: {len(documents):,} documents ({sizes['val']['documents']} val), train "
+          f"{sizes['train']['tokens']:,} tokens, val {sizes['val']['tokens']:,} tokens, vocab {tok.vocab_size} "
+          f"-> {out_dir} ({seconds:.1f}s, {total / seconds:,.0f} tokens/s, {num_proc} proc)")
+    return {"out_dir": str(out_dir), "documents": len(documents), "train_tokens": sizes["train"]["tokens"],
+            "val_tokens": sizes["val"]["tokens"], "seconds": seconds, "num_proc": num_proc}
+
+
+# ---------------------------------------------------------------- command line
+
+# name -> (config class, config defaults, preparer)
+DATASETS: dict[str, tuple[type, dict, Callable[[Any, str], dict]]] = {
+    "shakespeare_char": (ShakespeareConfig, {}, prepare_shakespeare),
+    "shakespeare": (ShakespeareConfig, {}, prepare_shakespeare),
+    "corpus": (CorpusConfig, {}, prepare_corpus),
+    "openwebtext": (CorpusConfig, {"input": "openwebtext"}, prepare_corpus),
+}
+
+
+def usage() -> str:
+    return ("usage: glassgpt prepare NAME [config.py ...] [--key=value ...]\n\n"
+            "NAME: shakespeare_char (char-level, nanoGPT), shakespeare (GPT-2 BPE, nanoGPT), "
+            "corpus (--input=.txt/.jsonl files, directories or a Hugging Face dataset), "
+            "openwebtext (corpus --input=openwebtext)\n`glassgpt prepare NAME --help` lists its keys.")
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """`glassgpt prepare NAME --key=value ...`; the data/*/prepare.py scripts call this too."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return None
+    name, rest = argv[0], argv[1:]
+    if name not in DATASETS:
+        close = difflib.get_close_matches(name, DATASETS, n=1)
+        raise UserError(f"unknown dataset {name!r}" + (f"; did you mean {close[0]}?" if close else "")
+                        + f"; choose one of {', '.join(DATASETS)}")
+    cls, defaults, prepare = DATASETS[name]
+    if any(a in ("-h", "--help") for a in rest):
+        print(help_text(cls, f"glassgpt prepare {name}"))
+        return None
+    cfg = load_config(cls, rest, base=dataclasses.replace(cls(), **defaults))
+    return prepare(cfg, name)
+
+
+if __name__ == "__main__":
+    from glassgpt.errors import run_main
+
+    sys.exit(run_main(main))
