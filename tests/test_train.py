@@ -176,3 +176,20 @@ def test_cli_bad_key_is_one_line_and_exit_2(tmp_path):
                        cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.strip() == "error: argument --lerning_rate=1: unknown config key 'lerning_rate'; did you mean learning_rate?"
+
+
+def test_resume_from_nanogpt_written_checkpoint(char_dataset, tmp_path):
+    """A ckpt.pt as nanoGPT's train.py writes it (compiled-model prefixes, no glassgpt keys) resumes."""
+    from glassgpt.model import GPT, GPTConfig
+
+    out = tmp_path / "nano"
+    out.mkdir()
+    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=False, vocab_size=65, dropout=0.0)
+    model = GPT(GPTConfig(**model_args))
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    sd = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"model": sd, "optimizer": opt.state_dict(), "model_args": model_args, "iter_num": 2,
+                "best_val_loss": torch.tensor(4.0).item(), "config": {"dataset": "tiny_char", "batch_size": 4}},
+               out / "ckpt.pt")
+    res = train(tiny_cfg(char_dataset, out, init_from="resume", max_iters=4))
+    assert res["iter_num"] == 4 and [i for i, _ in losses(res)] == [2, 3]
