@@ -4,7 +4,9 @@ Layout of `data/<dataset>/` (docs/FORMATS.md has the full story):
 
     train.bin, val.bin        uint16 token ids, one stream per split (nanoGPT's format)
     meta.json                 tokenizer description (+ stoi/itos for char) and split sizes
-    documents.json            [{"id", "source", "char_offset", "line"}]: each source document
+    documents.json            [{"id", "source", "char_offset", "line", "split"}]: each source document, where
+                              it starts in its source file (a JSONL document: the file's line number) and
+                              the split(s) holding it
     train.docs.npy, val.docs.npy
                               int64 (n_segments, 5) rows [doc, tok_start, tok_end, char_start, line_start]:
                               tokens [tok_start, tok_end) of the split come from document `doc`, starting
@@ -12,7 +14,9 @@ Layout of `data/<dataset>/` (docs/FORMATS.md has the full story):
 
 A split may cut a document (tiny-shakespeare's 90/10 split does), so segments, not documents, tile a
 split. Every attribution result is resolved here into a `Location`: document id, token range, text,
-character offset and line number.
+character offset and line number. `locate` never decodes the text before a position: a char-level
+token is one character (lines come from cached newline positions), and for BPE per-token counts of
+characters and newlines are summed over the segment's prefix. glassgpt/prepare.py writes this layout.
 """
 
 from __future__ import annotations
