@@ -1,0 +1,726 @@
+"""Verbatim spans of a generation found in the training data, OLMoTrace-style, exact and fast.
+
+OLMoTrace (Liu et al. 2025, https://arxiv.org/abs/2504.07096) shows which parts of a model's output
+occur word for word in its training data, using infini-gram suffix arrays. This module does the same
+for glassgpt datasets (char or BPE):
+
+1. Index (`build_span_arrays`, `write_span_index`): the training split's uint16 token stream with a
+   separator token inserted after every segment (glassgpt/corpus.py: a segment is one document's part
+   of a split), and its suffix array from pydivsufsort. Because no query ever contains the separator,
+   no match can run from one document into the next. Files live in `<data_dir>/spans/` with a JSON
+   sidecar that fingerprints the data files (size, mtime, sha256); they are memory-mapped at query time
+   and refused when the data changed (`--build` rebuilds).
+2. Queries (`sa_range`, `matching_statistics`): vectorised binary search over the suffix array for
+   many queries at once, comparing token windows chunk by chunk (most comparisons end in a few tokens).
+   `count` and `locate` build on them.
+3. Spans (`find_spans`): for every start position the longest prefix that occurs (matching statistics),
+   cut to OLMoTrace's self-contained rule -- whole words at both edges, no newline or sentence end
+   except at the span's end -- and kept when maximal and at least `min_len` tokens (`min_words` words).
+   `select_spans` keeps the rarest ceil(density x length) by unigram log-probability and `highlights`
+   merges overlapping ones.
+
+Run it:  glassgpt trace-spans --build --data_dir=data/shakespeare_char        (once)
+         glassgpt trace-spans --out_dir=out-shakespeare-char --start="ROMEO:" [--json]
+         glassgpt trace-spans --data_dir=data/shakespeare_char --text=FILE:story.txt
+docs/spans.md has the details and the measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from glassgpt.config import load_config
+from glassgpt.corpus import Corpus, Location, atomic_write_bytes, write_json
+from glassgpt.download import sha256_file
+from glassgpt.errors import UserError
+
+INDEX_FORMAT = "glassgpt-spans/1"
+INDEX_DIRNAME = "spans"
+PAD_LOW = -1  # after a query's end: sorts before every token, so "query is a prefix" < suffix
+PAD_HIGH = 1 << 30  # after a query's end: sorts after every token (upper bounds)
+NO_MATCH = -2  # query tokens the index cannot contain (>= separator): never equal to a text value
+HASH_LIMIT = 256 << 20  # data files up to this size are re-hashed on every load; larger ones by size+mtime
+SENTENCE_ENDS = ".!?"
+
+
+# ---------------------------------------------------------------- index: pure functions over arrays
+
+
+@dataclass
+class SpanArrays:
+    """The arrays of a span index (in memory after a build, memory-mapped after a load)."""
+
+    text: np.ndarray  # uint16: the split's tokens, a separator after every segment
+    sa: np.ndarray  # int32/int64: suffix array of `text`
+    seps: np.ndarray  # int64: positions of the separators in `text` (sorted)
+    unigram: np.ndarray  # int64: count of each token id in the split
+    newlines: np.ndarray  # int64: split positions of tokens holding '\n', once per '\n' (for line numbers)
+    separator: int
+
+
+def build_span_arrays(tokens: np.ndarray, segments: np.ndarray, separator: int,
+                      newline_counts: np.ndarray | None = None, eot: int | None = None) -> SpanArrays:
+    """Suffix array over `tokens` with `separator` after each segment [tok_start, tok_end).
+
+    `separator` must exceed every token id a query may hold (we use the vocabulary size), so it never
+    matches. `eot` (GPT-2's <|endoftext|>) is replaced by the separator too: it joins documents.
+    `newline_counts[id]` = number of '\\n' in token `id` (None: no line bookkeeping).
+    """
+    from pydivsufsort import divsufsort
+
+    tokens = np.asarray(tokens)
+    if tokens.size and int(tokens.max()) >= separator:
+        raise UserError(f"token id {int(tokens.max())} >= vocabulary size {separator}; the dataset's meta.json "
+                        "does not describe its .bin file; re-run its prepare script")
+    seg = np.asarray(segments, dtype=np.int64).reshape(-1, 5)
+    starts, ends = seg[:, 1], seg[:, 2]
+    lengths = ends - starts
+    # text = seg_0 SEP seg_1 SEP ... seg_k SEP ; separator k sits after the k+1 segments' tokens
+    seps = np.cumsum(lengths + 1) - 1
+    text = np.full(int(lengths.sum()) + len(seg), separator, dtype=np.uint16)
+    keep = np.ones(len(text), dtype=bool)
+    keep[seps] = False
+    text[keep] = np.concatenate([tokens[s:e] for s, e in zip(starts, ends)]) if len(seg) else []
+    if eot is not None:
+        text[text == eot] = separator
+    # pydivsufsort sorts uint16 as big-endian byte pairs (byte order = token order) and keeps even
+    # suffixes; with a small vocabulary (char data) it shrinks the text to one byte per token.
+    sa = np.asarray(divsufsort(text))
+    sa = sa.astype(np.int32 if len(text) < 2**31 else np.int64, copy=False)
+    unigram = np.bincount(tokens, minlength=separator).astype(np.int64)
+    if newline_counts is not None and tokens.size:
+        per_token = np.asarray(newline_counts)[tokens]
+        newlines = np.repeat(np.flatnonzero(per_token), per_token[per_token > 0])
+    else:
+        newlines = np.zeros(0, dtype=np.int64)
+    return SpanArrays(text=text, sa=sa, seps=seps.astype(np.int64), unigram=unigram,
+                      newlines=newlines.astype(np.int64), separator=int(separator))
+
+
+def _compare(text: np.ndarray, starts: np.ndarray, queries: np.ndarray, rows: np.ndarray,
+             last: int) -> tuple[np.ndarray, np.ndarray]:
+    """Compare query rows `queries[rows]` with the suffixes of `text` at `starts`.
+
+    Returns (sign of query - suffix at the first difference, length of the common prefix). Every query
+    row ends in a pad value no text token equals, so every row is decided. Columns are read in chunks
+    of doubling width: most comparisons end in the first few tokens, long matches cost log(length)
+    rounds.
+    """
+    n_rows, width = len(rows), queries.shape[1]
+    sign = np.zeros(n_rows, dtype=np.int8)
+    lcp = np.zeros(n_rows, dtype=np.int64)
+    todo = np.arange(n_rows)
+    c0, chunk = 0, 8
+    while todo.size:
+        c1 = min(c0 + chunk, width)
+        idx = starts[todo, None] + np.arange(c0, c1)
+        np.minimum(idx, last, out=idx)  # past the end reads the final separator
+        s = text[idx]
+        q = queries[rows[todo], c0:c1]
+        neq = q != s
+        hit = neq.any(axis=1)
+        first = neq.argmax(axis=1)[hit]
+        done = todo[hit]
+        lcp[done] = c0 + first
+        sign[done] = np.where(q[hit, first] < s[hit, first], -1, 1)
+        todo = todo[~hit]
+        c0, chunk = c1, chunk * 2
+        if c0 >= width and todo.size:
+            raise AssertionError("query rows must end in a pad column")
+    return sign, lcp
+
+
+def sa_bound(text: np.ndarray, sa: np.ndarray, queries: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """For each query row, the first suffix-array index whose suffix sorts after the padded query.
+
+    With PAD_LOW padding that is the lower bound of the query's occurrences, with PAD_HIGH the upper
+    bound. All rows advance together: ~log2(len(sa)) vectorised rounds.
+    """
+    rows = np.arange(len(queries)) if rows is None else rows
+    lo = np.zeros(len(rows), dtype=np.int64)
+    hi = np.full(len(rows), len(sa), dtype=np.int64)
+    last = len(text) - 1
+    while True:
+        act = np.flatnonzero(lo < hi)
+        if not act.size:
+            return lo
+        mid = (lo[act] + hi[act]) // 2
+        sign, _ = _compare(text, sa[mid].astype(np.int64), queries, rows[act], last)
+        after = sign > 0  # query sorts after the suffix: the bound is to the right
+        lo[act[after]] = mid[after] + 1
+        hi[act[~after]] = mid[~after]
+
+
+def pad_queries(seqs: Sequence[Sequence[int]], pad: int, separator: int) -> np.ndarray:
+    """Queries as rows of an int64 matrix, each followed by `pad` (and ids >= separator made unmatchable)."""
+    width = max((len(s) for s in seqs), default=0) + 1
+    out = np.full((len(seqs), width), pad, dtype=np.int64)
+    for r, s in enumerate(seqs):
+        out[r, :len(s)] = s
+    out[(out >= separator) & (out != pad)] = NO_MATCH
+    return out
+
+
+def sa_range(arrays: SpanArrays, seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """[lo, hi) suffix-array ranges of the occurrences of each token sequence (hi - lo = count)."""
+    if not len(seqs):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lo = sa_bound(arrays.text, arrays.sa, pad_queries(seqs, PAD_LOW, arrays.separator))
+    hi = sa_bound(arrays.text, arrays.sa, pad_queries(seqs, PAD_HIGH, arrays.separator))
+    empty = np.array([len(s) == 0 for s in seqs])
+    hi[empty], lo[empty] = len(arrays.sa), 0  # the empty sequence occurs everywhere
+    return lo, hi
+
+
+def matching_statistics(arrays: SpanArrays, ids: Sequence[int], first: int = 0) -> np.ndarray:
+    """ms[i] = length of the longest prefix of ids[i:] that occurs in the index (0 for i < first).
+
+    One vectorised binary search for all suffixes of `ids`; the longest match of a query is shared with
+    one of the two suffixes next to its insertion point.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    n = len(ids)
+    ms = np.zeros(n, dtype=np.int64)
+    if n - first <= 0 or len(arrays.sa) == 0:
+        return ms
+    padded = np.full(2 * n + 1, PAD_LOW, dtype=np.int64)
+    padded[:n] = np.where(ids >= arrays.separator, NO_MATCH, ids)
+    queries = np.lib.stride_tricks.sliding_window_view(padded, n + 1)[:n]  # row i = ids[i:] + pads
+    rows = np.arange(first, n)
+    lb = sa_bound(arrays.text, arrays.sa, queries, rows)
+    last = len(arrays.text) - 1
+    best = np.zeros(len(rows), dtype=np.int64)
+    for neighbour in (lb - 1, lb):
+        ok = (neighbour >= 0) & (neighbour < len(arrays.sa))
+        _, lcp = _compare(arrays.text, arrays.sa[neighbour[ok]].astype(np.int64), queries, rows[ok], last)
+        best[ok] = np.maximum(best[ok], lcp)
+    ms[first:] = best
+    return ms
+
+
+def to_split_positions(arrays: SpanArrays, text_positions: np.ndarray) -> np.ndarray:
+    """Positions in the separated index text -> positions in the split's token stream."""
+    p = np.asarray(text_positions, dtype=np.int64)
+    return p - np.searchsorted(arrays.seps, p, side="left")
+
+
+# ---------------------------------------------------------------- spans: pure functions over a text
+
+
+def _is_word(ch: str) -> bool:
+    return ch.isalnum() or ch in "'_"
+
+
+def token_rules(text: str, offsets: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """OLMoTrace's self-containment rules, per token of `text` (token t = text[offsets[t]:offsets[t+1]]).
+
+    start_ok[t]: a span may begin at token t (not inside a word, not a whitespace token);
+    end_ok[e]:   a span may end just before token e (idem for token e-1);
+    breaks[t]:   token t holds a newline or a sentence end, so it may only be a span's last token.
+    """
+    n = len(offsets) - 1
+
+    def boundary(c: int) -> bool:  # not between two characters of one word
+        return c <= 0 or c >= len(text) or not (_is_word(text[c - 1]) and _is_word(text[c]))
+
+    pieces = [text[offsets[t]:offsets[t + 1]] for t in range(n)]
+    solid = np.array([p.strip() != "" for p in pieces], dtype=bool)
+    at = np.array([boundary(c) for c in offsets], dtype=bool)
+    start_ok = at[:n] & solid
+    end_ok = np.zeros(n + 1, dtype=bool)
+    end_ok[1:] = at[1:] & solid
+    breaks = np.array([("\n" in p) or any(c in p for c in SENTENCE_ENDS) for p in pieces], dtype=bool)
+    return start_ok, end_ok, breaks
+
+
+def maximal_spans(ms: np.ndarray, start_ok: np.ndarray, end_ok: np.ndarray, breaks: np.ndarray,
+                  first: int = 0) -> list[tuple[int, int]]:
+    """Maximal self-contained spans [a, e) with a >= first, given matching statistics `ms`.
+
+    Every sub-span of an occurring span occurs, so the longest valid span from `a` ends at the last
+    allowed end within reach: a + ms[a], and the token after the first break from `a`. A candidate is
+    maximal when no earlier start reaches as far (a later start with the same end is contained).
+    """
+    n = len(ms)
+    # next_break[a] = first t >= a with breaks[t] (n if none)
+    idx = np.where(breaks, np.arange(n), n)
+    next_break = np.minimum.accumulate(idx[::-1])[::-1] if n else idx
+    # last_end[x] = largest e <= x with end_ok[e] (-1 if none)
+    last_end = np.maximum.accumulate(np.where(end_ok, np.arange(n + 1), -1))
+    spans: list[tuple[int, int]] = []
+    reach = -1
+    for a in range(first, n):
+        if not start_ok[a] or ms[a] == 0:
+            continue
+        e = int(last_end[min(a + int(ms[a]), int(next_break[a]) + 1, n)])
+        if e > a and e > reach:
+            spans.append((a, e))
+            reach = e
+    return spans
+
+
+def count_words(s: str) -> int:
+    words, inside = 0, False
+    for ch in s:
+        w = _is_word(ch)
+        words += w and not inside
+        inside = w
+    return words
+
+
+# ---------------------------------------------------------------- on-disk index
+
+
+def data_fingerprint(data_dir: Path, split: str) -> list[dict[str, Any]]:
+    """Name, size, mtime and sha256 of every data file the index depends on."""
+    out = []
+    for name in (f"{split}.bin", f"{split}.docs.npy", "meta.json", "meta.pkl", "documents.json"):
+        p = data_dir / name
+        if p.exists():
+            st = p.stat()
+            out.append({"name": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(p)})
+    return out
+
+
+def default_index_dir(data_dir: str | Path) -> Path:
+    return Path(data_dir) / INDEX_DIRNAME
+
+
+def build_command(data_dir: Path, index_dir: Path | None = None) -> str:
+    extra = f" --index_dir={index_dir}" if index_dir and index_dir != default_index_dir(data_dir) else ""
+    return f"glassgpt trace-spans --build --data_dir={data_dir}{extra}"
+
+
+def newline_counts(corpus: Corpus, vocab: int) -> np.ndarray:
+    """Number of '\\n' characters in each token id (decoded alone)."""
+    tok = corpus.tokenizer
+    if getattr(tok, "name", "") == "gpt2":
+        return np.array([tok.token_bytes(i).count(b"\n") for i in range(vocab)], dtype=np.int64)
+    return np.array([tok.decode([i]).count("\n") if i in getattr(tok, "itos", {i: 0}) else 0
+                     for i in range(vocab)], dtype=np.int64)
+
+
+def write_span_index(data_dir: str | Path, index_dir: str | Path | None = None, split: str = "train",
+                     log=print) -> Path:
+    """Build the span index of a prepared dataset's split and write it with its JSON sidecar."""
+    data_dir = Path(data_dir)
+    index_dir = Path(index_dir) if index_dir else default_index_dir(data_dir)
+    corpus = Corpus(data_dir)
+    fingerprint = data_fingerprint(data_dir, split)
+    t0 = time.perf_counter()
+    tokens = np.asarray(corpus.tokens(split))
+    vocab = int(corpus.meta.get("vocab_size") or corpus.tokenizer.vocab_size)
+    eot = getattr(corpus.tokenizer, "eot_token", None)
+    log(f"building span index of {data_dir}/{split}.bin ({len(tokens):,} tokens) in {index_dir} ...")
+    arrays = build_span_arrays(tokens, corpus.segments(split), separator=vocab,
+                               newline_counts=newline_counts(corpus, vocab), eot=eot)
+    build_s = time.perf_counter() - t0
+    index_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(index_dir / f"{split}.tokens.bin", arrays.text.tobytes())
+    atomic_write_bytes(index_dir / f"{split}.sa.bin", arrays.sa.tobytes())
+    for name in ("seps", "unigram", "newlines"):
+        tmp = index_dir / f".{split}.{name}.tmp.npy"
+        np.save(tmp, getattr(arrays, name))
+        os.replace(tmp, index_dir / f"{split}.{name}.npy")
+    import importlib.metadata as md
+
+    sidecar = {
+        "format": INDEX_FORMAT, "split": split, "data_dir": str(data_dir.resolve()), "data_files": fingerprint,
+        "tokenizer": corpus.meta.get("tokenizer", "gpt2"), "vocab_size": vocab, "separator": arrays.separator,
+        "eot_token": eot, "n_tokens": int(len(tokens)), "n_segments": int(len(arrays.seps)),
+        "text_dtype": "uint16", "sa_dtype": str(arrays.sa.dtype), "library": f"pydivsufsort {md.version('pydivsufsort')}",
+        "build_seconds": round(build_s, 4), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json(index_dir / f"{split}.index.json", sidecar)  # written last: its presence means complete
+    log(f"span index built in {build_s:.2f}s: {len(arrays.sa):,} suffixes ({arrays.sa.dtype})")
+    return index_dir
+
+
+def check_fingerprint(data_dir: Path, recorded: list[dict[str, Any]], split: str, index_dir: Path) -> None:
+    """Refuse an index whose data files changed (size, or sha256 when the mtime moved or the file is small)."""
+    now = {f["name"]: f for f in recorded}
+    current = {p.name for p in data_dir.iterdir()} if data_dir.is_dir() else set()
+    for f in recorded:
+        p = data_dir / f["name"]
+        why = None
+        if not p.exists():
+            why = f"{f['name']} is gone"
+        else:
+            st = p.stat()
+            if st.st_size != f["size"]:
+                why = f"{f['name']} is {st.st_size:,} bytes, was {f['size']:,}"
+            elif (st.st_mtime_ns != f["mtime_ns"] or st.st_size <= HASH_LIMIT) and sha256_file(p) != f["sha256"]:
+                why = f"{f['name']} has new contents (sha256)"
+        if why:
+            raise UserError(f"the data in {data_dir} changed since its span index was built ({why}); rebuild it "
+                            f"with `{build_command(data_dir, index_dir)}`")
+    for name in (f"{split}.docs.npy", "documents.json", "meta.json"):
+        if name in current and name not in now:
+            raise UserError(f"the data in {data_dir} changed since its span index was built ({name} is new); "
+                            f"rebuild it with `{build_command(data_dir, index_dir)}`")
+
+
+class SpanIndex:
+    """A built span index, memory-mapped, with the corpus it points into."""
+
+    def __init__(self, data_dir: str | Path, index_dir: str | Path | None = None, split: str = "train",
+                 check: bool = True):
+        self.data_dir = Path(data_dir)
+        self.index_dir = Path(index_dir) if index_dir else default_index_dir(self.data_dir)
+        self.split = split
+        side = self.index_dir / f"{split}.index.json"
+        if not side.exists():
+            raise UserError(f"no span index for {self.data_dir} ({side} missing); build it with "
+                            f"`{build_command(self.data_dir, self.index_dir)}`")
+        self.meta = json.loads(side.read_text())
+        if self.meta.get("format") != INDEX_FORMAT:
+            raise UserError(f"{side} is not a {INDEX_FORMAT} index; rebuild it with "
+                            f"`{build_command(self.data_dir, self.index_dir)}`")
+        if check:
+            check_fingerprint(self.data_dir, self.meta["data_files"], split, self.index_dir)
+        self.corpus = Corpus(self.data_dir)
+        d, s = self.index_dir, split
+        self.arrays = SpanArrays(
+            text=np.memmap(d / f"{s}.tokens.bin", dtype=np.uint16, mode="r"),
+            sa=np.memmap(d / f"{s}.sa.bin", dtype=self.meta["sa_dtype"], mode="r"),
+            seps=np.load(d / f"{s}.seps.npy", mmap_mode="r"),
+            unigram=np.load(d / f"{s}.unigram.npy"),
+            newlines=np.load(d / f"{s}.newlines.npy", mmap_mode="r"),
+            separator=int(self.meta["separator"]),
+        )
+        total = max(int(self.arrays.unigram.sum()), 1)
+        # unigram log-probabilities; +1 keeps unseen ids finite (they are never inside a span anyway)
+        self.logp = np.log((self.arrays.unigram + 1) / (total + len(self.arrays.unigram)))
+        self.segments = self.corpus.segments(split)
+        self.is_char = self.corpus.meta.get("tokenizer") == "char" or "stoi" in self.corpus.meta
+
+    @property
+    def tokenizer(self):
+        return self.corpus.tokenizer
+
+    # -- count / locate
+    def count(self, seq: Sequence[int]) -> int:
+        lo, hi = sa_range(self.arrays, [list(seq)])
+        return int(hi[0] - lo[0])
+
+    def positions(self, lo: int, hi: int, k: int) -> np.ndarray:
+        """Split positions of up to k occurrences from the suffix-array range [lo, hi), ascending."""
+        text_pos = np.asarray(self.arrays.sa[lo:min(hi, lo + k)], dtype=np.int64)
+        return np.sort(to_split_positions(self.arrays, text_pos))
+
+    def locate(self, seq: Sequence[int], k: int = 10, context: int = 0) -> tuple[int, list[dict]]:
+        """(occurrence count, up to k sources: doc, token offsets, char offset, line, text, context)."""
+        lo, hi = sa_range(self.arrays, [list(seq)])
+        pos = self.positions(int(lo[0]), int(hi[0]), k)
+        return int(hi[0] - lo[0]), [self.source(int(p), len(seq), context) for p in pos]
+
+    def location(self, pos: int, length: int) -> Location:
+        """Corpus.locate, done by arithmetic for char data (no decoding from the segment start)."""
+        if not self.is_char:
+            return self.corpus.locate(self.split, pos, pos + length)
+        i = int(np.searchsorted(self.segments[:, 1], pos, side="right")) - 1
+        doc, seg_start, _, char_start, line_start = (int(v) for v in self.segments[i])
+        nl = self.arrays.newlines
+        lines_before = int(np.searchsorted(nl, pos) - np.searchsorted(nl, seg_start))
+        d = self.corpus.documents[doc]
+        return Location(split=self.split, doc=doc, doc_id=str(d["id"]), source=str(d.get("source", "")),
+                        token_start=pos, token_end=pos + length, char_offset=char_start + pos - seg_start,
+                        line=line_start + lines_before, text=self.corpus.decode(self.split, pos, pos + length))
+
+    def source(self, pos: int, length: int, context: int) -> dict[str, Any]:
+        loc = self.location(pos, length).to_dict()
+        i = int(np.searchsorted(self.segments[:, 1], pos, side="right")) - 1
+        seg_start, seg_end = int(self.segments[i, 1]), int(self.segments[i, 2])
+        loc["context_before"] = self.corpus.decode(self.split, max(seg_start, pos - context), pos)
+        loc["context_after"] = self.corpus.decode(self.split, pos + length, min(seg_end, pos + length + context))
+        return loc
+
+
+# ---------------------------------------------------------------- tracing a text
+
+
+@dataclass
+class Span:
+    start: int  # token index into the traced ids (prompt + generation)
+    end: int
+    char_start: int  # into the traced text, whitespace at the edges trimmed
+    char_end: int
+    text: str
+    count: int = 0
+    logprob: float = 0.0  # sum of unigram log-probabilities: lower = rarer
+    sources: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Trace:
+    text: str  # prompt + generation
+    generation_start: int  # char offset where the generation begins in `text`
+    spans: list[Span]  # the kept (rarest) spans, in text order
+    highlights: list[tuple[int, int]]  # merged char ranges of the kept spans
+    coverage: float  # fraction of traced tokens inside an occurring span of >= coverage_n tokens
+    coverage_n: int
+    n_maximal: int  # maximal spans before the density cut
+    n_tokens: int  # tokens traced
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def token_offsets(tokenizer, ids: Sequence[int]) -> tuple[str, list[int]]:
+    """(decoded text, char offset of each token + the end): exact for char and GPT-2 BPE."""
+    ids = [int(i) for i in ids]
+    if getattr(tokenizer, "name", "") == "char":
+        return tokenizer.decode(ids), list(range(len(ids) + 1))
+    enc = getattr(tokenizer, "enc", None)
+    if enc is not None and hasattr(enc, "decode_with_offsets"):
+        text, offs = enc.decode_with_offsets(ids)
+        return text, list(offs) + [len(text)]
+    offs = [len(tokenizer.decode(ids[:k])) for k in range(len(ids) + 1)]  # generic, quadratic
+    return tokenizer.decode(ids), offs
+
+
+def encode_text(index: "SpanIndex", text: str) -> tuple[list[int], str, list[int]]:
+    """(ids, text, offsets) of a given text. For char data, characters the data never had become the
+    separator id (they cannot match) instead of an error: they are simply never part of a span."""
+    tok = index.tokenizer
+    if getattr(tok, "name", "") == "char":
+        return [tok.stoi.get(c, index.arrays.separator) for c in text], text, list(range(len(text) + 1))
+    ids = tok.encode(text)
+    return (ids, *token_offsets(tok, ids))
+
+
+def trim(text: str, a: int, b: int) -> tuple[int, int]:
+    while a < b and text[a].isspace():
+        a += 1
+    while b > a and text[b - 1].isspace():
+        b -= 1
+    return a, b
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def find_spans(index: SpanIndex, ids: Sequence[int], text: str, offsets: Sequence[int], first: int = 0,
+               min_len: int = 1, min_words: int = 1) -> list[Span]:
+    """All maximal self-contained spans of ids[first:] found in the index, >= min_len tokens and
+    >= min_words words, with their occurrence counts and rarity (no sources yet)."""
+    ms = matching_statistics(index.arrays, ids, first)
+    start_ok, end_ok, breaks = token_rules(text, offsets)
+    spans = []
+    for a, e in maximal_spans(ms, start_ok, end_ok, breaks, first):
+        ca, cb = trim(text, offsets[a], offsets[e])
+        if e - a >= min_len and count_words(text[ca:cb]) >= min_words:
+            spans.append(Span(a, e, ca, cb, text[ca:cb], logprob=float(index.logp[np.asarray(ids[a:e])].sum())))
+    if spans:
+        lo, hi = sa_range(index.arrays, [list(ids[s.start:s.end]) for s in spans])
+        for s, l, h in zip(spans, lo, hi):
+            s.count, s._range = int(h - l), (int(l), int(h))  # type: ignore[attr-defined]
+    return spans
+
+
+def trace_text(index: SpanIndex, ids: Sequence[int], prompt_len: int = 0, include_prompt: bool = False,
+               min_len: int = 1, min_words: int = 1, density: float = 0.05, max_sources: int = 10,
+               context: int = 32, coverage_n: int | None = None, text: str | None = None,
+               offsets: Sequence[int] | None = None) -> Trace:
+    """Spans, rarest-first selection, highlights, sources and coverage for one tokenized text
+    (`text`/`offsets`: its characters and each token's char offset, when not just decode(ids))."""
+    ids = [int(i) for i in ids]
+    if text is None or offsets is None:
+        text, offsets = token_offsets(index.tokenizer, ids)
+    first = 0 if include_prompt else prompt_len
+    n = len(ids) - first
+    if n <= 0 or not text[offsets[first]:].strip():
+        raise UserError("nothing to trace: the generation is empty; give --text=... or a prompt with "
+                        "--max_new_tokens > 0")
+    if min_len > n:
+        raise UserError(f"min_len={min_len} is longer than the text to trace ({n} tokens); lower --min_len")
+    coverage_n = min_len if coverage_n is None else coverage_n
+    found = find_spans(index, ids, text, offsets, first, min(min_len, coverage_n), min_words)
+    covered = np.zeros(len(ids), dtype=bool)
+    for s in found:
+        if s.end - s.start >= coverage_n:
+            covered[s.start:s.end] = True
+    spans = [s for s in found if s.end - s.start >= min_len]
+    keep = select_spans(spans, n, density)
+    for s in keep:
+        lo, hi = s._range  # type: ignore[attr-defined]
+        s.sources = [index.source(int(p), s.end - s.start, context) for p in index.positions(lo, hi, max_sources)]
+    for s in found:
+        s.__dict__.pop("_range", None)
+    return Trace(text=text, generation_start=offsets[prompt_len], spans=keep,
+                 highlights=merge_ranges([(s.char_start, s.char_end) for s in keep]),
+                 coverage=float(covered[first:].mean()), coverage_n=coverage_n, n_maximal=len(spans),
+                 n_tokens=n)
+
+
+def select_spans(spans: list[Span], n_tokens: int, density: float) -> list[Span]:
+    """OLMoTrace's cut: the ceil(density x length) spans with the lowest unigram log-probability."""
+    k = math.ceil(density * n_tokens)
+    rarest = sorted(spans, key=lambda s: (s.logprob, s.start))[:k]
+    return sorted(rarest, key=lambda s: s.start)
+
+
+# ---------------------------------------------------------------- command line
+
+
+@dataclass
+class TraceSpansConfig:
+    """`glassgpt trace-spans`: verbatim spans of a generation in the training data."""
+
+    out_dir: str = "out"
+    """Checkpoint directory to generate with (and to find the training data from)."""
+    data_dir: str | None = None
+    """Prepared training data; default: the checkpoint's own (its config's data_dir or data/<dataset>)."""
+    index_dir: str | None = None
+    """Where the span index lives; default <data_dir>/spans."""
+    split: str = "train"
+    build: bool = False
+    """(Re)build the span index first; with no --start/--text, only build."""
+    start: str | None = None
+    """Prompt to generate from (FILE:path reads a file); default '\\n'."""
+    text: str | None = None
+    """Trace this text instead of generating (FILE:path reads a file)."""
+    max_new_tokens: int = 200
+    temperature: float = 0.0
+    """0 = greedy (reproducible)."""
+    top_k: int | None = None
+    seed: int = 1337
+    device: str = "cpu"
+    include_prompt: bool = False
+    """Trace the prompt too."""
+    min_len: int | None = None
+    """Shortest span in tokens (characters for char data); default 12 for char data, 4 for BPE."""
+    min_words: int = 1
+    """Shortest span in whole words."""
+    density: float = 0.05
+    """Keep the rarest ceil(density x tokens) spans (OLMoTrace's default 0.05)."""
+    max_sources: int = 10
+    """Source locations listed per span."""
+    context: int = 32
+    """Tokens of context each side of a source."""
+    coverage_n: int | None = None
+    """Coverage counts spans of at least this many tokens; default min_len."""
+    json: bool = False
+    """Print JSON instead of highlighted text."""
+    vocab_dir: str | None = None
+
+
+def read_text_arg(value: str) -> str:
+    if value.startswith("FILE:"):
+        p = Path(value[5:])
+        if not p.is_file():
+            raise UserError(f"{p} does not exist (from FILE:{p})")
+        return p.read_text()
+    return value
+
+
+def checkpoint_data_dir(out_dir: str) -> Path:
+    from glassgpt.checkpoint import load_checkpoint
+
+    cfg = load_checkpoint(out_dir).get("config") or {}
+    if cfg.get("data_dir"):
+        return Path(cfg["data_dir"])
+    if cfg.get("dataset"):
+        return Path("data") / str(cfg["dataset"])
+    raise UserError(f"the checkpoint in {out_dir} does not name its training data; pass --data_dir=...")
+
+
+def generate_ids(cfg: TraceSpansConfig, prompt: str) -> tuple[list[int], int]:
+    """(prompt + generated ids, prompt length) from the checkpoint in cfg.out_dir."""
+    import torch
+
+    from glassgpt.runtime import load_for_inference, resolve_device
+
+    device = resolve_device(cfg.device)
+    model, tok, _ = load_for_inference(cfg.out_dir, device, data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir)
+    try:
+        from glassgpt.generate import complete
+    except ImportError:  # before glassgpt.generate landed: nanoGPT's reference sampler
+        complete = None
+    if complete is not None:
+        c = complete(model, tok, prompt, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                     seed=cfg.seed)
+        return list(c.prompt_ids) + list(c.output_ids), len(c.prompt_ids)
+    torch.manual_seed(cfg.seed)
+    p = tok.encode(prompt)
+    out = model.generate(torch.tensor([p], device=device), cfg.max_new_tokens, temperature=cfg.temperature,
+                         top_k=cfg.top_k)
+    return out[0].tolist(), len(p)
+
+
+def render(trace: Trace, color: bool) -> str:
+    """The text with highlights ([brackets] or ANSI), then each kept span's sources."""
+    on, off = ("\x1b[1;33m", "\x1b[0m") if color else ("[", "]")
+    parts, prev = [], 0
+    for a, b in trace.highlights:
+        parts += [trace.text[prev:a], on, trace.text[a:b], off]
+        prev = b
+    parts.append(trace.text[prev:])
+    lines = ["".join(parts), "",
+             f"{len(trace.spans)} span(s) shown of {trace.n_maximal} maximal; coverage "
+             f"{trace.coverage:.1%} of {trace.n_tokens} tokens by spans of >= {trace.coverage_n} tokens"]
+
+    def flat(s: str) -> str:
+        return s.replace("\n", " / ")
+
+    for s in trace.spans:
+        lines.append(f"\n{on}{s.text}{off}  chars {s.char_start}-{s.char_end}, {s.count} occurrence(s), "
+                     f"log p {s.logprob:.1f}")
+        for src in s.sources:
+            lines.append(f"  {src['doc_id']} line {src['line']} (tokens {src['token_start']}-{src['token_end']}): "
+                         f"...{flat(src['context_before'])}{on}{flat(src['text'])}{off}{flat(src['context_after'])}...")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> Trace | None:
+    if argv and argv[0] in ("-h", "--help"):
+        from glassgpt.config import help_text
+
+        print(help_text(TraceSpansConfig, "glassgpt trace-spans"))
+        return None
+    cfg = load_config(TraceSpansConfig, argv)
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else checkpoint_data_dir(cfg.out_dir)
+    index_dir = Path(cfg.index_dir) if cfg.index_dir else None
+    log = (lambda m: print(m, file=sys.stderr))
+    if cfg.build:
+        write_span_index(data_dir, index_dir, cfg.split, log=log)
+        if cfg.start is None and cfg.text is None:
+            return None
+    index = SpanIndex(data_dir, index_dir, cfg.split)
+    text = offsets = None
+    if cfg.text is not None:
+        (ids, text, offsets), prompt_len = encode_text(index, read_text_arg(cfg.text)), 0
+    else:
+        ids, prompt_len = generate_ids(cfg, read_text_arg(cfg.start if cfg.start is not None else "\n"))
+    min_len = cfg.min_len if cfg.min_len is not None else (12 if index.is_char else 4)
+    if min_len < 1 or not 0 < cfg.density <= 1:
+        raise UserError("min_len must be >= 1 and density in (0, 1]")
+    trace = trace_text(index, ids, prompt_len, cfg.include_prompt, min_len, cfg.min_words, cfg.density,
+                       cfg.max_sources, cfg.context, cfg.coverage_n, text, offsets)
+    if cfg.json:
+        print(json.dumps(trace.to_dict(), ensure_ascii=False, indent=1))
+    else:
+        print(render(trace, color=sys.stdout.isatty()))
+    return trace
+
+
+if __name__ == "__main__":
+    from glassgpt.errors import run_main
+
+    sys.exit(run_main(main))

@@ -1,0 +1,350 @@
+"""Span index and span finding (glassgpt/trace/spans.py) against brute-force substring scans."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from glassgpt.corpus import Corpus, write_json, write_segments
+from glassgpt.errors import UserError, run_main
+from glassgpt.tokenizer import CharTokenizer, GPT2Tokenizer
+from glassgpt.trace import spans as S
+from tests.conftest import make_char_dataset, make_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- datasets and the slow oracle
+
+
+def make_docs_dataset(data_dir: Path, docs: list[str], tokenizer=None) -> Path:
+    """A dataset whose train split is `docs`, one segment each (val: the last doc again)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tok = tokenizer or CharTokenizer.from_text("".join(docs) + "\n")
+    for split, part in (("train", docs), ("val", docs[-1:])):
+        ids, seg, pos = [], [], 0
+        for i, d in enumerate(part):
+            t = tok.encode(d)
+            seg.append([i, pos, pos + len(t), 0, 1])
+            ids += t
+            pos += len(t)
+        np.array(ids, dtype=np.uint16).tofile(data_dir / f"{split}.bin")
+        write_segments(data_dir, split, seg)
+    write_json(data_dir / "meta.json", {**tok.meta(), "format": "glassgpt-data/1"})
+    write_json(data_dir / "documents.json",
+               [{"id": f"d{i}", "source": f"d{i}.txt", "char_offset": 0, "line": 1} for i in range(len(docs))])
+    return data_dir
+
+
+def doc_strings(corpus: Corpus) -> list[str]:
+    """Each training segment's ids as a string of one code point per token: `in` is an exact scan."""
+    toks = np.asarray(corpus.tokens("train"))
+    return ["".join(chr(0x10000 + int(t)) for t in toks[s:e]) for _, s, e, _, _ in corpus.segments("train")]
+
+
+def as_str(ids) -> str:
+    return "".join(chr(0x10000 + int(t)) for t in ids)
+
+
+def brute_count(corpus: Corpus, seq: list[int]) -> list[int]:
+    """Split positions of every occurrence of seq inside one segment, by scanning."""
+    toks = np.asarray(corpus.tokens("train")).tolist()
+    out = []
+    for _, s, e, _, _ in corpus.segments("train"):
+        out += [p for p in range(s, e - len(seq) + 1) if toks[p:p + len(seq)] == seq]
+    return out
+
+
+def is_word(c: str) -> bool:
+    return c.isalnum() or c in "'_"
+
+
+def brute_spans(ids: list[int], text: str, offs: list[int], first: int, docs: list[str]) -> list[tuple[int, int]]:
+    """Every valid occurring span checked one by one, then the maximal ones (OLMoTrace's definition)."""
+    n = len(ids)
+
+    def boundary(c: int) -> bool:
+        return c <= 0 or c >= len(text) or not (is_word(text[c - 1]) and is_word(text[c]))
+
+    def valid(a: int, e: int) -> bool:
+        inner = text[offs[a]:offs[e - 1]]  # every token but the last: no newline, no sentence end
+        return (boundary(offs[a]) and boundary(offs[e]) and text[offs[a]:offs[a + 1]].strip() != ""
+                and text[offs[e - 1]:offs[e]].strip() != "" and "\n" not in inner
+                and not any(c in inner for c in ".!?"))
+
+    good = [(a, e) for a in range(first, n) for e in range(a + 1, n + 1)
+            if valid(a, e) and any(as_str(ids[a:e]) in d for d in docs)]
+    return [(a, e) for a, e in good
+            if not any(a2 <= a and e <= e2 and (a2, e2) != (a, e) for a2, e2 in good)]
+
+
+def brute_ms(ids: list[int], docs: list[str]) -> list[int]:
+    out = []
+    for i in range(len(ids)):
+        L = 0
+        while i + L < len(ids) and any(as_str(ids[i:i + L + 1]) in d for d in docs):
+            L += 1
+        out.append(L)
+    return out
+
+
+def fast_spans(index: S.SpanIndex, ids: list[int], first: int = 0, min_words: int = 0) -> list[tuple[int, int]]:
+    text, offs = S.token_offsets(index.tokenizer, ids)
+    return [(s.start, s.end) for s in S.find_spans(index, ids, text, offs, first, min_words=min_words)]
+
+
+def check_against_oracle(index: S.SpanIndex, ids: list[int], first: int = 0) -> list[tuple[int, int]]:
+    docs = doc_strings(index.corpus)
+    ms = S.matching_statistics(index.arrays, ids, first)
+    want_ms = brute_ms(ids, docs)
+    want_ms[:first] = [0] * first
+    assert ms.tolist() == want_ms, f"matching statistics differ at {np.flatnonzero(ms != np.array(want_ms))[:5]}"
+    text, offs = S.token_offsets(index.tokenizer, ids)
+    got, want = fast_spans(index, ids, first), brute_spans(ids, text, offs, first, docs)
+    assert got == want, f"spans differ:\n got  {got}\n want {want}"
+    # the default keeps spans with at least one word: the same list, punctuation-only spans dropped
+    worded = [(a, e) for a, e in want if any(is_word(c) for c in text[offs[a]:offs[e]])]
+    assert fast_spans(index, ids, first, min_words=1) == worded
+    return worded
+
+
+@pytest.fixture
+def random_index(tmp_path: Path):
+    rng = random.Random(0)
+    alphabet = "ab c.\n"
+    docs = ["".join(rng.choice(alphabet) for _ in range(rng.randint(20, 120))) for _ in range(6)]
+    d = make_docs_dataset(tmp_path / "rand", docs)
+    S.write_span_index(d, log=lambda m: None)
+    return S.SpanIndex(d), docs, rng
+
+
+# ---------------------------------------------------------------- index: count / locate
+
+
+def test_count_and_locate_match_a_scan(random_index):
+    index, docs, rng = random_index
+    tok = index.tokenizer
+    text = "".join(docs)
+    queries = [text[i:i + L] for i in range(0, len(text) - 8, 7) for L in (1, 2, 4, 8)]
+    queries += ["zz" if "z" in tok.stoi else "a" * 30, "ab c"]
+    # sequences that exist only across a document boundary must not count
+    for i in range(len(docs) - 1):
+        queries.append(docs[i][-3:] + docs[i + 1][:3])
+    checked = 0
+    for q in queries:
+        ids = tok.encode(q)
+        want = brute_count(index.corpus, ids)
+        count, sources = index.locate(ids, k=1000)
+        assert count == len(want), f"count({q!r}) = {count}, scan says {len(want)}"
+        assert [s["token_start"] for s in sources] == want
+        for s in sources:
+            loc = index.corpus.locate("train", s["token_start"], s["token_end"])
+            assert (s["doc"], s["char_offset"], s["line"], s["text"]) == (loc.doc, loc.char_offset, loc.line, loc.text)
+            assert s["text"] == q
+        checked += count
+    assert checked > 100  # the queries did find things
+
+
+def test_boundary_crossing_never_matches(tmp_path):
+    docs = ["the cat sat on the mat hello wor", "ld again and again the dog", "hello world"]
+    index_dir = S.write_span_index(make_docs_dataset(tmp_path / "b", docs), log=lambda m: None)
+    index = S.SpanIndex(tmp_path / "b", index_dir)
+    tok = index.tokenizer
+    assert index.count(tok.encode("hello wor")) == 2
+    assert index.count(tok.encode("wor" + "ld")) == 1  # only inside doc 2
+    assert index.count(tok.encode("hello world again")) == 0
+    assert index.count(tok.encode("dog" + "hello")) == 0
+    ids = tok.encode("hello world again and again")
+    assert check_against_oracle(index, ids) == [(0, 11), (12, 27)]
+
+
+def test_sa_is_sorted_and_complete(random_index):
+    index, _, _ = random_index
+    a = index.arrays
+    text = np.asarray(a.text).tolist()
+    sa = np.asarray(a.sa).tolist()
+    assert sorted(sa) == list(range(len(text)))
+    suffixes = [text[p:] for p in sa]
+    assert suffixes == sorted(suffixes)
+
+
+# ---------------------------------------------------------------- spans vs brute force
+
+
+def test_spans_random_texts(random_index):
+    index, docs, rng = random_index
+    tok = index.tokenizer
+    alphabet = "ab c.\n"
+    n_spans = 0
+    for trial in range(25):
+        pieces = []
+        while sum(map(len, pieces)) < 60:  # copied pieces, mutations, boundary-straddling bits
+            kind = rng.random()
+            d = rng.choice(docs)
+            i = rng.randrange(len(d))
+            if kind < 0.5:
+                pieces.append(d[i:i + rng.randint(3, 25)])
+            elif kind < 0.7:
+                j = rng.randrange(len(docs) - 1)
+                pieces.append(docs[j][-rng.randint(1, 6):] + docs[j + 1][:rng.randint(1, 6)])
+            else:
+                pieces.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 5))))
+        ids = tok.encode("".join(pieces))
+        first = rng.choice([0, 0, 5])
+        n_spans += len(check_against_oracle(index, ids, first))
+    assert n_spans > 50
+
+
+def test_spans_at_start_end_and_repeated(tmp_path):
+    docs = ["Speak, speak.\nYou are all resolved rather to die than to famish?\n", "Resolved. resolved.\n"]
+    d = make_docs_dataset(tmp_path / "e", docs)
+    S.write_span_index(d, log=lambda m: None)
+    index = S.SpanIndex(d)
+    tok = index.tokenizer
+    text = "You are all resolved. Speak, speak. Speak, speak. to die than to famish"
+    spans = check_against_oracle(index, tok.encode(text))
+    got = [text[a:e] for a, e in spans]
+    assert got[0] == "You are all resolved"  # at the very start
+    assert got[-1] == "to die than to famish"  # at the very end
+    assert got.count("Speak, speak.") == 2  # repeated span found twice
+    assert "resolved." in got
+
+
+def test_spans_real_text(tmp_path, mirror):
+    text = (mirror / "tinyshakespeare" / "input.txt").read_text()[:40000]
+    docs = text.split("\n\n")[:300]  # real document boundaries at the speeches
+    d = make_docs_dataset(tmp_path / "ts", docs, CharTokenizer.from_text(text))
+    S.write_span_index(d, log=lambda m: None)
+    index = S.SpanIndex(d)
+    rng = random.Random(1)
+    for _ in range(4):
+        i = rng.randrange(len(text) - 200)
+        sample = text[i:i + 50] + " and the " + text[i + 300:i + 340]  # copied, joined, straddling speeches
+        check_against_oracle(index, index.tokenizer.encode(sample))
+
+
+def test_spans_bpe(tmp_path, mirror):
+    tok = GPT2Tokenizer(mirror / "gpt2")
+    docs = ["The quick brown fox jumps over the lazy dog. It was a bright cold day in April.",
+            "It was the best of times, it was the worst of times.\nCall me Ishmael.",
+            "Some years ago, never mind how long precisely, the lazy dog slept."]
+    d = make_docs_dataset(tmp_path / "bpe", docs, tok)
+    S.write_span_index(d, log=lambda m: None)
+    index = S.SpanIndex(d)
+    assert index.meta["separator"] == 50257 and not index.is_char
+    sample = ("It was a bright cold day in April. The quick brown fox slept. it was the worst of times."
+              " Call me Ishmael. never mind how long")
+    spans = check_against_oracle(index, tok.encode(sample))
+    ids = tok.encode(sample)
+    texts = [tok.decode(ids[a:e]).strip() for a, e in spans]
+    # token-level matching: " It" (after a space in the data) is not "It" (text start), as in OLMoTrace
+    assert "was a bright cold day in April." in texts and "it was the worst of times." in texts
+
+
+# ---------------------------------------------------------------- selection, coverage, highlights
+
+
+def test_trace_selection_and_coverage(random_index):
+    index, docs, rng = random_index
+    ids = index.tokenizer.encode(docs[0][:40] + " cc " + docs[1][10:60])
+    text, offs = S.token_offsets(index.tokenizer, ids)
+    all_spans = S.find_spans(index, ids, text, offs)
+    for min_len, density in ((1, 0.05), (3, 0.2), (5, 1.0)):
+        tr = S.trace_text(index, ids, min_len=min_len, density=density)
+        long = [s for s in all_spans if s.end - s.start >= min_len]
+        want = sorted(long, key=lambda s: (s.logprob, s.start))[:int(np.ceil(density * len(ids)))]
+        assert [(s.start, s.end) for s in tr.spans] == sorted((s.start, s.end) for s in want)
+        covered = set()
+        for s in long:
+            covered |= set(range(s.start, s.end))
+        assert abs(tr.coverage - len(covered) / len(ids)) < 1e-12
+        for s in tr.spans:
+            want_lp = sum(np.log((index.arrays.unigram[t] + 1) / (index.arrays.unigram.sum() + len(index.arrays.unigram)))
+                          for t in ids[s.start:s.end])
+            assert abs(s.logprob - want_lp) < 1e-9
+            assert s.count == len(brute_count(index.corpus, ids[s.start:s.end]))
+            assert all(src["text"] == tok_text for src in s.sources for tok_text in [index.tokenizer.decode(ids[s.start:s.end])])
+        for (a, b), (c, d) in zip(tr.highlights, tr.highlights[1:]):
+            assert b < c
+    assert S.merge_ranges([(0, 3), (2, 5), (7, 9), (9, 10)]) == [(0, 5), (7, 10)]
+
+
+# ---------------------------------------------------------------- canaries
+
+
+def test_canaries_found_at_their_planted_location(tmp_path, mirror):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from canaries import prepare_canary_dataset
+
+    data_dir, canaries = prepare_canary_dataset(tmp_path / "can", n=8, seed=3, repeats=2)
+    S.write_span_index(data_dir, log=lambda m: None)
+    index = S.SpanIndex(data_dir)
+    # a hand-made "generation": Shakespeare-ish glue with five of the canaries inside it
+    gen = "ROMEO:\nWhat say you?\n" + "\nAnd so, my lord.\n".join(c["text"] for c in canaries[:5]) + "\nExeunt\n"
+    tr = S.trace_text(index, index.tokenizer.encode(gen), min_len=12, density=1.0)
+    for c in canaries[:5]:
+        hits = [s for s in tr.spans if s.text == c["text"]]
+        assert hits, f"canary {c['text']!r} not found as a span"
+        assert hits[0].count == 2
+        assert sorted(src["char_offset"] for src in hits[0].sources) == c["char_offsets"]
+        assert sorted(src["line"] for src in hits[0].sources) == c["lines"]
+
+
+# ---------------------------------------------------------------- on-disk index and bad input
+
+
+def test_index_refused_when_data_changes(tmp_path, char_dataset):
+    with pytest.raises(UserError, match="--build --data_dir"):
+        S.SpanIndex(char_dataset)
+    S.write_span_index(char_dataset, log=lambda m: None)
+    side = json.loads((char_dataset / "spans" / "train.index.json").read_text())
+    assert {f["name"] for f in side["data_files"]} >= {"train.bin", "train.docs.npy", "meta.json"}
+    S.SpanIndex(char_dataset)
+    ids = np.fromfile(char_dataset / "train.bin", dtype=np.uint16)
+    ids[5], ids[6] = ids[6], ids[5]  # same size, new contents
+    ids.tofile(char_dataset / "train.bin")
+    with pytest.raises(UserError, match="changed since its span index was built.*rebuild it with"):
+        S.SpanIndex(char_dataset)
+    assert run_main(S.main, [f"--data_dir={char_dataset}", "--build"]) == 0
+    S.SpanIndex(char_dataset)
+
+
+def test_cli_text_and_json(tmp_path, char_dataset, capsys):
+    args = [f"--data_dir={char_dataset}"]
+    assert run_main(S.main, args + ["--text=Before we proceed"]) == 2
+    assert "glassgpt trace-spans --build" in capsys.readouterr().err
+    assert run_main(S.main, args + ["--build"]) == 0
+    capsys.readouterr()
+    assert run_main(S.main, args + ["--text=You are all resolved rather to die. Hmm, speak.", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(s["text"], s["char_start"], s["char_end"]) for s in out["spans"]] == [
+        ("You are all resolved rather to die", 0, 34)]
+    src = out["spans"][0]["sources"][0]
+    assert {"doc_id", "token_start", "token_end", "line", "context_before", "context_after"} <= set(src)
+    (tmp_path / "t.txt").write_text("First Citizen:\nSpeak, speak.\n")
+    assert run_main(S.main, args + [f"--text=FILE:{tmp_path / 't.txt'}"]) == 0
+    assert "[First Citizen:]" in capsys.readouterr().out  # brackets: not a tty
+    # bad input: one line, exit 2
+    for bad, msg in (("--text=", "nothing to trace"), ("--text=   ", "nothing to trace"),
+                     ("--text=Speak", "min_len=12 is longer"), ("--text=FILE:/nonexistent", "does not exist")):
+        assert run_main(S.main, args + [bad]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
+
+
+def test_cli_generates_from_checkpoint(tmp_path, char_dataset, char_checkpoint, capsys):
+    assert run_main(S.main, [f"--out_dir={char_checkpoint}", "--build", "--start=First",
+                             "--max_new_tokens=30", "--min_len=1", "--include_prompt", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"].startswith("First") and len(out["text"]) == 35 and out["generation_start"] == 5
+    corpus = Corpus(char_dataset)
+    for s in out["spans"]:  # a random model: whatever it found must be real and correctly counted
+        assert out["text"][s["char_start"]:s["char_end"]] == s["text"]
+        assert s["count"] == len(brute_count(corpus, corpus.tokenizer.encode(s["text"]))) >= 1, s
+    assert run_main(S.main, [f"--out_dir={char_checkpoint}", "--max_new_tokens=0"]) == 2
+    assert "nothing to trace" in capsys.readouterr().err
