@@ -501,6 +501,8 @@ def read_text_arg(value: str) -> str:
 def generate_text(model: torch.nn.Module, tok, prompt: str, cfg: TraceKnnConfig) -> str:
     """The prompt's continuation: glassgpt.generate's engine when it is installed, else the model's own
     reference sampler (the same distribution, recomputing the context each step)."""
+    if not tok.encode(prompt) and getattr(tok, "eot_token", None) is None:
+        raise UserError("the prompt is empty and this char-level model has no start token; pass --start=TEXT")
     try:
         from glassgpt.generate import complete
     except ImportError:
@@ -510,9 +512,7 @@ def generate_text(model: torch.nn.Module, tok, prompt: str, cfg: TraceKnnConfig)
                         top_p=cfg.top_p, seed=cfg.seed).text
     if cfg.top_p is not None:
         raise UserError("top_p needs glassgpt.generate, which is not installed here; drop --top_p")
-    ids = tok.encode(prompt)
-    if not ids:
-        raise UserError("the prompt is empty; pass --start=TEXT")
+    ids = tok.encode(prompt) or [tok.eot_token]  # GPT-2 starts an empty prompt after <|endoftext|>
     torch.manual_seed(cfg.seed)
     x = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
     y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k)
