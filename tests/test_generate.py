@@ -1,0 +1,220 @@
+"""The KV-cache engine against its slow oracles: nanoGPT's model.generate (full recomputation) and a
+full forward pass over each step's window."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glassgpt.generate import (
+    Step,
+    TextStream,
+    complete,
+    full_recompute_generate,
+    generate,
+    sample_next,
+    window_length,
+)
+from glassgpt.model import GPT, GPTConfig
+from glassgpt.tokenizer import CharTokenizer, GPT2Tokenizer
+
+CHAR_VOCAB, BPE_VOCAB = 65, 50257
+
+
+def tiny(vocab_size: int = CHAR_VOCAB, block_size: int = 16, std: float = 0.5, seed: int = 0) -> GPT:
+    """A 2-layer random GPT. Matrices drawn wider than the usual 0.02 so greedy output is not one token
+    repeated (that would make token-for-token comparisons weak)."""
+    torch.manual_seed(seed)
+    m = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, bias=True))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, std)
+    return m.eval()
+
+
+def nanogpt_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
+    return model.generate(torch.tensor([prompt]), n, temperature=0)[0, len(prompt):].tolist()
+
+
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12, 13], [4], [30, 31, 32, 33, 34, 35]]
+
+
+@pytest.mark.parametrize("vocab_size", [CHAR_VOCAB, BPE_VOCAB])
+@pytest.mark.parametrize("n_new", [8, 45])  # within block_size=16, and far beyond it
+def test_greedy_sliding_equals_nanogpt_generate(vocab_size, n_new):
+    m = tiny(vocab_size)
+    got = generate(m, PROMPTS, n_new, temperature=0, window="sliding")
+    ref = [nanogpt_greedy(m, p, n_new) for p in PROMPTS]
+    assert got == ref
+
+
+@pytest.mark.parametrize("vocab_size", [CHAR_VOCAB, BPE_VOCAB])
+@pytest.mark.parametrize("n_new", [8, 45])
+def test_greedy_chunked_equals_full_recompute(vocab_size, n_new):
+    m = tiny(vocab_size)
+    got = generate(m, PROMPTS, n_new, temperature=0)
+    assert got == full_recompute_generate(m, PROMPTS, n_new, temperature=0, window="chunked")
+    if n_new + max(map(len, PROMPTS)) <= 16:  # within block_size both rules are nanoGPT's
+        assert got == [nanogpt_greedy(m, p, n_new) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("window", ["chunked", "sliding"])
+def test_seeded_samples_equal_full_recompute(window):
+    """Sampling explores many tokens, so this checks the cache over varied sequences too."""
+    m = tiny(std=0.1)
+    kw = dict(temperature=1.0, top_k=20, top_p=0.95, seed=7, window=window)
+    got = generate(m, PROMPTS, 40, **kw)
+    assert got == full_recompute_generate(m, PROMPTS, 40, **kw)
+    assert len({t for row in got for t in row}) > 20  # the samples really vary
+
+
+@pytest.mark.parametrize("window", ["chunked", "sliding"])
+def test_step_logits_equal_full_forward_over_window(window):
+    """Each step's logits, for every row of a padded batch, against model(window) directly."""
+    m = tiny()
+    seqs = [list(p) for p in PROMPTS]
+    worst = 0.0
+
+    def check(step: Step) -> None:
+        nonlocal worst
+        for b, r in enumerate(step.rows):
+            w = window_length(len(seqs[r]), m.config.block_size, window)
+            ref, _ = m(torch.tensor([seqs[r][-w:]]))
+            torch.testing.assert_close(step.logits[b], ref[0, -1], rtol=1e-4, atol=1e-4)
+            worst = max(worst, (step.logits[b] - ref[0, -1]).abs().max().item())
+            seqs[r].append(int(step.tokens[b]))
+
+    generate(m, PROMPTS, 40, temperature=1.0, seed=3, on_step=check, window=window)
+    print(f"max |logit difference| vs full forward: {worst:.2e}")
+
+
+def test_greedy_does_not_depend_on_batch_composition():
+    m = tiny(BPE_VOCAB)
+    target = [7, 8, 9, 10]
+    alone = generate(m, [target], 30, temperature=0)[0]
+    for others in ([[1]], [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]], [[3, 3], list(range(40, 55))]):
+        batch = others[:1] + [target] + others[1:]
+        assert generate(m, batch, 30, temperature=0)[1] == alone, others
+
+
+def test_same_seed_same_samples_and_rows_independent_of_batch():
+    m = tiny(std=0.1)
+    a = generate(m, [[1, 2]] * 3, 25, temperature=0.9, seed=11)
+    assert a == generate(m, [[1, 2]] * 3, 25, temperature=0.9, seed=11)
+    assert a != generate(m, [[1, 2]] * 3, 25, temperature=0.9, seed=12)
+    assert len({tuple(x) for x in a}) == 3  # three different samples
+    # sample i is drawn with seed + i, so it does not depend on how many samples are drawn with it
+    assert generate(m, [[1, 2]], 25, temperature=0.9, seed=12)[0] == a[1]
+
+
+def test_one_row_sampling_matches_nanogpt_rng():
+    """With one prompt, the draws are nanoGPT's: torch.manual_seed(seed) then model.generate."""
+    m = tiny(std=0.1)
+    torch.manual_seed(5)
+    ref = m.generate(torch.tensor([[1, 2, 3]]), 30, temperature=0.8, top_k=10)[0, 3:].tolist()
+    assert generate(m, [[1, 2, 3]], 30, temperature=0.8, top_k=10, seed=5, window="sliding")[0] == ref
+
+
+def test_top_k_and_top_p_filter_the_distribution():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    gen = [torch.Generator().manual_seed(0)]
+    draw = lambda **kw: torch.cat([sample_next(logits.clone(), 1.0, generators=gen, **kw) for _ in range(3000)])
+    counts = torch.bincount(draw(top_k=None, top_p=0.6), minlength=4)  # {0, 1} reach 0.8 >= 0.6
+    assert counts[2:].sum() == 0 and abs(counts[0] / 3000 - 0.625) < 0.04, counts
+    counts = torch.bincount(draw(top_k=3, top_p=None), minlength=4)
+    assert counts[3] == 0 and counts[2] > 0, counts
+    counts = torch.bincount(draw(top_k=None, top_p=0.5), minlength=4)  # token 0 alone reaches 0.5
+    assert counts[0] == 3000, counts
+    counts = torch.bincount(draw(top_k=None, top_p=None), minlength=4)
+    assert (counts > 0).all(), counts
+    assert sample_next(logits, 0.0, None, None, gen).item() == 0  # temperature 0 is argmax
+    m = tiny(std=0.1)
+    greedy = generate(m, [[1, 2]], 20, temperature=0)
+    assert generate(m, [[1, 2]], 20, temperature=1.0, top_k=1, seed=4) == greedy
+
+
+def test_stop_strings_and_stop_ids():
+    text = "abcdefghij klmnopqrstuvwxyz\n"
+    tok = CharTokenizer.from_text(text)
+    m = tiny(tok.vocab_size)
+    full = generate(m, [tok.encode("ab")], 40, temperature=0)[0]
+    full_text = tok.decode(full)
+    stop = full_text[5:7]
+    i = full_text.index(stop)
+    got = generate(m, [tok.encode("ab")], 40, temperature=0, stop=stop, tokenizer=tok)[0]
+    assert tok.decode(got) == full_text[: i + len(stop)]
+    c = complete(m, tok, "ab", 40, stop=stop)
+    assert c.text == full_text[: i + len(stop)] and c.output_ids == got and c.prompt_ids == tok.encode("ab")
+    got = generate(m, [tok.encode("ab")], 40, temperature=0, stop_ids=[full[3]])[0]
+    assert got == full[: full.index(full[3]) + 1]
+    # a stopped row leaves the batch; the others go on unchanged
+    both = generate(m, [tok.encode("ab"), tok.encode("xyz")], 40, temperature=0, stop=stop, tokenizer=tok)
+    assert both[1] == generate(m, [tok.encode("xyz")], 40, temperature=0)[0]
+
+
+def test_mlp_hooks_fire_once_per_step_with_the_full_forward_activations():
+    m = tiny()
+    prompt, n = [1, 2, 3, 4], 10  # stays within block_size: one prefill, then decode steps
+    seen: list[torch.Tensor] = []
+    handle = m.transformer.h[1].mlp.gelu.register_forward_hook(lambda mod, inp, out: seen.append(out.clone()))
+    try:
+        steps: list[Step] = []
+        new = generate(m, [prompt], n, temperature=0, on_step=steps.append)[0]
+    finally:
+        handle.remove()
+    assert len(seen) == n and [s.size(1) for s in seen] == [len(prompt)] + [1] * (n - 1)
+    assert [s.prefill for s in steps] == [True] + [False] * (n - 1)
+    assert steps[0].token_index.tolist() == [[0, 1, 2, 3]] and steps[1].token_index.tolist() == [[4]]
+    # the reference: one full forward over prompt + all but the last new token
+    ref: list[torch.Tensor] = []
+    handle = m.transformer.h[1].mlp.gelu.register_forward_hook(lambda mod, inp, out: ref.append(out))
+    try:
+        m(torch.tensor([prompt + new[:-1]]))
+    finally:
+        handle.remove()
+    torch.testing.assert_close(torch.cat(seen, dim=1), ref[0])
+
+
+def test_step_token_index_marks_padding_and_window():
+    m = tiny()
+    steps: list[Step] = []
+    generate(m, [[1, 2, 3], [4]], 20, temperature=0, on_step=steps.append)
+    assert steps[0].token_index.tolist() == [[0, 1, 2], [-1, -1, 0]]
+    assert steps[1].token_index.tolist() == [[3], [1]]
+    assert steps[0].hidden.shape == (2, 3, 32) and steps[0].logits.shape == (2, CHAR_VOCAB)
+    # row 0 reaches 17 tokens at step 14: its chunked window restarts from its last 8 tokens, left-
+    # padded to row 1's window of 15 tokens (which is re-prefilled unchanged)
+    refill = [s for s in steps if s.prefill and s.index > 0][0]
+    assert refill.index == 14
+    assert refill.token_index.tolist() == [[-1] * 7 + list(range(9, 17)), list(range(15))]
+
+
+def test_window_length_rules():
+    assert [window_length(n, 8) for n in range(1, 20)] == [1, 2, 3, 4, 5, 6, 7, 8] + [4, 5, 6, 7, 8] * 2 + [4]
+    assert [window_length(n, 8, "sliding") for n in (1, 8, 9, 100)] == [1, 8, 8, 8]
+
+
+def test_eval_mode_restored_and_bad_arguments():
+    m = tiny().train()
+    generate(m, [[1]], 2, temperature=0)
+    assert m.training
+    for kw in (dict(top_k=0), dict(top_p=0.0), dict(window="rolling"), dict(temperature=-1.0)):
+        with pytest.raises(ValueError):
+            generate(m, [[1]], 2, **kw)
+    with pytest.raises(ValueError, match="empty"):
+        generate(m, [[]], 2)
+    with pytest.raises(ValueError, match="vocabulary"):
+        generate(m, [[CHAR_VOCAB]], 2)
+
+
+def test_text_stream_keeps_multibyte_characters_whole(mirror):
+    tok = GPT2Tokenizer(mirror / "gpt2")
+    text = "naïve café — 世界 🎉🦜 done"
+    ids = tok.encode(text)
+    stream = TextStream(tok)
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == text == tok.decode(ids)
+    assert not any("\ufffd" in p for p in pieces)
+    assert len(ids) > len([p for p in pieces if p])  # some tokens were held back mid-character
