@@ -12,6 +12,7 @@ docs/training.md walks through it in the order data flows. What the logged numbe
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -49,19 +50,31 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def estimate_loss(model: torch.nn.Module, batches: BatchSampler, eval_iters: int, ctx) -> dict[str, float]:
-    """Mean loss over `eval_iters` fixed batches of each split."""
+def estimate_loss(model: torch.nn.Module, batches: BatchSampler, eval_iters: int, ctx,
+                  dist_info: distributed.DistInfo | None = None) -> dict[str, float]:
+    """Mean loss over `eval_iters` fixed batches of each split.
+
+    Under torchrun the batches are rank 0's, dealt round-robin over the ranks, and the sums are
+    all-reduced: the same number for any world size, and every rank runs the same number of forward
+    passes (FSDP's are collective; a rank short of a batch re-scores its last one with weight 0)."""
+    rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
+    rank0 = copy.copy(batches)
+    rank0.rank = 0  # the eval generator is seeded per rank: use rank 0's on every rank
     out = {}
     model.eval()
     for split in ("train", "val"):
-        gen = batches.eval_generator(split)
-        losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
-            x, y = batches.get_batch(split, gen)
-            with ctx:
-                _, loss = model(x, y)
-            losses[k] = loss.item()
-        out[split] = losses.mean().item()
+        gen = rank0.eval_generator(split)
+        total = torch.zeros(2, dtype=torch.float64, device=batches.device)  # (sum of losses, count)
+        for k in range(-(-eval_iters // world) * world):
+            if k < eval_iters:
+                x, y = batches.get_batch(split, gen)  # every rank draws every batch to stay in step
+            if k % world == rank:
+                with ctx:
+                    _, loss = model(x, y)
+                total += torch.stack([loss.detach().double(), total.new_ones(())]) * float(k < eval_iters)
+        if dist_info is not None:
+            distributed.all_reduce_sum(total, dist_info)
+        out[split] = (total[0] / total[1]).item()
     model.train()
     return out
 
@@ -161,7 +174,7 @@ def plot_losses(records: list[dict], path: Path) -> None:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run a training job; returns {'iter_num', 'best_val_loss', 'last_eval', 'log': [records]}."""
-    dist_info = distributed.setup(cfg.backend, resolve_device(cfg.device))
+    dist_info = distributed.setup(cfg.backend, resolve_device(cfg.device), cfg.parallel)
     try:
         return _train(cfg, dist_info)
     finally:
@@ -189,29 +202,28 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo) -> dict[str, Any]:
     model, ckpt, model_args = build_model(cfg, meta_vocab)
     batches = BatchSampler(data_dir, cfg.block_size, cfg.batch_size, device, cfg.seed, dist_info.rank)
     model.to(device)
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    raw_model = model
+    if cfg.compile:
+        print("compiling the model... (takes a ~minute)")
+    # compiled and/or DDP-wrapped, or sharded in place by FSDP (so the optimizer comes after this)
+    model = distributed.wrap_model(raw_model, dist_info, dtype, compile=cfg.compile)
+    eval_model = distributed.eval_module(model)
+    scaler = distributed.make_grad_scaler(dist_info, device_type, enabled=(dtype == "float16"))
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
 
     iter_num, best_val_loss, resumed_at = 0, 1e9, None
     if ckpt is not None:
         iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
         if ckpt.get("optimizer"):
-            optimizer.load_state_dict(ckpt["optimizer"])
+            distributed.load_optimizer_state(raw_model, optimizer, ckpt["optimizer"], dist_info)
         rng = ckpt.get("rng")
         if rng:  # glassgpt checkpoint: continue the exact random streams of the interrupted run
-            torch.set_rng_state(rng["torch"])
-            batches.load_state_dict(rng["sampler"])
+            mine = distributed.rank_rng_state(rng, dist_info)  # None: a rank the saving job did not have
+            if mine is not None:
+                torch.set_rng_state(mine["torch"])
+                batches.load_state_dict(mine["sampler"])
             resumed_at = iter_num  # its eval at this iteration already ran before the save
         ckpt = None  # free memory
-
-    raw_model = model
-    if cfg.compile:
-        print("compiling the model... (takes a ~minute)")
-        model = torch.compile(model)
-    if dist_info.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[dist_info.local_rank] if device_type == "cuda" else None)
 
     vocab = model_args["vocab_size"] if meta_vocab is None else meta_vocab
     tokens_per_iter = grad_accum * dist_info.world_size * cfg.batch_size * cfg.block_size
@@ -232,11 +244,16 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo) -> dict[str, Any]:
             wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config_dict)
 
     def save(at_iter: int) -> None:
+        # every rank joins (FSDP gathers its shards, every rank's RNG state is kept); rank 0 writes
+        model_sd, optim_sd = distributed.gather_checkpoint(raw_model, optimizer, dist_info)
+        ranks = distributed.gather_objects({"torch": torch.get_rng_state(), "sampler": batches.state_dict()}, dist_info)
+        if not master:
+            return
         save_checkpoint(ckpt_path(cfg.out_dir), {
-            "model": clean_state_dict(raw_model.state_dict()), "optimizer": optimizer.state_dict(),
+            "model": clean_state_dict(model_sd), "optimizer": optim_sd,
             "model_args": model_args, "iter_num": at_iter, "best_val_loss": best_val_loss,
             "config": config_dict, "tokenizer": tok_meta,
-            "rng": {"torch": torch.get_rng_state(), "sampler": batches.state_dict()},
+            "rng": {**ranks[0], "ranks": ranks},
         })
 
     def nonfinite(what: str, value: float) -> UserError:
@@ -255,42 +272,47 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        if (iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters) and master and iter_num != resumed_at:
-            losses = estimate_loss(model, batches, cfg.eval_iters, ctx)
+        # every rank evaluates (its share) and decides alike; rank 0 alone prints, logs and writes
+        if (iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters) and iter_num != resumed_at:
+            losses = estimate_loss(eval_model, batches, cfg.eval_iters, ctx, dist_info)
             last_eval = losses
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-                  f"({explain_loss(losses['val'], vocab)})")
-            run_log.write(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr)
-            if cfg.wandb_log:
-                wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+            if master:
+                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+                      f"({explain_loss(losses['val'], vocab)})")
+                run_log.write(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr)
+                if cfg.wandb_log:
+                    wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
             if not math.isfinite(losses["val"]):
                 raise nonfinite("val loss", losses["val"])
             if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
                 best_val_loss = min(best_val_loss, losses["val"])
                 if iter_num > 0:
                     save(iter_num)
-                    print(f"saved checkpoint to {ckpt_path(cfg.out_dir)}")
+                    if master:
+                        print(f"saved checkpoint to {ckpt_path(cfg.out_dir)}")
         if cfg.eval_only or iter_num >= cfg.max_iters:
             break
 
         loss_sum = torch.zeros((), device=device)
         for micro_step in range(grad_accum):
-            if dist_info.enabled:
-                # only all-reduce gradients on the last micro-step (no_sync for the others)
-                model.require_backward_grad_sync = micro_step == grad_accum - 1
             x, y = batches.get_batch("train")
-            with ctx:
-                _, loss = model(x, y)
-                loss = loss / grad_accum
-            loss_sum += loss.detach()
-            scaler.scale(loss).backward()
-        log_now = iter_num % cfg.log_interval == 0 and master
+            # DDP all-reduces gradients only on the last micro-step
+            with distributed.grad_sync(model, sync=micro_step == grad_accum - 1):
+                with ctx:
+                    _, loss = model(x, y)
+                    loss = loss / grad_accum
+                loss_sum += loss.detach()
+                scaler.scale(loss).backward()
+        # the job's loss (mean over ranks), so every rank sees the same value and stops alike
+        loss_sum = distributed.all_reduce_mean(loss_sum, dist_info)
+        log_iter = iter_num % cfg.log_interval == 0  # the same on every rank: FSDP's norm is collective
+        log_now = log_iter and master
         grad_norm = None
-        if cfg.grad_clip != 0.0 or log_now:
+        if cfg.grad_clip != 0.0 or log_iter:
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
         # On the CPU the check is free (every op is synchronous); on GPUs only when logging.
-        if device_type == "cpu" or log_now:
+        if device_type == "cpu" or log_iter:
             lossf = loss_sum.item()
             if not math.isfinite(lossf):
                 raise nonfinite("loss", lossf)
@@ -301,9 +323,10 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo) -> dict[str, Any]:
         t1 = time.time()
         dt, t0 = t1 - t0, t1
         if log_now:
-            gn = grad_norm.item() if grad_norm is not None else float("nan")
+            gn = distributed.to_float(grad_norm) if grad_norm is not None else float("nan")
             clipped = cfg.grad_clip != 0.0 and gn > cfg.grad_clip
-            tok_s = tokens_per_iter / dt
+            tok_s = tokens_per_iter / dt  # the whole job's tokens (all ranks) per second
+            # MFU = job FLOP/s over (world_size x one device's peak) = per-device rate over one peak
             mfu = raw_model.estimate_mfu(tok_s / dist_info.world_size, peak) if local_iter >= 5 else None
             mfu_s = f", mfu {mfu * 100:.1f}%" if mfu is not None else ""
             print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, {tok_s:,.0f} tok/s{mfu_s}, "
