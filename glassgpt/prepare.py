@@ -49,6 +49,7 @@ from glassgpt.tokenizer import GPT2_EOT, CharTokenizer, GPT2Tokenizer
 
 UINT16_IDS = 1 << 16
 LOCAL_SUFFIXES = (".txt", ".jsonl")  # what a directory contributes; a named file may be any text
+JSONL_SUFFIXES = (".jsonl", ".json")  # a named .json file is read as JSON Lines too
 
 
 @dataclass
@@ -120,10 +121,21 @@ class Staging:
         self.out_dir = Path(out_dir)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.remove_stale()
             self.tmp = Path(self.out_dir / f".prepare-tmp-{os.getpid()}")
             self.tmp.mkdir(exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot write to {self.out_dir} ({e.strerror}); choose another --out_dir") from None
+
+    def remove_stale(self) -> None:
+        """Temporary directories of runs that were killed outright (their process is gone)."""
+        for d in self.out_dir.glob(".prepare-tmp-*"):
+            try:
+                os.kill(int(d.name.rsplit("-", 1)[1]), 0)
+            except ProcessLookupError:
+                shutil.rmtree(d, ignore_errors=True)
+            except (ValueError, PermissionError):
+                pass
 
     def __enter__(self) -> Staging:
         return self
@@ -242,18 +254,19 @@ def iter_jsonl(path: Path, cfg: CorpusConfig, bad: BadLines) -> Iterator[Documen
                            obj[cfg.text_key])
 
 
-def local_files(spec: str) -> list[Path] | None:
-    """The files `--input` names when it is local: a file, a directory (its .txt/.jsonl files,
-    recursively, sorted), or several of those separated by commas. None when it is no path at all
-    (then it is taken as a Hugging Face dataset name)."""
+def local_files(spec: str) -> list[tuple[Path, str]] | None:
+    """(file, name) for each file `--input` names when it is local: a file (named by its file name),
+    a directory (its .txt/.jsonl files, recursively, sorted, named by their path inside it), or several
+    of those separated by commas. None when it is no path at all (a Hugging Face dataset name)."""
     parts = [p.strip() for p in spec.split(",") if p.strip()]
-    files: list[Path] = []
+    files: list[tuple[Path, str]] = []
     for part in parts:
         p = Path(part).expanduser()
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in LOCAL_SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in LOCAL_SUFFIXES)
+            files += [(f, str(f.relative_to(p))) for f in found]
         elif p.exists():
-            files.append(p)
+            files.append((p, p.name))
         elif len(parts) == 1 and not looks_like_path(part):
             return None
         else:
@@ -269,15 +282,15 @@ def looks_like_path(s: str) -> bool:
 class LocalSource:
     """Local .txt (one document per file) and .jsonl (one document per line) files, in order."""
 
-    def __init__(self, files: list[Path], cfg: CorpusConfig):
+    def __init__(self, files: list[tuple[Path, str]], cfg: CorpusConfig):
         self.files, self.cfg = files, cfg
 
     def documents(self, bad: BadLines) -> Iterator[Document]:
-        for path in self.files:
-            if path.suffix == ".jsonl":
+        for path, name in self.files:
+            if path.suffix in JSONL_SUFFIXES:
                 yield from iter_jsonl(path, self.cfg, bad)
             else:
-                yield Document(str(path), str(path), 1, read_text_file(path))
+                yield Document(name, str(path), 1, read_text_file(path))
 
 
 def load_hf_splits(cfg: CorpusConfig, num_proc: int) -> dict[str, Any]:
@@ -484,6 +497,8 @@ def prepare_corpus(cfg: CorpusConfig, name: str = "corpus") -> dict:
             bar.close()
             for w in writers.values():
                 w.close()
+        if len(documents) != n_docs:
+            raise UserError(f"{cfg.input} changed while being prepared; run again")
         sizes = {s: split_record(w.n_tokens, len(w.segments), len(w.segments)) for s, w in writers.items()}
         if not sizes["train"]["tokens"] or not sizes["val"]["tokens"]:
             raise UserError(f"the corpus {cfg.input} gave an empty train or val split; add documents")
@@ -498,6 +513,9 @@ def prepare_corpus(cfg: CorpusConfig, name: str = "corpus") -> dict:
         stage.commit()
     seconds = time.time() - t0
     total = sizes["train"]["tokens"] + sizes["val"]["tokens"]
+    if sizes["val"]["tokens"] <= 1024:
+        print(f"warning: val holds only {sizes['val']['tokens']} tokens, fewer than one GPT-2 block (1024 + 1); "
+              "for validation at that block_size raise --val_fraction", file=sys.stderr)
     print(f"{name}: {len(documents):,} documents ({sizes['val']['documents']} val), train "
           f"{sizes['train']['tokens']:,} tokens, val {sizes['val']['tokens']:,} tokens, vocab {tok.vocab_size} "
           f"-> {out_dir} ({seconds:.1f}s, {total / seconds:,.0f} tokens/s, {num_proc} proc)")

@@ -215,8 +215,9 @@ def test_directory_of_text_files(tmp_path):
     out = tmp_path / "out"
     prepare("corpus", f"--input={d}", f"--out_dir={out}", "--val_fraction=0.3", "--num_proc=1")
     docs = json.loads((out / "documents.json").read_text())
-    assert [doc["id"] for doc in docs] == [str(d / n) for n in texts]  # sorted, recursive
-    check_corpus_against_sources(out, {str(d / n): t for n, t in texts.items()}, "<|endoftext|>")
+    assert [doc["id"] for doc in docs] == list(texts)  # sorted, recursive, named inside the directory
+    assert [doc["source"] for doc in docs] == [str(d / n) for n in texts]
+    check_corpus_against_sources(out, texts, "<|endoftext|>")
 
 
 def test_parallel_output_identical_to_serial(tmp_path):
@@ -244,11 +245,15 @@ def test_split_is_deterministic_and_seeded(tmp_path):
     assert val_ids("s3", 1) != first
 
 
-def test_default_split_holds_out_at_least_one_document(tmp_path):
-    src = write_jsonl(tmp_path / "docs.jsonl", DOCS)
+def test_default_split_holds_out_at_least_one_document(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "docs.json", DOCS)  # a named .json file is JSON Lines too
+    stale = tmp_path / "o" / ".prepare-tmp-999999999"  # left by a killed run: its process is gone
+    stale.mkdir(parents=True)
     info = prepare("corpus", f"--input={src}", f"--out_dir={tmp_path / 'o'}", "--num_proc=1")
     docs = json.loads((tmp_path / "o" / "documents.json").read_text())
+    assert len(docs) == len(DOCS) and not stale.exists()
     assert sum(d["split"] == "val" for d in docs) == 1 and info["val_tokens"] > 0  # ceil(0.0005 * 20)
+    assert "warning: val holds only" in capsys.readouterr().err  # too small for a 1024-token block
 
 
 class FakeDataset:
