@@ -435,3 +435,23 @@ def test_bad_text_and_out_dir(tmp_path):
     blocker.write_text("not a directory")
     src = write_jsonl(tmp_path / "docs.jsonl", DOCS)
     expect_user_error(["corpus", f"--input={src}", f"--out_dir={blocker / 'sub'}"], "cannot write to")
+
+
+def test_tokenizing_streams_with_a_bounded_window():
+    """Workers get at most 2 x num_proc batches ahead of the writer: the input is read lazily, so
+    memory holds a few batches, never the corpus (Pool.imap would queue all of it)."""
+    from glassgpt.prepare import Document, tokenize_in_order
+
+    pulled = []
+
+    def batches():
+        for i in range(40):
+            pulled.append(i)
+            yield [("train", Document(f"d{i}", "mem", 1, f"batch {i} text\n" * 20))]
+
+    results = tokenize_in_order(batches(), ("gpt2", None), num_proc=2)
+    first = next(results)
+    assert first[1].id == "d0" and len(pulled) <= 2 * 2 + 2, len(pulled)
+    rest = list(results)
+    assert [d.id for _, d, _ in rest] == [f"d{i}" for i in range(1, 40)]  # in order
+    assert all(ids.dtype == np.uint16 and ids[-1] == 50256 for _, _, ids in [first, *rest])
