@@ -9,15 +9,16 @@ Stable API (shared by the span and kNN benchmarks and tests):
 
     plant_canaries(text, n, seed, repeats=1, limit=None) -> (new_text, canaries)
         canaries: [{"text", "char_offset", "char_offsets", "lines"}] -- offsets into new_text
-    prepare_canary_dataset(out_dir, n=32, seed=0, repeats=1) -> (data_dir, canaries)
-        tiny-shakespeare (from $GLASSGPT_MIRROR) + canaries in the training part, as a char dataset
+    prepare_canary_dataset(out_dir, n=32, seed=0, repeats=1, chars=None) -> (data_dir, canaries)
+        tiny-shakespeare (from $GLASSGPT_MIRROR; its first `chars` characters if given) + canaries in
+        the training part, as a char dataset
         in glassgpt/corpus.py's layout under out_dir/data, with out_dir/data/canaries.json
     train_canary_model(data_dir, out_dir, max_iters, **overrides) -> dict   (calls glassgpt.train)
     reproduced_canaries(canaries, text) -> [canary, ...] whose text occurs verbatim in `text`
 
 Run it to make a dataset (and optionally train on it):
 
-    python benchmarks/canaries.py --out_dir=/tmp/canary --n=32 --repeats=8 [--max_iters=2000]
+    python benchmarks/canaries.py --out_dir=/tmp/canary --n=32 --repeats=8 [--chars=150000 --max_iters=2000]
 """
 
 from __future__ import annotations
@@ -110,13 +111,16 @@ def write_char_dataset(data_dir: Path, text: str, doc_id: str, val_fraction: flo
     return data_dir
 
 
-def prepare_canary_dataset(out_dir: str | Path, n: int = 32, seed: int = 0,
-                           repeats: int = 1) -> tuple[Path, list[dict[str, Any]]]:
-    """tiny-shakespeare with `n` canaries (x `repeats`) planted in its training 90%, as a char dataset
-    in out_dir/data; the canaries are also written to out_dir/data/canaries.json."""
+def prepare_canary_dataset(out_dir: str | Path, n: int = 32, seed: int = 0, repeats: int = 1,
+                           chars: int | None = None) -> tuple[Path, list[dict[str, Any]]]:
+    """tiny-shakespeare (its first `chars` characters, cut at a line end, if given) with `n` canaries
+    (x `repeats`) planted in its training 90%, as a char dataset in out_dir/data; the canaries are also
+    written to out_dir/data/canaries.json. A small `chars` lets a CPU-trained model memorise them."""
     out_dir = Path(out_dir)
     src = local_or_fetch(TINYSHAKESPEARE, out_dir / "download")
     text = src.read_text()
+    if chars is not None:
+        text = text[:text.rfind("\n", 0, chars) + 1]
     # plant before the split point, measured on the original text, so every copy lands in train
     limit = int(len(text) * (1 - VAL_FRACTION)) - (n * repeats) * 80
     new_text, canaries = plant_canaries(text, n, seed, repeats=repeats, limit=limit)
@@ -160,9 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--chars", type=int, default=None, help="use only the first CHARS characters")
     p.add_argument("--max_iters", type=int, default=0, help="train a model for this many iterations (0: don't)")
     a = p.parse_args(argv)
-    data_dir, canaries = prepare_canary_dataset(a.out_dir, a.n, a.seed, a.repeats)
+    data_dir, canaries = prepare_canary_dataset(a.out_dir, a.n, a.seed, a.repeats, a.chars)
     print(f"{len(canaries)} canaries x{a.repeats} planted in {data_dir}; e.g. {canaries[0]['text']!r}")
     if a.max_iters:
         print(json.dumps(train_canary_model(data_dir, Path(a.out_dir) / "model", a.max_iters), default=str)[:500])

@@ -100,7 +100,7 @@ def fast_spans(index: S.SpanIndex, ids: list[int], first: int = 0, min_words: in
 
 def check_against_oracle(index: S.SpanIndex, ids: list[int], first: int = 0) -> list[tuple[int, int]]:
     docs = doc_strings(index.corpus)
-    ms = S.matching_statistics(index.arrays, ids, first)
+    ms, _ = S.matching_statistics(index.arrays, ids, first)
     want_ms = brute_ms(ids, docs)
     want_ms[:first] = [0] * first
     assert ms.tolist() == want_ms, f"matching statistics differ at {np.flatnonzero(ms != np.array(want_ms))[:5]}"
@@ -348,3 +348,14 @@ def test_cli_generates_from_checkpoint(tmp_path, char_dataset, char_checkpoint, 
         assert s["count"] == len(brute_count(corpus, corpus.tokenizer.encode(s["text"]))) >= 1, s
     assert run_main(S.main, [f"--out_dir={char_checkpoint}", "--max_new_tokens=0"]) == 2
     assert "nothing to trace" in capsys.readouterr().err
+
+
+def test_sa_range_near_equals_full_search(random_index):
+    index, docs, rng = random_index
+    ids = index.tokenizer.encode("".join(docs))
+    seqs = [ids[i:i + L] for i in range(0, len(ids) - 10, 3) for L in (1, 2, 3, 6)]
+    lo, hi = S.sa_range(index.arrays, seqs)
+    anchors = np.array([rng.randint(l, h) for l, h in zip(lo, hi)])  # anywhere in [lo, hi]
+    lo2, hi2 = S.sa_range_near(index.arrays, seqs, anchors)
+    assert lo2.tolist() == lo.tolist() and hi2.tolist() == hi.tolist()
+    assert max(hi - lo) > 20  # some ranges are wide enough to gallop

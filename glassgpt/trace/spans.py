@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from glassgpt.config import load_config
-from glassgpt.corpus import Corpus, Location, atomic_write_bytes, write_json
+from glassgpt.corpus import Corpus, atomic_write_bytes, write_json
 from glassgpt.download import sha256_file
 from glassgpt.errors import UserError
 
@@ -63,17 +63,15 @@ class SpanArrays:
     sa: np.ndarray  # int32/int64: suffix array of `text`
     seps: np.ndarray  # int64: positions of the separators in `text` (sorted)
     unigram: np.ndarray  # int64: count of each token id in the split
-    newlines: np.ndarray  # int64: split positions of tokens holding '\n', once per '\n' (for line numbers)
     separator: int
 
 
 def build_span_arrays(tokens: np.ndarray, segments: np.ndarray, separator: int,
-                      newline_counts: np.ndarray | None = None, eot: int | None = None) -> SpanArrays:
+                      eot: int | None = None) -> SpanArrays:
     """Suffix array over `tokens` with `separator` after each segment [tok_start, tok_end).
 
     `separator` must exceed every token id a query may hold (we use the vocabulary size), so it never
     matches. `eot` (GPT-2's <|endoftext|>) is replaced by the separator too: it joins documents.
-    `newline_counts[id]` = number of '\\n' in token `id` (None: no line bookkeeping).
     """
     from pydivsufsort import divsufsort
 
@@ -97,13 +95,7 @@ def build_span_arrays(tokens: np.ndarray, segments: np.ndarray, separator: int,
     sa = np.asarray(divsufsort(text))
     sa = sa.astype(np.int32 if len(text) < 2**31 else np.int64, copy=False)
     unigram = np.bincount(tokens, minlength=separator).astype(np.int64)
-    if newline_counts is not None and tokens.size:
-        per_token = np.asarray(newline_counts)[tokens]
-        newlines = np.repeat(np.flatnonzero(per_token), per_token[per_token > 0])
-    else:
-        newlines = np.zeros(0, dtype=np.int64)
-    return SpanArrays(text=text, sa=sa, seps=seps.astype(np.int64), unigram=unigram,
-                      newlines=newlines.astype(np.int64), separator=int(separator))
+    return SpanArrays(text=text, sa=sa, seps=seps.astype(np.int64), unigram=unigram, separator=int(separator))
 
 
 def _compare(text: np.ndarray, starts: np.ndarray, queries: np.ndarray, rows: np.ndarray,
@@ -139,15 +131,17 @@ def _compare(text: np.ndarray, starts: np.ndarray, queries: np.ndarray, rows: np
     return sign, lcp
 
 
-def sa_bound(text: np.ndarray, sa: np.ndarray, queries: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+def sa_bound(text: np.ndarray, sa: np.ndarray, queries: np.ndarray, rows: np.ndarray | None = None,
+             lo: np.ndarray | None = None, hi: np.ndarray | None = None) -> np.ndarray:
     """For each query row, the first suffix-array index whose suffix sorts after the padded query.
 
     With PAD_LOW padding that is the lower bound of the query's occurrences, with PAD_HIGH the upper
-    bound. All rows advance together: ~log2(len(sa)) vectorised rounds.
+    bound. All rows advance together: ~log2(hi - lo) vectorised rounds, searching [lo, hi] (default
+    the whole array; the answer must lie in it).
     """
     rows = np.arange(len(queries)) if rows is None else rows
-    lo = np.zeros(len(rows), dtype=np.int64)
-    hi = np.full(len(rows), len(sa), dtype=np.int64)
+    lo = np.zeros(len(rows), dtype=np.int64) if lo is None else np.array(lo, dtype=np.int64)
+    hi = np.full(len(rows), len(sa), dtype=np.int64) if hi is None else np.array(hi, dtype=np.int64)
     last = len(text) - 1
     while True:
         act = np.flatnonzero(lo < hi)
@@ -181,8 +175,41 @@ def sa_range(arrays: SpanArrays, seqs: Sequence[Sequence[int]]) -> tuple[np.ndar
     return lo, hi
 
 
-def matching_statistics(arrays: SpanArrays, ids: Sequence[int], first: int = 0) -> np.ndarray:
-    """ms[i] = length of the longest prefix of ids[i:] that occurs in the index (0 for i < first).
+def sa_range_near(arrays: SpanArrays, seqs: Sequence[Sequence[int]], anchors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sa_range, given for each sequence an `anchor` index inside or at the edge of its range (the
+    insertion point of any longer query it prefixes, as `matching_statistics` returns). Gallops out from
+    the anchor, then binary-searches: ~2 log2(count) rounds instead of 2 log2(len(sa))."""
+    low = pad_queries(seqs, PAD_LOW, arrays.separator)
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    rows = np.arange(len(seqs))
+    anchors = np.asarray(anchors, dtype=np.int64)
+    n, last = len(arrays.sa), len(arrays.text) - 1
+
+    def gallop(direction: int) -> np.ndarray:
+        """Per row, the first step 2^k whose probe anchor + direction * step (- 1 going up) lacks the prefix."""
+        step = np.ones(len(seqs), dtype=np.int64)
+        todo = rows
+        while todo.size:
+            j = anchors[todo] + (step[todo] - 1 if direction > 0 else -step[todo])
+            inside = (j >= 0) & (j < n)
+            has = np.zeros(len(todo), dtype=bool)
+            if inside.any():
+                _, lcp = _compare(arrays.text, arrays.sa[j[inside]].astype(np.int64), low, todo[inside], last)
+                has[inside] = lcp >= lengths[todo[inside]]
+            step[todo[has]] *= 2
+            todo = todo[has]
+        return step
+
+    down, up = gallop(-1), gallop(+1)
+    lo = sa_bound(arrays.text, arrays.sa, low, rows, np.maximum(anchors - down, 0), anchors - down // 2)
+    high = pad_queries(seqs, PAD_HIGH, arrays.separator)
+    hi = sa_bound(arrays.text, arrays.sa, high, rows, anchors + up // 2, np.minimum(anchors + up - 1, n))
+    return lo, hi
+
+
+def matching_statistics(arrays: SpanArrays, ids: Sequence[int], first: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(ms, lb): ms[i] = length of the longest prefix of ids[i:] that occurs in the index, lb[i] = the
+    suffix-array index where ids[i:] would be inserted (both 0 for i < first).
 
     One vectorised binary search for all suffixes of `ids`; the longest match of a query is shared with
     one of the two suffixes next to its insertion point.
@@ -190,8 +217,9 @@ def matching_statistics(arrays: SpanArrays, ids: Sequence[int], first: int = 0) 
     ids = np.asarray(ids, dtype=np.int64)
     n = len(ids)
     ms = np.zeros(n, dtype=np.int64)
+    lbs = np.zeros(n, dtype=np.int64)
     if n - first <= 0 or len(arrays.sa) == 0:
-        return ms
+        return ms, lbs
     padded = np.full(2 * n + 1, PAD_LOW, dtype=np.int64)
     padded[:n] = np.where(ids >= arrays.separator, NO_MATCH, ids)
     queries = np.lib.stride_tricks.sliding_window_view(padded, n + 1)[:n]  # row i = ids[i:] + pads
@@ -203,8 +231,8 @@ def matching_statistics(arrays: SpanArrays, ids: Sequence[int], first: int = 0) 
         ok = (neighbour >= 0) & (neighbour < len(arrays.sa))
         _, lcp = _compare(arrays.text, arrays.sa[neighbour[ok]].astype(np.int64), queries, rows[ok], last)
         best[ok] = np.maximum(best[ok], lcp)
-    ms[first:] = best
-    return ms
+    ms[first:], lbs[first:] = best, lb
+    return ms, lbs
 
 
 def to_split_positions(arrays: SpanArrays, text_positions: np.ndarray) -> np.ndarray:
@@ -300,15 +328,6 @@ def build_command(data_dir: Path, index_dir: Path | None = None) -> str:
     return f"glassgpt trace-spans --build --data_dir={data_dir}{extra}"
 
 
-def newline_counts(corpus: Corpus, vocab: int) -> np.ndarray:
-    """Number of '\\n' characters in each token id (decoded alone)."""
-    tok = corpus.tokenizer
-    if getattr(tok, "name", "") == "gpt2":
-        return np.array([tok.token_bytes(i).count(b"\n") for i in range(vocab)], dtype=np.int64)
-    return np.array([tok.decode([i]).count("\n") if i in getattr(tok, "itos", {i: 0}) else 0
-                     for i in range(vocab)], dtype=np.int64)
-
-
 def write_span_index(data_dir: str | Path, index_dir: str | Path | None = None, split: str = "train",
                      log=print) -> Path:
     """Build the span index of a prepared dataset's split and write it with its JSON sidecar."""
@@ -321,13 +340,12 @@ def write_span_index(data_dir: str | Path, index_dir: str | Path | None = None, 
     vocab = int(corpus.meta.get("vocab_size") or corpus.tokenizer.vocab_size)
     eot = getattr(corpus.tokenizer, "eot_token", None)
     log(f"building span index of {data_dir}/{split}.bin ({len(tokens):,} tokens) in {index_dir} ...")
-    arrays = build_span_arrays(tokens, corpus.segments(split), separator=vocab,
-                               newline_counts=newline_counts(corpus, vocab), eot=eot)
+    arrays = build_span_arrays(tokens, corpus.segments(split), separator=vocab, eot=eot)
     build_s = time.perf_counter() - t0
     index_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(index_dir / f"{split}.tokens.bin", arrays.text.tobytes())
     atomic_write_bytes(index_dir / f"{split}.sa.bin", arrays.sa.tobytes())
-    for name in ("seps", "unigram", "newlines"):
+    for name in ("seps", "unigram"):
         tmp = index_dir / f".{split}.{name}.tmp.npy"
         np.save(tmp, getattr(arrays, name))
         os.replace(tmp, index_dir / f"{split}.{name}.npy")
@@ -389,19 +407,20 @@ class SpanIndex:
             check_fingerprint(self.data_dir, self.meta["data_files"], split, self.index_dir)
         self.corpus = Corpus(self.data_dir)
         d, s = self.index_dir, split
+        # memory-mapped; viewed as plain ndarrays because np.memmap's per-index bookkeeping costs
+        # more than the binary search itself
         self.arrays = SpanArrays(
-            text=np.memmap(d / f"{s}.tokens.bin", dtype=np.uint16, mode="r"),
-            sa=np.memmap(d / f"{s}.sa.bin", dtype=self.meta["sa_dtype"], mode="r"),
-            seps=np.load(d / f"{s}.seps.npy", mmap_mode="r"),
+            text=np.memmap(d / f"{s}.tokens.bin", dtype=np.uint16, mode="r").view(np.ndarray),
+            sa=np.memmap(d / f"{s}.sa.bin", dtype=self.meta["sa_dtype"], mode="r").view(np.ndarray),
+            seps=np.load(d / f"{s}.seps.npy", mmap_mode="r").view(np.ndarray),
             unigram=np.load(d / f"{s}.unigram.npy"),
-            newlines=np.load(d / f"{s}.newlines.npy", mmap_mode="r"),
             separator=int(self.meta["separator"]),
         )
         total = max(int(self.arrays.unigram.sum()), 1)
         # unigram log-probabilities; +1 keeps unseen ids finite (they are never inside a span anyway)
         self.logp = np.log((self.arrays.unigram + 1) / (total + len(self.arrays.unigram)))
         self.segments = self.corpus.segments(split)
-        self.is_char = self.corpus.meta.get("tokenizer") == "char" or "stoi" in self.corpus.meta
+        self.is_char = getattr(self.tokenizer, "name", "") == "char"
 
     @property
     def tokenizer(self):
@@ -423,21 +442,10 @@ class SpanIndex:
         pos = self.positions(int(lo[0]), int(hi[0]), k)
         return int(hi[0] - lo[0]), [self.source(int(p), len(seq), context) for p in pos]
 
-    def location(self, pos: int, length: int) -> Location:
-        """Corpus.locate, done by arithmetic for char data (no decoding from the segment start)."""
-        if not self.is_char:
-            return self.corpus.locate(self.split, pos, pos + length)
-        i = int(np.searchsorted(self.segments[:, 1], pos, side="right")) - 1
-        doc, seg_start, _, char_start, line_start = (int(v) for v in self.segments[i])
-        nl = self.arrays.newlines
-        lines_before = int(np.searchsorted(nl, pos) - np.searchsorted(nl, seg_start))
-        d = self.corpus.documents[doc]
-        return Location(split=self.split, doc=doc, doc_id=str(d["id"]), source=str(d.get("source", "")),
-                        token_start=pos, token_end=pos + length, char_offset=char_start + pos - seg_start,
-                        line=line_start + lines_before, text=self.corpus.decode(self.split, pos, pos + length))
-
     def source(self, pos: int, length: int, context: int) -> dict[str, Any]:
-        loc = self.location(pos, length).to_dict()
+        """Corpus.locate's document, offsets, line and text (fast for char data: no prefix decoding),
+        plus `context` tokens each side within the segment."""
+        loc = self.corpus.locate(self.split, pos, pos + length).to_dict()
         i = int(np.searchsorted(self.segments[:, 1], pos, side="right")) - 1
         seg_start, seg_end = int(self.segments[i, 1]), int(self.segments[i, 2])
         loc["context_before"] = self.corpus.decode(self.split, max(seg_start, pos - context), pos)
@@ -458,6 +466,7 @@ class Span:
     count: int = 0
     logprob: float = 0.0  # sum of unigram log-probabilities: lower = rarer
     sources: list[dict] = field(default_factory=list)
+    sa_lo: int = 0  # its occurrences: suffix-array entries [sa_lo, sa_lo + count)
 
 
 @dataclass
@@ -520,7 +529,7 @@ def find_spans(index: SpanIndex, ids: Sequence[int], text: str, offsets: Sequenc
                min_len: int = 1, min_words: int = 1) -> list[Span]:
     """All maximal self-contained spans of ids[first:] found in the index, >= min_len tokens and
     >= min_words words, with their occurrence counts and rarity (no sources yet)."""
-    ms = matching_statistics(index.arrays, ids, first)
+    ms, lb = matching_statistics(index.arrays, ids, first)
     start_ok, end_ok, breaks = token_rules(text, offsets)
     spans = []
     for a, e in maximal_spans(ms, start_ok, end_ok, breaks, first):
@@ -528,9 +537,9 @@ def find_spans(index: SpanIndex, ids: Sequence[int], text: str, offsets: Sequenc
         if e - a >= min_len and count_words(text[ca:cb]) >= min_words:
             spans.append(Span(a, e, ca, cb, text[ca:cb], logprob=float(index.logp[np.asarray(ids[a:e])].sum())))
     if spans:
-        lo, hi = sa_range(index.arrays, [list(ids[s.start:s.end]) for s in spans])
+        lo, hi = sa_range_near(index.arrays, [list(ids[s.start:s.end]) for s in spans], lb[[s.start for s in spans]])
         for s, l, h in zip(spans, lo, hi):
-            s.count, s._range = int(h - l), (int(l), int(h))  # type: ignore[attr-defined]
+            s.sa_lo, s.count = int(l), int(h - l)
     return spans
 
 
@@ -559,10 +568,8 @@ def trace_text(index: SpanIndex, ids: Sequence[int], prompt_len: int = 0, includ
     spans = [s for s in found if s.end - s.start >= min_len]
     keep = select_spans(spans, n, density)
     for s in keep:
-        lo, hi = s._range  # type: ignore[attr-defined]
-        s.sources = [index.source(int(p), s.end - s.start, context) for p in index.positions(lo, hi, max_sources)]
-    for s in found:
-        s.__dict__.pop("_range", None)
+        pos = index.positions(s.sa_lo, s.sa_lo + s.count, max_sources)
+        s.sources = [index.source(int(p), s.end - s.start, context) for p in pos]
     return Trace(text=text, generation_start=offsets[prompt_len], spans=keep,
                  highlights=merge_ranges([(s.char_start, s.char_end) for s in keep]),
                  coverage=float(covered[first:].mean()), coverage_n=coverage_n, n_maximal=len(spans),
