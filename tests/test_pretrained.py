@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from glassgpt.checkpoint import save_checkpoint
 from glassgpt.cli import main as cli_main
 from glassgpt.errors import UserError
+from glassgpt.generate import generate
 from glassgpt.model import GPT, GPTConfig
 from glassgpt.pretrained import PRETRAINED_NAMES, check_vocab, export_hf, from_pretrained
 
@@ -84,9 +85,11 @@ def test_greedy_generation_matches_transformers(tmp_path, shape):
     with torch.no_grad():
         ref = hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
                           attention_mask=torch.ones_like(prompt))
-    ours = model.generate(prompt, max_new_tokens=new, temperature=0)
+    ours = model.generate(prompt, max_new_tokens=new, temperature=0)  # full recompute per token
     print(f"greedy {shape}: {ours[0, prompt.size(1):].tolist()}")
     assert ours.tolist() == ref.tolist()
+    engine = generate(model, prompt.tolist(), new, temperature=0)  # glassgpt's KV-cache engine
+    assert engine == ref[:, prompt.size(1):].tolist()
     if shape == SHAPES[0]:
         assert new == 20
 
@@ -238,3 +241,58 @@ def test_check_vocab():
     check_vocab(65, char_meta, model_tokenizer=char_meta)
     with pytest.raises(UserError, match="different char vocabulary"):
         check_vocab(65, char_meta, model_tokenizer={**char_meta, "stoi": {"b": 0}})
+
+
+def make_bpe_dataset(data_dir: Path, text: str) -> Path:
+    """A GPT-2 BPE dataset (train.bin/val.bin uint16 + meta.json) like data/shakespeare's."""
+    from glassgpt.tokenizer import GPT2Tokenizer
+
+    data_dir.mkdir(parents=True)
+    ids = GPT2Tokenizer().encode(text)
+    n = int(0.9 * len(ids))
+    np.array(ids[:n], dtype=np.uint16).tofile(data_dir / "train.bin")
+    np.array(ids[n:], dtype=np.uint16).tofile(data_dir / "val.bin")
+    (data_dir / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": 50256}))
+    return data_dir
+
+
+def test_finetune_from_hf_dir_and_sample_bpe(tmp_path, mirror):
+    """config/finetune_shakespeare.py from a tiny local HF GPT-2 for 3 steps, then decode a BPE sample."""
+    from glassgpt.runtime import load_for_inference
+    from glassgpt.train import main as train_main
+    from tests.conftest import TINY_TEXT
+
+    repo = Path(__file__).resolve().parents[1]
+    hf_dir = save_hf(make_hf_model(2, 2, 32, 64, 50257, "gelu_new"), tmp_path / "tiny_gpt2")
+    data = make_bpe_dataset(tmp_path / "data" / "shakespeare", TINY_TEXT)
+    out = tmp_path / "out-shakespeare"
+    res = train_main([str(repo / "config/finetune_shakespeare.py"), f"--init_from={hf_dir}", f"--data_dir={data}",
+                      f"--out_dir={out}", "--device=cpu", "--compile=False", "--max_iters=3", "--eval_iters=2",
+                      "--batch_size=2", "--gradient_accumulation_steps=2", "--block_size=32",
+                      "--learning_rate=3e-3", "--always_save_checkpoint=True", "--plot=False"])
+    evals = [r for r in res["log"] if "val_loss" in r]
+    print(f"finetune val loss {evals[0]['val_loss']:.3f} -> {evals[-1]['val_loss']:.3f}")
+    assert res["iter_num"] == 3 and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    model, tok, ckpt = load_for_inference(out)
+    assert ckpt["model_args"]["activation"] == "gelu_new" and ckpt["model_args"]["block_size"] == 32
+    assert tok.name == "gpt2" and model.config.vocab_size == 50257
+    prompt = tok.encode("First Citizen:")
+    new = generate(model, [prompt], 12, temperature=1.0, top_k=50, seed=0)[0]
+    text = tok.decode(prompt + new)
+    print(repr(text))
+    assert text.startswith("First Citizen:") and len(new) == 12 and isinstance(text, str)
+
+
+def test_eval_only_prints_pretrained_losses(tmp_path, mirror, capsys):
+    """config/eval_gpt2.py's path (eval_only) with a local HF directory in place of OpenAI's gpt2."""
+    from glassgpt.train import main as train_main
+    from tests.conftest import TINY_TEXT
+
+    repo = Path(__file__).resolve().parents[1]
+    hf_dir = save_hf(make_hf_model(2, 2, 32, 64, 50257, "gelu_new"), tmp_path / "tiny_gpt2")
+    data = make_bpe_dataset(tmp_path / "data" / "owt", TINY_TEXT)
+    res = train_main([str(repo / "config/eval_gpt2.py"), f"--init_from={hf_dir}", f"--data_dir={data}",
+                      f"--out_dir={tmp_path / 'o'}", "--device=cpu", "--compile=False", "--eval_iters=2",
+                      "--batch_size=2", "--block_size=32", "--plot=False"])
+    assert res["iter_num"] == 0 and set(res["last_eval"]) == {"train", "val"}
+    assert "step 0: train loss" in capsys.readouterr().out
