@@ -98,35 +98,37 @@ def build_span_arrays(tokens: np.ndarray, segments: np.ndarray, separator: int,
     return SpanArrays(text=text, sa=sa, seps=seps.astype(np.int64), unigram=unigram, separator=int(separator))
 
 
-def _compare(text: np.ndarray, starts: np.ndarray, queries: np.ndarray, rows: np.ndarray,
-             last: int) -> tuple[np.ndarray, np.ndarray]:
+def _compare(text: np.ndarray, starts: np.ndarray, queries: np.ndarray, rows: np.ndarray, last: int,
+             skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Compare query rows `queries[rows]` with the suffixes of `text` at `starts`.
 
-    Returns (sign of query - suffix at the first difference, length of the common prefix). Every query
-    row ends in a pad value no text token equals, so every row is decided. Columns are read in chunks
-    of doubling width: most comparisons end in the first few tokens, long matches cost log(length)
-    rounds.
+    Returns (sign of query - suffix at the first difference, length of the common prefix). The first
+    `skip[r]` tokens of row r are known to match and are not read again. Every query row ends in a pad
+    value no text token equals, so every row is decided. Columns are read in chunks of doubling
+    width: most comparisons end in the first few tokens, long matches cost log(length) rounds.
     """
     n_rows, width = len(rows), queries.shape[1]
     sign = np.zeros(n_rows, dtype=np.int8)
     lcp = np.zeros(n_rows, dtype=np.int64)
+    base = np.zeros(n_rows, dtype=np.int64) if skip is None else np.asarray(skip, dtype=np.int64)
     todo = np.arange(n_rows)
     c0, chunk = 0, 8
     while todo.size:
-        c1 = min(c0 + chunk, width)
-        idx = starts[todo, None] + np.arange(c0, c1)
+        cols = base[todo, None] + np.arange(c0, c0 + chunk)
+        np.minimum(cols, width - 1, out=cols)  # the last column is a pad for every row
+        idx = starts[todo, None] + cols
         np.minimum(idx, last, out=idx)  # past the end reads the final separator
         s = text[idx]
-        q = queries[rows[todo], c0:c1]
+        q = queries[rows[todo, None], cols]
         neq = q != s
         hit = neq.any(axis=1)
         first = neq.argmax(axis=1)[hit]
         done = todo[hit]
-        lcp[done] = c0 + first
+        lcp[done] = cols[hit, first]
         sign[done] = np.where(q[hit, first] < s[hit, first], -1, 1)
         todo = todo[~hit]
-        c0, chunk = c1, chunk * 2
-        if c0 >= width and todo.size:
+        c0, chunk = c0 + chunk, chunk * 2
+        if c0 > width and todo.size:
             raise AssertionError("query rows must end in a pad column")
     return sign, lcp
 
@@ -137,21 +139,26 @@ def sa_bound(text: np.ndarray, sa: np.ndarray, queries: np.ndarray, rows: np.nda
 
     With PAD_LOW padding that is the lower bound of the query's occurrences, with PAD_HIGH the upper
     bound. All rows advance together: ~log2(hi - lo) vectorised rounds, searching [lo, hi] (default
-    the whole array; the answer must lie in it).
+    the whole array; the answer must lie in it). Each round skips the min(lcp with the suffix below lo,
+    lcp with the suffix at hi) tokens every suffix in between shares with the query (Manber & Myers
+    1993), so a long match is read about once rather than once per round.
     """
     rows = np.arange(len(queries)) if rows is None else rows
     lo = np.zeros(len(rows), dtype=np.int64) if lo is None else np.array(lo, dtype=np.int64)
     hi = np.full(len(rows), len(sa), dtype=np.int64) if hi is None else np.array(hi, dtype=np.int64)
+    lcp_lo = np.zeros(len(rows), dtype=np.int64)  # lcp(query, suffix at lo - 1), 0 when unknown
+    lcp_hi = np.zeros(len(rows), dtype=np.int64)  # lcp(query, suffix at hi), 0 when unknown
     last = len(text) - 1
     while True:
         act = np.flatnonzero(lo < hi)
         if not act.size:
             return lo
         mid = (lo[act] + hi[act]) // 2
-        sign, _ = _compare(text, sa[mid].astype(np.int64), queries, rows[act], last)
+        skip = np.minimum(lcp_lo[act], lcp_hi[act])
+        sign, lcp = _compare(text, sa[mid].astype(np.int64), queries, rows[act], last, skip)
         after = sign > 0  # query sorts after the suffix: the bound is to the right
-        lo[act[after]] = mid[after] + 1
-        hi[act[~after]] = mid[~after]
+        lo[act[after]], lcp_lo[act[after]] = mid[after] + 1, lcp[after]
+        hi[act[~after]], lcp_hi[act[~after]] = mid[~after], lcp[~after]
 
 
 def pad_queries(seqs: Sequence[Sequence[int]], pad: int, separator: int) -> np.ndarray:

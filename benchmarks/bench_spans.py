@@ -1,0 +1,257 @@
+"""Span index benchmarks: build time, spans of a 500-character generation, infini-gram side by side,
+scaling 1 MB -> 100 MB of tokens, and canary recall of a trained model.
+
+    python benchmarks/bench_spans.py                    # build + query on tiny-shakespeare (+ infini-gram if installed)
+    python benchmarks/bench_spans.py --scale            # + build/query at 1, 10, 100 MB of GPT-2 tokens
+    python benchmarks/bench_spans.py --canary_dir=/tmp/canary_bench   # + recall on a canary model
+                                                        # (benchmarks/canaries.py trains one)
+
+Prints a markdown section for benchmarks/RESULTS.md. Timings are wall-clock, best and median of
+repeats; the machine is shared, so note `uptime` next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from canaries import write_char_dataset  # noqa: E402
+from glassgpt.corpus import write_json, write_segments  # noqa: E402
+from glassgpt.download import TINYSHAKESPEARE, local_or_fetch  # noqa: E402
+from glassgpt.trace import spans as S  # noqa: E402
+
+MIRROR = Path(os.environ.setdefault("GLASSGPT_MIRROR", str(REPO.parent / "shared" / "data")))
+
+
+def timed(fn, repeats: int) -> tuple[float, float, object]:
+    """(best ms, median ms, last result)."""
+    times, out = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return min(times), statistics.median(times), out
+
+
+def sample_generations(text: str, seed: int = 0) -> dict[str, str]:
+    """500-character texts: verbatim (worst case: every position matches far), a patchwork of corpus
+    pieces (what a char model writes), and random letters (nothing matches)."""
+    rng = random.Random(seed)
+    patch = ""
+    while len(patch) < 500:
+        i = rng.randrange(len(text) - 100)
+        patch += text[i:i + rng.randint(5, 60)]
+    return {"verbatim": text[5000:5500], "patchwork": patch[:500],
+            "random": "".join(rng.choice("abcdefghij \n") for _ in range(500))}
+
+
+# ---------------------------------------------------------------- infini-gram, built from the same tokens
+
+
+def build_infini_gram(tokens: np.ndarray, segments: np.ndarray, save_dir: Path) -> float:
+    """infini-gram's own on-disk format (tokenized.0 = 0xff separator + u8 tokens per document,
+    offset.0) and its Rust suffix-array builder; returns the build seconds."""
+    import infini_gram
+
+    save_dir.mkdir(parents=True, exist_ok=True)
+    data, offsets, pos = bytearray(), [], 0
+    for _, s, e, _, _ in segments:
+        offsets.append(pos)
+        chunk = b"\xff" + np.asarray(tokens[s:e], dtype=np.uint8).tobytes()
+        data += chunk
+        pos += len(chunk)
+    (save_dir / "tokenized.0").write_bytes(bytes(data))
+    (save_dir / "offset.0").write_bytes(np.array(offsets, dtype=np.uint64).tobytes())
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "infini_gram.indexing", "--data_dir", str(save_dir), "--save_dir",
+                    str(save_dir), "--token_dtype", "u8", "--cpus", "2", "--mem", "4",
+                    "--ulimit", str(resource.getrlimit(resource.RLIMIT_NOFILE)[1])],
+                   check=True, capture_output=True, cwd=Path(infini_gram.__file__).parent)
+    return time.perf_counter() - t
+
+
+def bench_tiny_shakespeare(work: Path, repeats: int) -> list[str]:
+    text = local_or_fetch(TINYSHAKESPEARE, work / "download").read_text()
+    data_dir = write_char_dataset(work / "ts_char", text, "tinyshakespeare")
+    lines = ["| what | best | median | notes |", "|---|---|---|---|"]
+    best, med, _ = timed(lambda: S.write_span_index(data_dir, log=lambda m: None), repeats)
+    n_tok = len(np.fromfile(data_dir / "train.bin", dtype=np.uint16))
+    lines.append(f"| index build, tiny-shakespeare char ({n_tok:,} tokens), incl. writing files | "
+                 f"{best:.0f} ms | {med:.0f} ms | pydivsufsort, 1 byte/token |")
+    index = S.SpanIndex(data_dir)
+    best, med, _ = timed(lambda: S.SpanIndex(data_dir), repeats)
+    lines.append(f"| open index (fingerprint check: sha256 of train.bin + mmap) | {best:.1f} ms | {med:.1f} ms | |")
+    gens = sample_generations(text)
+    for name, g in gens.items():
+        ids, t, offs = S.encode_text(index, g)
+        S.trace_text(index, ids, min_len=12, text=t, offsets=offs)  # warm caches (Corpus newline table)
+        best, med, tr = timed(lambda: S.trace_text(index, ids, min_len=12, text=t, offsets=offs), repeats * 5)
+        lines.append(f"| spans of a 500-char text, {name} (all steps: spans, counts, 10 sources each, coverage) | "
+                     f"{best:.1f} ms | {med:.1f} ms | {len(tr.spans)} spans kept of {tr.n_maximal}, "
+                     f"coverage {tr.coverage:.0%} |")
+    try:
+        import infini_gram  # noqa: F401
+        from infini_gram.engine import InfiniGramEngine
+    except ImportError:
+        lines.append("| infini-gram | - | - | not installed (`pip install infini-gram`) |")
+        return lines
+    from glassgpt.corpus import Corpus
+
+    corpus = Corpus(data_dir)
+    ig_dir = work / "ts_infini_gram"
+    build_s = build_infini_gram(np.asarray(corpus.tokens("train")), corpus.segments("train"), ig_dir)
+    lines.append(f"| infini-gram index build, same tokens (u8) | {build_s * 1e3:.0f} ms | | Rust indexer, "
+                 "2 cpus, incl. its process start |")
+    tok = index.tokenizer
+    engine = InfiniGramEngine(index_dir=str(ig_dir), eos_token_id=254, vocab_size=255, token_dtype="u8")
+    delims = [tok.stoi[c] for c in "\n.!?" if c in tok.stoi]
+    for name, g in gens.items():
+        ids = tok.encode(g)
+        best, med, r = timed(lambda: engine.attribute(input_ids=ids, delim_ids=delims, min_len=12, max_cnt=10,
+                                                      enforce_bow=False), repeats * 5)
+        lines.append(f"| infini-gram attribute(), {name} (spans + counts, no sources decoded) | {best:.1f} ms | "
+                     f"{med:.1f} ms | {len(r['spans'])} spans |")
+    return lines
+
+
+# ---------------------------------------------------------------- scaling 1 MB -> 100 MB
+
+
+SCALE_CHILD = r"""
+import json, resource, sys, time, numpy as np
+sys.path.insert(0, {repo!r})
+from glassgpt.trace import spans as S
+toks = np.load({path!r}, mmap_mode="r")[:{n}]
+seg = np.array([[0, 0, len(toks), 0, 1]])
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter(); a = S.build_span_arrays(np.asarray(toks), seg, separator=50257); build = time.perf_counter() - t
+rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rng = np.random.default_rng(0)
+times = []
+for r in range(10):
+    i = int(rng.integers(0, len(toks) - 200))
+    q = np.concatenate([toks[i:i + 60], rng.integers(0, 50257, 20), toks[i + 500:i + 620]])  # ~200 tokens, 500 chars-ish
+    t = time.perf_counter(); S.matching_statistics(a, q); times.append(time.perf_counter() - t)
+print(json.dumps({{"n": len(toks), "build_s": build, "peak_rss_mb": rss1 / 1024, "rss_before_mb": rss0 / 1024,
+                  "index_bytes": a.text.nbytes + a.sa.nbytes, "ms_query_ms": 1e3 * min(times),
+                  "ms_query_med_ms": 1e3 * sorted(times)[5]}}))
+"""
+
+
+def scale_tokens(work: Path, max_tokens: int) -> Path:
+    """GPT-2 tokens of the english corpus (SOTU + Moby-Dick), extended to max_tokens by copies whose ids
+    go through a fresh random permutation each: real text statistics, no cross-copy repeats."""
+    import tiktoken  # noqa: F401
+
+    from glassgpt.tokenizer import GPT2Tokenizer
+
+    path = work / "scale_tokens.npy"
+    if path.exists() and len(np.load(path, mmap_mode="r")) >= max_tokens:
+        return path
+    tok = GPT2Tokenizer(MIRROR / "gpt2")
+    docs = [json.loads(line)["text"] for line in (MIRROR / "english" / "sotu_mobydick.jsonl").open()]
+    base = np.concatenate([np.array(ids, dtype=np.uint16) for ids in tok.enc.encode_ordinary_batch(docs, num_threads=2)])
+    rng = np.random.default_rng(0)
+    parts, total = [base], len(base)
+    while total < max_tokens:
+        parts.append(rng.permutation(50257).astype(np.uint16)[base])
+        total += len(base)
+    np.save(path, np.concatenate(parts)[:max_tokens])
+    return path
+
+
+def bench_scale(work: Path, sizes_mb: list[int]) -> list[str]:
+    path = scale_tokens(work, max(sizes_mb) * (1 << 20) // 2)
+    lines = ["| token stream | tokens | build | peak RSS | index on disk | matching statistics, 200 tokens (best / median) |",
+             "|---|---|---|---|---|---|"]
+    for mb in sizes_mb:
+        n = mb * (1 << 20) // 2
+        out = subprocess.run([sys.executable, "-c", SCALE_CHILD.format(repo=str(REPO), path=str(path), n=n)],
+                             check=True, capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        lines.append(f"| {mb} MB | {r['n']:,} | {r['build_s']:.2f} s | {r['peak_rss_mb']:.0f} MB | "
+                     f"{r['index_bytes'] / 2**20:.0f} MB | {r['ms_query_ms']:.1f} / {r['ms_query_med_ms']:.1f} ms |")
+    return lines
+
+
+# ---------------------------------------------------------------- canary recall with a trained model
+
+
+def bench_canaries(canary_dir: Path, max_new_tokens: int) -> list[str]:
+    """Prompt the model with each canary's first word, greedy-decode, and check every canary it
+    reproduces is traced to all its planted locations (recall must be 1.0)."""
+    import torch
+
+    from glassgpt.generate import complete
+    from glassgpt.runtime import load_for_inference
+
+    data_dir = canary_dir / "data"
+    canaries = json.loads((data_dir / "canaries.json").read_text())["canaries"]
+    if not (data_dir / S.INDEX_DIRNAME / "train.index.json").exists():
+        S.write_span_index(data_dir, log=lambda m: None)
+    index = S.SpanIndex(data_dir)
+    model, tok, _ = load_for_inference(canary_dir / "model", "cpu")
+    torch.set_num_threads(2)
+    reproduced = found = 0
+    rows = []
+    for c in canaries:
+        prompt = "\n" + c["text"].split(" ")[0]
+        comp = complete(model, tok, prompt, max_new_tokens)
+        ids = list(comp.prompt_ids) + list(comp.output_ids)
+        full = prompt + comp.text
+        tr = S.trace_text(index, ids, len(comp.prompt_ids), include_prompt=True, min_len=12,
+                          max_sources=len(c["char_offsets"]) + 5)
+        if c["text"] not in full:
+            rows.append(f"| {c['text']} | no | - |")
+            continue
+        reproduced += 1
+        a = full.index(c["text"])
+        hit = [s for s in tr.spans if s.char_start <= a and a + len(c["text"]) <= s.char_end]
+        ok = bool(hit) and sorted(src["char_offset"] + (a - hit[0].char_start) for src in hit[0].sources
+                                  if src["text"].find(c["text"]) == a - hit[0].char_start) == c["char_offsets"]
+        found += ok
+        rows.append(f"| {c['text']} | yes | {'exact: all ' + str(len(c['char_offsets'])) + ' planted offsets' if ok else 'MISSED'} |")
+    recall = found / reproduced if reproduced else float("nan")
+    return [f"canary model {canary_dir / 'model'}: {reproduced}/{len(canaries)} canaries reproduced verbatim "
+            f"(greedy, prompt = newline + first word); recall {found}/{reproduced} = {recall:.2f}", "",
+            "| canary | reproduced | traced to |", "|---|---|---|", *rows]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--scale", action="store_true", help="also build at 1, 10, 100 MB of tokens")
+    p.add_argument("--sizes_mb", default="1,10,100")
+    p.add_argument("--canary_dir", default=None)
+    p.add_argument("--max_new_tokens", type=int, default=80)
+    p.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
+    a = p.parse_args(argv)
+    work = Path(a.work or tempfile.mkdtemp(prefix="bench_spans_"))
+    out = [f"## trace-spans (issue 7) — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+           f"machine: {os.cpu_count()} CPUs, `uptime`: {os.popen('uptime').read().strip()}", ""]
+    out += bench_tiny_shakespeare(work, a.repeats)
+    if a.scale:
+        out += ["", *bench_scale(work, [int(x) for x in a.sizes_mb.split(",")])]
+    if a.canary_dir:
+        out += ["", *bench_canaries(Path(a.canary_dir), a.max_new_tokens)]
+    out += ["", f"load after: {os.popen('uptime').read().strip()}"]
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
