@@ -87,10 +87,12 @@ def from_pretrained(init_from: str, override_args: dict[str, Any] | None = None)
 def resolve_model_dir(init_from: str) -> Path:
     """A local directory holding config.json + weights: `init_from` itself, or the hub download."""
     path = Path(init_from).expanduser()
+    # A bare name means OpenAI's model, unless a directory of that name holds an HF model (as in
+    # transformers): a stray ./gpt2 folder of something else must not shadow the hub.
+    if init_from in PRETRAINED_MODELS and not (path / "config.json").exists():
+        return download_pretrained(init_from)
     if path.is_dir():
         return path
-    if init_from in PRETRAINED_MODELS:
-        return download_pretrained(init_from)
     if path.exists():
         raise UserError(f"init_from={init_from} is a file; give the directory that holds config.json "
                         "and model.safetensors")
