@@ -105,9 +105,14 @@ def split_grad_accum(steps: int, world_size: int) -> int:
     return steps // world_size
 
 
-def teardown(info: DistInfo) -> None:
-    """Leave the process group, also when this rank is failing (called from a `finally`)."""
+def teardown(info: DistInfo, finished: bool = False) -> None:
+    """Leave the process group, also when this rank is failing (called from a `finally`).
+
+    After a finished job the ranks first wait for each other (rank 0 may still be writing the last
+    checkpoint): a gloo rank that tears down while a peer is still connected can abort at exit."""
     if info.enabled and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
