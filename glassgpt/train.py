@@ -175,10 +175,13 @@ def plot_losses(records: list[dict], path: Path) -> None:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run a training job; returns {'iter_num', 'best_val_loss', 'last_eval', 'log': [records]}."""
     dist_info = distributed.setup(cfg.backend, resolve_device(cfg.device), cfg.parallel)
+    finished = False
     try:
-        return _train(cfg, dist_info)
+        result = _train(cfg, dist_info)
+        finished = True
+        return result
     finally:
-        distributed.teardown(dist_info)
+        distributed.teardown(dist_info, finished)
 
 
 def _train(cfg: TrainConfig, dist_info: distributed.DistInfo) -> dict[str, Any]:
