@@ -218,3 +218,17 @@ def test_text_stream_keeps_multibyte_characters_whole(mirror):
     assert "".join(pieces) == text == tok.decode(ids)
     assert not any("\ufffd" in p for p in pieces)
     assert len(ids) > len([p for p in pieces if p])  # some tokens were held back mid-character
+
+
+def test_complete_empty_prompt():
+    from glassgpt.errors import UserError
+
+    tok = CharTokenizer.from_text("abc")
+    with pytest.raises(UserError, match="empty"):
+        complete(tiny(tok.vocab_size), tok, "", 5)
+
+    class EotTokenizer(CharTokenizer):
+        eot_token = 2
+
+    c = complete(tiny(3), EotTokenizer(tok.stoi, tok.itos), "", 5)
+    assert c.prompt_ids == [2] and len(c.output_ids) == 5 and c.text == tok.decode(c.output_ids)
