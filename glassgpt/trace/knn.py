@@ -101,6 +101,9 @@ class TraceKnnConfig:
     ef_search: int = 128
     """HNSW search breadth."""
     device: str = "cpu"
+    threads: int | None = None
+    """torch.set_num_threads for embedding; default torch's (one per core). On a CPU shared with other
+    jobs, 1 can be several times faster (docs/knn.md)."""
     data_dir: str | None = None
     """Dataset the store indexes; default the checkpoint's data_dir (or data/<dataset>)."""
     show_chars: int = 240
@@ -544,6 +547,10 @@ def trace_knn(cfg: TraceKnnConfig) -> dict[str, Any] | None:
     if cfg.embed_dtype not in ("float32", "bfloat16"):
         raise UserError(f"embed_dtype={cfg.embed_dtype!r} is not float32 or bfloat16")
     device = resolve_device(cfg.device)
+    if cfg.threads is not None:
+        if cfg.threads < 1:
+            raise UserError(f"threads={cfg.threads} must be at least 1")
+        torch.set_num_threads(cfg.threads)
     model, tok, ckpt = load_for_inference(cfg.out_dir, device)
     data_dir = _data_dir(cfg, ckpt)
     corpus = Corpus(data_dir)
