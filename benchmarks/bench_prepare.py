@@ -4,18 +4,21 @@
 
 Default input: the 12 MB English corpus (371 documents) of the shared data mirror,
 $GLASSGPT_MIRROR/english/sotu_mobydick.jsonl (../shared/data when unset). Each setting runs `repeat`
-times end to end (read, validate, tokenize, write, rename) into a temporary directory; the best run
-counts (the machine is shared: slower runs measure the neighbours). The outputs of 1 and 2 workers
-are checked byte for byte. Prints one line per setting, then the ratio.
+times end to end (read, validate, tokenize, write, rename) into a temporary directory, the settings
+interleaved so that load from neighbours on a shared machine falls on all of them alike; medians and
+bests are printed, with the CPU seconds used (this process and its workers). The outputs of 1 and 2
+workers are checked byte for byte. Prints one line per setting, then the ratio.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import multiprocessing
 import os
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -36,8 +39,8 @@ class BenchPrepareConfig:
     input: str = str(Path(os.environ["GLASSGPT_MIRROR"]) / "english" / "sotu_mobydick.jsonl")
     """Corpus to prepare (.jsonl / .txt / directory)."""
     tokenizer: str = "gpt2"
-    repeat: int = 3
-    """Runs per setting; the fastest counts."""
+    repeat: int = 5
+    """Runs per setting, interleaved; medians and bests are reported."""
     workers: str = "1,2"
     """Worker counts to time, comma-separated; the ratio is last / first."""
 
@@ -48,19 +51,32 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def time_prepare(cfg: BenchPrepareConfig, num_proc: int, out_dir: Path) -> tuple[float, float, int]:
-    """Best wall time of `repeat` runs, the CPU seconds of that run, and the tokens written."""
-    best, best_cpu, tokens = float("inf"), 0.0, 0
-    for _ in range(cfg.repeat):
-        with contextlib.redirect_stdout(io.StringIO()):
-            t0, c0 = time.perf_counter(), cpu_seconds()
-            info = prepare_corpus(CorpusConfig(input=cfg.input, out_dir=str(out_dir), tokenizer=cfg.tokenizer,
-                                               num_proc=num_proc), "bench")
-            seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-        if seconds < best:
-            best, best_cpu = seconds, cpu
-        tokens = info["train_tokens"] + info["val_tokens"]
-    return best, best_cpu, tokens
+def _spin(n: int) -> int:
+    s = 0
+    for i in range(n):
+        s += i
+    return s
+
+
+def headroom(workers: int, n: int = 8_000_000) -> float:
+    """Speedup of `workers` processes over one on a pure-CPU loop, right now: on a shared machine, the
+    ceiling for any parallel ratio measured beside it."""
+    times = []
+    for w in (1, workers):
+        with multiprocessing.Pool(w) as pool:
+            t0 = time.perf_counter()
+            pool.map(_spin, [n // w] * w)
+            times.append(time.perf_counter() - t0)
+    return times[0] / times[1]
+
+
+def run_once(cfg: BenchPrepareConfig, num_proc: int, out_dir: Path) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds and tokens of one end-to-end prepare."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        info = prepare_corpus(CorpusConfig(input=cfg.input, out_dir=str(out_dir), tokenizer=cfg.tokenizer,
+                                           num_proc=num_proc), "bench")
+        return time.perf_counter() - t0, cpu_seconds() - c0, info["train_tokens"] + info["val_tokens"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,18 +86,29 @@ def main(argv: list[str] | None = None) -> None:
         if Path(cfg.input).is_dir() else Path(cfg.input).stat().st_size / 1e6
     print(f"prepare {cfg.input} ({size_mb:.1f} MB, tokenizer {cfg.tokenizer}) on {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    rates, outputs = {}, {}
+    walls: dict[int, list[float]] = {w: [] for w in workers}
+    cpus: dict[int, list[float]] = {w: [] for w in workers}
+    tokens, outputs = 0, {}
     with tempfile.TemporaryDirectory() as tmp:
+        # interleaved, so that a neighbour's burst of load hits every setting alike
+        for _ in range(cfg.repeat):
+            for w in workers:
+                wall, cpu, tokens = run_once(cfg, w, Path(tmp) / f"w{w}")
+                walls[w].append(wall)
+                cpus[w].append(cpu)
         for w in workers:
-            out = Path(tmp) / f"w{w}"
-            seconds, cpu, tokens = time_prepare(cfg, w, out)
-            rates[w] = tokens / seconds
-            outputs[w] = {p.name: p.read_bytes() for p in out.iterdir()}
-            print(f"  num_proc={w}: {tokens:,} tokens in {seconds:.2f}s = {rates[w]:,.0f} tokens/s "
-                  f"({size_mb / seconds:.1f} MB/s, best of {cfg.repeat}; {cpu:.2f} CPU-s)")
+            outputs[w] = {p.name: p.read_bytes() for p in (Path(tmp) / f"w{w}").iterdir()}
+    rate = {w: tokens / statistics.median(walls[w]) for w in workers}
+    for w in workers:
+        print(f"  num_proc={w}: {tokens:,} tokens, median {statistics.median(walls[w]):.2f}s = {rate[w]:,.0f} tokens/s "
+              f"({size_mb / statistics.median(walls[w]):.1f} MB/s); best {min(walls[w]):.2f}s = "
+              f"{tokens / min(walls[w]):,.0f} tokens/s; CPU {statistics.median(cpus[w]):.2f}s; {cfg.repeat} runs")
     same = all(outputs[w] == outputs[workers[0]] for w in workers)
-    print(f"  ratio num_proc={workers[-1]} / num_proc={workers[0]}: {rates[workers[-1]] / rates[workers[0]]:.2f}x; "
-          f"outputs identical: {same}")
+    first, last = workers[0], workers[-1]
+    print(f"  ratio num_proc={last} / num_proc={first}: {rate[last] / rate[first]:.2f}x (medians), "
+          f"{min(walls[first]) / min(walls[last]):.2f}x (best); outputs identical: {same}")
+    print(f"  control: {last} processes vs 1 on a pure-CPU loop now: {headroom(last):.2f}x "
+          "(the most any parallel ratio can show on this machine at this load)")
     print(f"  load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if not same:
         raise SystemExit("outputs differ between worker counts")
