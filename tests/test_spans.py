@@ -359,3 +359,16 @@ def test_sa_range_near_equals_full_search(random_index):
     lo2, hi2 = S.sa_range_near(index.arrays, seqs, anchors)
     assert lo2.tolist() == lo.tolist() and hi2.tolist() == hi.tolist()
     assert max(hi - lo) > 20  # some ranges are wide enough to gallop
+
+
+def test_bucket_table_matches_the_suffix_array(random_index):
+    index, _, _ = random_index
+    a = index.arrays
+    assert a.bucket_k == 6  # a 6-letter vocabulary: 8^6 keys fit the table (tiny-shakespeare: k = 3)
+    text = np.asarray(a.text).tolist()
+    for i, p in enumerate(np.asarray(a.sa).tolist()):
+        digits = [text[p + j] + 1 if p + j < len(text) else 0 for j in range(a.bucket_k)]
+        key = 0
+        for d in digits:
+            key = key * (a.separator + 2) + d
+        assert a.buckets[key] <= i < a.buckets[key + 1], (i, p, digits)

@@ -48,6 +48,7 @@ INDEX_DIRNAME = "spans"
 PAD_LOW = -1  # after a query's end: sorts before every token, so "query is a prefix" < suffix
 PAD_HIGH = 1 << 30  # after a query's end: sorts after every token (upper bounds)
 NO_MATCH = -2  # query tokens the index cannot contain (>= separator): never equal to a text value
+BUCKET_LIMIT = 1 << 21  # k-gram bucket table entries (char data: k = 3; GPT-2: k = 1)
 HASH_LIMIT = 256 << 20  # data files up to this size are re-hashed on every load; larger ones by size+mtime
 SENTENCE_ENDS = ".!?"
 
@@ -64,6 +65,28 @@ class SpanArrays:
     seps: np.ndarray  # int64: positions of the separators in `text` (sorted)
     unigram: np.ndarray  # int64: count of each token id in the split
     separator: int
+    buckets: np.ndarray  # int64: buckets[key(first k tokens)] = where those suffixes start in `sa`
+    bucket_k: int  # tokens per bucket key: the most whose (separator + 2)^k keys fit BUCKET_LIMIT
+
+
+def bucket_k_for(separator: int) -> int:
+    k = 0
+    while (separator + 2) ** (k + 1) < BUCKET_LIMIT:
+        k += 1
+    return k
+
+
+def build_buckets(text: np.ndarray, separator: int, k: int) -> np.ndarray:
+    """Start of each k-token prefix's range in the suffix array: suffixes sort by their first k tokens
+    first, so counting keys is enough. Digit = token + 1, 0 past the end (a shorter suffix sorts first)."""
+    base, n = separator + 2, len(text)
+    key = np.zeros(n, dtype=np.int64)
+    for j in range(k):
+        digit = np.zeros(n, dtype=np.int64)
+        digit[:n - j] = text[j:].astype(np.int64) + 1
+        key = key * base + digit
+    counts = np.bincount(key, minlength=base ** k)
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
 def build_span_arrays(tokens: np.ndarray, segments: np.ndarray, separator: int,
@@ -95,31 +118,62 @@ def build_span_arrays(tokens: np.ndarray, segments: np.ndarray, separator: int,
     sa = np.asarray(divsufsort(text))
     sa = sa.astype(np.int32 if len(text) < 2**31 else np.int64, copy=False)
     unigram = np.bincount(tokens, minlength=separator).astype(np.int64)
-    return SpanArrays(text=text, sa=sa, seps=seps.astype(np.int64), unigram=unigram, separator=int(separator))
+    k = bucket_k_for(separator)
+    return SpanArrays(text=text, sa=sa, seps=seps.astype(np.int64), unigram=unigram, separator=int(separator),
+                      buckets=build_buckets(text, separator, k), bucket_k=k)
 
 
-def _compare(text: np.ndarray, starts: np.ndarray, queries: np.ndarray, rows: np.ndarray, last: int,
+@dataclass
+class Queries:
+    """Token queries for a vectorised search: row r is flat[offset[r]:offset[r] + width], and every row
+    ends in a pad (PAD_LOW or PAD_HIGH) before its last column. One flat array serves both a padded
+    matrix (offset = r * width) and all suffixes of one text (offset = r: row r = ids[r:] + pads)."""
+
+    flat: np.ndarray  # int32
+    offset: np.ndarray  # int64
+    width: int
+
+    @classmethod
+    def from_seqs(cls, seqs: Sequence[Sequence[int]], pad: int, separator: int) -> Queries:
+        width = max((len(q) for q in seqs), default=0) + 1
+        out = np.full((len(seqs), width), pad, dtype=np.int32)
+        for r, q in enumerate(seqs):
+            out[r, :len(q)] = np.where(np.asarray(q) >= separator, NO_MATCH, q) if len(q) else []
+        return cls(out.ravel(), np.arange(len(seqs), dtype=np.int64) * width, width)
+
+    @classmethod
+    def suffixes(cls, ids: np.ndarray, separator: int) -> Queries:
+        n = len(ids)
+        flat = np.full(2 * n + 1, PAD_LOW, dtype=np.int32)
+        flat[:n] = np.where(ids >= separator, NO_MATCH, ids)
+        return cls(flat, np.arange(n, dtype=np.int64), n + 1)
+
+    def row(self, r: int) -> np.ndarray:
+        return self.flat[self.offset[r]:self.offset[r] + self.width]
+
+
+def _compare(text: np.ndarray, starts: np.ndarray, queries: Queries, rows: np.ndarray, last: int,
              skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Compare query rows `queries[rows]` with the suffixes of `text` at `starts`.
+    """Compare query rows with the suffixes of `text` at `starts`.
 
     Returns (sign of query - suffix at the first difference, length of the common prefix). The first
     `skip[r]` tokens of row r are known to match and are not read again. Every query row ends in a pad
     value no text token equals, so every row is decided. Columns are read in chunks of doubling
     width: most comparisons end in the first few tokens, long matches cost log(length) rounds.
     """
-    n_rows, width = len(rows), queries.shape[1]
+    n_rows = len(rows)
     sign = np.zeros(n_rows, dtype=np.int8)
     lcp = np.zeros(n_rows, dtype=np.int64)
-    base = np.zeros(n_rows, dtype=np.int64) if skip is None else np.asarray(skip, dtype=np.int64)
     todo = np.arange(n_rows)
-    c0, chunk = 0, 8
+    base = np.zeros(n_rows, dtype=np.int64) if skip is None else np.asarray(skip, dtype=np.int64)
+    qoff, c0, chunk = queries.offset[rows], 0, 8
     while todo.size:
         cols = base[todo, None] + np.arange(c0, c0 + chunk)
-        np.minimum(cols, width - 1, out=cols)  # the last column is a pad for every row
+        np.minimum(cols, queries.width - 1, out=cols)  # the last column is a pad for every row
         idx = starts[todo, None] + cols
         np.minimum(idx, last, out=idx)  # past the end reads the final separator
         s = text[idx]
-        q = queries[rows[todo, None], cols]
+        q = queries.flat[qoff[todo, None] + cols]
         neq = q != s
         hit = neq.any(axis=1)
         first = neq.argmax(axis=1)[hit]
@@ -128,56 +182,73 @@ def _compare(text: np.ndarray, starts: np.ndarray, queries: np.ndarray, rows: np
         sign[done] = np.where(q[hit, first] < s[hit, first], -1, 1)
         todo = todo[~hit]
         c0, chunk = c0 + chunk, chunk * 2
-        if c0 > width and todo.size:
+        if c0 > queries.width and todo.size:
             raise AssertionError("query rows must end in a pad column")
     return sign, lcp
 
 
-def sa_bound(text: np.ndarray, sa: np.ndarray, queries: np.ndarray, rows: np.ndarray | None = None,
-             lo: np.ndarray | None = None, hi: np.ndarray | None = None) -> np.ndarray:
+def bucket_range(arrays: SpanArrays, queries: Queries, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lo, hi, known lcp): the suffix-array range of the suffixes that share the first k tokens of each
+    query row (k = arrays.bucket_k), read from the bucket table; the whole array (known lcp 0) for
+    rows shorter than k or holding an id the index cannot contain."""
+    k, n = arrays.bucket_k, len(arrays.sa)
+    lo = np.zeros(len(rows), dtype=np.int64)
+    hi = np.full(len(rows), n, dtype=np.int64)
+    known = np.zeros(len(rows), dtype=np.int64)
+    if k == 0 or not len(rows):
+        return lo, hi, known
+    head = queries.flat[queries.offset[rows, None] + np.arange(min(k, queries.width))].astype(np.int64)
+    if head.shape[1] < k:
+        return lo, hi, known
+    ok = ((head >= 0) & (head < arrays.separator)).all(axis=1)
+    key = ((head[ok] + 1) * (arrays.separator + 2) ** np.arange(k - 1, -1, -1)).sum(axis=1)
+    lo[ok], hi[ok], known[ok] = arrays.buckets[key], arrays.buckets[key + 1], k
+    return lo, hi, known
+
+
+def sa_bound(arrays: SpanArrays, queries: Queries, rows: np.ndarray | None = None,
+             lo: np.ndarray | None = None, hi: np.ndarray | None = None, with_lcp: bool = False):
     """For each query row, the first suffix-array index whose suffix sorts after the padded query.
 
     With PAD_LOW padding that is the lower bound of the query's occurrences, with PAD_HIGH the upper
-    bound. All rows advance together: ~log2(hi - lo) vectorised rounds, searching [lo, hi] (default
-    the whole array; the answer must lie in it). Each round skips the min(lcp with the suffix below lo,
-    lcp with the suffix at hi) tokens every suffix in between shares with the query (Manber & Myers
-    1993), so a long match is read about once rather than once per round.
+    bound. All rows advance together, ~log2(hi - lo) vectorised rounds, searching [lo, hi] (the answer
+    must lie in it; default: the row's k-gram bucket). Each round skips the min(lcp with the suffix
+    below lo, lcp with the suffix at hi) tokens every suffix in between shares with the query (Manber
+    & Myers 1993), so a long match is read about once rather than once per round. `with_lcp` also
+    returns lower bounds of the common prefix with the suffixes just below and at the answer.
     """
-    rows = np.arange(len(queries)) if rows is None else rows
-    lo = np.zeros(len(rows), dtype=np.int64) if lo is None else np.array(lo, dtype=np.int64)
-    hi = np.full(len(rows), len(sa), dtype=np.int64) if hi is None else np.array(hi, dtype=np.int64)
-    lcp_lo = np.zeros(len(rows), dtype=np.int64)  # lcp(query, suffix at lo - 1), 0 when unknown
-    lcp_hi = np.zeros(len(rows), dtype=np.int64)  # lcp(query, suffix at hi), 0 when unknown
+    text, sa = arrays.text, arrays.sa
+    rows = np.arange(len(queries.offset)) if rows is None else rows
+    if lo is None or hi is None:
+        lo, hi, known = bucket_range(arrays, queries, rows)
+        lcp_lo, lcp_hi = known, known.copy()  # every suffix inside the bucket shares its k tokens
+    else:
+        lo, hi = np.array(lo, dtype=np.int64), np.array(hi, dtype=np.int64)
+        lcp_lo, lcp_hi = np.zeros(len(rows), dtype=np.int64), np.zeros(len(rows), dtype=np.int64)
+    moved_lo, moved_hi = np.zeros(len(rows), dtype=bool), np.zeros(len(rows), dtype=bool)
     last = len(text) - 1
     while True:
         act = np.flatnonzero(lo < hi)
         if not act.size:
-            return lo
+            if not with_lcp:
+                return lo
+            # a bound that never moved may sit outside the bucket: nothing is known about its suffix
+            return lo, np.where(moved_lo, lcp_lo, 0), np.where(moved_hi, lcp_hi, 0)
         mid = (lo[act] + hi[act]) // 2
         skip = np.minimum(lcp_lo[act], lcp_hi[act])
         sign, lcp = _compare(text, sa[mid].astype(np.int64), queries, rows[act], last, skip)
         after = sign > 0  # query sorts after the suffix: the bound is to the right
-        lo[act[after]], lcp_lo[act[after]] = mid[after] + 1, lcp[after]
-        hi[act[~after]], lcp_hi[act[~after]] = mid[~after], lcp[~after]
-
-
-def pad_queries(seqs: Sequence[Sequence[int]], pad: int, separator: int) -> np.ndarray:
-    """Queries as rows of an int64 matrix, each followed by `pad` (and ids >= separator made unmatchable)."""
-    width = max((len(s) for s in seqs), default=0) + 1
-    out = np.full((len(seqs), width), pad, dtype=np.int64)
-    for r, s in enumerate(seqs):
-        out[r, :len(s)] = s
-    out[(out >= separator) & (out != pad)] = NO_MATCH
-    return out
+        lo[act[after]], lcp_lo[act[after]], moved_lo[act[after]] = mid[after] + 1, lcp[after], True
+        hi[act[~after]], lcp_hi[act[~after]], moved_hi[act[~after]] = mid[~after], lcp[~after], True
 
 
 def sa_range(arrays: SpanArrays, seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """[lo, hi) suffix-array ranges of the occurrences of each token sequence (hi - lo = count)."""
     if not len(seqs):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    lo = sa_bound(arrays.text, arrays.sa, pad_queries(seqs, PAD_LOW, arrays.separator))
-    hi = sa_bound(arrays.text, arrays.sa, pad_queries(seqs, PAD_HIGH, arrays.separator))
-    empty = np.array([len(s) == 0 for s in seqs])
+    lo = sa_bound(arrays, Queries.from_seqs(seqs, PAD_LOW, arrays.separator))
+    hi = sa_bound(arrays, Queries.from_seqs(seqs, PAD_HIGH, arrays.separator))
+    empty = np.array([len(q) == 0 for q in seqs])
     hi[empty], lo[empty] = len(arrays.sa), 0  # the empty sequence occurs everywhere
     return lo, hi
 
@@ -186,8 +257,8 @@ def sa_range_near(arrays: SpanArrays, seqs: Sequence[Sequence[int]], anchors: np
     """sa_range, given for each sequence an `anchor` index inside or at the edge of its range (the
     insertion point of any longer query it prefixes, as `matching_statistics` returns). Gallops out from
     the anchor, then binary-searches: ~2 log2(count) rounds instead of 2 log2(len(sa))."""
-    low = pad_queries(seqs, PAD_LOW, arrays.separator)
-    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    low = Queries.from_seqs(seqs, PAD_LOW, arrays.separator)
+    lengths = np.array([len(q) for q in seqs], dtype=np.int64)
     rows = np.arange(len(seqs))
     anchors = np.asarray(anchors, dtype=np.int64)
     n, last = len(arrays.sa), len(arrays.text) - 1
@@ -208,9 +279,9 @@ def sa_range_near(arrays: SpanArrays, seqs: Sequence[Sequence[int]], anchors: np
         return step
 
     down, up = gallop(-1), gallop(+1)
-    lo = sa_bound(arrays.text, arrays.sa, low, rows, np.maximum(anchors - down, 0), anchors - down // 2)
-    high = pad_queries(seqs, PAD_HIGH, arrays.separator)
-    hi = sa_bound(arrays.text, arrays.sa, high, rows, anchors + up // 2, np.minimum(anchors + up - 1, n))
+    lo = sa_bound(arrays, low, rows, np.maximum(anchors - down, 0), anchors - down // 2)
+    high = Queries.from_seqs(seqs, PAD_HIGH, arrays.separator)
+    hi = sa_bound(arrays, high, rows, anchors + up // 2, np.minimum(anchors + up - 1, n))
     return lo, hi
 
 
@@ -227,16 +298,14 @@ def matching_statistics(arrays: SpanArrays, ids: Sequence[int], first: int = 0) 
     lbs = np.zeros(n, dtype=np.int64)
     if n - first <= 0 or len(arrays.sa) == 0:
         return ms, lbs
-    padded = np.full(2 * n + 1, PAD_LOW, dtype=np.int64)
-    padded[:n] = np.where(ids >= arrays.separator, NO_MATCH, ids)
-    queries = np.lib.stride_tricks.sliding_window_view(padded, n + 1)[:n]  # row i = ids[i:] + pads
+    queries = Queries.suffixes(ids, arrays.separator)
     rows = np.arange(first, n)
-    lb = sa_bound(arrays.text, arrays.sa, queries, rows)
+    lb, lcp_below, lcp_at = sa_bound(arrays, queries, rows, with_lcp=True)
     last = len(arrays.text) - 1
     best = np.zeros(len(rows), dtype=np.int64)
-    for neighbour in (lb - 1, lb):
+    for neighbour, known in ((lb - 1, lcp_below), (lb, lcp_at)):
         ok = (neighbour >= 0) & (neighbour < len(arrays.sa))
-        _, lcp = _compare(arrays.text, arrays.sa[neighbour[ok]].astype(np.int64), queries, rows[ok], last)
+        _, lcp = _compare(arrays.text, arrays.sa[neighbour[ok]].astype(np.int64), queries, rows[ok], last, known[ok])
         best[ok] = np.maximum(best[ok], lcp)
     ms[first:], lbs[first:] = best, lb
     return ms, lbs
@@ -352,7 +421,7 @@ def write_span_index(data_dir: str | Path, index_dir: str | Path | None = None, 
     index_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(index_dir / f"{split}.tokens.bin", arrays.text.tobytes())
     atomic_write_bytes(index_dir / f"{split}.sa.bin", arrays.sa.tobytes())
-    for name in ("seps", "unigram"):
+    for name in ("seps", "unigram", "buckets"):
         tmp = index_dir / f".{split}.{name}.tmp.npy"
         np.save(tmp, getattr(arrays, name))
         os.replace(tmp, index_dir / f"{split}.{name}.npy")
@@ -362,7 +431,7 @@ def write_span_index(data_dir: str | Path, index_dir: str | Path | None = None, 
         "format": INDEX_FORMAT, "split": split, "data_dir": str(data_dir.resolve()), "data_files": fingerprint,
         "tokenizer": corpus.meta.get("tokenizer", "gpt2"), "vocab_size": vocab, "separator": arrays.separator,
         "eot_token": eot, "n_tokens": int(len(tokens)), "n_segments": int(len(arrays.seps)),
-        "text_dtype": "uint16", "sa_dtype": str(arrays.sa.dtype), "library": f"pydivsufsort {md.version('pydivsufsort')}",
+        "text_dtype": "uint16", "sa_dtype": str(arrays.sa.dtype), "bucket_k": arrays.bucket_k, "library": f"pydivsufsort {md.version('pydivsufsort')}",
         "build_seconds": round(build_s, 4), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_json(index_dir / f"{split}.index.json", sidecar)  # written last: its presence means complete
@@ -422,6 +491,8 @@ class SpanIndex:
             seps=np.load(d / f"{s}.seps.npy", mmap_mode="r").view(np.ndarray),
             unigram=np.load(d / f"{s}.unigram.npy"),
             separator=int(self.meta["separator"]),
+            buckets=np.load(d / f"{s}.buckets.npy"),
+            bucket_k=int(self.meta["bucket_k"]),
         )
         total = max(int(self.arrays.unigram.sum()), 1)
         # unigram log-probabilities; +1 keeps unseen ids finite (they are never inside a span anyway)
