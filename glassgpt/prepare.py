@@ -443,7 +443,7 @@ def prepare_corpus(cfg: CorpusConfig, name: str = "corpus") -> dict:
         source = LocalSource(files, cfg)
         # pass 1: validate and count (and collect characters); texts are not kept
         n_docs, charset = 0, set()
-        for doc in source.documents(bad):
+        for doc in tqdm(source.documents(bad), unit="doc", desc="checking", disable=None, leave=False):
             if doc.text:
                 n_docs += 1
                 if cfg.tokenizer == "char":
