@@ -346,8 +346,14 @@ def test_cli_generates_from_checkpoint(tmp_path, char_dataset, char_checkpoint, 
     for s in out["spans"]:  # a random model: whatever it found must be real and correctly counted
         assert out["text"][s["char_start"]:s["char_end"]] == s["text"]
         assert s["count"] == len(brute_count(corpus, corpus.tokenizer.encode(s["text"]))) >= 1, s
-    assert run_main(S.main, [f"--out_dir={char_checkpoint}", "--max_new_tokens=0"]) == 2
-    assert "nothing to trace" in capsys.readouterr().err
+    for bad, msg in (("--max_new_tokens=0", "nothing to trace"), ("--start=", "no <|endoftext|>"),
+                     ("--density=0", "--density in (0, 1]")):
+        assert run_main(S.main, [f"--out_dir={char_checkpoint}", bad]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
+    other = make_char_dataset(tmp_path / "other", text="a different vocabulary entirely\n" * 20)
+    assert run_main(S.main, [f"--out_dir={char_checkpoint}", f"--data_dir={other}", "--build", "--start=a"]) == 2
+    assert "different tokenizers" in capsys.readouterr().err
 
 
 def test_sa_range_near_equals_full_search(random_index):

@@ -726,27 +726,21 @@ def checkpoint_data_dir(out_dir: str) -> Path:
     raise UserError(f"the checkpoint in {out_dir} does not name its training data; pass --data_dir=...")
 
 
-def generate_ids(cfg: TraceSpansConfig, prompt: str) -> tuple[list[int], int]:
-    """(prompt + generated ids, prompt length) from the checkpoint in cfg.out_dir."""
-    import torch
-
+def generate_ids(cfg: TraceSpansConfig, prompt: str, index: SpanIndex) -> tuple[list[int], int]:
+    """(prompt + generated ids, prompt length) from the checkpoint in cfg.out_dir (glassgpt.generate)."""
+    from glassgpt.generate import complete
     from glassgpt.runtime import load_for_inference, resolve_device
 
     device = resolve_device(cfg.device)
     model, tok, _ = load_for_inference(cfg.out_dir, device, data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir)
-    try:
-        from glassgpt.generate import complete
-    except ImportError:  # before glassgpt.generate landed: nanoGPT's reference sampler
-        complete = None
-    if complete is not None:
-        c = complete(model, tok, prompt, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                     seed=cfg.seed)
-        return list(c.prompt_ids) + list(c.output_ids), len(c.prompt_ids)
-    torch.manual_seed(cfg.seed)
-    p = tok.encode(prompt)
-    out = model.generate(torch.tensor([p], device=device), cfg.max_new_tokens, temperature=cfg.temperature,
-                         top_k=cfg.top_k)
-    return out[0].tolist(), len(p)
+    data_tok = index.tokenizer
+    if getattr(tok, "name", "") != getattr(data_tok, "name", "") or getattr(tok, "stoi", None) != getattr(data_tok, "stoi", None):
+        raise UserError(f"the checkpoint in {cfg.out_dir} and the data in {index.data_dir} use different tokenizers; "
+                        "point --data_dir at the data the model was trained on")
+    if not prompt and getattr(tok, "eot_token", None) is None:
+        raise UserError("--start is empty and a char-level model has no <|endoftext|> to start from; give a prompt")
+    c = complete(model, tok, prompt, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
+    return list(c.prompt_ids) + list(c.output_ids), len(c.prompt_ids)
 
 
 def render(trace: Trace, color: bool) -> str:
@@ -788,14 +782,14 @@ def main(argv: list[str] | None = None) -> Trace | None:
         if cfg.start is None and cfg.text is None:
             return None
     index = SpanIndex(data_dir, index_dir, cfg.split)
+    min_len = cfg.min_len if cfg.min_len is not None else (12 if index.is_char else 4)
+    if min_len < 1 or not 0 < cfg.density <= 1:
+        raise UserError(f"--min_len must be >= 1 and --density in (0, 1], got {min_len} and {cfg.density}")
     text = offsets = None
     if cfg.text is not None:
         (ids, text, offsets), prompt_len = encode_text(index, read_text_arg(cfg.text)), 0
     else:
-        ids, prompt_len = generate_ids(cfg, read_text_arg(cfg.start if cfg.start is not None else "\n"))
-    min_len = cfg.min_len if cfg.min_len is not None else (12 if index.is_char else 4)
-    if min_len < 1 or not 0 < cfg.density <= 1:
-        raise UserError("min_len must be >= 1 and density in (0, 1]")
+        ids, prompt_len = generate_ids(cfg, read_text_arg(cfg.start if cfg.start is not None else "\n"), index)
     trace = trace_text(index, ids, prompt_len, cfg.include_prompt, min_len, cfg.min_words, cfg.density,
                        cfg.max_sources, cfg.context, cfg.coverage_n, text, offsets)
     if cfg.json:
