@@ -60,6 +60,9 @@ class BenchKnnConfig:
     timing: bool = True
     """Time the baby 6x384 store build (minutes on a 2-core CPU)."""
     timing_dtypes: str = "float32,bfloat16"
+    timing_windows: int = 0
+    """0: build the whole store per dtype (timed); N: time embedding N windows per dtype and thread count
+    and extrapolate to the whole split (for a CPU too busy to finish full builds; labelled as such)."""
     scale_rows: int = 1_000_000
     """Rows of the synthetic store for exact-search latency at scale (0: skip)."""
     sections: str = "quality,timing,scale"
@@ -266,6 +269,50 @@ def query_latency(out_dir: Path, store_dir: Path, text: str, n: int = 20) -> dic
             "total_ms": round(float(np.median(np.add(embed_ms, search_ms))), 1)}
 
 
+def sampled_throughput(out_dir: Path, dtype: str, threads: int, n: int) -> dict:
+    """Windows/s of embedding the first n windows (after a warm-up batch), extrapolated to the split."""
+    model, _, ckpt = load_for_inference(out_dir, "cpu")
+    model.to(knn_dtype(dtype))
+    corpus = Corpus(ckpt["config"]["data_dir"])
+    spans = knn.window_spans(corpus.segments("train"), 256, 128)
+    tokens = corpus.tokens("train")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        knn.embed_windows(model, tokens, spans[:16])
+        t = time.perf_counter()
+        knn.embed_windows(model, tokens, spans[16:16 + n])
+        dt = time.perf_counter() - t
+    finally:
+        torch.set_num_threads(before)
+    t = time.perf_counter()
+    knn.locate_windows(corpus, "train", spans)
+    locate_s = time.perf_counter() - t
+    return {"dtype": dtype, "threads": threads, "sampled_windows": n, "windows_per_s": round(n / dt, 2),
+            "windows": len(spans), "extrapolated_build_s": round(len(spans) * dt / n + locate_s, 1)}
+
+
+def synthetic_latency(out_dir: Path, dtype: str, n_windows: int, text: str, n: int = 20) -> dict:
+    """Query latency without a built store: embed `text` with the model, then exact search over a
+    random unit float16 matrix of the store's shape (the search cost depends only on the shape)."""
+    model, tok, _ = load_for_inference(out_dir, "cpu")
+    model.to(knn_dtype(dtype))
+    emb = knn.normalize(np.random.default_rng(0).standard_normal((n_windows, model.config.n_embd))).astype(np.float16)
+    ids = tok.encode(text)
+    embed_ms, search_ms = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        q = knn.embed_text_ids(model, ids, 256, 128)
+        t1 = time.perf_counter()
+        knn.query_exact(emb, knn.normalize(q[None]), 5)
+        t2 = time.perf_counter()
+        embed_ms.append((t1 - t0) * 1000)
+        search_ms.append((t2 - t1) * 1000)
+    return {"store": f"baby 6x384 {dtype} ({n_windows:,} x {model.config.n_embd}, synthetic rows)", "n_tokens": len(ids),
+            "embed_ms": round(float(np.median(embed_ms)), 1), "search_ms": round(float(np.median(search_ms)), 2),
+            "total_ms": round(float(np.median(np.add(embed_ms, search_ms))), 1)}
+
+
 def knn_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
@@ -335,12 +382,22 @@ def markdown(res: dict) -> str:
                          ("a_prefix+continuation", "b_shifted_quarter", "c_exact_copy")) + " |")
         lines += ["", f"Store build with the canary model (product path, context 256, stride 128): "
                       f"{res['canary_store_build_s']} s.", ""]
-    if "builds" in res:
+    if res.get("builds"):
         lines += ["Store build, whole tiny-shakespeare train split (1,003,854 tokens), context 256, stride 128, "
                   "baby 6x384 model (nanoGPT's shakespeare-char config), CPU:", "",
                   "| embed dtype | windows | build s (in build_store) | wall s (load + fingerprint + build) |",
                   "|---|---|---|---|"]
         lines += [f"| {b['dtype']} | {b['windows']:,} | {b['build_s']} | {b['wall_s']} |" for b in res["builds"]]
+        lines.append("")
+    if res.get("sampled"):
+        lines += ["Store build throughput, baby 6x384 model (random weights), windows of 256 tokens from the "
+                  "tiny-shakespeare train split (stride 128). Sampled: the CPU was too busy for whole builds, so "
+                  "N windows were timed and the whole-split build time extrapolated (+ the measured window "
+                  "location pass):", "",
+                  "| embed dtype | threads | sampled windows | windows/s | windows in split | extrapolated build s |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['dtype']} | {r['threads']} | {r['sampled_windows']} | {r['windows_per_s']} | {r['windows']:,} "
+                  f"| {r['extrapolated_build_s']} |" for r in res["sampled"]]
         lines.append("")
     if "latency" in res:
         lines += ["Query latency (model loaded; median of 20; embed the text + exact search over the store):", "",
@@ -394,9 +451,18 @@ def main(argv: list[str] | None = None) -> dict:
     if "timing" in sections:
         baby = baby_checkpoint(work, plain_shakespeare(work))
         dtypes = cfg.timing_dtypes.split(",")
-        res["builds"] = [time_build(baby, d, threads) for d in dtypes]
+        if cfg.timing_windows:
+            res["sampled"] = [sampled_throughput(baby, d, th, cfg.timing_windows) for d in dtypes for th in (1, 2)]
+            for r in res["sampled"]:
+                print(r)
+            n_windows = res["sampled"][0]["windows"]
+            res["latency"] = res.get("latency", []) + [
+                synthetic_latency(baby, d, n_windows, Corpus(work / "shakespeare_char").decode("train", 5000, 5256))
+                for d in dtypes]
+        res["builds"] = [time_build(baby, d, threads) for d in dtypes] if not cfg.timing_windows else []
         sample = Corpus(work / "shakespeare_char").decode("train", 5000, 5256)
-        res["latency"] = res.get("latency", []) + [query_latency(baby, baby / f"knn_{d}", sample) for d in dtypes]
+        res["latency"] = res.get("latency", []) + [query_latency(baby, baby / f"knn_{d}", sample) for d in dtypes
+                                                   if (baby / f"knn_{d}" / "store.json").exists()]
         if len(res["builds"]) > 1:  # how far bfloat16 moves the stored embeddings and the neighbours
             e32 = np.asarray(knn.load_store(baby / "knn_float32").embeddings, np.float32)
             e16 = np.asarray(knn.load_store(baby / "knn_bfloat16").embeddings, np.float32)
