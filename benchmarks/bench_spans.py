@@ -193,8 +193,10 @@ def bench_scale(work: Path, sizes_mb: list[int]) -> list[str]:
 
 
 def bench_canaries(canary_dir: Path, max_new_tokens: int) -> list[str]:
-    """Prompt the model with each canary's first word, greedy-decode, and check every canary it
-    reproduces is traced to all its planted locations (recall must be 1.0)."""
+    """Prompt the model with a newline and each canary's first word, greedy-decode, and check that every
+    canary it reproduces is traced to all its planted locations (recall must be 1.0). Recall is over
+    all maximal spans (density 1); the table also says whether the canary's span survives the default
+    density cut (the rarest ceil(0.05 x length) spans)."""
     import torch
 
     from glassgpt.generate import complete
@@ -207,29 +209,35 @@ def bench_canaries(canary_dir: Path, max_new_tokens: int) -> list[str]:
     index = S.SpanIndex(data_dir)
     model, tok, _ = load_for_inference(canary_dir / "model", "cpu")
     torch.set_num_threads(2)
-    reproduced = found = 0
+    reproduced = found = kept = 0
     rows = []
     for c in canaries:
         prompt = "\n" + c["text"].split(" ")[0]
         comp = complete(model, tok, prompt, max_new_tokens)
         ids = list(comp.prompt_ids) + list(comp.output_ids)
         full = prompt + comp.text
-        tr = S.trace_text(index, ids, len(comp.prompt_ids), include_prompt=True, min_len=12,
-                          max_sources=len(c["char_offsets"]) + 5)
         if c["text"] not in full:
-            rows.append(f"| {c['text']} | no | - |")
+            rows.append(f"| {c['text']} | no: {full.strip().splitlines()[0][:60]!r} | - | - |")
             continue
         reproduced += 1
+        tr = S.trace_text(index, ids, len(comp.prompt_ids), include_prompt=True, min_len=12, density=1.0,
+                          max_sources=len(c["char_offsets"]) + 5)
         a = full.index(c["text"])
         hit = [s for s in tr.spans if s.char_start <= a and a + len(c["text"]) <= s.char_end]
-        ok = bool(hit) and sorted(src["char_offset"] + (a - hit[0].char_start) for src in hit[0].sources
-                                  if src["text"].find(c["text"]) == a - hit[0].char_start) == c["char_offsets"]
+        shift = a - hit[0].char_start if hit else 0
+        offsets = sorted(src["char_offset"] + shift for src in hit[0].sources) if hit else []
+        ok = bool(hit) and hit[0].count == len(c["char_offsets"]) and offsets == c["char_offsets"]
         found += ok
-        rows.append(f"| {c['text']} | yes | {'exact: all ' + str(len(c['char_offsets'])) + ' planted offsets' if ok else 'MISSED'} |")
+        rank = sorted(tr.spans, key=lambda s: (s.logprob, s.start)).index(hit[0]) if hit else None
+        survives = rank is not None and rank < np.ceil(0.05 * tr.n_tokens)
+        kept += survives
+        rows.append(f"| {c['text']} | yes | {'all ' + str(len(c['char_offsets'])) + ' planted offsets, count ' + str(hit[0].count) if ok else 'MISSED'} "
+                    f"| {'yes' if survives else 'no'} (rank {rank}) |")
     recall = found / reproduced if reproduced else float("nan")
-    return [f"canary model {canary_dir / 'model'}: {reproduced}/{len(canaries)} canaries reproduced verbatim "
-            f"(greedy, prompt = newline + first word); recall {found}/{reproduced} = {recall:.2f}", "",
-            "| canary | reproduced | traced to |", "|---|---|---|", *rows]
+    return [f"canary model `{canary_dir / 'model'}`: {reproduced}/{len(canaries)} canaries reproduced verbatim "
+            f"(greedy, prompt = newline + first word, {max_new_tokens} new tokens); traced to every planted "
+            f"location: {found}/{reproduced} = recall {recall:.2f}; kept at density 0.05: {kept}/{reproduced}", "",
+            "| canary | reproduced | traced to | kept at density 0.05 |", "|---|---|---|---|", *rows]
 
 
 def main(argv: list[str] | None = None) -> None:
