@@ -537,44 +537,19 @@ def _data_dir(cfg: TraceKnnConfig, ckpt: dict) -> Path:
     raise UserError("the checkpoint does not say which dataset it was trained on; pass --data_dir=DIR")
 
 
-def trace_knn(cfg: TraceKnnConfig) -> dict[str, Any] | None:
-    """Build the store if asked, then trace `start` + its generation (or `text`) to its k nearest
-    windows. Returns the result dict (None when only building)."""
-    from glassgpt.runtime import DTYPES, load_for_inference, resolve_device
-
-    if cfg.start is not None and cfg.text is not None:
-        raise UserError("pass either --start (generate, then trace) or --text (trace as is), not both")
-    if cfg.embed_dtype not in ("float32", "bfloat16"):
-        raise UserError(f"embed_dtype={cfg.embed_dtype!r} is not float32 or bfloat16")
-    device = resolve_device(cfg.device)
-    if cfg.threads is not None:
-        if cfg.threads < 1:
-            raise UserError(f"threads={cfg.threads} must be at least 1")
-        torch.set_num_threads(cfg.threads)
-    model, tok, ckpt = load_for_inference(cfg.out_dir, device)
-    data_dir = _data_dir(cfg, ckpt)
-    corpus = Corpus(data_dir)
-    provenance = {
+def provenance_of(cfg: TraceKnnConfig, ckpt: dict, data_dir: Path) -> dict[str, Any]:
+    """What a store built now would be built from: checkpoint, weights and data fingerprints."""
+    return {
         "checkpoint": str(Path(cfg.out_dir).resolve() / "ckpt.pt"), "iter_num": ckpt.get("iter_num"),
         "weights_sha256": weights_fingerprint(ckpt["model"]), "data_dir": str(data_dir.resolve()),
         "data_files": data_fingerprint(data_dir, cfg.split),
     }
+
+
+def open_checked_store(cfg: TraceKnnConfig, model: torch.nn.Module, provenance: dict, hint: str) -> tuple[KnnStore, bool]:
+    """Load the store and refuse it when it was built with other settings or is stale (unless
+    --allow_stale, which prints a warning). Returns (store, stale)."""
     store_dir = _store_dir(cfg)
-    hint = f"glassgpt trace-knn --out_dir={cfg.out_dir} --build" + (f" --store_dir={cfg.store_dir}" if cfg.store_dir else "")
-    if cfg.build:
-        context = cfg.context or model.config.block_size
-        model.to(DTYPES[cfg.embed_dtype])  # in place; the float32 weights are restored below
-        store = build_store(model, corpus, cfg.split, store_dir, context=context,
-                            stride=cfg.stride or max(1, context // 2), layer=-1 if cfg.layer is None else cfg.layer,
-                            pooling=cfg.pooling or "mean", batch_size=cfg.batch_size, provenance=provenance,
-                            progress=cfg.progress)
-        model.float()
-        print(f"built {store_dir}: {len(store):,} windows of {store.meta['context']} tokens (stride "
-              f"{store.meta['stride']}) in {store.meta['build_seconds']:.1f} s", file=sys.stderr)
-        if cfg.start is None and cfg.text is None:
-            return None
-    elif cfg.start is None and cfg.text is None:
-        raise UserError("nothing to trace: pass --start=PROMPT or --text=TEXT (or --build to build the store)")
     store = load_store(store_dir, hint)
     m = store.meta
     for key in ("layer", "pooling", "context", "stride"):
@@ -591,6 +566,46 @@ def trace_knn(cfg: TraceKnnConfig) -> dict[str, Any] | None:
     if reasons:
         print(f"warning: using a STALE kNN store ({'; '.join(reasons)}): scores and neighbours come from "
               f"other embeddings; rebuild with `{hint}`", file=sys.stderr)
+    if not 1 <= cfg.k <= len(store):  # checked before generating, which can take a while
+        raise UserError(f"k={cfg.k} but the store has {len(store)} windows; pass --k between 1 and {len(store)}")
+    return store, bool(reasons)
+
+
+def trace_knn(cfg: TraceKnnConfig) -> dict[str, Any] | None:
+    """Build the store if asked, then trace `start` + its generation (or `text`) to its k nearest
+    windows. Returns the result dict (None when only building)."""
+    from glassgpt.runtime import DTYPES, load_for_inference, resolve_device
+
+    if cfg.start is not None and cfg.text is not None:
+        raise UserError("pass either --start (generate, then trace) or --text (trace as is), not both")
+    if cfg.embed_dtype not in ("float32", "bfloat16"):
+        raise UserError(f"embed_dtype={cfg.embed_dtype!r} is not float32 or bfloat16")
+    if cfg.threads is not None:
+        if cfg.threads < 1:
+            raise UserError(f"threads={cfg.threads} must be at least 1")
+        torch.set_num_threads(cfg.threads)
+    model, tok, ckpt = load_for_inference(cfg.out_dir, resolve_device(cfg.device))
+    data_dir = _data_dir(cfg, ckpt)
+    corpus = Corpus(data_dir)
+    provenance = provenance_of(cfg, ckpt, data_dir)
+    store_dir = _store_dir(cfg)
+    hint = f"glassgpt trace-knn --out_dir={cfg.out_dir} --build" + (f" --store_dir={cfg.store_dir}" if cfg.store_dir else "")
+    if cfg.build:
+        context = cfg.context or model.config.block_size
+        model.to(DTYPES[cfg.embed_dtype])  # in place; back to float32 for generation below
+        store = build_store(model, corpus, cfg.split, store_dir, context=context,
+                            stride=cfg.stride or max(1, context // 2), layer=-1 if cfg.layer is None else cfg.layer,
+                            pooling=cfg.pooling or "mean", batch_size=cfg.batch_size, provenance=provenance,
+                            progress=cfg.progress)
+        model.float()
+        print(f"built {store_dir}: {len(store):,} windows of {store.meta['context']} tokens (stride "
+              f"{store.meta['stride']}) in {store.meta['build_seconds']:.1f} s", file=sys.stderr)
+        if cfg.start is None and cfg.text is None:
+            return None
+    elif cfg.start is None and cfg.text is None:
+        raise UserError("nothing to trace: pass --start=PROMPT or --text=TEXT (or --build to build the store)")
+    store, stale = open_checked_store(cfg, model, provenance, hint)
+    m = store.meta
 
     prompt = read_text_arg(cfg.start) if cfg.start is not None else ""
     generated = generate_text(model, tok, prompt, cfg) if cfg.start is not None else ""
@@ -609,10 +624,11 @@ def trace_knn(cfg: TraceKnnConfig) -> dict[str, Any] | None:
         neighbours.append({"rank": rank, "score": round(float(score), 6), "window": int(row), "doc": doc,
                            "doc_id": str(d["id"]), "source": str(d.get("source", "")), "token_start": s,
                            "token_end": e, "char_offset": char, "line": line, "text": corpus.decode(cfg.split, s, e)})
-    return {"prompt": prompt if cfg.start is not None else None, "generated": generated if cfg.start is not None else None,
+    generating = cfg.start is not None
+    return {"prompt": prompt if generating else None, "generated": generated if generating else None,
             "text": text, "n_tokens": len(ids),
             "n_query_windows": len(query_window_starts(len(ids), m["context"], query_stride)),
-            "store": str(store_dir), "stale": bool(reasons), "search": how, "query_ms": round(elapsed * 1000, 2),
+            "store": str(store_dir), "stale": stale, "search": how, "query_ms": round(elapsed * 1000, 2),
             "split": cfg.split, "neighbours": neighbours}
 
 
