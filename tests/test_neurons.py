@@ -198,6 +198,8 @@ def test_neuron_out_of_range_is_one_line(char_checkpoint, capsys, argv, needle):
     (["--ablation=half"], "zero, mean"),
     (["--score=rank"], "z, prob"),
     (["--max_new_tokens=60", "--ablate"], "block_size"),
+    (["--start=A", "--max_new_tokens=1"], "position 0"),
+    (["--prompts=/nonexistent/p.txt"], "one prompt per line"),
 ])
 def test_trace_bad_input_is_one_line(char_checkpoint, capsys, argv, needle):
     assert run_main(nz.main, [f"--out_dir={char_checkpoint}", "--start=All", "--device=cpu", *argv]) == 2
