@@ -31,7 +31,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from canaries import write_char_dataset  # noqa: E402
-from glassgpt.corpus import write_json, write_segments  # noqa: E402
 from glassgpt.download import TINYSHAKESPEARE, local_or_fetch  # noqa: E402
 from glassgpt.trace import spans as S  # noqa: E402
 
@@ -156,7 +155,6 @@ print(json.dumps({{"n": len(toks), "build_s": build, "peak_rss_mb": rss1 / 1024,
 def scale_tokens(work: Path, max_tokens: int) -> Path:
     """GPT-2 tokens of the english corpus (SOTU + Moby-Dick), extended to max_tokens by copies whose ids
     go through a fresh random permutation each: real text statistics, no cross-copy repeats."""
-    import tiktoken  # noqa: F401
 
     from glassgpt.tokenizer import GPT2Tokenizer
 

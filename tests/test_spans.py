@@ -14,7 +14,7 @@ from glassgpt.corpus import Corpus, write_json, write_segments
 from glassgpt.errors import UserError, run_main
 from glassgpt.tokenizer import CharTokenizer, GPT2Tokenizer
 from glassgpt.trace import spans as S
-from tests.conftest import make_char_dataset, make_checkpoint
+from conftest import make_char_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
