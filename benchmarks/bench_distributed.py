@@ -57,7 +57,7 @@ def run_job(mode: str, nproc: int, args: argparse.Namespace, data: Path, out: Pa
     cli = [f"--{k}={v}" for k, v in opts.items()]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     if args.device == "cpu":
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        env["OMP_NUM_THREADS"] = str(args.threads or max(1, (os.cpu_count() or 1) // nproc))
     if mode == "plain":
         cmd = [sys.executable, "train.py", *cli]
     else:
@@ -82,11 +82,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "(default: 2 on CPU, every GPU on CUDA)")
     ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="model size (default: cpu / gpt2)")
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=2, help="runs of every configuration, interleaved")
     ap.add_argument("--warmup", type=int, default=5, help="iterations left out of the median")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--compile", default="False")
     ap.add_argument("--modes", default="plain,ddp,fsdp")
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: cores / "
+                    "processes, so 1 and N processes share the same cores; 1 measures scaling over N cores)")
     args = ap.parse_args(argv)
     args.preset = args.preset or ("cpu" if args.device == "cpu" else "gpt2")
     if args.nproc is None:
@@ -106,19 +109,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
         plan = [("plain", 1)] if "plain" in modes else []
         for n in sorted({1, args.nproc}):
             plan += [(m, n) for m in modes if m != "plain"]
-        for mode, n in plan:
-            row = run_job(mode, n, args, data, Path(tmp) / f"{mode}{n}")
-            rows.append(row)
-            print(f"{mode} x{n}: {row['tok_s']:,.0f} tok/s ({row['ms']:.1f} ms/iter)", file=sys.stderr)
+        # repeats interleave the configurations, so a change in the machine's load hits all of them
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for rep in range(args.repeats):
+            for mode, n in plan:
+                row = run_job(mode, n, args, data, Path(tmp) / f"{mode}{n}-{rep}")
+                runs.setdefault((mode, n), []).append(row)
+                print(f"{mode} x{n} (run {rep + 1}): {row['tok_s']:,.0f} tok/s ({row['ms']:.1f} ms/iter)", file=sys.stderr)
+    for (mode, n), reps in runs.items():
+        tok = sorted(r["tok_s"] for r in reps)
+        mfus = [r["mfu"] for r in reps if r["mfu"] is not None]
+        rows.append({"mode": mode, "nproc": n, "tok_s": statistics.median(tok), "range": (tok[0], tok[-1]),
+                     "ms": statistics.median(r["ms"] for r in reps), "mfu": statistics.median(mfus) if mfus else None})
     base = rows[0]["tok_s"]
     tokens = p["grad_accum"] * p["batch_size"] * p["block_size"]
+    threads = f", OMP threads per process {args.threads or 'cores/N'}" if args.device == "cpu" else ""
     print(f"\npreset {args.preset} ({p}), {tokens:,} tokens/iteration, device {args.device}, {args.iters} iters "
-          f"(median after {args.warmup})\n")
-    print("| run | processes | tokens/s (job) | ms/iter | MFU | vs first row |")
-    print("|---|---|---|---|---|---|")
+          f"(median after {args.warmup}){threads}\n")
+    print(f"| run | processes | tokens/s (job), median of {args.repeats} | min-max | ms/iter | MFU | vs first row |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         mfu = f"{row['mfu'] * 100:.1f}%" if row["mfu"] is not None else "n/a"
-        print(f"| {row['mode']} | {row['nproc']} | {row['tok_s']:,.0f} | {row['ms']:.1f} | {mfu} | "
+        lo, hi = row["range"]
+        print(f"| {row['mode']} | {row['nproc']} | {row['tok_s']:,.0f} | {lo:,.0f}-{hi:,.0f} | {row['ms']:.1f} | {mfu} | "
               f"{row['tok_s'] / base:.2f}x |")
     return rows
 

@@ -79,6 +79,16 @@ class RanksInOrder(BatchSampler):
         return super().get_batch(split, gen)
 
 
+@pytest.fixture
+def one_thread():
+    """In-process runs use one thread, as each torchrun worker does (OMP_NUM_THREADS=1): on the shared
+    2-core machine a 2-thread pool spinning against other jobs is what makes tiny runs slow."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """One dataset; a 2-process DDP job and a 2-process FSDP job over it, 4 iterations each."""
@@ -98,11 +108,14 @@ def reference(runs, tmp_path_factory) -> list[dict]:
     """1 process, WORLD*K accumulation steps, the same micro-batches as the 2-process jobs."""
     mp = pytest.MonkeyPatch()
     mp.setattr(train_mod, "BatchSampler", RanksInOrder)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         out = tmp_path_factory.mktemp("ref")
         return train(TrainConfig(**{**BASE, "data_dir": str(runs["data"]), "dataset": "tiny_char",
                                     "out_dir": str(out)}))["log"]
     finally:
+        torch.set_num_threads(threads)
         mp.undo()
 
 
@@ -139,7 +152,7 @@ def test_fsdp_checkpoint_is_the_single_device_checkpoint(runs):
     assert len(b["rng"]["ranks"]) == WORLD
 
 
-def test_resume_two_process_checkpoints_in_one_process(runs, tmp_path):
+def test_resume_two_process_checkpoints_in_one_process(runs, tmp_path, one_thread):
     """Both 2-process checkpoints resume in a plain 1-process run and continue identically (same
     weights, same Adam state, rank 0's data stream); sample.py loads them on one device."""
     import shutil
