@@ -281,7 +281,7 @@ def sampled_throughput(out_dir: Path, dtype: str, threads: int, n: int) -> dict:
     try:
         knn.embed_windows(model, tokens, spans[:16])
         t = time.perf_counter()
-        knn.embed_windows(model, tokens, spans[16:16 + n])
+        emb = knn.embed_windows(model, tokens, spans[16:16 + n])
         dt = time.perf_counter() - t
     finally:
         torch.set_num_threads(before)
@@ -289,7 +289,18 @@ def sampled_throughput(out_dir: Path, dtype: str, threads: int, n: int) -> dict:
     knn.locate_windows(corpus, "train", spans)
     locate_s = time.perf_counter() - t
     return {"dtype": dtype, "threads": threads, "sampled_windows": n, "windows_per_s": round(n / dt, 2),
-            "windows": len(spans), "extrapolated_build_s": round(len(spans) * dt / n + locate_s, 1)}
+            "windows": len(spans), "extrapolated_build_s": round(len(spans) * dt / n + locate_s, 1),
+            "embeddings": emb}
+
+
+def sample_agreement(a: np.ndarray, b: np.ndarray, k: int = 5) -> dict:
+    """How far another precision moves the same windows: row cosines and top-k neighbour overlap among them."""
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    cos = (a * b).sum(1)
+    _, na = knn.query_exact(a.astype(np.float16), a, k + 1)
+    _, nb = knn.query_exact(b.astype(np.float16), b, k + 1)
+    return {"min_cos": round(float(cos.min()), 5), "mean_cos": round(float(cos.mean()), 6),
+            f"top{k}_overlap": round(knn.recall_at_k(na[:, 1:], nb[:, 1:]), 4), "windows": len(a)}
 
 
 def synthetic_latency(out_dir: Path, dtype: str, n_windows: int, text: str, n: int = 20) -> dict:
@@ -318,7 +329,8 @@ def knn_dtype(name: str) -> torch.dtype:
 
 
 def scale_search(work: Path, rows: int, dim: int = 384) -> dict:
-    """Exact search over a synthetic memory-mapped float16 store of `rows` windows: latency and peak RSS."""
+    """Exact search over a synthetic memory-mapped float16 store of `rows` windows, in a fresh process so
+    that its peak RSS is the search's own: latency and memory."""
     path = work / f"synthetic_{rows}.npy"
     if not path.exists():
         mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, dim))
@@ -327,16 +339,20 @@ def scale_search(work: Path, rows: int, dim: int = 384) -> dict:
             mm[lo:lo + 100_000] = knn.normalize(rng.standard_normal((min(100_000, rows - lo), dim)))
         mm.flush()
         del mm
-    emb = np.load(path, mmap_mode="r")
-    q = knn.normalize(np.random.default_rng(1).standard_normal((1, dim)))
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        knn.query_exact(emb, q, 10)
-        times.append(time.perf_counter() - t)
-    return {"rows": rows, "dim": dim, "file_mb": round(path.stat().st_size / 2**20), "exact_ms": round(min(times) * 1000),
-            "peak_rss_mb_before": round(rss0), "peak_rss_mb_after": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    code = f"""
+import json, resource, time, numpy as np
+from glassgpt.trace import knn
+emb = np.load({str(path)!r}, mmap_mode="r")
+q = knn.normalize(np.random.default_rng(1).standard_normal((1, {dim})))
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+times = []
+for _ in range(3):
+    t = time.perf_counter(); s, i = knn.query_exact(emb, q, 10); times.append(time.perf_counter() - t)
+print(json.dumps({{"exact_ms": round(min(times) * 1000), "peak_rss_mb_before": round(rss0),
+                  "peak_rss_mb_after": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    return {"rows": rows, "dim": dim, "file_mb": round(path.stat().st_size / 2**20), **json.loads(out.stdout)}
 
 
 def faiss_recall(store: knn.KnnStore, n_queries: int = 300) -> list[dict]:
@@ -399,6 +415,10 @@ def markdown(res: dict) -> str:
         lines += [f"| {r['dtype']} | {r['threads']} | {r['sampled_windows']} | {r['windows_per_s']} | {r['windows']:,} "
                   f"| {r['extrapolated_build_s']} |" for r in res["sampled"]]
         lines.append("")
+    if "bf16_sample_agreement" in res:
+        b = res["bf16_sample_agreement"]
+        lines += [f"bfloat16 vs float32 on the same {b['windows']} sampled windows: cosine min {b['min_cos']}, mean "
+                  f"{b['mean_cos']}; top-5 neighbour overlap among them {b['top5_overlap']}.", ""]
     if "latency" in res:
         lines += ["Query latency (model loaded; median of 20; embed the text + exact search over the store):", "",
                   "| store | tokens | embed ms | search ms | total ms |", "|---|---|---|---|---|"]
@@ -408,8 +428,8 @@ def markdown(res: dict) -> str:
     if "scale" in res:
         s = res["scale"]
         lines += [f"Exact search at scale: synthetic {s['rows']:,} x {s['dim']} float16 store ({s['file_mb']} MB, "
-                  f"memory-mapped): {s['exact_ms']} ms per query; peak RSS {s['peak_rss_mb_before']} MB before, "
-                  f"{s['peak_rss_mb_after']} MB after the searches.", ""]
+                  f"memory-mapped): {s['exact_ms']} ms per query; peak RSS of a fresh process {s['peak_rss_mb_before']} MB after "
+                  f"imports, {s['peak_rss_mb_after']} MB after the searches.", ""]
     if "faiss" in res:
         lines += ["faiss vs exact on the canary store (perturbed store rows as queries):", "",
                   "| index | k | recall@k | ms/query | build s |", "|---|---|---|---|---|"]
@@ -453,6 +473,9 @@ def main(argv: list[str] | None = None) -> dict:
         dtypes = cfg.timing_dtypes.split(",")
         if cfg.timing_windows:
             res["sampled"] = [sampled_throughput(baby, d, th, cfg.timing_windows) for d in dtypes for th in (1, 2)]
+            by = {(r["dtype"], r["threads"]): r.pop("embeddings") for r in res["sampled"]}
+            if ("float32", 1) in by and ("bfloat16", 1) in by:
+                res["bf16_sample_agreement"] = sample_agreement(by[("float32", 1)], by[("bfloat16", 1)])
             for r in res["sampled"]:
                 print(r)
             n_windows = res["sampled"][0]["windows"]
