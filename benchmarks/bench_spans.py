@@ -103,6 +103,7 @@ def bench_tiny_shakespeare(work: Path, repeats: int) -> list[str]:
         lines.append(f"| spans of a 500-char text, {name} (all steps: spans, counts, 10 sources each, coverage) | "
                      f"{best:.1f} ms | {med:.1f} ms | {len(tr.spans)} spans kept of {tr.n_maximal}, "
                      f"coverage {tr.coverage:.0%} |")
+    lines += bench_bpe(work, text, gens, repeats)
     try:
         import infini_gram  # noqa: F401
         from infini_gram.engine import InfiniGramEngine
@@ -125,6 +126,35 @@ def bench_tiny_shakespeare(work: Path, repeats: int) -> list[str]:
                                                       enforce_bow=False), repeats * 5)
         lines.append(f"| infini-gram attribute(), {name} (spans + counts, no sources decoded) | {best:.1f} ms | "
                      f"{med:.1f} ms | {len(r['spans'])} spans |")
+    return lines
+
+
+def bench_bpe(work: Path, text: str, gens: dict[str, str], repeats: int) -> list[str]:
+    """The same on tiny-shakespeare as GPT-2 BPE tokens (one document, 90% train as nanoGPT's prepare)."""
+    from glassgpt.corpus import DATA_FORMAT, write_json, write_segments
+    from glassgpt.tokenizer import GPT2Tokenizer
+
+    tok = GPT2Tokenizer(MIRROR / "gpt2")
+    data_dir = work / "ts_bpe"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    n = int(len(text) * 0.9)
+    for split, part, start in (("train", text[:n], 0), ("val", text[n:], n)):
+        ids = np.array(tok.encode_ordinary(part), dtype=np.uint16)
+        ids.tofile(data_dir / f"{split}.bin")
+        write_segments(data_dir, split, [[0, 0, len(ids), start, 1 + text.count("\n", 0, start)]])
+    write_json(data_dir / "meta.json", {**tok.meta(), "format": DATA_FORMAT})
+    write_json(data_dir / "documents.json", [{"id": "tinyshakespeare", "source": "input.txt", "char_offset": 0, "line": 1}])
+    best, med, _ = timed(lambda: S.write_span_index(data_dir, log=lambda m: None), repeats)
+    n_tok = len(np.fromfile(data_dir / "train.bin", dtype=np.uint16))
+    lines = [f"| index build, tiny-shakespeare GPT-2 BPE ({n_tok:,} tokens), incl. writing files | {best:.0f} ms | "
+             f"{med:.0f} ms | pydivsufsort, 2 bytes/token |"]
+    index = S.SpanIndex(data_dir)
+    for name, g in gens.items():
+        ids, t, offs = S.encode_text(index, g)
+        S.trace_text(index, ids, min_len=4, text=t, offsets=offs)
+        best, med, tr = timed(lambda: S.trace_text(index, ids, min_len=4, text=t, offsets=offs), repeats * 5)
+        lines.append(f"| BPE: spans of the same 500-char text, {name} ({len(ids)} tokens, min_len 4) | {best:.1f} ms | "
+                     f"{med:.1f} ms | {len(tr.spans)} spans kept of {tr.n_maximal}, coverage {tr.coverage:.0%} |")
     return lines
 
 

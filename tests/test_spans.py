@@ -231,9 +231,10 @@ def test_spans_real_text(tmp_path, mirror):
 
 def test_spans_bpe(tmp_path, mirror):
     tok = GPT2Tokenizer(mirror / "gpt2")
+    shakespeare = (mirror / "tinyshakespeare" / "input.txt").read_text()[:12000].replace("citizens", "citoyens, café ☕")
     docs = ["The quick brown fox jumps over the lazy dog. It was a bright cold day in April.",
             "It was the best of times, it was the worst of times.\nCall me Ishmael.",
-            "Some years ago, never mind how long precisely, the lazy dog slept."]
+            "Some years ago, never mind how long precisely, the lazy dog slept.", shakespeare]
     d = make_docs_dataset(tmp_path / "bpe", docs, tok)
     S.write_span_index(d, log=lambda m: None)
     index = S.SpanIndex(d)
@@ -245,6 +246,14 @@ def test_spans_bpe(tmp_path, mirror):
     texts = [tok.decode(ids[a:e]).strip() for a, e in spans]
     # token-level matching: " It" (after a space in the data) is not "It" (text start), as in OLMoTrace
     assert "was a bright cold day in April." in texts and "it was the worst of times." in texts
+    # locations from the stored prefix counts equal Corpus.locate, past several 1024-token strides and
+    # multi-byte characters (a GPT-2 token may hold part of one)
+    ids_all = np.asarray(index.corpus.tokens("train"))
+    assert len(ids_all) > 3 * S.COUNT_STRIDE
+    for p in range(0, len(ids_all) - 5, 97):
+        got = index.location(p, 5).to_dict()
+        want = index.corpus.locate("train", p, p + 5).to_dict()
+        assert got == want, (p, got, want)
 
 
 # ---------------------------------------------------------------- selection, coverage, highlights

@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from glassgpt.config import load_config
-from glassgpt.corpus import Corpus, atomic_write_bytes, write_json
+from glassgpt.corpus import Corpus, Location, atomic_write_bytes, write_json
 from glassgpt.download import sha256_file
 from glassgpt.errors import UserError
 
@@ -48,6 +48,7 @@ INDEX_DIRNAME = "spans"
 PAD_LOW = -1  # after a query's end: sorts before every token, so "query is a prefix" < suffix
 PAD_HIGH = 1 << 30  # after a query's end: sorts after every token (upper bounds)
 NO_MATCH = -2  # query tokens the index cannot contain (>= separator): never equal to a text value
+COUNT_STRIDE = 1024  # prefix character/newline counts are stored every this many tokens
 BUCKET_LIMIT = 1 << 21  # k-gram bucket table entries (char data: k = 3; GPT-2: k = 1)
 HASH_LIMIT = 256 << 20  # data files up to this size are re-hashed on every load; larger ones by size+mtime
 SENTENCE_ENDS = ".!?"
@@ -150,6 +151,38 @@ class Queries:
 
     def row(self, r: int) -> np.ndarray:
         return self.flat[self.offset[r]:self.offset[r] + self.width]
+
+
+def token_text_counts(tokenizer, vocab: int) -> np.ndarray:
+    """(vocab, 2) int64: characters each token id starts and newlines it holds. GPT-2 tokens are bytes
+    and may cut a character: a token starts one character per byte that is not a UTF-8 continuation
+    byte (as Corpus.locate counts)."""
+    out = np.zeros((vocab, 2), dtype=np.int64)
+    token_bytes = getattr(tokenizer, "token_bytes", None)
+    itos = getattr(tokenizer, "itos", {})
+    for i in range(min(vocab, tokenizer.vocab_size)):
+        if token_bytes is not None:
+            b = token_bytes(i)
+            out[i] = sum(1 for c in b if c & 0xC0 != 0x80), b.count(b"\n")
+        elif i in itos:
+            out[i] = len(itos[i]), itos[i].count("\n")
+    return out
+
+
+def count_checkpoints(tokens: np.ndarray, per_token: np.ndarray, stride: int = COUNT_STRIDE) -> np.ndarray:
+    """(ceil(n / stride) + 1, 2): characters and newlines in tokens[:k * stride], for every k."""
+    tokens = np.asarray(tokens)
+    if not len(tokens):
+        return np.zeros((1, 2), dtype=np.int64)
+    per_block = np.add.reduceat(per_token[tokens], np.arange(0, len(tokens), stride), axis=0)
+    return np.concatenate([np.zeros((1, 2), dtype=np.int64), np.cumsum(per_block, axis=0)])
+
+
+def prefix_counts(tokens: np.ndarray, per_token: np.ndarray, checkpoints: np.ndarray, pos: int,
+                  stride: int = COUNT_STRIDE) -> np.ndarray:
+    """Characters and newlines in tokens[:pos]: a stored checkpoint plus at most stride - 1 tokens."""
+    k = pos // stride
+    return checkpoints[k] + per_token[np.asarray(tokens[k * stride:pos])].sum(axis=0)
 
 
 def _compare(text: np.ndarray, starts: np.ndarray, queries: Queries, rows: np.ndarray, last: int,
@@ -417,13 +450,16 @@ def write_span_index(data_dir: str | Path, index_dir: str | Path | None = None, 
     eot = getattr(corpus.tokenizer, "eot_token", None)
     log(f"building span index of {data_dir}/{split}.bin ({len(tokens):,} tokens) in {index_dir} ...")
     arrays = build_span_arrays(tokens, corpus.segments(split), separator=vocab, eot=eot)
+    per_token = token_text_counts(corpus.tokenizer, vocab)
+    checkpoints = count_checkpoints(tokens, per_token)
     build_s = time.perf_counter() - t0
     index_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(index_dir / f"{split}.tokens.bin", arrays.text.tobytes())
     atomic_write_bytes(index_dir / f"{split}.sa.bin", arrays.sa.tobytes())
-    for name in ("seps", "unigram", "buckets"):
+    extra = {"token_counts": per_token, "count_checkpoints": checkpoints}
+    for name in ("seps", "unigram", "buckets", "token_counts", "count_checkpoints"):
         tmp = index_dir / f".{split}.{name}.tmp.npy"
-        np.save(tmp, getattr(arrays, name))
+        np.save(tmp, extra[name] if name in extra else getattr(arrays, name))
         os.replace(tmp, index_dir / f"{split}.{name}.npy")
     import importlib.metadata as md
 
@@ -431,7 +467,8 @@ def write_span_index(data_dir: str | Path, index_dir: str | Path | None = None, 
         "format": INDEX_FORMAT, "split": split, "data_dir": str(data_dir.resolve()), "data_files": fingerprint,
         "tokenizer": corpus.meta.get("tokenizer", "gpt2"), "vocab_size": vocab, "separator": arrays.separator,
         "eot_token": eot, "n_tokens": int(len(tokens)), "n_segments": int(len(arrays.seps)),
-        "text_dtype": "uint16", "sa_dtype": str(arrays.sa.dtype), "bucket_k": arrays.bucket_k, "library": f"pydivsufsort {md.version('pydivsufsort')}",
+        "text_dtype": "uint16", "sa_dtype": str(arrays.sa.dtype), "bucket_k": arrays.bucket_k,
+        "count_stride": COUNT_STRIDE, "library": f"pydivsufsort {md.version('pydivsufsort')}",
         "build_seconds": round(build_s, 4), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_json(index_dir / f"{split}.index.json", sidecar)  # written last: its presence means complete
@@ -498,6 +535,9 @@ class SpanIndex:
         # unigram log-probabilities; +1 keeps unseen ids finite (they are never inside a span anyway)
         self.logp = np.log((self.arrays.unigram + 1) / (total + len(self.arrays.unigram)))
         self.segments = self.corpus.segments(split)
+        self.tokens = self.corpus.tokens(split).view(np.ndarray)
+        self.token_counts = np.load(d / f"{s}.token_counts.npy")
+        self.count_checkpoints = np.load(d / f"{s}.count_checkpoints.npy")
         self.is_char = getattr(self.tokenizer, "name", "") == "char"
 
     @property
@@ -520,10 +560,22 @@ class SpanIndex:
         pos = self.positions(int(lo[0]), int(hi[0]), k)
         return int(hi[0] - lo[0]), [self.source(int(p), len(seq), context) for p in pos]
 
+    def location(self, pos: int, length: int) -> Location:
+        """What Corpus.locate returns, from the stored prefix counts: no pass over the document before
+        `pos`, however long (tiny-shakespeare is one 300 k-token document in BPE)."""
+        i = int(np.searchsorted(self.segments[:, 1], pos, side="right")) - 1
+        doc, seg_start, _, char_start, line_start = (int(v) for v in self.segments[i])
+        at = prefix_counts(self.tokens, self.token_counts, self.count_checkpoints, pos)
+        at -= prefix_counts(self.tokens, self.token_counts, self.count_checkpoints, seg_start)
+        d = self.corpus.documents[doc]
+        return Location(split=self.split, doc=doc, doc_id=str(d["id"]), source=str(d.get("source", "")),
+                        token_start=pos, token_end=pos + length, char_offset=char_start + int(at[0]),
+                        line=line_start + int(at[1]), text=self.corpus.decode(self.split, pos, pos + length))
+
     def source(self, pos: int, length: int, context: int) -> dict[str, Any]:
-        """Corpus.locate's document, offsets, line and text (fast for char data: no prefix decoding),
-        plus `context` tokens each side within the segment."""
-        loc = self.corpus.locate(self.split, pos, pos + length).to_dict()
+        """Document, offsets, line and text of an occurrence, plus `context` tokens each side within
+        its segment."""
+        loc = self.location(pos, length).to_dict()
         i = int(np.searchsorted(self.segments[:, 1], pos, side="right")) - 1
         seg_start, seg_end = int(self.segments[i, 1]), int(self.segments[i, 2])
         loc["context_before"] = self.corpus.decode(self.split, max(seg_start, pos - context), pos)
