@@ -6,8 +6,9 @@ scaling 1 MB -> 100 MB of tokens, and canary recall of a trained model.
     python benchmarks/bench_spans.py --canary_dir=/tmp/canary_bench   # + recall on a canary model
                                                         # (benchmarks/canaries.py trains one)
 
-Prints a markdown section for benchmarks/RESULTS.md. Timings are wall-clock, best and median of
-repeats; the machine is shared, so note `uptime` next to them.
+Prints a markdown section for benchmarks/RESULTS.md. Timings: wall-clock best and median of repeats,
+and the median CPU time of this process (what the work costs when other jobs hold the cores); the
+machine is shared, so `uptime` is printed next to them.
 """
 
 from __future__ import annotations
@@ -37,14 +38,18 @@ from glassgpt.trace import spans as S  # noqa: E402
 MIRROR = Path(os.environ.setdefault("GLASSGPT_MIRROR", str(REPO.parent / "shared" / "data")))
 
 
-def timed(fn, repeats: int) -> tuple[float, float, object]:
-    """(best ms, median ms, last result)."""
-    times, out = [], None
+def timed(fn, repeats: int, unit: str = "ms") -> tuple[str, object]:
+    """(formatted timing, last result)."""
+    wall, cpu, out = [], [], None
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return min(times), statistics.median(times), out
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    k = 1e3 if unit == "ms" else 1.0
+    fmt = "{:.1f}" if unit == "ms" else "{:.2f}"
+    return (f"{fmt.format(min(wall) * k)} / {fmt.format(statistics.median(wall) * k)} {unit} | "
+            f"{fmt.format(statistics.median(cpu) * k)} {unit}"), out
 
 
 def sample_generations(text: str, seed: int = 0) -> dict[str, str]:
@@ -87,21 +92,21 @@ def build_infini_gram(tokens: np.ndarray, segments: np.ndarray, save_dir: Path) 
 def bench_tiny_shakespeare(work: Path, repeats: int) -> list[str]:
     text = local_or_fetch(TINYSHAKESPEARE, work / "download").read_text()
     data_dir = write_char_dataset(work / "ts_char", text, "tinyshakespeare")
-    lines = ["| what | best | median | notes |", "|---|---|---|---|"]
-    best, med, _ = timed(lambda: S.write_span_index(data_dir, log=lambda m: None), repeats)
+    lines = ["| what | wall best / median | CPU median | notes |", "|---|---|---|---|"]
+    t, _ = timed(lambda: S.write_span_index(data_dir, log=lambda m: None), repeats)
     n_tok = len(np.fromfile(data_dir / "train.bin", dtype=np.uint16))
     lines.append(f"| index build, tiny-shakespeare char ({n_tok:,} tokens), incl. writing files | "
-                 f"{best:.0f} ms | {med:.0f} ms | pydivsufsort, 1 byte/token |")
+                 f"{t} | pydivsufsort, 1 byte/token |")
     index = S.SpanIndex(data_dir)
-    best, med, _ = timed(lambda: S.SpanIndex(data_dir), repeats)
-    lines.append(f"| open index (fingerprint check: sha256 of train.bin + mmap) | {best:.1f} ms | {med:.1f} ms | |")
+    t, _ = timed(lambda: S.SpanIndex(data_dir), repeats)
+    lines.append(f"| open index (fingerprint check: sha256 of train.bin + mmap) | {t} | |")
     gens = sample_generations(text)
     for name, g in gens.items():
         ids, t, offs = S.encode_text(index, g)
         S.trace_text(index, ids, min_len=12, text=t, offsets=offs)  # warm caches (Corpus newline table)
-        best, med, tr = timed(lambda: S.trace_text(index, ids, min_len=12, text=t, offsets=offs), repeats * 5)
+        tm, tr = timed(lambda: S.trace_text(index, ids, min_len=12, text=t, offsets=offs), repeats * 5)
         lines.append(f"| spans of a 500-char text, {name} (all steps: spans, counts, 10 sources each, coverage) | "
-                     f"{best:.1f} ms | {med:.1f} ms | {len(tr.spans)} spans kept of {tr.n_maximal}, "
+                     f"{tm} | {len(tr.spans)} spans kept of {tr.n_maximal}, "
                      f"coverage {tr.coverage:.0%} |")
     lines += bench_bpe(work, text, gens, repeats)
     try:
@@ -115,17 +120,17 @@ def bench_tiny_shakespeare(work: Path, repeats: int) -> list[str]:
     corpus = Corpus(data_dir)
     ig_dir = work / "ts_infini_gram"
     build_s = build_infini_gram(np.asarray(corpus.tokens("train")), corpus.segments("train"), ig_dir)
-    lines.append(f"| infini-gram index build, same tokens (u8) | {build_s * 1e3:.0f} ms | | Rust indexer, "
+    lines.append(f"| infini-gram index build, same tokens (u8) | {build_s * 1e3:.0f} ms (once) | - | Rust indexer, "
                  "2 cpus, incl. its process start |")
     tok = index.tokenizer
     engine = InfiniGramEngine(index_dir=str(ig_dir), eos_token_id=254, vocab_size=255, token_dtype="u8")
     delims = [tok.stoi[c] for c in "\n.!?" if c in tok.stoi]
     for name, g in gens.items():
         ids = tok.encode(g)
-        best, med, r = timed(lambda: engine.attribute(input_ids=ids, delim_ids=delims, min_len=12, max_cnt=10,
-                                                      enforce_bow=False), repeats * 5)
-        lines.append(f"| infini-gram attribute(), {name} (spans + counts, no sources decoded) | {best:.1f} ms | "
-                     f"{med:.1f} ms | {len(r['spans'])} spans |")
+        tm, r = timed(lambda: engine.attribute(input_ids=ids, delim_ids=delims, min_len=12, max_cnt=10,
+                                               enforce_bow=False), repeats * 5)
+        lines.append(f"| infini-gram attribute(), {name} (spans + counts, no sources decoded) | {tm} | "
+                     f"{len(r['spans'])} spans |")
     return lines
 
 
@@ -144,17 +149,17 @@ def bench_bpe(work: Path, text: str, gens: dict[str, str], repeats: int) -> list
         write_segments(data_dir, split, [[0, 0, len(ids), start, 1 + text.count("\n", 0, start)]])
     write_json(data_dir / "meta.json", {**tok.meta(), "format": DATA_FORMAT})
     write_json(data_dir / "documents.json", [{"id": "tinyshakespeare", "source": "input.txt", "char_offset": 0, "line": 1}])
-    best, med, _ = timed(lambda: S.write_span_index(data_dir, log=lambda m: None), repeats)
+    t, _ = timed(lambda: S.write_span_index(data_dir, log=lambda m: None), repeats)
     n_tok = len(np.fromfile(data_dir / "train.bin", dtype=np.uint16))
-    lines = [f"| index build, tiny-shakespeare GPT-2 BPE ({n_tok:,} tokens), incl. writing files | {best:.0f} ms | "
-             f"{med:.0f} ms | pydivsufsort, 2 bytes/token |"]
+    lines = [f"| index build, tiny-shakespeare GPT-2 BPE ({n_tok:,} tokens), incl. writing files | {t} | "
+             "pydivsufsort, 2 bytes/token |"]
     index = S.SpanIndex(data_dir)
     for name, g in gens.items():
         ids, t, offs = S.encode_text(index, g)
         S.trace_text(index, ids, min_len=4, text=t, offsets=offs)
-        best, med, tr = timed(lambda: S.trace_text(index, ids, min_len=4, text=t, offsets=offs), repeats * 5)
-        lines.append(f"| BPE: spans of the same 500-char text, {name} ({len(ids)} tokens, min_len 4) | {best:.1f} ms | "
-                     f"{med:.1f} ms | {len(tr.spans)} spans kept of {tr.n_maximal}, coverage {tr.coverage:.0%} |")
+        tm, tr = timed(lambda: S.trace_text(index, ids, min_len=4, text=t, offsets=offs), repeats * 5)
+        lines.append(f"| BPE: spans of the same 500-char text, {name} ({len(ids)} tokens, min_len 4) | {tm} | "
+                     f"{len(tr.spans)} spans kept of {tr.n_maximal}, coverage {tr.coverage:.0%} |")
     return lines
 
 
@@ -168,7 +173,9 @@ from glassgpt.trace import spans as S
 toks = np.load({path!r}, mmap_mode="r")[:{n}]
 seg = np.array([[0, 0, len(toks), 0, 1]])
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-t = time.perf_counter(); a = S.build_span_arrays(np.asarray(toks), seg, separator=50257); build = time.perf_counter() - t
+t, c = time.perf_counter(), time.process_time()
+a = S.build_span_arrays(np.asarray(toks), seg, separator=50257)
+build, build_cpu = time.perf_counter() - t, time.process_time() - c
 rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 rng = np.random.default_rng(0)
 times = []
@@ -176,7 +183,7 @@ for r in range(10):
     i = int(rng.integers(0, len(toks) - 200))
     q = np.concatenate([toks[i:i + 60], rng.integers(0, 50257, 20), toks[i + 500:i + 620]])  # ~200 tokens, 500 chars-ish
     t = time.perf_counter(); S.matching_statistics(a, q); times.append(time.perf_counter() - t)
-print(json.dumps({{"n": len(toks), "build_s": build, "peak_rss_mb": rss1 / 1024, "rss_before_mb": rss0 / 1024,
+print(json.dumps({{"n": len(toks), "build_s": build, "build_cpu_s": build_cpu, "peak_rss_mb": rss1 / 1024, "rss_before_mb": rss0 / 1024,
                   "index_bytes": a.text.nbytes + a.sa.nbytes, "ms_query_ms": 1e3 * min(times),
                   "ms_query_med_ms": 1e3 * sorted(times)[5]}}))
 """
@@ -205,14 +212,15 @@ def scale_tokens(work: Path, max_tokens: int) -> Path:
 
 def bench_scale(work: Path, sizes_mb: list[int]) -> list[str]:
     path = scale_tokens(work, max(sizes_mb) * (1 << 20) // 2)
-    lines = ["| token stream | tokens | build | peak RSS | index on disk | matching statistics, 200 tokens (best / median) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| token stream | tokens | build wall (CPU) | build memory: peak RSS - RSS before | index on disk | "
+             "matching statistics, 200 tokens (best / median) |", "|---|---|---|---|---|---|"]
     for mb in sizes_mb:
         n = mb * (1 << 20) // 2
         out = subprocess.run([sys.executable, "-c", SCALE_CHILD.format(repo=str(REPO), path=str(path), n=n)],
                              check=True, capture_output=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        lines.append(f"| {mb} MB | {r['n']:,} | {r['build_s']:.2f} s | {r['peak_rss_mb']:.0f} MB | "
+        lines.append(f"| {mb} MB | {r['n']:,} | {r['build_s']:.2f} s ({r['build_cpu_s']:.2f} s) | "
+                     f"{r['peak_rss_mb'] - r['rss_before_mb']:.0f} MB ({r['peak_rss_mb']:.0f} - {r['rss_before_mb']:.0f}) | "
                      f"{r['index_bytes'] / 2**20:.0f} MB | {r['ms_query_ms']:.1f} / {r['ms_query_med_ms']:.1f} ms |")
     return lines
 
