@@ -453,7 +453,13 @@ def write_span_index(data_dir: str | Path, index_dir: str | Path | None = None, 
     per_token = token_text_counts(corpus.tokenizer, vocab)
     checkpoints = count_checkpoints(tokens, per_token)
     build_s = time.perf_counter() - t0
-    index_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        index_dir.mkdir(parents=True, exist_ok=True)
+        (index_dir / ".write-test").touch()
+        (index_dir / ".write-test").unlink()
+    except OSError as e:
+        raise UserError(f"cannot write the span index to {index_dir} ({e.strerror}); pass --index_dir=DIR "
+                        "somewhere writable") from None
     atomic_write_bytes(index_dir / f"{split}.tokens.bin", arrays.text.tobytes())
     atomic_write_bytes(index_dir / f"{split}.sa.bin", arrays.sa.tobytes())
     extra = {"token_counts": per_token, "count_checkpoints": checkpoints}
