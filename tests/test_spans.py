@@ -322,6 +322,9 @@ def test_index_refused_when_data_changes(tmp_path, char_dataset):
         S.SpanIndex(char_dataset)
     assert run_main(S.main, [f"--data_dir={char_dataset}", "--build"]) == 0
     S.SpanIndex(char_dataset)
+    (char_dataset / "spans" / "train.buckets.npy").unlink()  # an interrupted copy, a stale format...
+    with pytest.raises(UserError, match="incomplete.*train.buckets.npy missing.*--build"):
+        S.SpanIndex(char_dataset)
 
 
 def test_cli_text_and_json(tmp_path, char_dataset, capsys):

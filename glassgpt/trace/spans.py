@@ -43,7 +43,7 @@ from glassgpt.corpus import Corpus, Location, atomic_write_bytes, write_json
 from glassgpt.download import sha256_file
 from glassgpt.errors import UserError
 
-INDEX_FORMAT = "glassgpt-spans/1"
+INDEX_FORMAT = "glassgpt-spans/2"
 INDEX_DIRNAME = "spans"
 PAD_LOW = -1  # after a query's end: sorts before every token, so "query is a prefix" < suffix
 PAD_HIGH = 1 << 30  # after a query's end: sorts after every token (upper bounds)
@@ -525,7 +525,13 @@ class SpanIndex:
         if check:
             check_fingerprint(self.data_dir, self.meta["data_files"], split, self.index_dir)
         self.corpus = Corpus(self.data_dir)
-        d, s = self.index_dir, split
+        try:
+            self._load_arrays(self.index_dir, split)
+        except FileNotFoundError as e:
+            raise UserError(f"the span index in {self.index_dir} is incomplete ({Path(e.filename).name} missing); "
+                            f"rebuild it with `{build_command(self.data_dir, self.index_dir)}`") from None
+
+    def _load_arrays(self, d: Path, s: str) -> None:
         # memory-mapped; viewed as plain ndarrays because np.memmap's per-index bookkeeping costs
         # more than the binary search itself
         self.arrays = SpanArrays(
@@ -540,8 +546,8 @@ class SpanIndex:
         total = max(int(self.arrays.unigram.sum()), 1)
         # unigram log-probabilities; +1 keeps unseen ids finite (they are never inside a span anyway)
         self.logp = np.log((self.arrays.unigram + 1) / (total + len(self.arrays.unigram)))
-        self.segments = self.corpus.segments(split)
-        self.tokens = self.corpus.tokens(split).view(np.ndarray)
+        self.segments = self.corpus.segments(s)
+        self.tokens = self.corpus.tokens(s).view(np.ndarray)
         self.token_counts = np.load(d / f"{s}.token_counts.npy")
         self.count_checkpoints = np.load(d / f"{s}.count_checkpoints.npy")
         self.is_char = getattr(self.tokenizer, "name", "") == "char"
