@@ -150,6 +150,17 @@ def test_export_round_trip(tmp_path, mirror, bias, activation, vocab):
     assert tok.encode("Hello world") == [15496, 995]
 
 
+def test_hf_to_glassgpt_to_hf(tmp_path):
+    """export_hf of a loaded GPT-2 gives back transformers' own model: same config, same logits."""
+    hf = make_hf_model(2, 5, 40, 33, 321, "gelu")
+    model = from_pretrained(str(save_hf(hf, tmp_path / "hf")))
+    again = GPT2LMHeadModel.from_pretrained(export_hf(model, tmp_path / "again")).eval()
+    assert again.config.activation_function == "gelu" and again.config.n_positions == 33
+    x = torch.randint(0, 321, (2, 33))
+    with torch.no_grad():
+        assert_logits_close(again(x).logits, hf(x).logits, "HF -> glassgpt -> HF")
+
+
 def test_export_char_checkpoint_keeps_its_vocab(tmp_path, char_checkpoint):
     dest = tmp_path / "hf_char"
     assert cli_main(["export", f"--out_dir={char_checkpoint}", str(dest)]) == 0
