@@ -342,12 +342,12 @@ def load_model(cfg: EvalConfig, device: str) -> tuple[GPT, Tokenizer, dict | Non
 
         model, tok, ckpt = load_for_inference(cfg.out_dir, device, data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir)
         return model, tok, ckpt.get("tokenizer"), f"{cfg.out_dir} (iter {ckpt.get('iter_num')})"
-    from glassgpt.pretrained import from_pretrained
-    from glassgpt.tokenizer import GPT2Tokenizer
+    from glassgpt.pretrained import from_pretrained, pretrained_tokenizer
 
     model = from_pretrained(cfg.init_from)
     model.eval().to(device)
-    return model, GPT2Tokenizer(cfg.vocab_dir), {"tokenizer": "gpt2", "vocab_size": 50257}, cfg.init_from
+    tok = pretrained_tokenizer(cfg.init_from, cfg.vocab_dir)
+    return model, tok, tok.meta(), cfg.init_from
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -384,8 +384,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             from glassgpt.pretrained import check_vocab
 
             corpus = Corpus(data_dir_for(cfg.dataset or "", cfg.data_dir))
-            check_vocab(model.config.vocab_size, corpus.meta or None,
-                        model_tok if cfg.init_from == "resume" else None)
+            check_vocab(model.config.vocab_size, corpus.meta or None, model_tok)
             tokens, source = np.asarray(corpus.tokens(cfg.split), dtype=np.int64), f"{corpus.data_dir}:{cfg.split}"
             tok = corpus.tokenizer if corpus.meta else tok
         if source is not None:

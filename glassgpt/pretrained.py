@@ -76,6 +76,8 @@ def from_pretrained(init_from: str, override_args: dict[str, Any] | None = None)
     state = hf_to_glassgpt_state_dict(read_hf_weights(model_dir), model, model_dir)
     model.load_state_dict(state, strict=True, assign=True)
     model.transformer.wte.weight = model.lm_head.weight
+    print(f"loaded GPT-2 weights from {model_dir}: {config.n_layer} layers, {config.n_head} heads, "
+          f"{config.n_embd} wide, vocab {config.vocab_size}, activation {config.activation}")
     if "block_size" in overrides and overrides["block_size"] != config.block_size:
         if overrides["block_size"] > config.block_size:
             raise UserError(f"block_size={overrides['block_size']} is larger than the {config.block_size} "
@@ -253,6 +255,28 @@ def hf_to_glassgpt_state_dict(hf: dict[str, torch.Tensor], model: GPT,
             raise UserError(f"{where}: {k} has shape {tuple(out[k].shape)}, config.json implies {shape}")
     out["lm_head.weight"] = out["transformer.wte.weight"]
     return out
+
+
+def pretrained_tokenizer(init_from: str, vocab_dir: str | None = None):
+    """The tokenizer for `init_from`: GPT-2's BPE (tiktoken) for OpenAI's models and HF directories
+    with GPT-2's vocabulary, the char vocabulary a glassgpt export wrote, and an error for a GPT-2
+    architecture trained with some other tokenizer (glassgpt would feed it wrong ids)."""
+    from glassgpt.tokenizer import GPT2Tokenizer, tokenizer_from_meta
+
+    path = Path(init_from).expanduser()
+    if (init_from in PRETRAINED_MODELS and not (path / "config.json").exists()) or not path.is_dir():
+        return GPT2Tokenizer(vocab_dir)
+    if (path / "glassgpt_tokenizer.json").exists():
+        return tokenizer_from_meta(json.loads((path / "glassgpt_tokenizer.json").read_text()), vocab_dir)
+    vocab_json = path / "vocab.json"
+    if vocab_json.exists():
+        # HF re-serialises vocab.json on save, so compare entries, not bytes: GPT-2's has these.
+        vocab = json.loads(vocab_json.read_text(encoding="utf-8"))
+        signature = {"Hello": 15496, "\u0120world": 995, "<|endoftext|>": 50256}
+        if len(vocab) != 50257 or any(vocab.get(k) != v for k, v in signature.items()):
+            raise UserError(f"{vocab_json} is not GPT-2's BPE vocabulary ({len(vocab)} entries); glassgpt "
+                            "tokenizes HF models with GPT-2's BPE only, so this model's ids would be wrong")
+    return GPT2Tokenizer(vocab_dir)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -282,3 +282,24 @@ def test_eval_hf_directory(tmp_path, mirror, capsys):
     captured = capsys.readouterr()
     assert "61 tokens" in captured.out  # "Hello", " world", "." x 20 and the final " ", each scored once
     assert "outside the model's vocabulary of 1000" in captured.err
+
+
+def test_eval_exported_char_model_and_foreign_vocab(tmp_path, char_checkpoint, capsys):
+    """An exported char checkpoint evaluates from its HF directory with its own vocabulary; an HF
+    directory whose vocab.json is not GPT-2's is refused rather than fed GPT-2 ids."""
+    from tests.conftest import TINY_TEXT
+
+    hf_dir = tmp_path / "hf_char"
+    assert cli_main(["export", f"--out_dir={char_checkpoint}", str(hf_dir)]) == 0
+    text = tmp_path / "t.txt"
+    text.write_text(TINY_TEXT[:200])
+    args = ["eval", f"--text={text}", "--device=cpu", "--stride=8"]
+    assert cli_main([*args, f"--out_dir={char_checkpoint}"]) == 0
+    assert cli_main([*args, f"--init_from={hf_dir}"]) == 0
+    a, b = [line for line in capsys.readouterr().out.splitlines() if "bits/byte" in line]
+    assert a.split(":", 1)[1].split("(", 1)[0] == b.split(":", 1)[1].split("(", 1)[0]  # same tokens, bytes
+    assert a.split("loss")[1].split(";")[0] == b.split("loss")[1].split(";")[0]  # loss, perplexity, bits/byte
+    (hf_dir / "glassgpt_tokenizer.json").unlink()
+    (hf_dir / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
+    assert cli_main([*args, f"--init_from={hf_dir}"]) == 2
+    assert "not GPT-2's BPE vocabulary" in capsys.readouterr().err

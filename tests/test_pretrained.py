@@ -19,7 +19,7 @@ from glassgpt.cli import main as cli_main
 from glassgpt.errors import UserError
 from glassgpt.generate import generate
 from glassgpt.model import GPT, GPTConfig
-from glassgpt.pretrained import PRETRAINED_NAMES, check_vocab, export_hf, from_pretrained
+from glassgpt.pretrained import PRETRAINED_NAMES, check_vocab, export_hf, from_pretrained, pretrained_tokenizer
 
 transformers = pytest.importorskip("transformers")  # a test dependency in pyproject's [test] extra
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
@@ -148,6 +148,10 @@ def test_export_round_trip(tmp_path, mirror, bias, activation, vocab):
     # the GPT-2 tokenizer files came along, and transformers reads them as GPT-2's BPE
     tok = transformers.GPT2Tokenizer.from_pretrained(dest)
     assert tok.encode("Hello world") == [15496, 995]
+    # and glassgpt recognises GPT-2's vocabulary in it, also once transformers has re-serialised it
+    tok.save_pretrained(tmp_path / "resaved")
+    for d in (dest, tmp_path / "resaved"):
+        assert pretrained_tokenizer(str(d)).encode("Hello world") == [15496, 995]
 
 
 def test_hf_to_glassgpt_to_hf(tmp_path):
