@@ -11,13 +11,15 @@ for glassgpt datasets (char or BPE):
    sidecar that fingerprints the data files (size, mtime, sha256); they are memory-mapped at query time
    and refused when the data changed (`--build` rebuilds).
 2. Queries (`sa_range`, `matching_statistics`): vectorised binary search over the suffix array for
-   many queries at once, comparing token windows chunk by chunk (most comparisons end in a few tokens).
-   `count` and `locate` build on them.
+   many queries at once, starting in each query's k-gram bucket, comparing token windows chunk by chunk
+   and skipping the prefix both bounds already share (most comparisons end in a few tokens).
+   `SpanIndex.count` and `SpanIndex.locate` build on them.
 3. Spans (`find_spans`): for every start position the longest prefix that occurs (matching statistics),
    cut to OLMoTrace's self-contained rule -- whole words at both edges, no newline or sentence end
    except at the span's end -- and kept when maximal and at least `min_len` tokens (`min_words` words).
-   `select_spans` keeps the rarest ceil(density x length) by unigram log-probability and `highlights`
-   merges overlapping ones.
+   `select_spans` keeps the rarest ceil(density x length) by unigram log-probability and
+   `merge_ranges` merges overlapping ones into highlights; `trace_text` does all of it plus sources
+   and coverage.
 
 Run it:  glassgpt trace-spans --build --data_dir=data/shakespeare_char        (once)
          glassgpt trace-spans --out_dir=out-shakespeare-char --start="ROMEO:" [--json]
