@@ -178,10 +178,32 @@ def make_grad_scaler(info: DistInfo, device_type: str, enabled: bool) -> torch.a
     """fp16 needs loss scaling; under FSDP each rank holds other gradient shards, so the scaler must
     agree across ranks on whether any shard overflowed (ShardedGradScaler all-reduces that flag)."""
     if info.fsdp and enabled:
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-        return ShardedGradScaler(device_type, enabled=True)
+        return _sharded_grad_scaler(device_type)
     return torch.amp.GradScaler(device_type, enabled=enabled)
+
+
+def _sharded_grad_scaler(device_type: str) -> torch.amp.GradScaler:
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    class FusedSafeShardedGradScaler(ShardedGradScaler):
+        """ShardedGradScaler for fused AdamW. In torch 2.13 its found-inf flag is the *sum* over ranks
+        with shape [1]; the fused step skips only when the flag is exactly 1 and cannot subtract a [1]
+        from its 0-d step counters ("output with shape [] doesn't match the broadcast shape [1]"), so
+        an overflow on 2 ranks would be stepped into NaN weights. Make it a 0-d 0/1 flag. Only unscale_
+        all-reduces the flag over the ranks, so step() always goes through it."""
+
+        def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+            super().unscale_(optimizer)
+            state = self._per_optimizer_states[id(optimizer)]
+            state["found_inf_per_device"] = {d: (t > 0).to(t.dtype).reshape(())
+                                             for d, t in state["found_inf_per_device"].items()}
+
+        def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            if self._enabled and self._per_optimizer_states[id(optimizer)]["stage"].name == "READY":
+                self.unscale_(optimizer)
+            return super().step(optimizer, *args, **kwargs)
+
+    return FusedSafeShardedGradScaler(device_type, enabled=True)
 
 
 # --- metrics ------------------------------------------------------------------------------------
