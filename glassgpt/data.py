@@ -24,6 +24,16 @@ def data_dir_for(dataset: str, data_dir: str | None) -> Path:
     return Path(data_dir) if data_dir else Path("data") / dataset
 
 
+def require_prepared(data_dir: Path) -> None:
+    """One line naming the command that prepares a missing dataset."""
+    for split in ("train", "val"):
+        path = data_dir / f"{split}.bin"
+        if not path.exists():
+            name = data_dir.name
+            raise UserError(f"dataset {name!r} is not prepared ({path} is missing); run "
+                            f"`python data/{name}/prepare.py` (or `glassgpt prepare {name}`)")
+
+
 class BatchSampler:
     def __init__(self, data_dir: str | Path, block_size: int, batch_size: int, device: str, seed: int,
                  rank: int = 0):
@@ -31,12 +41,9 @@ class BatchSampler:
         self.block_size, self.batch_size, self.device = block_size, batch_size, device
         self.seed, self.rank = seed, rank
         self.data: dict[str, np.ndarray | torch.Tensor] = {}
+        require_prepared(self.data_dir)
         for split in ("train", "val"):
             path = self.data_dir / f"{split}.bin"
-            if not path.exists():
-                name = self.data_dir.name
-                raise UserError(f"dataset {name!r} is not prepared ({path} is missing); run "
-                                f"`python data/{name}/prepare.py` (or `glassgpt prepare {name}`)")
             arr = np.memmap(path, dtype=np.uint16, mode="r")
             if len(arr) <= block_size + 1:
                 raise UserError(f"{path} holds {len(arr)} tokens, too few for block_size={block_size}; "

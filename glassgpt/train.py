@@ -27,7 +27,7 @@ import torch
 from glassgpt import distributed
 from glassgpt.checkpoint import ckpt_path, clean_state_dict, load_checkpoint, model_from_checkpoint, save_checkpoint
 from glassgpt.config import TrainConfig, config_to_dict, help_text, load_config
-from glassgpt.data import BatchSampler, data_dir_for
+from glassgpt.data import BatchSampler, data_dir_for, require_prepared
 from glassgpt.errors import UserError, run_main
 from glassgpt.model import GPT, GPTConfig, device_peak_flops
 from glassgpt.runtime import autocast, resolve_device, resolve_dtype
@@ -109,8 +109,10 @@ def check_out_dir(out_dir: str) -> None:
         raise UserError(f"out_dir {out_dir} is not writable ({e.strerror}); choose another --out_dir") from None
 
 
-def build_model(cfg: TrainConfig, meta_vocab: int | None) -> tuple[GPT, dict | None, dict]:
-    """(model, checkpoint if resuming, model_args) for init_from = scratch | resume | gpt2* | HF dir."""
+def build_model(cfg: TrainConfig, meta: dict | None) -> tuple[GPT, dict | None, dict]:
+    """(model, checkpoint if resuming, model_args) for init_from = scratch | resume | gpt2* | HF dir.
+    `meta` is the prepared dataset's metadata (None: nanoGPT-style GPT-2 data without meta)."""
+    meta_vocab = int(meta["vocab_size"]) if meta and "vocab_size" in meta else None
     ckpt = None
     if cfg.init_from == "scratch":
         if meta_vocab is None:
@@ -141,9 +143,11 @@ def build_model(cfg: TrainConfig, meta_vocab: int | None) -> tuple[GPT, dict | N
             model.crop_block_size(cfg.block_size)
         args = model.config.to_dict()
     cfg.block_size = model.config.block_size
-    if meta_vocab is not None and meta_vocab > model.config.vocab_size:
-        raise UserError(f"the dataset's vocabulary has {meta_vocab} tokens but the model only "
-                        f"{model.config.vocab_size}; train on the dataset the model was made for, or from scratch")
+    if cfg.init_from != "scratch":
+        from glassgpt.pretrained import check_vocab
+
+        # data the model cannot embed, or tokenized another way than the model was trained on
+        check_vocab(model.config.vocab_size, meta, ckpt.get("tokenizer") if ckpt else None)
     return model, ckpt, args
 
 
@@ -199,10 +203,11 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo) -> dict[str, Any]:
     ctx = autocast(device, dtype)
 
     data_dir = data_dir_for(cfg.dataset, cfg.data_dir)
-    meta = read_meta(data_dir) if data_dir.exists() else None
+    require_prepared(data_dir)
+    meta = read_meta(data_dir)
     meta_vocab = int(meta["vocab_size"]) if meta and "vocab_size" in meta else None
 
-    model, ckpt, model_args = build_model(cfg, meta_vocab)
+    model, ckpt, model_args = build_model(cfg, meta)
     batches = BatchSampler(data_dir, cfg.block_size, cfg.batch_size, device, cfg.seed, dist_info.rank)
     model.to(device)
     raw_model = model
