@@ -5,14 +5,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+# Tiny models run fastest on one thread, and tests that start subprocesses (DDP ranks, CLI runs)
+# would otherwise oversubscribe the 2-core CI machine. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from glassgpt.checkpoint import save_checkpoint
 from glassgpt.corpus import write_json, write_segments
 from glassgpt.model import GPT, GPTConfig
 from glassgpt.tokenizer import CharTokenizer
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
