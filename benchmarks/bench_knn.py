@@ -1,6 +1,10 @@
 """How good and how fast is trace-knn? Planted canaries, a BM25 baseline, build time and query latency.
 
     python benchmarks/bench_knn.py --work_dir=/tmp/bench-knn [--max_iters=500] [--model_dir=DIR]
+    # what produced benchmarks/RESULTS.md on a busy 2-core CPU (each part separately):
+    python benchmarks/bench_knn.py --work_dir=/tmp/knnbench --max_iters=300 --sections=quality --threads=1
+    python benchmarks/bench_knn.py --work_dir=/tmp/knnbench --sections=timing --timing_windows=48 --threads=1
+    python benchmarks/bench_knn.py --work_dir=/tmp/knnbench --sections=scale --threads=1
 
 1. Quality. tiny-shakespeare with `n_canaries` unique canary lines planted in the training part
    (benchmarks/canaries.py); a small char GPT (4x128, context 256) trained briefly on it. Each canary is
@@ -22,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
