@@ -340,3 +340,17 @@ def test_other_mistakes_are_one_line(char_checkpoint, capsys):
     one_line_error(capsys, [f"--out_dir={char_checkpoint}", "--text=Speak", "--search=fast"], "search='fast'")
     one_line_error(capsys, [f"--out_dir={char_checkpoint}", "--build", "--pooling=max"], "pooling='max'")
     one_line_error(capsys, [f"--out_dir={char_checkpoint}", "--build", "--layer=7"], "layer=7 is out of range")
+
+
+def test_query_stride_and_threads_are_honoured(char_checkpoint):
+    build(char_checkpoint)
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n"  # 61 tokens, context 32
+    default = knn.main([f"--out_dir={char_checkpoint}", f"--text={text}"])
+    before = torch.get_num_threads()  # global state: put it back for the other tests
+    try:
+        fine = knn.main([f"--out_dir={char_checkpoint}", f"--text={text}", "--query_stride=4", "--threads=1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert default["n_query_windows"] == len(knn.query_window_starts(61, 32, 16)) == 3
+    assert fine["n_query_windows"] == len(knn.query_window_starts(61, 32, 4)) == 9
