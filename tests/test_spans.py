@@ -391,3 +391,21 @@ def test_bucket_table_matches_the_suffix_array(random_index):
         for d in digits:
             key = key * (a.separator + 2) + d
         assert a.buckets[key] <= i < a.buckets[key + 1], (i, p, digits)
+
+
+def test_plant_canaries_offsets_and_lines():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from canaries import plant_canaries
+
+    from conftest import TINY_TEXT
+
+    new, canaries = plant_canaries(TINY_TEXT, n=3, seed=1, repeats=2)
+    assert len(canaries) == 3 and all(c["text"] not in TINY_TEXT for c in canaries)
+    removed = new
+    for c in canaries:
+        assert len(c["char_offsets"]) == 2 and c["char_offset"] == c["char_offsets"][0]
+        for off, line in zip(c["char_offsets"], c["lines"]):
+            assert new[off:off + len(c["text"]) + 1] == c["text"] + "\n" and (off == 0 or new[off - 1] == "\n")
+            assert new.count("\n", 0, off) + 1 == line
+        removed = removed.replace(c["text"] + "\n", "")
+    assert removed == TINY_TEXT  # nothing else changed
