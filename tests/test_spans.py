@@ -74,6 +74,7 @@ def brute_spans(ids: list[int], text: str, offs: list[int], first: int, docs: li
     def valid(a: int, e: int) -> bool:
         inner = text[offs[a]:offs[e - 1]]  # every token but the last: no newline, no sentence end
         return (boundary(offs[a]) and boundary(offs[e]) and text[offs[a]:offs[a + 1]].strip() != ""
+                and text[offs[a]:offs[a + 1]].strip()[0] not in ",.;:!?)]}"
                 and text[offs[e - 1]:offs[e]].strip() != "" and "\n" not in inner
                 and not any(c in inner for c in ".!?"))
 

@@ -54,6 +54,7 @@ COUNT_STRIDE = 1024  # prefix character/newline counts are stored every this man
 BUCKET_LIMIT = 1 << 21  # k-gram bucket table entries (char data: k = 3; GPT-2: k = 1)
 HASH_LIMIT = 256 << 20  # data files up to this size are re-hashed on every load; larger ones by size+mtime
 SENTENCE_ENDS = ".!?"
+NO_START = ",.;:!?)]}"  # a span does not begin with closing or joining punctuation (", never mind how")
 
 
 # ---------------------------------------------------------------- index: pure functions over arrays
@@ -362,7 +363,8 @@ def _is_word(ch: str) -> bool:
 def token_rules(text: str, offsets: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """OLMoTrace's self-containment rules, per token of `text` (token t = text[offsets[t]:offsets[t+1]]).
 
-    start_ok[t]: a span may begin at token t (not inside a word, not a whitespace token);
+    start_ok[t]: a span may begin at token t (not inside a word, not a whitespace token, not starting
+                 with closing or joining punctuation);
     end_ok[e]:   a span may end just before token e (idem for token e-1);
     breaks[t]:   token t holds a newline or a sentence end, so it may only be a span's last token.
     """
@@ -374,7 +376,8 @@ def token_rules(text: str, offsets: Sequence[int]) -> tuple[np.ndarray, np.ndarr
     pieces = [text[offsets[t]:offsets[t + 1]] for t in range(n)]
     solid = np.array([p.strip() != "" for p in pieces], dtype=bool)
     at = np.array([boundary(c) for c in offsets], dtype=bool)
-    start_ok = at[:n] & solid
+    leading = np.array([p.strip()[:1] not in tuple(NO_START) for p in pieces], dtype=bool)
+    start_ok = at[:n] & solid & leading
     end_ok = np.zeros(n + 1, dtype=bool)
     end_ok[1:] = at[1:] & solid
     breaks = np.array([("\n" in p) or any(c in p for c in SENTENCE_ENDS) for p in pieces], dtype=bool)
@@ -828,8 +831,12 @@ def render(trace: Trace, color: bool) -> str:
         lines.append(f"\n{on}{s.text}{off}  chars {s.char_start}-{s.char_end}, {s.count} occurrence(s), "
                      f"log p {s.logprob:.1f}")
         for src in s.sources:
+            t = src["text"]
+            core = t.strip()
+            lead, trail = t[:len(t) - len(t.lstrip())], t[len(t.rstrip()):]  # BPE: " mind" -> ' ' + [mind]
             lines.append(f"  {src['doc_id']} line {src['line']} (tokens {src['token_start']}-{src['token_end']}): "
-                         f"...{flat(src['context_before'])}{on}{flat(src['text'])}{off}{flat(src['context_after'])}...")
+                         f"...{flat(src['context_before'] + lead)}{on}{flat(core)}{off}"
+                         f"{flat(trail + src['context_after'])}...")
     return "\n".join(lines)
 
 
