@@ -340,6 +340,13 @@ def test_cli_text_and_json(tmp_path, char_dataset, capsys):
         ("You are all resolved rather to die", 0, 34)]
     src = out["spans"][0]["sources"][0]
     assert {"doc_id", "token_start", "token_end", "line", "context_before", "context_after"} <= set(src)
+    assert run_main(S.main, args + ["--locate=Speak, speak.", "--json", "--max_sources=2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    corpus = Corpus(char_dataset)
+    want = brute_count(corpus, corpus.tokenizer.encode("Speak, speak."))
+    assert out["count"] == len(want) > 2 and [s["token_start"] for s in out["sources"]] == want[:2]
+    assert run_main(S.main, args + ["--locate=Speak, speak."]) == 0
+    assert f"{len(want)} occurrence(s)" in capsys.readouterr().out
     (tmp_path / "t.txt").write_text("First Citizen:\nSpeak, speak.\n")
     assert run_main(S.main, args + [f"--text=FILE:{tmp_path / 't.txt'}"]) == 0
     assert "[First Citizen:]" in capsys.readouterr().out  # brackets: not a tty

@@ -22,6 +22,7 @@ for glassgpt datasets (char or BPE):
    and coverage.
 
 Run it:  glassgpt trace-spans --build --data_dir=data/shakespeare_char        (once)
+         glassgpt trace-spans --data_dir=data/shakespeare_char --locate="First Citizen:"
          glassgpt trace-spans --out_dir=out-shakespeare-char --start="ROMEO:" [--json]
          glassgpt trace-spans --data_dir=data/shakespeare_char --text=FILE:story.txt
 docs/spans.md has the details and the measurements.
@@ -750,6 +751,9 @@ class TraceSpansConfig:
     """Prompt to generate from (FILE:path reads a file); default '\\n'."""
     text: str | None = None
     """Trace this text instead of generating (FILE:path reads a file)."""
+    locate: str | None = None
+    """Only count this exact text in the data and list up to max_sources of its locations (FILE:path reads a
+    file). BPE matches tokens: ' the state' (leading space) is the mid-sentence form, 'the state' is not."""
     max_new_tokens: int = 200
     temperature: float = 0.0
     """0 = greedy (reproducible)."""
@@ -840,6 +844,21 @@ def render(trace: Trace, color: bool) -> str:
     return "\n".join(lines)
 
 
+def locate_main(index: SpanIndex, text: str, cfg: TraceSpansConfig) -> None:
+    """`--locate=TEXT`: its occurrence count and up to max_sources locations."""
+    ids, _, _ = encode_text(index, text)
+    if not ids:
+        raise UserError("nothing to locate: --locate is empty")
+    count, sources = index.locate(ids, cfg.max_sources, cfg.context)
+    if cfg.json:
+        print(json.dumps({"text": text, "count": count, "sources": sources}, ensure_ascii=False, indent=1))
+        return
+    print(f"{text!r}: {count} occurrence(s) in {index.data_dir}/{index.split}.bin" + (":" if sources else ""))
+    for src in sources:
+        print(f"  {src['doc_id']} line {src['line']}, char {src['char_offset']} (tokens {src['token_start']}-"
+              f"{src['token_end']}): ...{src['context_before']}[{src['text']}]{src['context_after']}...".replace("\n", " / "))
+
+
 def main(argv: list[str] | None = None) -> Trace | None:
     if argv and argv[0] in ("-h", "--help"):
         from glassgpt.config import help_text
@@ -852,9 +871,11 @@ def main(argv: list[str] | None = None) -> Trace | None:
     log = (lambda m: print(m, file=sys.stderr))
     if cfg.build:
         write_span_index(data_dir, index_dir, cfg.split, log=log)
-        if cfg.start is None and cfg.text is None:
+        if cfg.start is None and cfg.text is None and cfg.locate is None:
             return None
     index = SpanIndex(data_dir, index_dir, cfg.split)
+    if cfg.locate is not None:
+        return locate_main(index, read_text_arg(cfg.locate), cfg)
     min_len = cfg.min_len if cfg.min_len is not None else (12 if index.is_char else 4)
     if min_len < 1 or not 0 < cfg.density <= 1:
         raise UserError(f"--min_len must be >= 1 and --density in (0, 1], got {min_len} and {cfg.density}")
