@@ -755,9 +755,10 @@ class TraceSpansConfig:
     """Only count this exact text in the data and list up to max_sources of its locations (FILE:path reads a
     file). BPE matches tokens: ' the state' (leading space) is the mid-sentence form, 'the state' is not."""
     max_new_tokens: int = 200
-    temperature: float = 0.0
-    """0 = greedy (reproducible)."""
-    top_k: int | None = None
+    temperature: float = 0.8
+    """As sample.py: 0.8 with top_k=200 (greedy decoding of a small model tends to loop); 0 = greedy.
+    Sampling is seeded, so the same command traces the same text."""
+    top_k: int | None = 200
     seed: int = 1337
     device: str = "cpu"
     include_prompt: bool = False
