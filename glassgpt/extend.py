@@ -52,7 +52,8 @@ class ExtendConfig:
     """The new, longer context length (required)."""
     method: str = "copy"
     """'copy' (tile the trained rows; the first positions are unchanged) or 'interpolate' (stretch
-    the trained table over the longer range)."""
+    the trained table over the longer range; measured to continue training much better, see
+    docs/neurons.md)."""
     new_out_dir: str | None = None
     """Where to write the extended checkpoint; default <out_dir>-ctx<block_size>."""
     overwrite: bool = False
