@@ -197,7 +197,6 @@ def test_neuron_out_of_range_is_one_line(char_checkpoint, capsys, argv, needle):
 @pytest.mark.parametrize("argv,needle", [
     (["--ablation=half"], "zero, mean"),
     (["--score=rank"], "z, prob"),
-    (["--max_new_tokens=60", "--ablate"], "block_size"),
     (["--start=A", "--max_new_tokens=1"], "position 0"),
     (["--prompts=/nonexistent/p.txt"], "one prompt per line"),
 ])
@@ -217,3 +216,42 @@ def test_fallback_without_the_engine_records_the_same(loaded, monkeypatch):
     slow = nz.generate_and_record(model, prompt, 10)
     assert slow.output_ids == fast.output_ids
     np.testing.assert_allclose(slow.acts, fast.acts, rtol=1e-4, atol=1e-5)
+
+
+def test_output_logprobs_beyond_block_size_match_windowed_reference(char_checkpoint):
+    """Texts longer than the context are scored window by window; within it, one pass."""
+    import torch.nn.functional as F
+
+    from glassgpt.runtime import load_for_inference
+    from glassgpt.trace.neurons import output_logprobs
+
+    model, _, _ = load_for_inference(char_checkpoint)
+    B = model.config.block_size
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, model.config.vocab_size, (3 * B,), generator=g).tolist()
+    prompt, out = seq[:5], seq[5:]
+    got = output_logprobs(model, prompt, out)
+    assert got.shape == (len(out),)
+    # slow reference: each target scored from the window the tiling gives it (>= B/2 context)
+    from glassgpt.evaluate import sliding_windows
+
+    ref = np.empty(len(seq) - 1)
+    with torch.no_grad():
+        for b, e, first in sliding_windows(len(seq) - 1, B, B // 2):
+            logp = F.log_softmax(model(torch.tensor([seq[b:e]]), torch.tensor([seq[b + 1:e + 1]]))[0][0], -1)
+            for j in range(first, e):
+                ref[j] = logp[j - b, seq[j + 1]].item()
+    diff = np.abs(got - ref[len(prompt) - 1:]).max()
+    assert diff < 1e-4, diff
+    short = output_logprobs(model, prompt, out[: B - 10])
+    with torch.no_grad():
+        full = F.log_softmax(model(torch.tensor([seq[: B - 6]]), torch.tensor([seq[1: B - 5]]))[0][0], -1)
+    one_pass = np.array([full[j, seq[j + 1]].item() for j in range(len(prompt) - 1, B - 6)])
+    assert np.abs(short - one_pass).max() < 1e-4
+
+
+def test_ablate_generation_longer_than_block_size(char_checkpoint, capsys):
+    argv = [f"--out_dir={char_checkpoint}", "--device=cpu", "--start=A", "--max_new_tokens=60", "--ablate", "--json"]
+    assert run_main(nz.main, argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "drop_top" in json.dumps(out)

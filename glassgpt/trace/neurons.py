@@ -283,20 +283,16 @@ def _generate_then_record(model: GPT, prompt_ids: list[int], max_new_tokens: int
 
 @torch.no_grad()
 def output_logprobs(model: GPT, prompt_ids: list[int], output_ids: list[int]) -> np.ndarray:
-    """Teacher-forced log p(output token | prompt, earlier output) for each output token: one forward
-    pass over prompt + output[:-1], scoring only the output positions."""
-    seq = list(prompt_ids) + list(output_ids)
-    if len(seq) - 1 > model.config.block_size:
-        raise UserError(f"prompt + output is {len(seq)} tokens, more than the model's block_size + 1 "
-                        f"({model.config.block_size + 1}) that one teacher-forced pass can score; "
-                        "lower --max_new_tokens or shorten the prompt")
-    device = model.lm_head.weight.device
-    x = torch.tensor([seq[:-1]], device=device)
-    logits = model.lm_head(model.hidden_states(x))[0].float()  # (T, vocab): every position
-    logp = F.log_softmax(logits, dim=-1)
-    n_p = len(prompt_ids)
-    targets = torch.tensor(seq[n_p:], device=device)
-    return logp[n_p - 1:].gather(1, targets[:, None])[:, 0].cpu().numpy().astype(np.float64)
+    """Teacher-forced log p(output token | prompt, earlier output) for each output token, scoring only
+    the output positions. Up to block_size + 1 tokens this is one forward pass; longer texts are scored
+    in half-overlapping windows (glassgpt.evaluate.token_nlls), each token once, with at least
+    block_size/2 tokens of context, so ablations of long generations compare like with like."""
+    from glassgpt.evaluate import token_nlls
+
+    seq = torch.tensor(list(prompt_ids) + list(output_ids))
+    block = model.config.block_size
+    nll = token_nlls(model, seq, block, max(1, block // 2))
+    return (-nll[len(prompt_ids) - 1:]).numpy()
 
 
 def ablation_hooks(neurons: list[tuple[int, int]], values: np.ndarray | None = None) -> list[tuple[str, Any]]:
