@@ -67,8 +67,9 @@ class TraceNeuronsConfig:
     prompts: str | None = None
     """A file with one prompt per line: trace each and report the top-K overlap between them."""
     max_new_tokens: int = 64
-    temperature: float = 0.0
-    """0 = greedy (a reproducible trace); >0 samples with `seed`."""
+    temperature: float = 0.8
+    """As sample.py (greedy decoding of a small model tends to loop); sampling is seeded, so a trace is
+    reproducible; 0 = greedy."""
     seed: int = 1337
     top_k: int = 10
     """How many neurons to report (overall, and per layer) and to ablate."""
