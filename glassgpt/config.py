@@ -14,7 +14,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -246,6 +246,17 @@ def load_config(cls: type[C], argv: list[str] | None = None, base: C | None = No
     return cfg
 
 
+def read_text_arg(value: str, key: str = "text") -> str:
+    """A text-valued option: `FILE:path` reads the file (nanoGPT's --start convention), anything else
+    is the text itself."""
+    if value.startswith("FILE:"):
+        path = Path(value[len("FILE:"):])
+        if not path.is_file():
+            raise UserError(f"--{key}={value}: {path} does not exist")
+        return path.read_text(encoding="utf-8")
+    return value
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -275,4 +286,4 @@ def help_text(cls: type, prog: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TrainConfig", "SampleConfig", "BenchConfig", "load_config", "config_to_dict", "help_text", "field"]
+__all__ = ["TrainConfig", "SampleConfig", "BenchConfig", "load_config", "config_to_dict", "help_text", "read_text_arg"]

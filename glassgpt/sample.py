@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import sys
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import TextIO
 
 import torch
 
-from glassgpt.config import SampleConfig, help_text, load_config
+from glassgpt.config import SampleConfig, help_text, load_config, read_text_arg
 from glassgpt.errors import UserError
 from glassgpt.generate import WINDOWS, TextStream, generate
 from glassgpt.model import GPT
@@ -62,16 +61,6 @@ def load_model(cfg: SampleConfig, device: str) -> tuple[GPT, Tokenizer]:
         return model, GPT2Tokenizer(cfg.vocab_dir)
     raise UserError("init_from=scratch has nothing to sample from; use resume (a checkpoint in --out_dir), "
                     "a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face GPT-2 directory")
-
-
-def read_start(start: str) -> str:
-    """--start text, or the contents of FILE:path (nanoGPT's convention)."""
-    if start.startswith("FILE:"):
-        path = Path(start[len("FILE:"):])
-        if not path.is_file():
-            raise UserError(f"--start={start}: there is no file {path}")
-        return path.read_text(encoding="utf-8")
-    return start
 
 
 def encode_prompt(tok: Tokenizer, text: str, block_size: int) -> list[int]:
@@ -155,7 +144,7 @@ def interactive(cfg: SampleConfig, model: GPT, tok: Tokenizer, ctx: AbstractCont
         if not line:
             break
         try:
-            texts += sample_prompt(cfg, model, tok, line.rstrip("\r\n") or read_start(cfg.start), ctx)
+            texts += sample_prompt(cfg, model, tok, line.rstrip("\r\n") or read_text_arg(cfg.start, "start"), ctx)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
     return texts
@@ -180,4 +169,4 @@ def main(argv: list[str] | None = None) -> list[str]:
     ctx = autocast(device, dtype)
     if cfg.interactive:
         return interactive(cfg, model, tok, ctx)
-    return sample_prompt(cfg, model, tok, read_start(cfg.start), ctx)
+    return sample_prompt(cfg, model, tok, read_text_arg(cfg.start, "start"), ctx)

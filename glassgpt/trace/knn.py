@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from glassgpt.config import help_text, load_config
+from glassgpt.config import help_text, load_config, read_text_arg
 from glassgpt.corpus import Corpus, write_json
 from glassgpt.errors import UserError
 
@@ -491,16 +491,6 @@ def search_store(store: KnnStore, query: np.ndarray, k: int, search: str = "auto
 # the command
 
 
-def read_text_arg(value: str) -> str:
-    """`FILE:path` reads the file; anything else is the text itself."""
-    if value.startswith("FILE:"):
-        p = Path(value[5:])
-        if not p.is_file():
-            raise UserError(f"{p} does not exist (from {value!r})")
-        return p.read_text(encoding="utf-8")
-    return value
-
-
 def generate_text(model: torch.nn.Module, tok, prompt: str, cfg: TraceKnnConfig) -> str:
     """The prompt's continuation: glassgpt.generate's engine when it is installed, else the model's own
     reference sampler (the same distribution, recomputing the context each step)."""
@@ -607,7 +597,7 @@ def trace_knn(cfg: TraceKnnConfig) -> dict[str, Any] | None:
     store, stale = open_checked_store(cfg, model, provenance, hint)
     m = store.meta
 
-    prompt = read_text_arg(cfg.start) if cfg.start is not None else ""
+    prompt = read_text_arg(cfg.start, "start") if cfg.start is not None else ""
     generated = generate_text(model, tok, prompt, cfg) if cfg.start is not None else ""
     text = prompt + generated if cfg.start is not None else read_text_arg(cfg.text)
     ids = tok.encode(text)

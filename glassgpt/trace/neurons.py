@@ -41,11 +41,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
 from glassgpt.checkpoint import ckpt_path
-from glassgpt.config import help_text, load_config
+from glassgpt.config import help_text, load_config, read_text_arg
 from glassgpt.errors import UserError
 from glassgpt.hooks import hooks, mlp_post, record
 from glassgpt.model import GPT
@@ -545,15 +544,6 @@ def overlap_report(results: list[dict[str, Any]]) -> dict[str, float]:
     return {"raw": mean_pairwise_jaccard(raw), "ranked": mean_pairwise_jaccard(ranked)}
 
 
-def _read_start(start: str) -> str:
-    if start.startswith("FILE:"):
-        p = Path(start[5:])
-        if not p.is_file():
-            raise UserError(f"--start={start}: {p} does not exist")
-        return p.read_text()
-    return start
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if argv and argv[0] in ("-h", "--help"):
         print(help_text(TraceNeuronsConfig, "glassgpt trace-neurons"))
@@ -571,7 +561,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             raise UserError(f"--prompts={cfg.prompts} does not exist; give a file with one prompt per line")
         prompts = [line for line in p.read_text().splitlines() if line.strip()]
     else:
-        prompts = [_read_start(cfg.start)]
+        prompts = [read_text_arg(cfg.start, "start")]
     model, tok, _, corpus = _load(cfg.out_dir, cfg.device, cfg.data_dir, cfg.vocab_dir)
     need_baseline = cfg.contrastive or (cfg.ablate and cfg.ablation == "mean")
     log = (lambda m: print(m, file=sys.stderr)) if cfg.json else print

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from glassgpt.config import load_config
+from glassgpt.config import load_config, read_text_arg
 from glassgpt.corpus import Corpus, Location, atomic_write_bytes, write_json
 from glassgpt.download import sha256_file
 from glassgpt.errors import UserError
@@ -780,15 +780,6 @@ class TraceSpansConfig:
     vocab_dir: str | None = None
 
 
-def read_text_arg(value: str) -> str:
-    if value.startswith("FILE:"):
-        p = Path(value[5:])
-        if not p.is_file():
-            raise UserError(f"{p} does not exist (from FILE:{p})")
-        return p.read_text()
-    return value
-
-
 def checkpoint_data_dir(out_dir: str) -> Path:
     from glassgpt.checkpoint import load_checkpoint
 
@@ -876,7 +867,7 @@ def main(argv: list[str] | None = None) -> Trace | None:
             return None
     index = SpanIndex(data_dir, index_dir, cfg.split)
     if cfg.locate is not None:
-        return locate_main(index, read_text_arg(cfg.locate), cfg)
+        return locate_main(index, read_text_arg(cfg.locate, "locate"), cfg)
     min_len = cfg.min_len if cfg.min_len is not None else (12 if index.is_char else 4)
     if min_len < 1 or not 0 < cfg.density <= 1:
         raise UserError(f"--min_len must be >= 1 and --density in (0, 1], got {min_len} and {cfg.density}")
@@ -884,7 +875,7 @@ def main(argv: list[str] | None = None) -> Trace | None:
     if cfg.text is not None:
         (ids, text, offsets), prompt_len = encode_text(index, read_text_arg(cfg.text)), 0
     else:
-        ids, prompt_len = generate_ids(cfg, read_text_arg(cfg.start if cfg.start is not None else "\n"), index)
+        ids, prompt_len = generate_ids(cfg, read_text_arg(cfg.start if cfg.start is not None else "\n", "start"), index)
     trace = trace_text(index, ids, prompt_len, cfg.include_prompt, min_len, cfg.min_words, cfg.density,
                        cfg.max_sources, cfg.context, cfg.coverage_n, text, offsets)
     if cfg.json:
