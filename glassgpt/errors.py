@@ -20,7 +20,10 @@ def run_main(main: Callable[[list[str] | None], object], argv: list[str] | None 
     try:
         main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # one write of the whole line: ranks of a torchrun job share stderr, and a pipe keeps a single
+        # write under PIPE_BUF bytes whole, where print's separate message and newline can interleave
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
