@@ -5,8 +5,9 @@ All logic lives in glassgpt/train.py; this shim only runs it (also under torchru
 
 import sys
 
+from glassgpt.distributed import finish_process
 from glassgpt.errors import run_main
 from glassgpt.train import main
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(finish_process(run_main(main)))

@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {command!r}" + (f"; did you mean {close[0]}?" if close else "")
               + "; run `glassgpt --help`", file=sys.stderr)
         return 2
-    return run_main(resolve(command), rest)
+    from glassgpt.distributed import finish_process
+
+    return finish_process(run_main(resolve(command), rest))
 
 
 if __name__ == "__main__":

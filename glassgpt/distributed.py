@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -114,6 +115,20 @@ def teardown(info: DistInfo, finished: bool = False) -> None:
         if finished:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def finish_process(code: int) -> int:
+    """End a torchrun worker with os._exit once its work is done and the process group destroyed.
+
+    At interpreter shutdown gloo's threads can still hold work objects whose tensors need the GIL;
+    finalization then aborts the rank ("terminate called without an active exception", SIGABRT, about
+    1 run in 6 here), failing a job that finished (see pytorch/pytorch#179291). Checkpoints and logs are
+    already on disk (written atomically) by then. A plain single process returns `code` normally."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # --- wrapping the model -------------------------------------------------------------------------

@@ -352,6 +352,8 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo) -> dict[str, Any]:
         for line in log_path.read_text().splitlines() if log_path.exists() else []:
             records.append(json.loads(line))
         plot_losses(records, Path(cfg.out_dir) / "loss.png")
+    if master and cfg.wandb_log:
+        wandb.finish()
     elapsed = time.time() - run_t0
     if master and local_iter:
         print(f"done: {local_iter} iterations in {elapsed:.1f} s ({elapsed / local_iter * 1000:.1f} ms/iter), "
@@ -370,4 +372,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(distributed.finish_process(run_main(main)))

@@ -322,6 +322,7 @@ dist.all_gather(both, full)
 assert torch.equal(both[0], both[1])
 print(f"probe ok on rank {info.rank}")
 distributed.teardown(info, finished=True)  # barrier first: a gloo rank leaving early can abort at exit
+distributed.finish_process(0)
 """
 
 
