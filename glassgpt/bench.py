@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from glassgpt.config import BenchConfig, help_text, load_config
+from glassgpt.config import BenchConfig, load_config, wants_help
 from glassgpt.data import BatchSampler, data_dir_for
 from glassgpt.errors import run_main
 from glassgpt.model import GPT, GPTConfig, device_peak_flops
@@ -98,8 +98,7 @@ def bench(cfg: BenchConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(help_text(BenchConfig, "bench.py"))
+    if wants_help(BenchConfig, argv, "bench.py"):
         return None
     return bench(load_config(BenchConfig, argv))
 

@@ -257,6 +257,14 @@ def read_text_arg(value: str, key: str = "text") -> str:
     return value
 
 
+def wants_help(cls: type, argv: list[str] | None, prog: str, extra: str = "") -> bool:
+    """If -h/--help is among the arguments, print the keys of `cls` (with `extra` after) and say so."""
+    if not any(a in ("-h", "--help") for a in argv or []):
+        return False
+    print(help_text(cls, prog) + extra)
+    return True
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -286,4 +294,4 @@ def help_text(cls: type, prog: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TrainConfig", "SampleConfig", "BenchConfig", "load_config", "config_to_dict", "help_text", "read_text_arg"]
+__all__ = ["TrainConfig", "SampleConfig", "BenchConfig", "load_config", "config_to_dict", "help_text", "read_text_arg", "wants_help"]

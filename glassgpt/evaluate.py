@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from glassgpt.config import help_text, load_config
+from glassgpt.config import load_config, wants_help
 from glassgpt.errors import UserError
 from glassgpt.model import GPT
 from glassgpt.tokenizer import Tokenizer
@@ -409,7 +409,6 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(help_text(EvalConfig, "glassgpt eval"))
+    if wants_help(EvalConfig, argv, "glassgpt eval"):
         return None
     return evaluate(load_config(EvalConfig, argv))

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from glassgpt.checkpoint import ckpt_path, load_checkpoint, model_from_checkpoint, save_checkpoint
-from glassgpt.config import help_text, load_config
+from glassgpt.config import load_config, wants_help
 from glassgpt.errors import UserError
 
 METHODS = ("copy", "interpolate")
@@ -155,8 +155,7 @@ def extend_checkpoint(ckpt: dict[str, Any], block_size: int, method: str = "copy
 
 
 def main(argv: list[str] | None = None) -> Path:
-    if argv and argv[0] in ("-h", "--help"):
-        print(help_text(ExtendConfig, "glassgpt extend-context"))
+    if wants_help(ExtendConfig, argv, "glassgpt extend-context"):
         return Path()
     cfg = load_config(ExtendConfig, argv)
     if cfg.block_size <= 0:

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from glassgpt.config import help_text, load_config
+from glassgpt.config import load_config, wants_help
 from glassgpt.corpus import DATA_FORMAT, check_uint16, write_json, write_segments
 from glassgpt.download import TINYSHAKESPEARE, fetch
 from glassgpt.errors import UserError
@@ -553,8 +553,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         raise UserError(f"unknown dataset {name!r}" + (f"; did you mean {close[0]}?" if close else "")
                         + f"; choose one of {', '.join(DATASETS)}")
     cls, defaults, prepare = DATASETS[name]
-    if any(a in ("-h", "--help") for a in rest):
-        print(help_text(cls, f"glassgpt prepare {name}"))
+    if wants_help(cls, rest, f"glassgpt prepare {name}"):
         return None
     cfg = load_config(cls, rest, base=dataclasses.replace(cls(), **defaults))
     return prepare(cfg, name)

@@ -423,11 +423,10 @@ class ExportConfig:
 
 def main(argv: list[str] | None = None) -> None:
     from glassgpt.checkpoint import load_checkpoint, model_from_checkpoint
-    from glassgpt.config import help_text, load_config
+    from glassgpt.config import load_config, wants_help
 
     argv = list(argv or [])
-    if any(a in ("-h", "--help") for a in argv):
-        print(help_text(ExportConfig, "glassgpt export") + "\n\nexample: glassgpt export --out_dir=out --to=hf hf_out/")
+    if wants_help(ExportConfig, argv, "glassgpt export", "\n\nexample: glassgpt export --out_dir=out --to=hf hf_out/"):
         return
     # A bare argument that is not a .py config file is the destination directory.
     dests = [a for a in argv if not a.startswith("--") and not a.endswith(".py")]

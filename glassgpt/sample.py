@@ -18,7 +18,7 @@ from typing import TextIO
 
 import torch
 
-from glassgpt.config import SampleConfig, help_text, load_config, read_text_arg
+from glassgpt.config import SampleConfig, load_config, read_text_arg, wants_help
 from glassgpt.errors import UserError
 from glassgpt.generate import WINDOWS, TextStream, generate
 from glassgpt.model import GPT
@@ -153,8 +153,7 @@ def interactive(cfg: SampleConfig, model: GPT, tok: Tokenizer, ctx: AbstractCont
 def main(argv: list[str] | None = None) -> list[str]:
     """`python sample.py [config.py] [--key=value ...]`; returns the printed samples (for tests)."""
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(help_text(SampleConfig, "sample.py"))
+    if wants_help(SampleConfig, argv, "sample.py"):
         return []
     cfg = load_config(SampleConfig, argv)
     check_config(cfg)

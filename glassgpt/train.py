@@ -26,7 +26,7 @@ import torch
 
 from glassgpt import distributed
 from glassgpt.checkpoint import ckpt_path, clean_state_dict, load_checkpoint, model_from_checkpoint, save_checkpoint
-from glassgpt.config import TrainConfig, config_to_dict, help_text, load_config
+from glassgpt.config import TrainConfig, config_to_dict, load_config, wants_help
 from glassgpt.data import BatchSampler, data_dir_for, require_prepared
 from glassgpt.errors import UserError, run_main
 from glassgpt.model import GPT, GPTConfig, device_peak_flops
@@ -364,8 +364,7 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(help_text(TrainConfig, "train.py"))
+    if wants_help(TrainConfig, argv, "train.py"):
         return None
     cfg = load_config(TrainConfig, argv)
     return train(cfg)

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from glassgpt.config import help_text, load_config, read_text_arg
+from glassgpt.config import load_config, read_text_arg, wants_help
 from glassgpt.corpus import Corpus, write_json
 from glassgpt.errors import UserError
 
@@ -641,8 +641,7 @@ def format_result(r: dict[str, Any], show_chars: int = 240) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(help_text(TraceKnnConfig, "glassgpt trace-knn"))
+    if wants_help(TraceKnnConfig, argv, "glassgpt trace-knn"):
         return None
     cfg = load_config(TraceKnnConfig, argv)
     result = trace_knn(cfg)

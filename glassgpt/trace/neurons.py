@@ -44,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 from glassgpt.checkpoint import ckpt_path
-from glassgpt.config import help_text, load_config, read_text_arg
+from glassgpt.config import load_config, read_text_arg, wants_help
 from glassgpt.errors import UserError
 from glassgpt.hooks import hooks, mlp_post, record
 from glassgpt.model import GPT
@@ -545,8 +545,7 @@ def overlap_report(results: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    if argv and argv[0] in ("-h", "--help"):
-        print(help_text(TraceNeuronsConfig, "glassgpt trace-neurons"))
+    if wants_help(TraceNeuronsConfig, argv, "glassgpt trace-neurons"):
         return None
     cfg = load_config(TraceNeuronsConfig, argv)
     if cfg.top_k < 0 or cfg.max_new_tokens < 1 or cfg.n_random < 0:
@@ -618,8 +617,7 @@ def describe_example(corpus, pos: int, value: float, context: int) -> dict[str, 
 
 
 def neuron_main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    if argv and argv[0] in ("-h", "--help"):
-        print(help_text(NeuronConfig, "glassgpt neuron"))
+    if wants_help(NeuronConfig, argv, "glassgpt neuron"):
         return None
     cfg = load_config(NeuronConfig, argv)
     if cfg.layer == -1 or cfg.index == -1:

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from glassgpt.config import load_config, read_text_arg
+from glassgpt.config import load_config, read_text_arg, wants_help
 from glassgpt.corpus import Corpus, Location, atomic_write_bytes, write_json
 from glassgpt.download import sha256_file
 from glassgpt.errors import UserError
@@ -852,10 +852,7 @@ def locate_main(index: SpanIndex, text: str, cfg: TraceSpansConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> Trace | None:
-    if argv and argv[0] in ("-h", "--help"):
-        from glassgpt.config import help_text
-
-        print(help_text(TraceSpansConfig, "glassgpt trace-spans"))
+    if wants_help(TraceSpansConfig, argv, "glassgpt trace-spans"):
         return None
     cfg = load_config(TraceSpansConfig, argv)
     data_dir = Path(cfg.data_dir) if cfg.data_dir else checkpoint_data_dir(cfg.out_dir)
