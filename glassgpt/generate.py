@@ -35,11 +35,10 @@ of a full forward pass over that window (the oracle `full_recompute_generate` ch
 Per-step hooks. `on_step(step: Step)` is called after every forward pass with the tokens just chosen,
 their logits, the pass's final hidden states and, for each position of the pass, which token of the
 row's sequence it is (`token_index`): a trace can record what it needs per generated token without a
-second forward pass. The cached forward calls the model's own modules (ln_1, attn.c_attn via
-attn.split_heads, attn.merge_heads, ln_2, mlp, ln_f), so forward hooks on `transformer.h.{i}.mlp`,
-`.mlp.gelu`, `.ln_1`, `.attn.c_attn` ... fire during generation, once per forward pass, with the
-pass's (B, T, ...) tensors. Hooks on `transformer.h.{i}` and `transformer.h.{i}.attn` themselves do
-not fire (their forward has no cache). See docs/generation.md.
+second forward pass. Every pass is the model's own `GPT.forward(idx, kv_cache=cache)` (the cache
+below supplies positions, the padding mask and earlier keys), so named hooks (glassgpt/hooks.py) fire
+during generation exactly as in a full forward, once per pass with the pass's (B, T, ...) tensors.
+See docs/generation.md and docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -131,53 +130,70 @@ class TextStream:
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated: k[layer] is (B, n_head, capacity, head_size).
+    """Keys and values of every layer, preallocated, and where the sequence stands (nanochat-style).
 
-    Allocated on the first write, in the dtype the attention produced (bf16 under CUDA autocast)."""
+    `GPT.forward(idx, kv_cache=cache)` asks `prepare(T)` for the position ids of the T new tokens and
+    the attention mask, each layer's attention calls `write` (its keys join the cache; it gets all
+    keys so far back), and `advance(T)` moves past them. Rows may be left-padded by different amounts
+    (`reset(pad)`): a row's positions start at 0 at its first real token and its queries never see
+    padding, so each row computes what it would alone. k[layer] is (B, n_head, capacity, head_size),
+    allocated on the first write in the dtype the attention produced (bf16 under CUDA autocast)."""
 
-    def __init__(self, n_layer: int, capacity: int):
+    def __init__(self, n_layer: int, capacity: int, pad: torch.Tensor | None = None):
         self.n_layer, self.capacity = n_layer, capacity
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.reset(pad)
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nh, T, hs) at slots [start, start+T) and return all keys/values so far."""
+    def reset(self, pad: torch.Tensor | None = None) -> None:
+        """Start over at slot 0 (the allocation is reused); pad (B,) = left-padding slots per row."""
+        self.filled = 0  # slots in use, shared by all rows (the padded length)
+        self.pad = pad if pad is not None and bool(pad.any()) else None
+        self.mask: torch.Tensor | None = None
+
+    def prepare(self, T: int, device: torch.device) -> torch.Tensor:
+        """Position ids (B or 1, T) of the next T tokens; sets `mask` for this pass: (B, 1, T, S) bool
+        (True = may attend; S = filled + T), or None where SDPA's own causal rule is exact."""
+        start = self.filled
+        if start + T > self.capacity:
+            raise ValueError(f"KV cache overflow: {start + T} > capacity {self.capacity}")
+        q = torch.arange(start, start + T, device=device)  # the slots of this pass's queries
+        pad = self.pad if self.pad is not None else torch.zeros(1, dtype=torch.long, device=device)
+        pos = (q[None, :] - pad[:, None]).clamp(min=0)
+        if self.pad is None and (start == 0 or T == 1):
+            self.mask = None  # no padding, and causal is either square (prefill) or all keys (decode)
+            return pos
+        keys = torch.arange(start + T, device=device)
+        mask = (keys[None, :] <= q[:, None])[None]  # (1, T, S) causal
+        if self.pad is not None:
+            # padding keys hidden; a padding query sees itself only, so no softmax row is all -inf
+            real = keys[None, None, :] >= self.pad[:, None, None]
+            mask = (mask & real) | (keys[None, None, :] == q[None, :, None])
+        self.mask = mask[:, None]
+        return pos
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hs) at the next T slots and return this layer's keys/values so far."""
         if self.k is None:
             B, nh, _, hs = k.shape
             shape = (self.n_layer, B, nh, self.capacity, hs)
             self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
             self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
-        end = start + k.size(2)
-        assert end <= self.capacity, f"KV cache overflow: {end} > {self.capacity}"
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
+        end = self.filled + k.size(2)
+        self.k[layer, :, :, self.filled:end] = k
+        self.v[layer, :, :, self.filled:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, T: int) -> None:
+        self.filled += T
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drop the batch rows not in `rows` (finished generations)."""
         if self.k is not None:
             self.k = self.k.index_select(1, rows)
             self.v = self.v.index_select(1, rows)
-
-
-def cached_forward(model: GPT, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache, start: int,
-                   mask: torch.Tensor | None) -> torch.Tensor:
-    """GPT.hidden_states for tokens idx (B, T) at position ids pos (B, T), written to cache slots
-    [start, start+T) and attending to slots [0, start+T). mask (B, 1, T, start+T) says which keys each
-    query may see (True = attend); None means causal without padding. Returns (B, T, n_embd).
-
-    Mirrors Block.forward / CausalSelfAttention.forward step by step with the model's own modules,
-    so their forward hooks fire."""
-    tr = model.transformer
-    x = tr.drop(tr.wte(idx) + tr.wpe(pos))
-    causal = mask is None and idx.size(1) > 1
-    for i, block in enumerate(tr.h):
-        q, k, v = block.attn.split_heads(block.ln_1(x))  # (B, nh, T, hs)
-        keys, values = cache.write(i, start, k, v)  # (B, nh, start+T, hs)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)
-        x = x + block.attn.merge_heads(y)
-        x = x + block.mlp(block.ln_2(x))
-    return tr.ln_f(x)
+        if self.pad is not None:
+            self.pad = self.pad.index_select(0, rows)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -283,8 +299,7 @@ def generate(
     capacity = min(bs, max((window_length(len(p), bs, window) for p in prompts), default=1) + max_new_tokens)
     cache = KVCache(model.config.n_layer, capacity)
     cur: list[int] = []  # window length held in the cache, per row
-    pad = torch.zeros(0, dtype=torch.long, device=device)  # left padding, per row
-    filled = 0  # cache slots in use (shared by all rows: the padded length)
+    n_layer = model.config.n_layer
 
     was_training = model.training
     model.eval()
@@ -293,33 +308,24 @@ def generate(
             if not active:
                 break
             want = [window_length(len(seqs[r]), bs, window) for r in active]
-            prefill = t == 0 or filled >= capacity or any(w != c + 1 for w, c in zip(want, cur))
+            prefill = t == 0 or cache.filled >= capacity or any(w != c + 1 for w, c in zip(want, cur))
             if prefill:
                 # (Re)build the cache: each row's window, left-padded, positions from 0 per row.
                 W = max(want)
                 pad = torch.tensor([W - w for w in want], device=device)
                 idx = torch.tensor([[0] * (W - w) + seqs[r][-w:] for r, w in zip(active, want)], device=device)
-                pos = (torch.arange(W, device=device)[None, :] - pad[:, None]).clamp(min=0)
+                cache.reset(pad)
+                hidden = model(idx, kv_cache=cache, stop_at_layer=n_layer)  # (B, W, n_embd)
                 j = torch.arange(W, device=device)
-                # key j visible to query i: causal, and not padding (a pad query sees itself only,
-                # so no softmax row is all -inf and no NaN can reach the real rows)
-                mask = (j[None, :] <= j[:, None])[None] & ((j[None, None, :] >= pad[:, None, None]) | torch.eye(W, dtype=torch.bool, device=device)[None])
-                mask = mask[:, None] if bool(pad.any()) else None
-                hidden = cached_forward(model, idx, pos, cache, 0, mask)
-                token_index = torch.tensor([len(seqs[r]) - w for r, w in zip(active, want)], device=device)[:, None] + pos
-                token_index = token_index.masked_fill(j[None, :] < pad[:, None], -1)
-                filled = W
+                start = torch.tensor([len(seqs[r]) - W for r in active], device=device)
+                token_index = (start[:, None] + j[None, :]).masked_fill(j[None, :] < pad[:, None], -1)
             else:
                 # Decode: each row's newest token at the next position of its window, one shared slot.
                 idx = torch.tensor([[seqs[r][-1]] for r in active], device=device)
-                pos = torch.tensor([[w - 1] for w in want], device=device)
-                keys = torch.arange(filled + 1, device=device)
-                mask = (keys[None, :] >= pad[:, None])[:, None, None, :] if bool(pad.any()) else None
-                hidden = cached_forward(model, idx, pos, cache, filled, mask)
+                hidden = model(idx, kv_cache=cache, stop_at_layer=n_layer)  # (B, 1, n_embd)
                 token_index = torch.tensor([[len(seqs[r]) - 1] for r in active], device=device)
-                filled += 1
             cur = want
-            logits = model.lm_head(hidden[:, -1]).float()  # (B, vocab)
+            logits = model.head(hidden[:, -1]).float()  # (B, vocab)
             tokens = sample_next(logits, temperature, top_k, top_p, [gens[r] for r in active])
             if on_step is not None:
                 on_step(Step(t, list(active), tokens, logits, hidden, token_index, prefill))
@@ -337,7 +343,6 @@ def generate(
             if len(keep) < len(active):
                 rows = torch.tensor(keep, dtype=torch.long, device=device)
                 cache.keep_rows(rows)
-                pad = pad.index_select(0, rows)
                 active = [active[i] for i in keep]
                 cur = [cur[i] for i in keep]
     finally:
@@ -414,4 +419,4 @@ def full_recompute_generate(
 
 
 __all__ = ["generate", "complete", "full_recompute_generate", "Completion", "Step", "TextStream",
-           "window_length", "sample_next", "cached_forward", "KVCache", "WINDOWS"]
+           "window_length", "sample_next", "KVCache", "WINDOWS"]

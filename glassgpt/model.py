@@ -3,10 +3,15 @@
 Everything about the network lives in this one file, readable in one sitting. The names
 (`transformer.wte`, `h.{i}.attn.c_attn`, `h.{i}.mlp.c_fc`, ...) match nanoGPT checkpoints and, up to
 the Conv1D transpose, Hugging Face's GPT-2, so weights map by name (see glassgpt/pretrained.py).
+There is one forward pass: training, KV-cache decoding (glassgpt/generate.py's KVCache), hidden
+states for the kNN store (`stop_at_layer`) and named hooks (glassgpt/hooks.py) all run it.
+GPTConfig's defaults are GPT-2; the options from modded-nanogpt / nanochat (rotary, QK-norm, ReLU²,
+untied head, zero-init projections, logit soft-cap) are off unless asked for (docs/architecture.md).
 
 References:
 1) OpenAI's GPT-2 TensorFlow implementation: https://github.com/openai/gpt-2/blob/master/src/model.py
 2) nanoGPT: https://github.com/karpathy/nanoGPT/blob/master/model.py
+3) nanochat: https://github.com/karpathy/nanochat/blob/master/nanochat/gpt.py
 """
 
 from __future__ import annotations
@@ -19,13 +24,13 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-ACTIVATIONS = ("gelu", "gelu_new")
+ACTIVATIONS = ("gelu", "gelu_new", "relu2")
 
 
 @dataclass
 class GPTConfig:
     block_size: int = 1024
-    """Context length: the most positions the model can attend over (rows of `wpe`)."""
+    """Context length: the most positions the model attends over (rows of `wpe`)."""
     vocab_size: int = 50304
     """GPT-2's 50257 padded up to a multiple of 64 for speed."""
     n_layer: int = 12
@@ -35,23 +40,56 @@ class GPTConfig:
     bias: bool = True
     """Biases in Linears and LayerNorms; True like GPT-2, False is a bit better and faster."""
     activation: str = "gelu"
-    """'gelu' (exact erf, nanoGPT's nn.GELU) or 'gelu_new' (tanh approximation, OpenAI's GPT-2).
-    Checkpoints keep the one they were trained with; OpenAI weights need 'gelu_new'."""
+    """'gelu' (exact erf, nanoGPT's nn.GELU), 'gelu_new' (tanh approximation, OpenAI's GPT-2; OpenAI
+    weights need it) or 'relu2' (relu(x)**2, modded-nanogpt / nanochat)."""
+    rope: bool = False
+    """Rotary position embeddings (Su et al. 2021, https://arxiv.org/abs/2104.09864) on q and k instead
+    of the learned `wpe` table (which is then absent)."""
+    rope_base: float = 10000.0
+    """Rotary base: pair i of a head turns at rope_base**(-2i/head_size) radians per position."""
+    rope_scale: float = 1.0
+    """Rotary position interpolation (https://arxiv.org/abs/2306.15595): positions are divided by it
+    before rotating; extend-context sets it to new/old block_size."""
+    qk_norm: bool = False
+    """RMS-normalise each head's queries and keys (no gain) before attention (OLMo 2, nanochat)."""
+    tie_embeddings: bool = True
+    """lm_head shares its matrix with `wte` (GPT-2); False gives the head its own weights."""
+    zero_init_proj: bool = False
+    """Initialise every residual output projection (`c_proj`) to zero, so each block starts as the
+    identity (modded-nanogpt); False is GPT-2's normal(0, 0.02/sqrt(2*n_layer))."""
+    logit_softcap: float | None = None
+    """If set, logits = cap * tanh(logits / cap) (Gemma 2, modded-nanogpt); None leaves them raw."""
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.rope and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rope needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}")
+        if self.rope_base <= 0 or self.rope_scale <= 0:
+            raise ValueError("rope_base and rope_scale must be > 0")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            raise ValueError(f"logit_softcap must be > 0 or None, got {self.logit_softcap}")
 
     @classmethod
     def from_dict(cls, d: dict) -> GPTConfig:
-        """Build from a checkpoint's model_args, ignoring keys this version does not know."""
+        """Build from a checkpoint's model_args (plus any options saved beside them), ignoring keys
+        this version does not know."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def non_gpt2_options(self) -> list[str]:
+        """Names of the architecture options set away from GPT-2's (what HF GPT-2 export cannot
+        represent). Sizes, dropout and bias are GPT-2 either way, as is either GELU."""
+        gpt2 = GPTConfig()
+        skip = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias"}
+        out = [f.name for f in fields(self) if f.name not in skip and getattr(self, f.name) != getattr(gpt2, f.name)]
+        return [n for n in out if not (n == "activation" and self.activation in ("gelu", "gelu_new"))
+                and not (n.startswith("rope_") and not self.rope)]
 
 
 class LayerNorm(nn.Module):
@@ -66,46 +104,67 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+def rotary_cos_sin(pos: torch.Tensor, head_size: int, base: float, scale: float = 1.0):
+    """cos, sin (B, 1, T, head_size/2) for position ids pos (B, T), in float32."""
+    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32, device=pos.device) / head_size)
+    angles = (pos.float() / scale)[:, None, :, None] * inv_freq  # (B, 1, T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + hs/2]) of x (B, nh, T, hs) by the position's angle (nanochat's
+    half-split layout; any fixed pairing works as long as q and k use the same)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_idx: int = 0):
         super().__init__()
         # key, query, value projections for all heads, in one batched Linear
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
-        self.dropout = config.dropout
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.qk_norm = config.qk_norm
+        self.layer_idx = layer_idx  # which layer of a KVCache this attention reads and writes
 
-    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, T, C) -> q, k, v each (B, nh, T, hs). Shared with the KV-cache engine."""
+    def forward(self, x: torch.Tensor, rotary: tuple | None = None, kv_cache=None) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        hs = C // self.n_head
-        return tuple(t.view(B, T, self.n_head, hs).transpose(1, 2) for t in (q, k, v))
-
-    def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
-        """(B, nh, T, hs) -> output projection of (B, T, C)."""
-        B, nh, T, hs = y.size()
-        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.c_attn(x).split(self.n_embd, dim=2))  # each (B, nh, T, hs)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),), eps=1e-6), F.rms_norm(k, (k.size(-1),), eps=1e-6)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        mask = None
+        if kv_cache is not None:
+            # the cache holds this layer's earlier keys/values and says which ones each query may see
+            k, v = kv_cache.write(self.layer_idx, k, v)  # (B, nh, S, hs), S = cached + T
+            mask = kv_cache.mask  # (B, 1, T, S) bool, or None when plain causal is right
+        # Flash / memory-efficient kernels where the device has them; exact math otherwise.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
+
+class ReLU2(nn.Module):
+    """relu(x)**2: sparse like ReLU, smooth at 0 (https://arxiv.org/abs/2109.08668)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.split_heads(x)
-        # Flash / memory-efficient kernels where the device has them; exact math otherwise.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )  # (B, nh, T, hs)
-        return self.merge_heads(y)
+        return F.relu(x).square()
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        # A module of its own so that forward hooks on `h.{i}.mlp.gelu` see the 4*n_embd neurons.
-        self.gelu = nn.GELU(approximate="tanh" if config.activation == "gelu_new" else "none")
+        # A module of its own so that forward hooks (`blocks.{i}.mlp.hook_post`) see the 4*n_embd
+        # neurons; named `gelu` as in nanoGPT whatever the activation (it holds no weights).
+        self.gelu = ReLU2() if config.activation == "relu2" else nn.GELU(
+            approximate="tanh" if config.activation == "gelu_new" else "none")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -114,17 +173,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_idx: int = 0):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
+        self.resid_mid = nn.Identity()  # no weights: a place for the `blocks.{i}.hook_resid_mid` hook
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        x = x + self.mlp(self.ln_2(x))
-        return x
+    def forward(self, x: torch.Tensor, rotary: tuple | None = None, kv_cache=None) -> torch.Tensor:
+        x = self.resid_mid(x + self.attn(self.ln_1(x), rotary=rotary, kv_cache=kv_cache))
+        return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
@@ -132,30 +191,32 @@ class GPT(nn.Module):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=LayerNorm(config.n_embd, bias=config.bias),
-            )
-        )
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if not config.rope:  # rotary models have no position table
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules.update(drop=nn.Dropout(config.dropout),
+                       h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                       ln_f=LayerNorm(config.n_embd, bias=config.bias))
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds tokens and
-        # scores them. state_dict then holds both names for it, as nanoGPT and HF GPT-2 do.
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:
+            # Weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds tokens
+            # and scores them. state_dict then holds both names for it, as nanoGPT and HF GPT-2 do.
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
-        # GPT-2 paper: scale the residual projections by 1/sqrt(2 * n_layer) at init.
+        # GPT-2 paper: scale the residual projections by 1/sqrt(2 * n_layer) at init (or zero them).
         for pn, p in self.named_parameters():
             if pn.endswith("c_proj.weight"):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:
+                    torch.nn.init.zeros_(p)
+                else:
+                    torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def get_num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; position embeddings excluded by default (token embeddings count once,
         as the tied lm_head)."""
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
@@ -167,30 +228,58 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """Final layer-normed hidden states (B, T, n_embd): what the lm_head scores."""
-        _, t = idx.size()
-        if t > self.config.block_size:
-            raise ValueError(f"Cannot forward sequence of length {t}, block size is only {self.config.block_size}")
-        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)  # (t,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
-        return self.transformer.ln_f(x)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None,
+                stop_at_layer: int | None = None):
+        """The one forward pass. Returns (logits, loss): logits (B, T, vocab) and the mean cross-entropy
+        with targets; without, only the last position is scored (all sampling needs), as in nanoGPT.
 
-    def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) and, with targets, the mean cross-entropy. Without targets only the
-        last position is scored (all that sampling needs), as in nanoGPT."""
-        x = self.hidden_states(idx)
+        kv_cache (glassgpt.generate.KVCache): idx continues the cached sequence; positions, padding
+        masks and earlier keys come from the cache, and this pass's keys are added to it.
+        stop_at_layer=L returns only the residual stream (B, T, n_embd) after L blocks (0: the
+        embeddings; n_layer: after ln_f, what lm_head scores), without computing the head."""
+        B, T = idx.size()
+        tr, cfg = self.transformer, self.config
+        if kv_cache is None:
+            if T > cfg.block_size:
+                raise ValueError(f"Cannot forward sequence of length {T}, block size is only {cfg.block_size}")
+            pos = torch.arange(0, T, dtype=torch.long, device=idx.device)[None]  # (1, T)
+        else:
+            pos = kv_cache.prepare(T, idx.device)  # (B, T) position ids; sets kv_cache.mask
+        n_blocks = cfg.n_layer if stop_at_layer is None else stop_at_layer
+        if not 0 <= n_blocks <= cfg.n_layer or (kv_cache is not None and n_blocks < cfg.n_layer):
+            raise ValueError(f"stop_at_layer={stop_at_layer} must be in 0..{cfg.n_layer} (n_layer with a kv_cache)")
+        x = tr.wte(idx)
+        rotary = None
+        if cfg.rope:
+            rotary = rotary_cos_sin(pos, cfg.n_embd // cfg.n_head, cfg.rope_base, cfg.rope_scale)
+        else:
+            x = x + tr.wpe(pos)
+        x = tr.drop(x)
+        for block in tr.h[:n_blocks]:
+            x = block(x, rotary=rotary, kv_cache=kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        if stop_at_layer is not None and n_blocks < cfg.n_layer:
+            return x
+        x = tr.ln_f(x)
+        if stop_at_layer is not None:
+            return x
         if targets is not None:
-            logits = self.lm_head(x)
+            logits = self.head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         else:
-            logits = self.lm_head(x[:, [-1], :])  # list index keeps the time dim
-            loss = None
+            logits, loss = self.head(x[:, [-1], :]), None  # list index keeps the time dim
         return logits, loss
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for final hidden states x (..., n_embd): lm_head, soft-capped if configured."""
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final layer-normed hidden states (B, T, n_embd): what the head scores."""
+        return self(idx, stop_at_layer=self.config.n_layer)
 
     def crop_block_size(self, block_size: int) -> None:
         """Model surgery to use a smaller context than the one trained with (e.g. GPT-2's 1024)."""
@@ -200,7 +289,8 @@ class GPT(nn.Module):
                 "use `glassgpt extend-context` to grow it"
             )
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     def configure_optimizers(
         self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from glassgpt.generate import (
+    KVCache,
     Step,
     TextStream,
     complete,
@@ -21,11 +22,18 @@ from glassgpt.tokenizer import CharTokenizer, GPT2Tokenizer
 CHAR_VOCAB, BPE_VOCAB = 65, 50257
 
 
-def tiny(vocab_size: int = CHAR_VOCAB, block_size: int = 16, std: float = 0.5, seed: int = 0) -> GPT:
+# GPT-2's architecture, and every option of issue 15 at once (rotary positions must stay exact when a
+# decode step's position is past the cache start, and when a chunked window restarts at position 0).
+ARCHS = {"gpt2": {}, "modern": dict(rope=True, rope_base=100.0, qk_norm=True, activation="relu2",
+                                    tie_embeddings=False, logit_softcap=5.0)}
+
+
+def tiny(vocab_size: int = CHAR_VOCAB, block_size: int = 16, std: float = 0.5, seed: int = 0, arch: str = "gpt2") -> GPT:
     """A 2-layer random GPT. Matrices drawn wider than the usual 0.02 so greedy output is not one token
     repeated (that would make token-for-token comparisons weak)."""
     torch.manual_seed(seed)
-    m = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, bias=True))
+    m = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, bias=True,
+                      **ARCHS[arch]))
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() >= 2:
@@ -40,39 +48,43 @@ def nanogpt_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12, 13], [4], [30, 31, 32, 33, 34, 35]]
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("vocab_size", [CHAR_VOCAB, BPE_VOCAB])
 @pytest.mark.parametrize("n_new", [8, 45])  # within block_size=16, and far beyond it
-def test_greedy_sliding_equals_nanogpt_generate(vocab_size, n_new):
-    m = tiny(vocab_size)
+def test_greedy_sliding_equals_nanogpt_generate(vocab_size, n_new, arch):
+    m = tiny(vocab_size, arch=arch)
     got = generate(m, PROMPTS, n_new, temperature=0, window="sliding")
     ref = [nanogpt_greedy(m, p, n_new) for p in PROMPTS]
     assert got == ref
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("vocab_size", [CHAR_VOCAB, BPE_VOCAB])
 @pytest.mark.parametrize("n_new", [8, 45])
-def test_greedy_chunked_equals_full_recompute(vocab_size, n_new):
-    m = tiny(vocab_size)
+def test_greedy_chunked_equals_full_recompute(vocab_size, n_new, arch):
+    m = tiny(vocab_size, arch=arch)
     got = generate(m, PROMPTS, n_new, temperature=0)
     assert got == full_recompute_generate(m, PROMPTS, n_new, temperature=0, window="chunked")
     if n_new + max(map(len, PROMPTS)) <= 16:  # within block_size both rules are nanoGPT's
         assert got == [nanogpt_greedy(m, p, n_new) for p in PROMPTS]
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("window", ["chunked", "sliding"])
-def test_seeded_samples_equal_full_recompute(window):
+def test_seeded_samples_equal_full_recompute(window, arch):
     """Sampling explores many tokens, so this checks the cache over varied sequences too."""
-    m = tiny(std=0.1)
+    m = tiny(std=0.1, arch=arch)
     kw = dict(temperature=1.0, top_k=20, top_p=0.95, seed=7, window=window)
     got = generate(m, PROMPTS, 40, **kw)
     assert got == full_recompute_generate(m, PROMPTS, 40, **kw)
     assert len({t for row in got for t in row}) > 20  # the samples really vary
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("window", ["chunked", "sliding"])
-def test_step_logits_equal_full_forward_over_window(window):
+def test_step_logits_equal_full_forward_over_window(window, arch):
     """Each step's logits, for every row of a padded batch, against model(window) directly."""
-    m = tiny()
+    m = tiny(arch=arch)
     seqs = [list(p) for p in PROMPTS]
     worst = 0.0
 
@@ -89,8 +101,9 @@ def test_step_logits_equal_full_forward_over_window(window):
     print(f"max |logit difference| vs full forward: {worst:.2e}")
 
 
-def test_greedy_does_not_depend_on_batch_composition():
-    m = tiny(BPE_VOCAB)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_does_not_depend_on_batch_composition(arch):
+    m = tiny(BPE_VOCAB, arch=arch)
     target = [7, 8, 9, 10]
     alone = generate(m, [target], 30, temperature=0)[0]
     for others in ([[1]], [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]], [[3, 3], list(range(40, 55))]):
@@ -189,6 +202,27 @@ def test_step_token_index_marks_padding_and_window():
     refill = [s for s in steps if s.prefill and s.index > 0][0]
     assert refill.index == 14
     assert refill.token_index.tolist() == [[-1] * 7 + list(range(9, 17)), list(range(15))]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kv_cache_chunks_and_ragged_rows_equal_full_forward(arch):
+    """GPT.forward with a KVCache, fed in uneven chunks (a multi-token chunk after the cache start
+    needs an explicit causal mask) with left-padded rows, against each row's own full forward."""
+    m = tiny(arch=arch)
+    rows = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [2, 7, 1, 8, 2, 8, 1]]
+    pad = torch.tensor([0, 4])
+    idx = torch.tensor([rows[0], [0] * 4 + rows[1]])
+    cache = KVCache(m.config.n_layer, idx.size(1), pad=pad)
+    with torch.no_grad():
+        hidden = torch.cat([m(idx[:, a:b], kv_cache=cache, stop_at_layer=2) for a, b in ((0, 5), (5, 6), (6, 11))], 1)
+        for r, row in enumerate(rows):
+            ref = m(torch.tensor([row]), stop_at_layer=2)[0]
+            got = hidden[r, int(pad[r]):]
+            print(f"row {r}: max |diff| {(got - ref).abs().max().item():.2e}")
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert cache.filled == 11
+    with pytest.raises(ValueError, match="overflow"):
+        m(idx[:, :1], kv_cache=cache)
 
 
 def test_window_length_rules():

@@ -35,16 +35,144 @@ def test_loss_at_init_is_uniform_guess():
     assert abs(loss.item() - math.log(65)) < 0.1, loss.item()
 
 
-def test_sdpa_matches_manual_attention():
-    m = tiny().eval()
-    attn = m.transformer.h[0].attn
-    x = torch.randn(2, 16, 32)
-    q, k, v = attn.split_heads(x)
-    T = x.size(1)
-    att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
-    att = att.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
-    ref = attn.merge_heads(F.softmax(att, dim=-1) @ v)
-    torch.testing.assert_close(attn(x), ref, rtol=1e-5, atol=1e-6)
+def rotation_matrices(T: int, hs: int, base: float, scale: float = 1.0) -> torch.Tensor:
+    """(T, hs, hs): position p turns the pair (i, i + hs/2) by p/scale * base**(-2i/hs), as a matrix."""
+    R = torch.zeros(T, hs, hs)
+    h = hs // 2
+    for p in range(T):
+        for i in range(h):
+            a = torch.tensor(p / scale * base ** (-2 * i / hs))
+            R[p, i, i], R[p, i, i + h], R[p, i + h, i], R[p, i + h, i + h] = a.cos(), -a.sin(), a.sin(), a.cos()
+    return R
+
+
+def slow_forward(m: GPT, idx: torch.Tensor, stop_at_layer: int | None = None) -> torch.Tensor:
+    """The network written out with einsums and formulas, one option at a time: the oracle for
+    GPT.forward. Returns the residual after stop_at_layer blocks (ln_f'd at n_layer), else all logits."""
+    cfg, tr = m.config, m.transformer
+    B, T = idx.shape
+    nh, hs = cfg.n_head, cfg.n_embd // cfg.n_head
+    ln = lambda mod, x: F.layer_norm(x, (x.size(-1),), mod.weight, mod.bias, 1e-5)
+    lin = lambda mod, x: x @ mod.weight.T + (0 if mod.bias is None else mod.bias)
+    rms = lambda x: x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    act = {"gelu": lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))),
+           "gelu_new": lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
+           "relu2": lambda x: torch.where(x > 0, x * x, torch.zeros_like(x))}[cfg.activation]
+    x = tr.wte.weight[idx]
+    if not cfg.rope:
+        x = x + tr.wpe.weight[:T]
+    R = rotation_matrices(T, hs, cfg.rope_base, cfg.rope_scale) if cfg.rope else None
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    n = cfg.n_layer if stop_at_layer is None else stop_at_layer
+    for block in tr.h[:n]:
+        q, k, v = lin(block.attn.c_attn, ln(block.ln_1, x)).view(B, T, 3, nh, hs).unbind(2)  # (B, T, nh, hs)
+        if cfg.qk_norm:
+            q, k = rms(q), rms(k)
+        if cfg.rope:
+            q, k = torch.einsum("tij,btnj->btni", R, q), torch.einsum("tij,btnj->btni", R, k)
+        att = torch.einsum("btnd,bsnd->bnts", q, k) / math.sqrt(hs)
+        att = att.masked_fill(~causal, float("-inf")).softmax(-1)
+        y = torch.einsum("bnts,bsnd->btnd", att, v).reshape(B, T, cfg.n_embd)
+        x = x + lin(block.attn.c_proj, y)
+        x = x + lin(block.mlp.c_proj, act(lin(block.mlp.c_fc, ln(block.ln_2, x))))
+    if n < cfg.n_layer:
+        return x
+    x = ln(tr.ln_f, x)
+    if stop_at_layer is not None:
+        return x
+    logits = x @ m.lm_head.weight.T
+    return logits if cfg.logit_softcap is None else cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
+
+
+OPTIONS = {
+    "gpt2": {},
+    "gelu_new": dict(activation="gelu_new"),
+    "relu2": dict(activation="relu2"),
+    "rope": dict(rope=True),
+    "rope_base_scale": dict(rope=True, rope_base=50.0, rope_scale=2.5),
+    "qk_norm": dict(qk_norm=True),
+    "untied_softcap": dict(tie_embeddings=False, logit_softcap=3.0, bias=False),
+    "all": dict(rope=True, qk_norm=True, activation="relu2", tie_embeddings=False, zero_init_proj=True),
+}
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_forward_and_stop_at_layer_match_the_slow_reference(option):
+    torch.manual_seed(0)
+    m = tiny(**OPTIONS[option]).eval()
+    with torch.no_grad():
+        for p in m.parameters():  # wider than init (zero c_proj would hide the attention entirely)
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randint(0, 50, (2, 16))
+    y = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        logits, _ = m(x, y)
+        ref = slow_forward(m, x)
+        print(f"{option}: max |logit diff| {(logits - ref).abs().max().item():.2e}")
+        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(m(x)[0], ref[:, [-1]], rtol=1e-4, atol=1e-4)
+        for L in range(m.config.n_layer + 1):
+            torch.testing.assert_close(m(x, stop_at_layer=L), slow_forward(m, x, L), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(m.hidden_states(x), slow_forward(m, x, m.config.n_layer))
+    with pytest.raises(ValueError, match="stop_at_layer"):
+        m(x, stop_at_layer=3)
+
+
+def test_slow_reference_can_fail():
+    """The oracle tells the options apart: a model with one option flipped (same weights) is off."""
+    base = dict(rope=True, qk_norm=True, activation="relu2")
+    torch.manual_seed(0)
+    m = tiny(**base).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randint(0, 50, (1, 16))
+    with torch.no_grad():
+        ref = slow_forward(m, x)
+        for change in (dict(rope_base=20.0), dict(qk_norm=False), dict(activation="gelu"), dict(rope_scale=2.0)):
+            other = tiny(**{**base, **change}).eval()
+            other.load_state_dict(m.state_dict())
+            diff = (other(x, x)[0] - ref).abs().max().item()
+            assert diff > 1e-3, (change, diff)
+
+
+def test_rotary_model_depends_on_relative_positions_only():
+    """Causal rotary attention is shift-invariant: the same tokens at positions 5.. (via a KV cache
+    whose first 5 slots are padding) give the same hidden states as at positions 0.."""
+    from glassgpt.generate import KVCache
+
+    torch.manual_seed(0)
+    m = tiny(rope=True).eval()
+    x = torch.randint(0, 50, (1, 10))
+    with torch.no_grad():
+        ref = m(x, stop_at_layer=2)
+        cache = KVCache(2, 15)
+        cache.prepare = (lambda T, device, _p=cache.prepare: _p(T, device) + 5)  # shift every position
+        got = m(x, kv_cache=cache, stop_at_layer=2)
+        w = tiny().eval()  # learned positions are not shift-invariant: the same check must fail
+        w_cache = KVCache(2, 15)
+        w_cache.prepare = (lambda T, device, _p=w_cache.prepare: _p(T, device) + 5)
+        shifted = (w(x, kv_cache=w_cache, stop_at_layer=2) - w(x, stop_at_layer=2)).abs().max().item()
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert shifted > 1e-3, shifted
+
+
+def test_options_shapes_and_names():
+    m = tiny(rope=True, tie_embeddings=False)
+    names = set(m.state_dict())
+    assert "transformer.wpe.weight" not in names and "lm_head.weight" in names
+    assert m.lm_head.weight is not m.transformer.wte.weight
+    z = tiny(zero_init_proj=True)
+    assert all(p.abs().max() == 0 for n, p in z.named_parameters() if n.endswith("c_proj.weight"))
+    assert GPTConfig().non_gpt2_options() == []
+    assert GPTConfig(activation="gelu_new", rope_base=5.0, bias=False).non_gpt2_options() == []
+    assert GPTConfig(rope=True, rope_base=5.0, qk_norm=True, activation="relu2").non_gpt2_options() == [
+        "activation", "rope", "rope_base", "qk_norm"]
+    c = GPTConfig(rope=True, logit_softcap=15.0)
+    assert GPTConfig.from_dict({**c.to_dict(), "unknown_future_key": 1}) == c
+    for bad in (dict(activation="swish"), dict(rope=True, n_embd=30, n_head=6), dict(logit_softcap=0.0)):
+        with pytest.raises(ValueError):
+            GPTConfig(**bad)
 
 
 def test_weight_tying_and_param_names():
