@@ -14,6 +14,16 @@ so a longer context needs new rows. This writes a new checkpoint (never over the
   blends, so the whole range looks like the familiar one, stretched. Every position's embedding
   changes (except the two ends), so logits on the first B positions are NOT the original's.
 
+A rotary model (GPTConfig.rope) has no position table: its weights and optimizer state stay as they
+are and only the rotation changes (docs/architecture.md):
+
+- copy: angles unchanged; positions >= B get angles the model never saw (plain extrapolation). The
+  logits on sequences of up to B tokens equal the original's exactly.
+- interpolate: position interpolation proper: rope_scale is multiplied by B'/B, so the B' positions
+  turn through the angles the B trained ones did.
+- base: "NTK-aware" base scaling (https://arxiv.org/abs/2309.00071, section 3.1): rope_base is
+  multiplied by (B'/B)**(hs/(hs-2)), stretching the slow pairs most and the fast ones hardly at all.
+
 Then continue training as usual, from the new directory:
 
     python train.py --init_from=resume --out_dir=<new_out_dir> --block_size=<new> --max_iters=<more>
@@ -40,7 +50,7 @@ from glassgpt.checkpoint import ckpt_path, load_checkpoint, model_from_checkpoin
 from glassgpt.config import load_config, wants_help
 from glassgpt.errors import UserError
 
-METHODS = ("copy", "interpolate")
+METHODS = ("copy", "interpolate", "base")
 WPE = "transformer.wpe.weight"
 
 
@@ -53,7 +63,7 @@ class ExtendConfig:
     method: str = "copy"
     """'copy' (tile the trained rows; the first positions are unchanged) or 'interpolate' (stretch
     the trained table over the longer range; measured to continue training much better, see
-    docs/neurons.md)."""
+    docs/neurons.md); rotary models also take 'base' (scale rope_base instead)."""
     new_out_dir: str | None = None
     """Where to write the extended checkpoint; default <out_dir>-ctx<block_size>."""
     overwrite: bool = False
@@ -124,12 +134,30 @@ def extend_optimizer(ckpt: dict[str, Any], new_rows: int, method: str, mode: str
     return out
 
 
+def _model_args(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Every GPTConfig option of a checkpoint (nanoGPT's model_args over glassgpt's extra ones)."""
+    return {**(ckpt.get("glassgpt_model_args") or {}), **ckpt["model_args"]}
+
+
+def rotary_args(args: dict[str, Any], block_size: int, method: str) -> dict[str, Any]:
+    """The rope_scale / rope_base of a rotary model extended from args["block_size"] to block_size."""
+    factor = block_size / int(args["block_size"])
+    hs = int(args["n_embd"]) // int(args["n_head"])
+    scale, base = float(args.get("rope_scale", 1.0)), float(args.get("rope_base", 10000.0))
+    if method == "interpolate":
+        scale *= factor
+    elif method == "base":
+        base *= factor ** (hs / (hs - 2)) if hs > 2 else factor
+    return {"rope_scale": scale, "rope_base": base}
+
+
 def extend_checkpoint(ckpt: dict[str, Any], block_size: int, method: str = "copy",
                       optimizer: str = "adapt") -> dict[str, Any]:
     """A new checkpoint dict with `block_size` positions; the source dict is not modified."""
     if method not in METHODS:
         raise UserError(f"method={method!r} is not one of {', '.join(METHODS)}")
-    old = int(ckpt["model_args"]["block_size"])
+    args = _model_args(ckpt)
+    old = int(args["block_size"])
     if block_size < old:
         raise UserError(f"block_size={block_size} is smaller than the checkpoint's {old}: extend-context only "
                         f"grows; to use a shorter context, pass --block_size={block_size} at train/sample time "
@@ -137,16 +165,24 @@ def extend_checkpoint(ckpt: dict[str, Any], block_size: int, method: str = "copy
     if block_size == old:
         raise UserError(f"the checkpoint already has block_size={old}; give a larger --block_size")
     state = dict(ckpt["model"])
-    wpe_keys = [k for k in state if k.endswith(WPE)]  # also finds `_orig_mod.`-prefixed names
-    if len(wpe_keys) != 1:
-        raise UserError(f"expected one {WPE} in the checkpoint, found {wpe_keys}; is this a GPT checkpoint?")
-    state[wpe_keys[0]] = extend_rows(state[wpe_keys[0]], block_size, method)
+    if args.get("rope"):  # no table to grow: the rotation changes, weights and optimizer state do not
+        extra, opt = rotary_args(args, block_size, method), copy.deepcopy(ckpt.get("optimizer") or {})
+    else:
+        if method == "base":
+            raise UserError("method=base scales the rotary base; this model has learned positions (wpe): "
+                            "use --method=copy or --method=interpolate")
+        wpe_keys = [k for k in state if k.endswith(WPE)]  # also finds `_orig_mod.`-prefixed names
+        if len(wpe_keys) != 1:
+            raise UserError(f"expected one {WPE} in the checkpoint, found {wpe_keys}; is this a GPT checkpoint?")
+        state[wpe_keys[0]] = extend_rows(state[wpe_keys[0]], block_size, method)
+        extra, opt = {}, extend_optimizer(ckpt, block_size, method, optimizer)
     # "rng" is dropped: the resumed run then starts a fresh batch stream and evaluates the extended
     # model before its first step (train skips that eval when it restores an interrupted run's rng).
     new = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "rng")}
     new["model"] = state
-    new["optimizer"] = extend_optimizer(ckpt, block_size, method, optimizer)
-    new["model_args"] = {**ckpt["model_args"], "block_size": block_size}
+    new["optimizer"] = opt
+    # model_args wins over glassgpt_model_args on load; save_checkpoint splits them again
+    new["model_args"] = {**ckpt["model_args"], "block_size": block_size, **extra}
     new["config"] = {**(ckpt.get("config") or {}), "block_size": block_size}
     new["best_val_loss"] = 1e9
     new["extended_from"] = {"block_size": old, "method": method, "optimizer": optimizer,
@@ -170,7 +206,7 @@ def main(argv: list[str] | None = None) -> Path:
     new = extend_checkpoint(ckpt, cfg.block_size, cfg.method, cfg.optimizer)
     model_from_checkpoint(new)  # the new weights must load into the new shape before we write them
     save_checkpoint(dst, new)
-    old = ckpt["model_args"]["block_size"]
+    old = _model_args(ckpt)["block_size"]
     print(f"wrote {dst}: block_size {old} -> {cfg.block_size} ({cfg.method}; optimizer {cfg.optimizer})")
     print(f"continue training: python train.py --init_from=resume --out_dir={new_dir} "
           f"--block_size={cfg.block_size} --max_iters=<more than {ckpt.get('iter_num', 0)}>")

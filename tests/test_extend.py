@@ -156,3 +156,65 @@ def test_training_resumes_through_glassgpt_train(tmp_path, char_dataset):
     # resuming without the longer block_size is refused by train with a pointer here
     with pytest.raises(UserError, match="extend-context"):
         train_main([f"--out_dir={src}", "--init_from=resume", "--block_size=64", "--max_iters=4", *common])
+
+
+def rotary_checkpoint(out_dir: Path, data_dir: Path) -> Path:
+    """A tiny rotary char checkpoint (block 32, head size 16) with an optimizer state."""
+    import json
+
+    from glassgpt.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    cfg = GPTConfig(block_size=32, vocab_size=meta["vocab_size"], n_layer=2, n_head=2, n_embd=32, bias=False,
+                    rope=True, qk_norm=True, activation="relu2")
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # random but not near-uniform attention
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    x = torch.randint(0, cfg.vocab_size, (2, 32))
+    model(x, x)[1].backward()
+    opt.step()
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "model_args": cfg.to_dict(), "iter_num": 1,
+            "best_val_loss": 1e9, "config": {"dataset": data_dir.name, "data_dir": str(data_dir)},
+            "tokenizer": {k: meta[k] for k in ("tokenizer", "vocab_size", "stoi", "itos")}}
+    return save_checkpoint(out_dir / "ckpt.pt", ckpt)
+
+
+@pytest.mark.parametrize("method", ["copy", "interpolate", "base"])
+def test_rotary_extension_changes_the_rotation_not_the_weights(tmp_path, char_dataset, method):
+    from glassgpt.model import rotary_cos_sin
+
+    rotary_checkpoint(tmp_path / "rot", char_dataset)
+    dst = main([f"--out_dir={tmp_path / 'rot'}", "--block_size=96", f"--method={method}",
+                f"--new_out_dir={tmp_path / method}"])
+    src_ckpt, new_ckpt = load_checkpoint(tmp_path / "rot"), load_checkpoint(dst)
+    old, new = model_from_checkpoint(src_ckpt).eval(), model_from_checkpoint(new_ckpt).eval()
+    assert new.config.block_size == 96 and new.config.rope
+    for k, v in src_ckpt["model"].items():
+        torch.testing.assert_close(new_ckpt["model"][k], v, rtol=0, atol=0)
+    assert new_ckpt["optimizer"]["state"].keys() == src_ckpt["optimizer"]["state"].keys()
+    hs, factor = 16, 3.0
+    slowest = lambda cfg, p: p / cfg.rope_scale * cfg.rope_base ** (-(hs - 2) / hs)  # angle of the slowest pair
+    x = torch.randint(0, old.config.vocab_size, (1, 96))
+    with torch.no_grad():
+        diff = (old(x[:, :32], x[:, :32])[0] - new(x[:, :32], x[:, :32])[0]).abs().max().item()
+        assert torch.isfinite(new(x, x)[0]).all()
+    print(f"{method}: max |logit diff| on the old 32 positions {diff:.2e}")
+    if method == "copy":  # nothing moved: the old positions score exactly as before
+        assert diff == 0.0 and new.config.rope_scale == 1.0 and new.config.rope_base == 10000.0
+    elif method == "interpolate":  # position 3p of the new model turns exactly like position p of the old
+        assert new.config.rope_scale == factor and diff > 1e-4
+        pos = torch.arange(32)[None]
+        for a, b in zip(rotary_cos_sin(pos * 3, hs, new.config.rope_base, new.config.rope_scale),
+                        rotary_cos_sin(pos, hs, old.config.rope_base, old.config.rope_scale)):
+            torch.testing.assert_close(a, b)
+    else:  # the slowest pair at the new last position turns as far as at the old one; the fastest is kept
+        assert new.config.rope_scale == 1.0 and diff > 1e-4
+        assert slowest(new.config, 96) == pytest.approx(slowest(old.config, 32))
+
+
+def test_base_method_needs_a_rotary_model(trained, tmp_path):
+    with pytest.raises(UserError, match="rotary"):
+        main([f"--out_dir={trained}", "--block_size=64", "--method=base", f"--new_out_dir={tmp_path / 'b'}"])
