@@ -11,6 +11,7 @@ Arguments after the subcommand are nanoGPT-style: config files and --key=value o
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from glassgpt.errors import run_main
@@ -28,6 +29,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "trace-neurons": ("glassgpt.trace.neurons", "MLP neurons that fire for a generation, contrasted and ablated"),
     "neuron": ("glassgpt.trace.neurons:neuron_main", "top-activating training windows of one neuron"),
     "extend-context": ("glassgpt.extend", "grow a checkpoint's context length (learned position embeddings)"),
+}
+
+
+# subcommand -> (module, config class, extra help text) for `--help` read from source: these modules
+# import torch at the top, and printing their keys should not wait for it (config.help_from_source).
+HELP_FROM_SOURCE: dict[str, tuple[str, str, str]] = {
+    "train": ("glassgpt.config", "TrainConfig", ""),
+    "sample": ("glassgpt.config", "SampleConfig", ""),
+    "bench": ("glassgpt.config", "BenchConfig", ""),
+    "eval": ("glassgpt.evaluate", "EvalConfig", ""),
+    "export": ("glassgpt.pretrained", "ExportConfig", "\n\nexample: glassgpt export --out_dir=out --to=hf hf_out/"),
+    "trace-knn": ("glassgpt.trace.knn", "TraceKnnConfig", ""),
+    "trace-neurons": ("glassgpt.trace.neurons", "TraceNeuronsConfig", ""),
+    "neuron": ("glassgpt.trace.neurons", "NeuronConfig", ""),
+    "extend-context": ("glassgpt.extend", "ExtendConfig", ""),
 }
 
 
@@ -58,9 +74,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {command!r}" + (f"; did you mean {close[0]}?" if close else "")
               + "; run `glassgpt --help`", file=sys.stderr)
         return 2
-    from glassgpt.distributed import finish_process
+    if command in HELP_FROM_SOURCE and any(a in ("-h", "--help") for a in rest):
+        module, cls, extra = HELP_FROM_SOURCE[command]
+        from glassgpt.config import help_from_source
 
-    return finish_process(run_main(resolve(command), rest))
+        print(help_from_source(module, cls, f"glassgpt {command}") + extra)
+        return 0
+    code = run_main(resolve(command), rest)
+    if "RANK" in os.environ:  # a torchrun worker; glassgpt.distributed imports torch, so only here
+        from glassgpt.distributed import finish_process
+
+        return finish_process(code)
+    return code
 
 
 if __name__ == "__main__":

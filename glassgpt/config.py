@@ -92,7 +92,21 @@ class TrainConfig:
     plot: bool = True
     """Write out_dir/loss.png at the end."""
     activation: str | None = None
-    """Override the MLP activation ('gelu' or 'gelu_new'); None keeps the checkpoint's / 'gelu'."""
+    """Override the MLP activation ('gelu', 'gelu_new' or 'relu2'); None keeps the checkpoint's / 'gelu'."""
+    # architecture options (glassgpt.model.GPTConfig, docs/architecture.md); defaults are GPT-2's
+    rope: bool = False
+    """Rotary position embeddings instead of the learned wpe table."""
+    rope_base: float = 10000.0
+    qk_norm: bool = False
+    """RMS-normalise queries and keys per head before attention."""
+    tie_embeddings: bool = True
+    """lm_head shares wte's matrix (GPT-2); False unties it."""
+    zero_init_proj: bool = False
+    """Initialise the residual output projections (c_proj) to zero."""
+    logit_softcap: float | None = None
+    """logits = cap * tanh(logits / cap); None leaves them raw."""
+    threads: int | None = None
+    """CPU threads for torch; None lets glassgpt choose (OMP_NUM_THREADS, if set, wins)."""
 
 
 @dataclass
@@ -129,6 +143,8 @@ class SampleConfig:
     window: str = "chunked"
     """Past block_size: 'chunked' (restart from the last block_size//2 tokens when the window is
     full; fast) or 'sliding' (nanoGPT's: always the last block_size tokens; slow). docs/generation.md"""
+    threads: int | None = None
+    """CPU threads for torch; None lets glassgpt choose (OMP_NUM_THREADS, if set, wins)."""
 
 
 @dataclass
@@ -153,6 +169,72 @@ class BenchConfig:
     """Write a torch profiler trace to bench_log/ instead of timing."""
     num_steps: int = 20
     """Timed steps (after 10 warm-up steps)."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """A closed or half-open numeric interval a config value must lie in; None = unbounded."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    hint: str = ""
+    """What to do instead, when the obvious fix is not just 'pick a value in range'."""
+    none_hint: str = ""
+    """Said instead of `hint` where the field also allows None."""
+
+    def contains(self, v: float) -> bool:
+        if v != v:  # NaN is in no range
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+    def describe(self, key: str) -> str:
+        lo = f"{self.lo} {'<' if self.lo_open else '<='} " if self.lo is not None else ""
+        hi = f" {'<' if self.hi_open else '<='} {self.hi}" if self.hi is not None else ""
+        if lo and not hi:
+            return f"{key} {'>' if self.lo_open else '>='} {self.lo}"
+        return f"{lo}{key}{hi}"
+
+
+AT_LEAST_1, AT_LEAST_0 = Range(lo=1), Range(lo=0)
+# Valid values by field NAME, for every config class: a field named `batch_size` means the same thing
+# in training, eval and tracing, so its range is written once. None (where a field allows it) means
+# "default/off" and is never range-checked. Keep field names consistent with this table.
+RANGES: dict[str, Range] = {
+    **dict.fromkeys([
+        "gradient_accumulation_steps", "batch_size", "block_size", "eval_interval", "log_interval",
+        "eval_iters", "n_layer", "n_head", "n_embd", "num_samples", "max_new_tokens", "k", "stride",
+        "query_stride", "num_steps", "baseline_windows", "max_sources", "keep", "top", "threads",
+        "num_proc", "ef_search", "nprobe", "batch_chars", "max_windows", "max_tokens", "mc_limit",
+        "coverage_n", "min_len"], AT_LEAST_1),
+    **dict.fromkeys([
+        "max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr", "window",
+        "context", "n_random", "show_chars", "min_words", "seed"], AT_LEAST_0),
+    "top_k": Range(lo=1, none_hint="use --top_k=None to sample from every token"),
+    "temperature": Range(lo=0, hint="0 is greedy decoding"),
+    "top_p": Range(lo=0, hi=1, lo_open=True),
+    "learning_rate": Range(lo=0, lo_open=True),
+    "dropout": Range(lo=0, hi=1, hi_open=True),
+    "beta1": Range(lo=0, hi=1, hi_open=True),
+    "beta2": Range(lo=0, hi=1, hi_open=True),
+    "val_fraction": Range(lo=0, hi=1, hi_open=True),
+    "density": Range(lo=0, hi=1, lo_open=True),
+}
+
+
+def check_range(key: str, value: Any, where: str, nullable: bool = False) -> None:
+    """Raise one UserError line naming the key, the value and its valid range if `value` is outside
+    RANGES[key]; None, non-numbers and keys without a range pass. `nullable`: the field allows None."""
+    r = RANGES.get(key)
+    if r is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not r.contains(value):
+        hint = (r.none_hint if nullable else "") or r.hint
+        raise UserError(f"{where}: {key}={value!r} is out of range: use {r.describe(key)}"
+                        + (f"; {hint}" if hint else ""))
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -221,6 +303,7 @@ def load_config(cls: type[C], argv: list[str] | None = None, base: C | None = No
     cfg = dataclasses.replace(base) if base is not None else cls()
     hints = _field_types(cls)
     valid = list(hints)
+    set_by: dict[str, str] = {}  # key -> where its final value came from, for the range check
     for arg in argv or []:
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
@@ -238,11 +321,17 @@ def load_config(cls: type[C], argv: list[str] | None = None, base: C | None = No
             if str in _allowed(hints[key])[0] and not isinstance(value, str) and value is not None:
                 value = raw  # e.g. --start=123 or --out_dir=2024 stay strings
             setattr(cfg, key, coerce(key, value, hints[key], where))
+            set_by[key] = where
         else:
             for key, value in read_config_file(arg).items():
                 if key not in hints:
                     _reject_unknown(key, valid, f"config file {arg}")
                 setattr(cfg, key, coerce(key, value, hints[key], f"config file {arg}"))
+                set_by[key] = f"config file {arg}"
+    # Only values the user set are checked: a default outside the table (extend-context's
+    # block_size=0, "required") is the command's own sentinel, explained by the command.
+    for key, where in set_by.items():
+        check_range(key, getattr(cfg, key), where, nullable=_allowed(hints[key])[1])
     return cfg
 
 
@@ -285,6 +374,49 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _constant(node: ast.expr) -> Any:
+    """The value of a default written as a constant expression (`5 * 8`, `None`), else its source."""
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        pass
+    names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+    if not names:  # arithmetic on constants only: safe to evaluate without builtins
+        try:
+            return eval(compile(ast.Expression(node), "<default>", "eval"), {"__builtins__": {}})
+        except Exception:
+            pass
+    return _Source(ast.unparse(node))
+
+
+class _Source(str):
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def help_from_source(module: str, class_name: str, prog: str) -> str:
+    """help_text for `module.class_name` read from the module's source, without importing it: the
+    command modules import torch at the top, and `glassgpt CMD --help` should take milliseconds."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        raise UserError(f"cannot find module {module}")
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    lines = [f"usage: {prog} [config_file.py ...] [--key=value ...]", "", "keys (default):"]
+    body = cls.body
+    for node, nxt in zip(body, body[1:] + [None]):
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        default = _constant(node.value) if node.value is not None else None
+        doc = ""
+        if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+            doc = "  " + " ".join(nxt.value.value.split())
+        lines.append(f"  --{node.target.id}={default!r}{doc}")
+    return "\n".join(lines)
+
+
 def help_text(cls: type, prog: str) -> str:
     docs = field_docs(cls)
     lines = [f"usage: {prog} [config_file.py ...] [--key=value ...]", "", "keys (default):"]
@@ -294,4 +426,4 @@ def help_text(cls: type, prog: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TrainConfig", "SampleConfig", "BenchConfig", "load_config", "config_to_dict", "help_text", "read_text_arg", "wants_help"]
+__all__ = ["TrainConfig", "SampleConfig", "BenchConfig", "RANGES", "Range", "check_range", "load_config", "config_to_dict", "help_text", "help_from_source", "read_text_arg", "wants_help"]
