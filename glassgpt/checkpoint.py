@@ -1,18 +1,16 @@
 """Checkpoints: nanoGPT's `ckpt.pt` layout, written atomically, read safely.
 
-`ckpt.pt` holds nanoGPT's keys (model, optimizer, model_args, iter_num, best_val_loss, config), so
-nanoGPT and glassgpt read each other's files, plus glassgpt's own (tokenizer, rng, sampler). Next to
-it, `ckpt.json` holds the same metadata as JSON for people and tools that should not unpickle.
-
-Writes go to a temporary file that is renamed over the old one only when complete, so a crash
-mid-write leaves the previous checkpoint loadable. Reads use `torch.load(weights_only=True)`: a
-checkpoint can hold tensors and plain data, never code.
+`ckpt.pt` holds nanoGPT's keys (model_args with nanoGPT's GPTConfig fields only, so its sample.py
+loads our files) plus glassgpt's (glassgpt_model_args, glassgpt_fingerprint, tokenizer, rng). Beside
+it, `ckpt.json` names the same iteration and weights fingerprint as JSON. Both are written by tmp +
+fsync + rename; reads use `torch.load(weights_only=True)`. docs/FORMATS.md has the details.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import dataclasses
+import pickle
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -20,15 +18,23 @@ from typing import Any
 
 import torch
 
+from glassgpt.artifacts import cached_fingerprint, clean_leftovers, fingerprint_tensors, read_json, write_file_atomic, write_json_atomic
 from glassgpt.errors import UserError
 from glassgpt.model import GPT, GPTConfig
-from glassgpt.tokenizer import Tokenizer, read_meta, tokenizer_from_meta
 
 CKPT_NAME = "ckpt.pt"
 SIDECAR_NAME = "ckpt.json"
 FORMAT = "glassgpt-ckpt/1"
 # torch.compile wraps the model in `_orig_mod`, DDP in `module`: strip them in this one place.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+# nanoGPT's GPTConfig fields (karpathy/nanoGPT model.py): what its sample.py can take as model_args
+NANOGPT_MODEL_ARGS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
+EXTRA_ARGS_KEY = "glassgpt_model_args"  # the other GPTConfig options; nanoGPT ignores the key
+FINGERPRINT_KEY = "glassgpt_fingerprint"
+SIDECAR_KEYS = ("model_args", EXTRA_ARGS_KEY, "iter_num", "best_val_loss", "config", "tokenizer", "data")
+# messages of torch's zip reader for damaged files (other RuntimeErrors are bugs and propagate)
+CORRUPT_MARKERS = ("PytorchStreamReader", "zip archive", "invalid header")
+_WARNED: set[Path] = set()
 
 
 def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -59,32 +65,72 @@ def ckpt_path(out_dir_or_file: str | Path) -> Path:
     return p if p.suffix == ".pt" else p / CKPT_NAME
 
 
+def split_model_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model_args, glassgpt_model_args) for a checkpoint. nanoGPT's sample.py calls
+    `GPTConfig(**model_args)`, so when the architecture is nanoGPT's (every other option at its
+    default) model_args holds only nanoGPT's keys and the rest goes beside it; otherwise model_args
+    holds every option, so nanoGPT refuses the checkpoint loudly instead of running another model."""
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    extra = {k: v for k, v in args.items() if k not in NANOGPT_MODEL_ARGS}
+    nanogpt_arch = all(k in defaults and v == defaults[k] for k, v in extra.items())
+    base = {k: v for k, v in args.items() if k in NANOGPT_MODEL_ARGS or not nanogpt_arch}
+    return base, extra
+
+
+def model_args_of(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The full GPTConfig dict of a checkpoint: model_args merged over glassgpt_model_args (model_args
+    wins, so code that edits model_args, like extend-context, is obeyed)."""
+    return {**(ckpt.get(EXTRA_ARGS_KEY) or {}), **ckpt["model_args"]}
+
+
 def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> Path:
-    """Atomically write `ckpt` (torch) and its JSON sidecar (everything but tensors)."""
+    """Atomically write `ckpt` (torch) and then its JSON sidecar ckpt.json, each by tmp + fsync +
+    rename. The weights' fingerprint is computed here, once, and stored in both files."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    side = {k: _jsonable(v) for k, v in ckpt.items() if k in ("model_args", "iter_num", "best_val_loss", "config", "tokenizer", "data")}
-    side.update(format=FORMAT, checkpoint=path.name, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    ckpt = dict(ckpt)
+    ckpt["model_args"], ckpt[EXTRA_ARGS_KEY] = split_model_args(model_args_of(ckpt))
+    ckpt[FINGERPRINT_KEY] = fingerprint_tensors(ckpt["model"])
+    write_file_atomic(path, lambda f: torch.save(ckpt, f))
+    side = {k: _jsonable(v) for k, v in ckpt.items() if k in SIDECAR_KEYS}
+    side.update(format=FORMAT, checkpoint=path.name, fingerprint=ckpt[FINGERPRINT_KEY],
+                saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 n_params=sum(v.numel() for k, v in ckpt["model"].items() if k != "lm_head.weight"))
-    side_path = path.with_suffix(".json")
-    side_tmp = side_path.with_name(f".{side_path.name}.tmp{os.getpid()}")
-    side_tmp.write_text(json.dumps(side, indent=1, ensure_ascii=False))
-    os.replace(side_tmp, side_path)
+    write_json_atomic(sidecar_path(path), side)
     return path
+
+
+def sidecar_path(path: str | Path) -> Path:
+    return ckpt_path(path).with_suffix(".json")
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any] | None:
+    """ckpt.json (no torch, no unpickling): iteration, fingerprint, config. None when absent."""
+    side = read_json(sidecar_path(path), default=None, strict=False)
+    return side if isinstance(side, dict) else None
+
+
+def checkpoint_fingerprint(ckpt: dict[str, Any], path: str | Path) -> str:
+    """The weights fingerprint of a loaded checkpoint: the one save_checkpoint stored in it, else
+    (nanoGPT) computed once and cached beside the file. ckpt.json must name the same iteration and
+    fingerprint; if not, ckpt.pt is trusted and a warning says so (once per file)."""
+    path = ckpt_path(path)
+    fp = ckpt.get(FINGERPRINT_KEY)
+    if not fp:
+        fp = cached_fingerprint([path], lambda: fingerprint_tensors(clean_state_dict(ckpt["model"])))
+    side = read_sidecar(path)
+    if side is not None and side.get("format") == FORMAT:
+        disagree = [k for k, mine in (("iter_num", ckpt.get("iter_num")), ("fingerprint", fp)) if side.get(k) != mine]
+        if disagree and path not in _WARNED:
+            _WARNED.add(path)
+            print(f"warning: {sidecar_path(path)} does not describe {path} ({', '.join(disagree)} differ; "
+                  f"a write was interrupted?); trusting {path.name} (iter {ckpt.get('iter_num')})", file=sys.stderr)
+    return str(fp)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a glassgpt or nanoGPT checkpoint with weights_only=True; one clear line if it is not one."""
     path = ckpt_path(path)
+    clean_leftovers(path)  # the temporary of a save that was killed
     if not path.exists():
         raise UserError(f"no checkpoint at {path}; train one first (python train.py ... --out_dir={path.parent})")
     if not zipfile.is_zipfile(path):
@@ -92,10 +138,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                         "restore it from a backup or retrain")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} could not be loaded safely ({first[:200]}); it is corrupt, truncated, "
-                        "or holds objects other than tensors and plain data") from None
+    except pickle.UnpicklingError:
+        # torch's own message ends in advice to load unsafely; the plain fact is what the user needs
+        raise UserError(f"{path} holds Python objects that a safe load (weights_only=True) refuses to "
+                        "run; glassgpt only loads checkpoints of tensors and plain data. Re-save it from "
+                        "trusted code as a plain state dict, or retrain") from None
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}); restore it or retrain") from None
+    except RuntimeError as e:
+        if not any(s in str(e) for s in CORRUPT_MARKERS):
+            raise  # an internal error, not a bad file
+        raise UserError(f"{path} is corrupt or truncated ({str(e).splitlines()[0][:120]}); restore it or "
+                        "retrain") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         keys = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"{path} is not a glassgpt/nanoGPT checkpoint (it has {keys}, expected model and "
@@ -105,7 +159,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def model_from_checkpoint(ckpt: dict[str, Any], **overrides: Any) -> GPT:
     """Build the GPT a checkpoint describes and load its weights (strictly)."""
-    args = dict(ckpt["model_args"])
+    args = model_args_of(ckpt)
     args.update({k: v for k, v in overrides.items() if v is not None})
     try:
         model = GPT(GPTConfig.from_dict(args))
@@ -120,20 +174,3 @@ def model_from_checkpoint(ckpt: dict[str, Any], **overrides: Any) -> GPT:
         raise UserError(f"checkpoint weights do not fit its model_args (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]})")
     return model
-
-
-def checkpoint_tokenizer(ckpt: dict[str, Any], data_dir: str | Path | None = None,
-                         vocab_dir: str | None = None) -> Tokenizer:
-    """The tokenizer a checkpoint was trained with: stored in it (glassgpt), else the dataset's
-    meta.json / meta.pkl (nanoGPT: data/<dataset>/), else GPT-2 BPE."""
-    meta = ckpt.get("tokenizer")
-    if not meta:
-        cfg = ckpt.get("config") or {}
-        d = Path(data_dir) if data_dir else (Path(cfg["data_dir"]) if cfg.get("data_dir") else Path("data") / str(cfg.get("dataset", "")))
-        meta = read_meta(d) if cfg.get("dataset") or data_dir else None
-    tok = tokenizer_from_meta(meta, vocab_dir)
-    vocab = ckpt["model_args"].get("vocab_size")
-    if vocab is not None and tok.vocab_size > vocab:
-        raise UserError(f"tokenizer has {tok.vocab_size} tokens but the model only {vocab}; "
-                        "point --data_dir at the dataset this checkpoint was trained on")
-    return tok

@@ -22,13 +22,13 @@ characters and newlines are summed over the segment's prefix. glassgpt/prepare.p
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
+from glassgpt.artifacts import write_file_atomic, write_json_atomic
 from glassgpt.errors import UserError
 from glassgpt.tokenizer import CharTokenizer, Tokenizer, read_meta, tokenizer_from_meta
 
@@ -55,21 +55,17 @@ class Location:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Old name of glassgpt.artifacts.write_file_atomic, for callers not yet moved."""
+    write_file_atomic(path, data)
 
 
 def write_json(path: str | Path, obj) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, ensure_ascii=False).encode())
+    write_json_atomic(path, obj)
 
 
 def write_segments(data_dir: str | Path, split: str, segments: np.ndarray | list) -> None:
     seg = np.asarray(segments, dtype=np.int64).reshape(-1, len(SEGMENT_COLUMNS))
-    tmp = Path(data_dir) / f".{split}.docs.tmp.npy"
-    np.save(tmp, seg)
-    os.replace(tmp, Path(data_dir) / f"{split}.docs.npy")
+    write_file_atomic(Path(data_dir) / f"{split}.docs.npy", lambda f: np.save(f, seg))
 
 
 def check_uint16(ids: np.ndarray, where: str = "") -> np.ndarray:

@@ -21,7 +21,10 @@ IN_MEMORY_BYTES = 1 << 30
 
 
 def data_dir_for(dataset: str, data_dir: str | None) -> Path:
-    return Path(data_dir) if data_dir else Path("data") / dataset
+    """Training's view of glassgpt.run.resolve_data_dir (the one data-directory rule)."""
+    from glassgpt.run import resolve_data_dir
+
+    return resolve_data_dir({"dataset": dataset}, data_dir)  # type: ignore[return-value]
 
 
 def require_prepared(data_dir: Path) -> None:

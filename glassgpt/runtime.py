@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -47,13 +48,33 @@ def autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=device_type, dtype=DTYPES[dtype])
 
 
+# Below this many parameters a CPU forward is too small to split across threads: one thread wins,
+# by ~3x when another process wants a core (issue 12: 2 threads vs 1 on a 2-core box).
+SMALL_MODEL_PARAMS = 30_000_000
+
+
+def choose_threads(n_params: int, device: str, threads: int | None = None) -> int | None:
+    """Set torch's CPU thread count and return it: `threads` (--threads) if given, else
+    $OMP_NUM_THREADS if set, else 1 for small models, else torch's default. On GPUs nothing is
+    changed (None)."""
+    if not device.startswith("cpu"):
+        return None
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    n = threads or (int(env) if env.isdigit() and int(env) > 0 else None)
+    if n is None:
+        n = 1 if n_params < SMALL_MODEL_PARAMS else torch.get_num_threads()
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    return n
+
+
 def load_for_inference(out_dir: str | Path, device: str = "cpu", data_dir: str | None = None,
                        vocab_dir: str | None = None):
-    """(model in eval mode on `device`, tokenizer, checkpoint dict) from out_dir/ckpt.pt."""
-    from glassgpt.checkpoint import checkpoint_tokenizer, load_checkpoint, model_from_checkpoint
+    """Deprecated: use glassgpt.run.open_run. (model, tokenizer, checkpoint metadata) for callers
+    not yet moved."""
+    from glassgpt.run import open_run
 
-    ckpt = load_checkpoint(out_dir, map_location="cpu")
-    model = model_from_checkpoint(ckpt)
-    model.eval().to(device)
-    tok = checkpoint_tokenizer(ckpt, data_dir=data_dir, vocab_dir=vocab_dir)
-    return model, tok, ckpt
+    run = open_run(out_dir, device=device, data_dir=data_dir, vocab_dir=vocab_dir)
+    return run.model, run.tokenizer, run.checkpoint_meta

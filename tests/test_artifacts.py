@@ -1,0 +1,183 @@
+"""The one artifact writer and the one fingerprint helper (glassgpt/artifacts.py)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from glassgpt import artifacts
+from glassgpt.artifacts import (clean_leftovers, fingerprint_bytes, fingerprint_file, fingerprint_files,
+                                fingerprint_tensors, read_json, write_artifact, write_file_atomic,
+                                write_json_atomic)
+from glassgpt.errors import UserError
+
+DEAD_PID = 999_999_999  # above any pid_max: never a live process
+
+
+def listing(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def test_write_artifact_replaces_the_whole_directory(tmp_path: Path) -> None:
+    target = tmp_path / "index"
+    with write_artifact(target) as tmp:
+        (tmp / "a.bin").write_bytes(b"old")
+        (tmp / "stale.bin").write_bytes(b"only in the old version")
+        write_json_atomic(tmp / "index.json", {"v": 1})
+    with write_artifact(target) as tmp:
+        (tmp / "a.bin").write_bytes(b"new")
+        write_json_atomic(tmp / "index.json", {"v": 2})
+    assert listing(target) == {"a.bin": b"new", "index.json": b'{\n "v": 2\n}\n'}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]  # no temporaries left
+
+
+def test_write_artifact_failure_leaves_the_old_one(tmp_path: Path) -> None:
+    target = tmp_path / "index"
+    with write_artifact(target) as tmp:
+        (tmp / "a.bin").write_bytes(b"old")
+    before = listing(target)
+    with pytest.raises(KeyError):
+        with write_artifact(target) as tmp:
+            (tmp / "a.bin").write_bytes(b"half")
+            raise KeyError("a bug mid-build")
+    assert listing(target) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+
+
+def test_write_artifact_without_rename_exchange(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two-rename fallback (no renameat2) gives the same result."""
+    monkeypatch.setattr(artifacts, "_exchange", lambda a, b: False)
+    target = tmp_path / "index"
+    for v in (b"1", b"2"):
+        with write_artifact(target) as tmp:
+            (tmp / "a.bin").write_bytes(v)
+    assert listing(target) == {"a.bin": b"2"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+
+
+def test_keep_others_carries_files_it_did_not_write(tmp_path: Path) -> None:
+    target = tmp_path / "shakespeare_char"
+    target.mkdir()
+    (target / "prepare.py").write_text("# the shim")
+    (target / "train.bin").write_bytes(b"old")
+    with write_artifact(target, keep_others=True) as tmp:
+        (tmp / "train.bin").write_bytes(b"new")
+    assert listing(target) == {"prepare.py": b"# the shim", "train.bin": b"new"}
+
+
+def test_leftovers_of_killed_writes_are_removed(tmp_path: Path) -> None:
+    target = tmp_path / "index"
+    target.mkdir()
+    (target / "a.bin").write_bytes(b"good")
+    dead_tmp = tmp_path / f".index.tmp{DEAD_PID}"
+    dead_tmp.mkdir()
+    (dead_tmp / "a.bin").write_bytes(b"half")
+    live_tmp = tmp_path / f".index.tmp{os.getppid()}"  # a live writer's: left alone
+    live_tmp.mkdir()
+    assert clean_leftovers(target) == [dead_tmp]
+    assert live_tmp.exists() and not dead_tmp.exists()
+    live_tmp.rmdir()
+
+
+def test_kill_between_the_two_renames_puts_the_old_version_back(tmp_path: Path) -> None:
+    target = tmp_path / "index"
+    old = tmp_path / f".index.old{DEAD_PID}"
+    old.mkdir()
+    (old / "a.bin").write_bytes(b"good")
+    clean_leftovers(target)
+    assert listing(target) == {"a.bin": b"good"} and not old.exists()
+
+
+def test_kill_9_during_a_write_leaves_old_artifact_and_next_write_cleans(tmp_path: Path) -> None:
+    target = tmp_path / "index"
+    with write_artifact(target) as tmp:
+        (tmp / "a.bin").write_bytes(b"good")
+    code = ("import sys, time; from glassgpt.artifacts import write_artifact\n"
+            f"with write_artifact({str(target)!r}) as tmp:\n"
+            "    (tmp / 'a.bin').write_bytes(b'half'); print('in', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "in"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert listing(target) == {"a.bin": b"good"}
+    assert len(list(tmp_path.iterdir())) == 2  # the orphan exists ...
+    with write_artifact(target) as tmp:
+        (tmp / "a.bin").write_bytes(b"next")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]  # ... and the next write removed it
+
+
+def test_write_file_atomic_full_disk_is_one_line_and_keeps_the_old_file(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "x.json"
+    write_json_atomic(path, {"v": 1})
+
+    def full(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UserError, match="disk is full") as e:
+        write_file_atomic(path, full)
+    assert "\n" not in str(e.value)
+    assert read_json(path) == {"v": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+def test_read_json_missing_and_corrupt(tmp_path: Path) -> None:
+    assert read_json(tmp_path / "nope.json", default=None) is None
+    with pytest.raises(UserError, match="missing"):
+        read_json(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text('{"a": ')
+    with pytest.raises(UserError, match="not valid JSON"):
+        read_json(tmp_path / "bad.json")
+    assert read_json(tmp_path / "bad.json", default={}, strict=False) == {}
+
+
+def test_fingerprint_file_is_cached_by_size_and_mtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"abc" * 1000)
+    fp = fingerprint_file(path)
+    assert fp == fingerprint_bytes(b"abc" * 1000) and fp.startswith("sha256:")
+
+    def no_reading(h, p):
+        raise AssertionError("re-hashed an unchanged file")
+
+    monkeypatch.setattr(artifacts, "_hash_file_into", no_reading)
+    assert fingerprint_file(path) == fp
+    monkeypatch.undo()
+    path.write_bytes(b"abd" * 1000)  # same size, new mtime and bytes
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert fingerprint_file(path) == fingerprint_bytes(b"abd" * 1000)
+
+
+def test_fingerprint_files_names_matter(tmp_path: Path) -> None:
+    (tmp_path / "a").write_bytes(b"1")
+    (tmp_path / "b").write_bytes(b"2")
+    fp = fingerprint_files([tmp_path / "a", tmp_path / "b"], cache=False)
+    assert fp != fingerprint_files([tmp_path / "b", tmp_path / "a"], cache=False)
+
+
+def test_fingerprint_tensors() -> None:
+    sd = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(3, dtype=torch.bfloat16)}
+    fp = fingerprint_tensors(sd)
+    assert fp == fingerprint_tensors(dict(reversed(list(sd.items()))))  # order-free
+    assert fp == fingerprint_tensors({k: v.clone() for k, v in sd.items()})
+    changed = {**sd, "w": sd["w"].clone()}
+    changed["w"][0, 0] = 1e-7
+    assert fingerprint_tensors(changed) != fp
+    assert fingerprint_tensors({**sd, "w": sd["w"].reshape(3, 2)}) != fp  # shape is part of it
+
+
+def test_fingerprint_tensors_speed_is_linear_not_pathological() -> None:
+    sd = {"w": torch.randn(1 << 20)}  # 4 MB
+    t0 = time.perf_counter()
+    fingerprint_tensors(sd)
+    assert time.perf_counter() - t0 < 2.0
