@@ -1,35 +1,27 @@
-"""How good and how fast is trace-knn? Planted canaries, a BM25 baseline, build time and query latency.
+"""How good and how fast is trace-knn? Planted canaries, build speed vs the bare forward, FAISS at scale,
+query latency. Each section prints its figures and the reference measured in the same run.
 
-    python benchmarks/bench_knn.py --work_dir=/tmp/bench-knn [--max_iters=500] [--model_dir=DIR]
-    # what produced benchmarks/RESULTS.md on a busy 2-core CPU (each part separately):
-    python benchmarks/bench_knn.py --work_dir=/tmp/knnbench --max_iters=300 --sections=quality --threads=1
-    python benchmarks/bench_knn.py --work_dir=/tmp/knnbench --sections=timing --timing_windows=48 --threads=1
-    python benchmarks/bench_knn.py --work_dir=/tmp/knnbench --sections=scale --threads=1
+    python benchmarks/bench_knn.py quality --model_dir=DIR [--contexts=64,128,256]  # canary table
+    python benchmarks/bench_knn.py build --model_dir=DIR                            # build / bare forward
+    python benchmarks/bench_knn.py latency --model_dir=DIR --chars=300              # query ms, hybrid
+    python benchmarks/bench_knn.py faiss --work_dir=/tmp/knn-big --rows=5000000 --dim=128
 
-1. Quality. tiny-shakespeare with `n_canaries` unique canary lines planted in the training part
-   (benchmarks/canaries.py); a small char GPT (4x128, context 256) trained briefly on it. Each canary is
-   traced three ways: (a) its first half plus the model's own continuation, (b) the canary shifted right
-   by a quarter of its length (the last 3/4 and what follows it in the training text), (c) an exact copy.
-   A hit is a window holding at least half of the canary's characters; we report source-in-top-1 and
-   top-5 for the model's embeddings (several layers / poolings / window lengths, with and without
-   centering) and for BM25 (rank_bm25, lower-cased words) over the very same windows.
-2. Speed. Store build over the whole train split (context 256, stride 128) for nanoGPT's baby 6x384
-   model (random weights: the cost does not depend on them) in float32 and bfloat16, and the query
-   latency (embed + search); exact search over a synthetic 1M-window store (memory-mapped).
-3. faiss recall@k against exact search on the real store.
-
-Prints a summary and a JSON file; `--results=benchmarks/RESULTS.md` appends the markdown section.
+The canary model: a char GPT trained on tiny-shakespeare with unique canary lines planted once each in
+the training part (benchmarks/canaries.py: `prepare_canary_dataset`, `train_canary_model`; the run in
+docs/knn.md is written there). Query variants per canary: alone; plus the ~150 characters that follow it
+in the corpus (shifted); two words swapped; preceded by ~150 characters of unrelated (validation) text.
+Success@k: one of the top-k windows holds at least half of the canary's planted copy.
+Results: `--results=benchmarks/RESULTS.md` appends the markdown printed.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
-import re
-import subprocess
+import resource
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,120 +32,38 @@ for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from glassgpt.checkpoint import save_checkpoint  # noqa: E402
-from glassgpt.config import load_config  # noqa: E402
-from glassgpt.corpus import Corpus  # noqa: E402
-from glassgpt.model import GPT, GPTConfig  # noqa: E402
-from glassgpt.runtime import load_for_inference  # noqa: E402
 from glassgpt.trace import knn  # noqa: E402
 
-
-@dataclass
-class BenchKnnConfig:
-    work_dir: str = "/tmp/glassgpt-bench-knn"
-    """Data, models and stores go here."""
-    n_canaries: int = 32
-    seed: int = 0
-    max_iters: int = 500
-    """Training iterations for the canary model (when model_dir has no checkpoint)."""
-    model_dir: str | None = None
-    """A trained canary model to reuse; default work_dir/model."""
-    contexts: str = "256,64"
-    """Window lengths tried for quality (stride = half)."""
-    timing: bool = True
-    """Time the baby 6x384 store build (minutes on a 2-core CPU)."""
-    timing_dtypes: str = "float32,bfloat16"
-    timing_windows: int = 0
-    """0: build the whole store per dtype (timed); N: time embedding N windows per dtype and thread count
-    and extrapolate to the whole split (for a CPU too busy to finish full builds; labelled as such)."""
-    scale_rows: int = 1_000_000
-    """Rows of the synthetic store for exact-search latency at scale (0: skip)."""
-    sections: str = "quality,timing,scale"
-    """Which parts to run: quality (canaries, BM25, faiss recall, canary-model latency), timing (baby
-    model store build + latency), scale (synthetic 1M-window exact search)."""
-    threads: int | None = None
-    """torch.set_num_threads (1 is much faster on a CPU shared with other jobs)."""
-    results: str | None = None
-    """Append the markdown section to this file (benchmarks/RESULTS.md)."""
+VARIANTS = ("alone", "shifted", "swapped", "preceded")
 
 
-# -------------------------------------------------------------------------------------------- setup
+def load(model_dir: str):
+    from glassgpt.run import open_run
+
+    return open_run(model_dir)
 
 
-def canary_setup(cfg: BenchKnnConfig) -> tuple[Path, list[dict], Path]:
-    """(data_dir, canaries, model out_dir): dataset planted, model trained unless one exists."""
-    from canaries import prepare_canary_dataset, train_canary_model
-
-    work = Path(cfg.work_dir)
-    data_dir = work / "data"
-    if (data_dir / "canaries.json").exists() and (data_dir / "train.bin").exists():
-        canaries = json.loads((data_dir / "canaries.json").read_text())["canaries"]
-    else:
-        data_dir, canaries = prepare_canary_dataset(work, n=cfg.n_canaries, seed=cfg.seed, repeats=1)
-    model_dir = Path(cfg.model_dir) if cfg.model_dir else work / "model"
-    if not (model_dir / "ckpt.pt").exists():
-        t = time.perf_counter()
-        train_canary_model(data_dir, model_dir, cfg.max_iters, block_size=256, eval_interval=cfg.max_iters,
-                           eval_iters=10, log_interval=50)
-        print(f"trained the canary model in {time.perf_counter() - t:.0f} s")
-    return data_dir, canaries, model_dir
-
-
-# -------------------------------------------------------------------------------------------- embeddings
-
-
-@torch.inference_mode()
-def variant_states(model: GPT, x: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
-    """Hidden states of several layers from one forward pass: {-1: final layer-normed, i: after block i}.
-    knn.layer_states gives one layer per pass; the test below checks this against it."""
-    t = x.size(1)
-    h = model.transformer.wte(x) + model.transformer.wpe(torch.arange(t))
-    out = {}
-    for i, block in enumerate(model.transformer.h):
-        h = block(h)
-        if i in layers:
-            out[i] = h
-    out[-1] = model.transformer.ln_f(h)
-    return out
-
-
-def embed_variants(model: GPT, token_lists: list[np.ndarray], layers: list[int],
-                   batch_size: int = 32) -> dict[tuple[int, str], np.ndarray]:
-    """{(layer, pooling): (n, C) unit float32} for a list of token arrays (equal lengths batched)."""
-    n = len(token_lists)
-    out = {(l, p): np.zeros((n, model.config.n_embd), np.float32) for l in [-1, *layers] for p in knn.POOLINGS}
-    lengths = np.array([len(t) for t in token_lists])
-    for length in np.unique(lengths):
-        ids = np.flatnonzero(lengths == length)
-        for b in range(0, len(ids), batch_size):
-            rows = ids[b:b + batch_size]
-            x = torch.from_numpy(np.stack([token_lists[r] for r in rows]).astype(np.int64))
-            for layer, h in variant_states(model, x, layers).items():
-                for p in knn.POOLINGS:
-                    out[(layer, p)][rows] = knn.normalize(knn.pool(h, p)).numpy()
-    return out
-
-
-# -------------------------------------------------------------------------------------------- quality
-
-
-def canary_queries(model: GPT, tok, text: str, canaries: list[dict]) -> dict[str, list[str]]:
-    """The three query kinds for every canary."""
-    from glassgpt.generate import complete
-
-    q = {"a_prefix+continuation": [], "b_shifted_quarter": [], "c_exact_copy": []}
+def canary_variants(corpus, canaries: list[dict]) -> dict[str, list[str]]:
+    """The four query texts of every canary (char data: a token is a character)."""
+    train = corpus.decode("train", 0, len(corpus.tokens("train")))
+    val = corpus.decode("val", 0, min(len(corpus.tokens("val")), 20_000))
+    rng = np.random.default_rng(0)
+    out = {v: [] for v in VARIANTS}
     for c in canaries:
         line, o = c["text"], c["char_offset"]
-        half, quarter = len(line) // 2, len(line) // 4
-        cont = complete(model, tok, line[:half], len(line) - half, temperature=0.0).text
-        q["a_prefix+continuation"].append(line[:half] + cont)
-        q["b_shifted_quarter"].append(text[o + quarter:o + quarter + len(line)])
-        q["c_exact_copy"].append(line)
-    return q
+        w = line.rstrip(".").split(" ")
+        i = int(rng.integers(0, len(w) - 1))
+        w[i], w[i + 1] = w[i + 1], w[i]
+        s = int(rng.integers(0, len(val) - 150))
+        out["alone"].append(line)
+        out["shifted"].append(train[o:o + len(line) + 150])
+        out["swapped"].append(" ".join(w) + ".")
+        out["preceded"].append(val[s:s + 150] + line)
+    return out
 
 
-def source_windows(windows: np.ndarray, canaries: list[dict]) -> list[set[int]]:
-    """Windows holding at least half of each canary's characters (char data: token = char position)."""
+def sources(windows: np.ndarray, canaries: list[dict]) -> list[set[int]]:
+    """Per canary, the windows holding at least half of it."""
     out = []
     for c in canaries:
         a, b = c["char_offset"], c["char_offset"] + len(c["text"])
@@ -162,366 +72,184 @@ def source_windows(windows: np.ndarray, canaries: list[dict]) -> list[set[int]]:
     return out
 
 
-def hit_rates(ranked: np.ndarray, sources: list[set[int]]) -> tuple[float, float]:
-    top1 = np.mean([r[0] in s for r, s in zip(ranked, sources)])
-    top5 = np.mean([bool(set(r[:5].tolist()) & s) for r, s in zip(ranked, sources)])
-    return float(top1), float(top5)
+def success(ranked: list[list[int]], src: list[set[int]]) -> tuple[float, float]:
+    return (float(np.mean([r[0] in s for r, s in zip(ranked, src)])),
+            float(np.mean([bool(set(r[:5]) & s) for r, s in zip(ranked, src)])))
 
 
-def words(s: str) -> list[str]:
-    return re.findall(r"[a-z']+", s.lower())
+def quality(a: argparse.Namespace) -> str:
+    """Top-1/top-5 per variant for every embedding variant, BM25 and hybrid, at each context."""
+    import bm25s
 
-
-def quality(model: GPT, tok, corpus: Corpus, canaries: list[dict], contexts: list[int]) -> dict:
-    text = corpus.decode("train", 0, len(corpus.tokens("train")))
-    queries = canary_queries(model, tok, text, canaries)
-    tokens = corpus.tokens("train")
-    layers = sorted({0, model.config.n_layer // 2, model.config.n_layer - 1})
-    rows, examples = [], {}
-    for context in contexts:
+    run = load(a.model_dir)
+    model, tok, corpus = run.model, run.tokenizer, run.corpus
+    canaries = json.loads((Path(run.data_dir) / "canaries.json").read_text())["canaries"]
+    queries = canary_variants(corpus, canaries)
+    n = model.config.n_layer
+    layers = sorted({n // 2, n - 1, n})
+    calibs = [("none", None), ("center", None), ("standardize", None), ("whiten", None),
+              ("whiten", model.config.n_embd // 2)]
+    rows = []
+    for context in [int(c) for c in a.contexts.split(",")]:
         spans = knn.window_spans(corpus.segments("train"), context, context // 2)
-        sources = source_windows(spans, canaries)
-        t = time.perf_counter()
-        store = embed_variants(model, [tokens[s:e] for _, s, e in spans], layers)
-        t_embed = time.perf_counter() - t
-        # the one-pass adapter must equal the product path (knn.embed_windows) for the default variant
-        check = knn.embed_windows(model, tokens, spans[:64], -1, "mean")
-        diff = float(np.abs(check.astype(np.float32) - store[(-1, "mean")][:64]).max())
-        assert diff < 2e-3, f"bench embedding differs from knn.embed_windows by {diff}"
-        from rank_bm25 import BM25Okapi
-
-        bm25 = BM25Okapi([words(corpus.decode("train", int(s), int(e))) or ["_"] for _, s, e in spans])
-        for kind, texts in queries.items():
-            ids = [np.array(tok.encode(t)) for t in texts]
-            qv = embed_variants(model, ids, layers)
-            for (layer, pooling), emb in store.items():
-                for center in (False, True):
-                    e, q = emb, qv[(layer, pooling)]
-                    if center:  # remove the direction every window shares (all-but-the-top style)
-                        mu = emb.mean(0)
-                        e, q = knn.normalize(emb - mu), knn.normalize(q - mu)
-                    _, ranked = knn.query_exact(e.astype(np.float16), q, 5)
-                    t1, t5 = hit_rates(ranked, sources)
-                    rows.append({"context": context, "method": f"emb L{layer} {pooling}" + (" centered" if center else ""),
-                                 "query": kind, "top1": t1, "top5": t5})
-            ranked = np.array([np.argsort(-bm25.get_scores(words(t)), kind="stable")[:5] for t in texts])
-            t1, t5 = hit_rates(ranked, sources)
-            rows.append({"context": context, "method": "BM25", "query": kind, "top1": t1, "top5": t5})
-            examples[kind] = texts[0]
-        print(f"context {context}: {len(spans)} windows embedded ({len(store)} variants, one pass) in {t_embed:.0f} s")
-    return {"rows": rows, "examples": examples, "layers": layers}
-
-
-# -------------------------------------------------------------------------------------------- speed
-
-
-def baby_checkpoint(work: Path, data_dir: Path) -> Path:
-    """nanoGPT's baby shakespeare-char model (6x384, block 256), random weights, as a checkpoint."""
-    meta = json.loads((data_dir / "meta.json").read_text())
-    cfg = GPTConfig(block_size=256, vocab_size=meta["vocab_size"], n_layer=6, n_head=6, n_embd=384, bias=False)
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    out = work / "baby"
-    save_checkpoint(out / "ckpt.pt", {
-        "model": model.state_dict(), "optimizer": {}, "model_args": cfg.to_dict(), "iter_num": 0,
-        "best_val_loss": 1e9, "config": {"dataset": data_dir.name, "data_dir": str(data_dir)},
-        "tokenizer": {k: meta[k] for k in ("tokenizer", "vocab_size", "stoi", "itos")}})
-    return out
-
-
-def plain_shakespeare(work: Path) -> Path:
-    """tiny-shakespeare itself as a char dataset (canaries.write_char_dataset, nanoGPT's 90/10 split)."""
-    from canaries import write_char_dataset
-
-    from glassgpt.download import TINYSHAKESPEARE, local_or_fetch
-
-    d = work / "shakespeare_char"
-    if not (d / "train.bin").exists():
-        write_char_dataset(d, local_or_fetch(TINYSHAKESPEARE, work / "download").read_text(), "tinyshakespeare")
-    return d
-
-
-def time_build(out_dir: Path, dtype: str, extra: list[str]) -> dict:
-    argv = [f"--out_dir={out_dir}", "--build", "--progress=False", f"--embed_dtype={dtype}",
-            f"--store_dir={out_dir}/knn_{dtype}", *extra]
-    t = time.perf_counter()
-    knn.main(argv)
-    wall = time.perf_counter() - t
-    meta = knn.load_store(out_dir / f"knn_{dtype}").meta
-    return {"dtype": dtype, "windows": meta["n_windows"], "build_s": meta["build_seconds"], "wall_s": round(wall, 1)}
-
-
-def query_latency(out_dir: Path, store_dir: Path, text: str, n: int = 20) -> dict:
-    """Median ms of embedding a text + exact search (model already loaded, as in an interactive session)."""
-    model, tok, _ = load_for_inference(out_dir, "cpu")
-    store = knn.load_store(store_dir)
-    m = store.meta
-    model.to(knn_dtype(m["embed_dtype"]))
-    ids = tok.encode(text)
-    embed_ms, search_ms = [], []
-    for _ in range(n):
+        src = sources(spans, canaries)
+        with tempfile.TemporaryDirectory() as d:
+            knn.build_bm25([corpus.decode("train", int(s), int(e)) for _, s, e in spans], Path(d) / "bm25")
+            bm = bm25s.BM25.load(str(Path(d) / "bm25"))
+        bm_sig = {v: [knn.Signal(knn.top_ids(f := bm.get_scores(knn.bm25_tokens([t])[0]).astype(np.float32), 100), f)
+                      for t in ts] for v, ts in queries.items()}
+        for v, sig in bm_sig.items():
+            rows.append((context, "BM25", v, *success([list(s.ids) for s in sig], src)))
         t0 = time.perf_counter()
-        q = knn.embed_text_ids(model, ids, m["context"], m["stride"], m["layer"], m["pooling"])
-        t1 = time.perf_counter()
-        knn.search_store(store, q, 5, "exact")
-        t2 = time.perf_counter()
-        embed_ms.append((t1 - t0) * 1000)
-        search_ms.append((t2 - t1) * 1000)
-    return {"store": store_dir.name, "n_tokens": len(ids), "embed_ms": round(float(np.median(embed_ms)), 1),
-            "search_ms": round(float(np.median(search_ms)), 2),
-            "total_ms": round(float(np.median(np.add(embed_ms, search_ms))), 1)}
+        for layer in layers:
+            for pooling in ("mean", "last") if layer == n else ("mean",):
+                raw = knn.embed_windows(model, corpus.tokens("train"), spans, layer, pooling, a.batch_size)
+                qraw = {v: [knn.embed_query(model, tok.encode(t), context, context // 2, layer, pooling).mean(0)
+                            for t in ts] for v, ts in queries.items()}
+                for cal, dim in calibs if pooling == "mean" else [("whiten", None)]:
+                    calib = knn.fit_calibration(raw, cal, dim)
+                    emb = knn.calibrate(raw, calib)
+                    name = f"emb L{layer} {pooling} {cal}{dim or ''}"
+                    for v, qs in qraw.items():
+                        full = knn.exact_scores(emb, knn.calibrate(np.stack(qs), calib))
+                        emb_sig = [knn.Signal(knn.top_ids(f, 100), f) for f in full]
+                        rows.append((context, name, v, *success([list(s.ids) for s in emb_sig], src)))
+                        hyb = [[i for i, _, _ in knn.fuse({"embedding": e, "bm25": b}, 5)]
+                               for e, b in zip(emb_sig, bm_sig[v])]
+                        rows.append((context, "hybrid " + name.removeprefix("emb "), v, *success(hyb, src)))
+        print(f"context {context}: {len(spans)} windows, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    md = [f"| context | method | " + " | ".join(f"{v} top1/top5" for v in VARIANTS) + " |",
+          "|---|---|" + "---|" * len(VARIANTS)]
+    table: dict[tuple[int, str], dict[str, str]] = {}
+    for context, method, v, t1, t5 in rows:
+        table.setdefault((context, method), {})[v] = f"{t1:.2f} / {t5:.2f}"
+    md += [f"| {c} | {m} | " + " | ".join(cells[v] for v in VARIANTS) + " |" for (c, m), cells in table.items()]
+    (Path(a.work_dir) / "quality.json").write_text(json.dumps(rows))
+    return (f"{len(canaries)} canaries planted once each; model {a.model_dir} ({n}x{model.config.n_embd}, "
+            f"block {model.config.block_size}); stride = context/2; L{n} = final layer-normed.\n\n" + "\n".join(md))
 
 
-def sampled_throughput(out_dir: Path, dtype: str, threads: int, n: int) -> dict:
-    """Windows/s of embedding the first n windows (after a warm-up batch), extrapolated to the split."""
-    model, _, ckpt = load_for_inference(out_dir, "cpu")
-    model.to(knn_dtype(dtype))
-    corpus = Corpus(ckpt["config"]["data_dir"])
-    spans = knn.window_spans(corpus.segments("train"), 256, 128)
-    tokens = corpus.tokens("train")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        knn.embed_windows(model, tokens, spans[:16])
-        t = time.perf_counter()
-        emb = knn.embed_windows(model, tokens, spans[16:16 + n])
-        dt = time.perf_counter() - t
-    finally:
-        torch.set_num_threads(before)
-    t = time.perf_counter()
-    knn.locate_windows(corpus, "train", spans)
-    locate_s = time.perf_counter() - t
-    return {"dtype": dtype, "threads": threads, "sampled_windows": n, "windows_per_s": round(n / dt, 2),
-            "windows": len(spans), "extrapolated_build_s": round(len(spans) * dt / n + locate_s, 1),
-            "embeddings": emb}
+@torch.inference_mode()
+def bare_forward(model, tokens: np.ndarray, spans: np.ndarray, batch_size: int) -> float:
+    """Seconds of the model's plain forward (nanoGPT's, lm_head on the last position) over the same
+    batches of the same windows: the reference a store build is measured against."""
+    t0 = time.perf_counter()
+    lengths = spans[:, 2] - spans[:, 1]
+    for length in np.unique(lengths)[::-1]:
+        ids = np.flatnonzero(lengths == length)
+        for b in range(0, len(ids), batch_size):
+            x = np.stack([tokens[spans[r, 1]:spans[r, 2]] for r in ids[b:b + batch_size]]).astype(np.int64)
+            model(torch.from_numpy(x))
+    return time.perf_counter() - t0
 
 
-def sample_agreement(a: np.ndarray, b: np.ndarray, k: int = 5) -> dict:
-    """How far another precision moves the same windows: row cosines and top-k neighbour overlap among them."""
-    a, b = a.astype(np.float32), b.astype(np.float32)
-    cos = (a * b).sum(1)
-    _, na = knn.query_exact(a.astype(np.float16), a, k + 1)
-    _, nb = knn.query_exact(b.astype(np.float16), b, k + 1)
-    return {"min_cos": round(float(cos.min()), 5), "mean_cos": round(float(cos.mean()), 6),
-            f"top{k}_overlap": round(knn.recall_at_k(na[:, 1:], nb[:, 1:]), 4), "windows": len(a)}
-
-
-def synthetic_latency(out_dir: Path, dtype: str, n_windows: int, text: str, n: int = 20) -> dict:
-    """Query latency without a built store: embed `text` with the model, then exact search over a
-    random unit float16 matrix of the store's shape (the search cost depends only on the shape)."""
-    model, tok, _ = load_for_inference(out_dir, "cpu")
-    model.to(knn_dtype(dtype))
-    emb = knn.normalize(np.random.default_rng(0).standard_normal((n_windows, model.config.n_embd))).astype(np.float16)
-    ids = tok.encode(text)
-    embed_ms, search_ms = [], []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        q = knn.embed_text_ids(model, ids, 256, 128)
-        t1 = time.perf_counter()
-        knn.query_exact(emb, knn.normalize(q[None]), 5)
-        t2 = time.perf_counter()
-        embed_ms.append((t1 - t0) * 1000)
-        search_ms.append((t2 - t1) * 1000)
-    return {"store": f"baby 6x384 {dtype} ({n_windows:,} x {model.config.n_embd}, synthetic rows)", "n_tokens": len(ids),
-            "embed_ms": round(float(np.median(embed_ms)), 1), "search_ms": round(float(np.median(search_ms)), 2),
-            "total_ms": round(float(np.median(np.add(embed_ms, search_ms))), 1)}
-
-
-def knn_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
-def scale_search(work: Path, rows: int, dim: int = 384) -> dict:
-    """Exact search over a synthetic memory-mapped float16 store of `rows` windows, in a fresh process so
-    that its peak RSS is the search's own: latency and memory."""
-    path = work / f"synthetic_{rows}.npy"
-    if not path.exists():
-        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, dim))
-        rng = np.random.default_rng(0)
-        for lo in range(0, rows, 100_000):
-            mm[lo:lo + 100_000] = knn.normalize(rng.standard_normal((min(100_000, rows - lo), dim)))
-        mm.flush()
-        del mm
-    # RSS counts the store's file-backed pages too (the page cache, reclaimable): sample the anonymous
-    # part (what the search itself allocates) from /proc while it runs.
-    code = f"""
-import json, re, threading, time, numpy as np
-from glassgpt.trace import knn
-def anon_mb():
-    return int(re.search(r"RssAnon:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
-emb = np.load({str(path)!r}, mmap_mode="r")
-q = knn.normalize(np.random.default_rng(1).standard_normal((1, {dim})))
-base, peak, done = anon_mb(), [0.0], [False]
-def watch():
-    while not done[0]:
-        peak[0] = max(peak[0], anon_mb()); time.sleep(0.005)
-threading.Thread(target=watch, daemon=True).start()
-times = []
-for _ in range(3):
-    t = time.perf_counter(); s, i = knn.query_exact(emb, q, 10); times.append(time.perf_counter() - t)
-done[0] = True
-print(json.dumps({{"exact_ms": round(min(times) * 1000), "anon_mb_before": round(base),
-                  "anon_mb_peak": round(peak[0])}}))
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
-    return {"rows": rows, "dim": dim, "file_mb": round(path.stat().st_size / 2**20), **json.loads(out.stdout)}
-
-
-def faiss_recall(store: knn.KnnStore, n_queries: int = 300) -> list[dict]:
-    """recall@k of each faiss index against exact search, queries = perturbed store rows."""
-    rng = np.random.default_rng(0)
-    base = np.asarray(store.embeddings[rng.choice(len(store), n_queries, replace=False)], dtype=np.float32)
-    q = knn.normalize(base + 0.05 * rng.standard_normal(base.shape).astype(np.float32))
+def build(a: argparse.Namespace) -> str:
+    """Whole store build (windows, forward, calibration, BM25, write) / bare forward, interleaved."""
+    run = load(a.model_dir)
+    model, corpus = run.model, run.corpus
+    context = model.config.block_size
+    spans = knn.window_spans(corpus.segments("train"), context, context // 2)
     out = []
-    for kind in knn.FAISS_KINDS:
-        t = time.perf_counter()
-        index = knn.build_faiss_index(store.embeddings, kind)
-        build_s = time.perf_counter() - t
-        for k in (1, 5, 10):
-            _, exact = knn.query_exact(store.embeddings, q, k)
-            t = time.perf_counter()
-            _, approx = knn.query_faiss(index, q, k)
-            ms = (time.perf_counter() - t) * 1000 / n_queries
-            out.append({"index": kind, "k": k, "recall": round(knn.recall_at_k(exact, approx), 4),
-                        "ms_per_query": round(ms, 3), "build_s": round(build_s, 2)})
-    return out
+    for dtype in a.dtypes.split(","):
+        model.to(getattr(torch, dtype))
+        bare, built = [], []
+        for _ in range(a.repeats):
+            bare.append(bare_forward(model, corpus.tokens("train"), spans, a.batch_size))
+            with tempfile.TemporaryDirectory(dir=a.work_dir) as d:
+                t0 = time.perf_counter()
+                knn.build_store(model, corpus, "train", Path(d) / "s", context=context, stride=context // 2,
+                                batch_size=a.batch_size, built_from=run.provenance())
+                built.append(time.perf_counter() - t0)
+        b, s = min(bare), min(built)
+        out.append(f"| {dtype} | {len(spans):,} x {context} | {b:.2f} s | {s:.2f} s | **{s / b:.2f}** |")
+    model.float()
+    return ("| dtype | windows | bare forward (min of runs) | store build | build / forward |\n|---|---|---|---|---|\n"
+            + "\n".join(out))
 
 
-# -------------------------------------------------------------------------------------------- report
+def latency(a: argparse.Namespace) -> str:
+    """Median ms of open_store (staleness check) + explain (embed, exact + BM25, fusion) for a text."""
+    run = load(a.model_dir)
+    text = run.corpus.decode("val", 0, a.chars)
+    rows = []
+    for rank in ("hybrid", "embedding", "bm25"):
+        ms = []
+        for i in range(a.repeats + 3):
+            t0 = time.perf_counter()
+            store = knn.open_store(run)
+            r = knn.explain(run, store, text, k=5, rank=rank)
+            if i >= 3:  # the first calls load BM25 and warm torch
+                ms.append((time.perf_counter() - t0) * 1000)
+        rows.append(f"| {rank} | {len(text)} chars, {r['n_query_windows']} window(s) | {len(store):,} | "
+                    f"{np.median(ms):.1f} ms | {np.percentile(ms, 90):.1f} ms |")
+    return ("| rank | query | store windows | median (open_store + explain) | p90 |\n|---|---|---|---|---|\n"
+            + "\n".join(rows))
 
 
-def markdown(res: dict) -> str:
-    lines = [f"\n## trace-knn (benchmarks/bench_knn.py) — {res['date']}", "",
-             f"Machine: {res['machine']}; `uptime` load before/after: {res['load_before']} / {res['load_after']} "
-             "(the 2 cores are shared with other engineers' jobs: timings are upper bounds).", ""]
-    if "quality" in res:
-        q = res["quality"]
-        lines += [f"Quality: {res['n_canaries']} unique canary lines planted once each in tiny-shakespeare's train "
-                  f"split; char GPT {res['canary_model']} trained {res['canary_iters']} iters (val loss "
-                  f"{res['canary_val_loss']}). Hit = a window holding >= half of the canary. "
-                  "Source-in-top-1 / top-5 over the same windows:", "",
-                  "| context | method | (a) prefix + model's continuation | (b) shifted by 1/4 | (c) exact copy |",
-                  "|---|---|---|---|---|"]
-        table: dict[tuple, dict] = {}
-        for r in q["rows"]:
-            table.setdefault((r["context"], r["method"]), {})[r["query"]] = f"{r['top1']:.2f} / {r['top5']:.2f}"
-        for (context, method), cells in table.items():
-            lines.append(f"| {context} | {method} | " + " | ".join(cells.get(k, "") for k in
-                         ("a_prefix+continuation", "b_shifted_quarter", "c_exact_copy")) + " |")
-        lines += ["", f"Store build with the canary model (product path, context 256, stride 128): "
-                      f"{res['canary_store_build_s']} s.", ""]
-    if res.get("builds"):
-        lines += ["Store build, whole tiny-shakespeare train split (1,003,854 tokens), context 256, stride 128, "
-                  "baby 6x384 model (nanoGPT's shakespeare-char config), CPU:", "",
-                  "| embed dtype | windows | build s (in build_store) | wall s (load + fingerprint + build) |",
-                  "|---|---|---|---|"]
-        lines += [f"| {b['dtype']} | {b['windows']:,} | {b['build_s']} | {b['wall_s']} |" for b in res["builds"]]
-        lines.append("")
-    if res.get("sampled"):
-        lines += ["Store build throughput, baby 6x384 model (random weights), windows of 256 tokens from the "
-                  "tiny-shakespeare train split (stride 128). Sampled: the CPU was too busy for whole builds, so "
-                  "N windows were timed and the whole-split build time extrapolated (+ the measured window "
-                  "location pass):", "",
-                  "| embed dtype | threads | sampled windows | windows/s | windows in split | extrapolated build s |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['dtype']} | {r['threads']} | {r['sampled_windows']} | {r['windows_per_s']} | {r['windows']:,} "
-                  f"| {r['extrapolated_build_s']} |" for r in res["sampled"]]
-        lines.append("")
-    if "bf16_sample_agreement" in res:
-        b = res["bf16_sample_agreement"]
-        lines += [f"bfloat16 vs float32 on the same {b['windows']} sampled windows: cosine min {b['min_cos']}, mean "
-                  f"{b['mean_cos']}; top-5 neighbour overlap among them {b['top5_overlap']}.", ""]
-    if "latency" in res:
-        lines += ["Query latency (model loaded; median of 20; embed the text + exact search over the store):", "",
-                  "| store | tokens | embed ms | search ms | total ms |", "|---|---|---|---|---|"]
-        lines += [f"| {l['store']} | {l['n_tokens']} | {l['embed_ms']} | {l['search_ms']} | {l['total_ms']} |"
-                  for l in res["latency"]]
-        lines.append("")
-    if "scale" in res:
-        s = res["scale"]
-        lines += [f"Exact search at scale: synthetic {s['rows']:,} x {s['dim']} float16 store ({s['file_mb']} MB, "
-                  f"memory-mapped): {s['exact_ms']} ms per query; anonymous memory of a fresh process "
-                  f"{s['anon_mb_before']} MB after imports, {s['anon_mb_peak']} MB at its peak during the searches "
-                  "(the store itself stays in the page cache, not the heap).", ""]
-    if "faiss" in res:
-        lines += ["faiss vs exact on the canary store (perturbed store rows as queries):", "",
-                  "| index | k | recall@k | ms/query | build s |", "|---|---|---|---|---|"]
-        lines += [f"| {f['index']} | {f['k']} | {f['recall']} | {f['ms_per_query']} | {f['build_s']} |" for f in res["faiss"]]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    cfg = load_config(BenchKnnConfig, sys.argv[1:] if argv is None else argv)
-    work = Path(cfg.work_dir)
+def faiss_scale(a: argparse.Namespace) -> str:
+    """IVF-PQ on a synthetic store (clustered unit rows, the real embeddings.npy format, memory-mapped)."""
+    work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    uptime = lambda: subprocess.run(["uptime"], capture_output=True, text=True).stdout.split("load average:")[-1].strip()
-    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "config": asdict(cfg),
-                 "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
-                 "load_before": uptime(), "n_canaries": cfg.n_canaries}
-    sections = set(cfg.sections.split(","))
-    threads = [f"--threads={cfg.threads}"] if cfg.threads else []
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-        res["machine"] += f" (set to {cfg.threads})"
-    if "quality" in sections:
-        data_dir, canaries, model_dir = canary_setup(cfg)
-        model, tok, ckpt = load_for_inference(model_dir, "cpu")
-        a = ckpt["model_args"]
-        res.update(canary_model=f"{a['n_layer']}x{a['n_embd']} (block {a['block_size']})",
-                   canary_iters=ckpt.get("iter_num"), canary_val_loss=round(float(ckpt.get("best_val_loss", float("nan"))), 3))
-        corpus = Corpus(data_dir)
-        res["quality"] = quality(model, tok, corpus, canaries, [int(c) for c in cfg.contexts.split(",")])
-        for r in res["quality"]["rows"]:
-            print(f"  ctx {r['context']:>3} {r['method']:<24} {r['query']:<22} top1 {r['top1']:.2f} top5 {r['top5']:.2f}")
-        # the product path on the canary model: a store for faiss recall and a latency figure
-        knn.main([f"--out_dir={model_dir}", "--build", "--progress=False", *threads])
-        store = knn.load_store(model_dir / "knn_train")
-        res["canary_store_build_s"] = store.meta["build_seconds"]
-        res["faiss"] = faiss_recall(store)
-        res["latency"] = [query_latency(model_dir, model_dir / "knn_train",
-                                        res["quality"]["examples"]["a_prefix+continuation"])]
-    if "timing" in sections:
-        baby = baby_checkpoint(work, plain_shakespeare(work))
-        dtypes = cfg.timing_dtypes.split(",")
-        if cfg.timing_windows:
-            res["sampled"] = [sampled_throughput(baby, d, th, cfg.timing_windows) for d in dtypes for th in (1, 2)]
-            by = {(r["dtype"], r["threads"]): r.pop("embeddings") for r in res["sampled"]}
-            if ("float32", 1) in by and ("bfloat16", 1) in by:
-                res["bf16_sample_agreement"] = sample_agreement(by[("float32", 1)], by[("bfloat16", 1)])
-            for r in res["sampled"]:
-                print(r)
-            n_windows = res["sampled"][0]["windows"]
-            res["latency"] = res.get("latency", []) + [
-                synthetic_latency(baby, d, n_windows, Corpus(work / "shakespeare_char").decode("train", 5000, 5256))
-                for d in dtypes]
-        res["builds"] = [time_build(baby, d, threads) for d in dtypes] if not cfg.timing_windows else []
-        sample = Corpus(work / "shakespeare_char").decode("train", 5000, 5256)
-        res["latency"] = res.get("latency", []) + [query_latency(baby, baby / f"knn_{d}", sample) for d in dtypes
-                                                   if (baby / f"knn_{d}" / "store.json").exists()]
-        if len(res["builds"]) > 1:  # how far bfloat16 moves the stored embeddings and the neighbours
-            e32 = np.asarray(knn.load_store(baby / "knn_float32").embeddings, np.float32)
-            e16 = np.asarray(knn.load_store(baby / "knn_bfloat16").embeddings, np.float32)
-            cos = (e32 * e16).sum(1)
-            idx = np.random.default_rng(0).choice(len(e32), 200, replace=False)
-            _, n32 = knn.query_exact(e32.astype(np.float16), e32[idx], 10)
-            _, n16 = knn.query_exact(e16.astype(np.float16), e16[idx], 10)
-            res["bf16_agreement"] = {"min_cos": round(float(cos.min()), 5), "mean_cos": round(float(cos.mean()), 6),
-                                     "top10_overlap": round(knn.recall_at_k(n32, n16), 4)}
-    if "scale" in sections and cfg.scale_rows:
-        res["scale"] = scale_search(work, cfg.scale_rows)
-    res["load_after"] = uptime()
-    (work / f"bench_knn.{'+'.join(sorted(sections))}.json").write_text(json.dumps(res, indent=1, default=str))
-    md = markdown(res)
-    if "bf16_agreement" in res:
-        b = res["bf16_agreement"]
-        md += (f"bfloat16 vs float32 store (baby model): window cosine min {b['min_cos']}, mean {b['mean_cos']}; "
-               f"top-10 neighbour overlap {b['top10_overlap']}.\n")
+    path = work / "embeddings.npy"
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((2000, a.dim)).astype(np.float32)
+    if not path.exists():
+        emb = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(a.rows, a.dim))
+        for lo in range(0, a.rows, 500_000):
+            m = min(500_000, a.rows - lo)
+            x = centres[rng.integers(0, len(centres), m)] + 0.7 * rng.standard_normal((m, a.dim)).astype(np.float32)
+            emb[lo:lo + m] = knn.normalize(x)
+        emb.flush()
+        del emb
+    emb = np.load(path, mmap_mode="r")
+    qid = np.sort(rng.choice(len(emb), 100, replace=False))
+    q = knn.normalize(np.asarray(emb[qid], np.float32) + 0.05 * rng.standard_normal((100, a.dim)).astype(np.float32))
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    exact = np.stack([knn.top_ids(s, 10) for s in knn.exact_scores(emb, q)])
+    t_exact = (time.perf_counter() - t0) / len(q)
+    t0 = time.perf_counter()
+    index = knn.build_faiss_index(emb)
+    t_build = time.perf_counter() - t0
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rows = []
+    for nprobe in (32, 64, 128):
+        t0 = time.perf_counter()
+        _, approx = knn.query_faiss(index, emb, q, 10, nprobe=nprobe)
+        rows.append(f"| {nprobe} | {knn.recall_at_k(exact, approx):.3f} | {(time.perf_counter() - t0) / len(q) * 1000:.1f} ms |")
+    return (f"synthetic store {a.rows:,} x {a.dim} float16 ({path.stat().st_size / 2**30:.2f} GiB, memory-mapped), "
+            f"IVF-PQ nlist {index.nlist}, {index.pq.M} sub-quantizers x {index.pq.nbits} bits, exact re-rank of "
+            f"100 candidates; build {t_build:.0f} s; peak RSS {rss0:.0f} MB before the build, {rss1:.0f} MB after "
+            f"(index {index.ntotal * index.pq.code_size / 2**20:.0f} MB of codes); exact search "
+            f"{t_exact * 1000:.0f} ms per query (the reference).\n\n| nprobe | recall@10 vs exact | ms per query |\n"
+            "|---|---|---|\n" + "\n".join(rows))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("section", choices=("quality", "build", "latency", "faiss"))
+    p.add_argument("--model_dir")
+    p.add_argument("--work_dir", default="/tmp/bench-knn")
+    p.add_argument("--contexts", default="64,128,256")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--dtypes", default="float32")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--chars", type=int, default=300)
+    p.add_argument("--rows", type=int, default=5_000_000)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--results", help="append the markdown to this file")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    Path(a.work_dir).mkdir(parents=True, exist_ok=True)
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    md = {"quality": quality, "build": build, "latency": latency, "faiss": faiss_scale}[a.section](a)
+    md = (f"### trace-knn {a.section} (2026-12-01, 2-core CPU, no GPU, {a.threads} thread(s), load "
+          f"{' '.join(load_before)} -> {' '.join(Path('/proc/loadavg').read_text().split()[:3])})\n\n{md}\n")
     print(md)
-    if cfg.results:
-        with open(cfg.results, "a") as f:
+    if a.results:
+        with open(a.results, "a") as f:
             f.write(md + "\n")
-    return res
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
-"""trace-knn: windows, embeddings, search (fast paths vs slow oracles), the store's life cycle, bad input."""
+"""trace-knn: windows, embeddings, calibration, BM25 and fusion, search (fast paths vs slow oracles), the
+store's life cycle (one process and torchrun), explain/open_store, bad input."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +17,11 @@ from conftest import make_checkpoint
 from glassgpt import cli
 from glassgpt.corpus import Corpus, write_json, write_segments
 from glassgpt.errors import UserError
-from glassgpt.hooks import record
 from glassgpt.model import GPT, GPTConfig
 from glassgpt.tokenizer import CharTokenizer
 from glassgpt.trace import knn
 
+REPO = Path(__file__).resolve().parents[1]
 DOCS = [
     "Alpha doc.\nIt has two lines and then some more words to make it long enough.\n",
     "Bee.\n",  # shorter than a window
@@ -49,6 +53,15 @@ def tiny_model(vocab: int = 40, block_size: int = 16, n_layer: int = 2) -> GPT:
                          bias=False)).eval()
 
 
+def reference_states(model: GPT, idx: torch.Tensor, layer: int) -> torch.Tensor:
+    """The slow oracle: the blocks run one by one, as nanoGPT writes them."""
+    t = model.transformer
+    x = t.wte(idx) + t.wpe(torch.arange(idx.size(1)))
+    for block in t.h[:layer]:
+        x = block(x)
+    return t.ln_f(x) if layer == len(t.h) else x
+
+
 # ------------------------------------------------------------------------------------------ windows
 
 
@@ -64,71 +77,76 @@ def test_windows_never_cross_segments_and_cover_every_token(tmp_path, context, s
         assert 0 < e - s <= context
         covered[s:e] = True
     assert covered.all(), f"{(~covered).sum()} tokens in no window"
-    # each segment contributes windows every `stride` from its start, the last one reaching its end
     for seg in segs:
         mine = spans[(spans[:, 1] >= seg[1]) & (spans[:, 2] <= seg[2])]
         assert list(mine[:, 1]) == list(range(int(seg[1]), int(seg[1]) + stride * len(mine), stride))
         assert mine[-1, 2] == seg[2] and (len(mine) == 1 or mine[-2, 2] < seg[2])
 
 
+def test_stride_larger_than_context_is_refused(tmp_path):
+    with pytest.raises(UserError, match=r"stride=20 must be between 1 and context=16: .*4 of every 20 tokens in no window"):
+        knn.window_spans(np.array([[0, 0, 100, 0, 1]]), 16, 20)
+
+
 def test_window_locations_match_corpus_locate(tmp_path):
     corpus = Corpus(make_multidoc_dataset(tmp_path / "d"))
     spans = knn.window_spans(corpus.segments("train"), 12, 5)
-    rows = knn.locate_windows(corpus, "train", spans)
-    for doc, s, e, char, line in rows:
+    for doc, s, e, char, line in knn.locate_windows(corpus, "train", spans):
         loc = corpus.locate("train", int(s), int(e))
         assert (loc.doc, loc.char_offset, loc.line) == (doc, char, line), f"window {s}:{e}"
-        # the location really points at the window's text inside its document
         assert DOCS[doc][char:char + (e - s)] == loc.text
 
 
 # ------------------------------------------------------------------------------------------ embedding
 
 
-def test_layer_states_match_hook_points_and_hidden_states():
-    model = tiny_model(n_layer=3)
-    x = torch.randint(0, 40, (2, 11))
-    with torch.no_grad():
-        torch.testing.assert_close(knn.layer_states(model, x, -1), model.hidden_states(x), rtol=0, atol=0)
-        for i in range(3):
-            with record(model, [f"blocks.{i}.hook_resid_post"]) as cache:
-                model.hidden_states(x)
-            torch.testing.assert_close(knn.layer_states(model, x, i), cache[f"blocks.{i}.hook_resid_post"][0])
-    assert not any(m._forward_hooks for m in model.modules()), "a hook was left behind"
-    with pytest.raises(UserError, match="layer=3 is out of range"):
-        knn.layer_states(model, x, 3)
-
-
-@pytest.mark.parametrize("layer,pooling", [(-1, "mean"), (-1, "last"), (0, "mean")])
-def test_embed_windows_equal_per_window_forward(tmp_path, layer, pooling):
+@pytest.mark.parametrize("layer,pooling", [(2, "mean"), (2, "last"), (1, "mean"), (0, "mean")])
+def test_embed_windows_equal_per_window_reference_forward(tmp_path, layer, pooling):
     corpus = Corpus(make_multidoc_dataset(tmp_path / "d"))
     model = tiny_model(vocab=corpus.tokenizer.vocab_size)
     spans = knn.window_spans(corpus.segments("train"), 16, 8)
     tokens = corpus.tokens("train")
-    emb = knn.embed_windows(model, tokens, spans, layer, pooling, batch_size=3)
-    assert emb.dtype == np.float16 and emb.shape == (len(spans), 24)
+    raw = knn.embed_windows(model, tokens, spans, layer, pooling, batch_size=3)
+    assert raw.shape == (len(spans), 24)
     with torch.no_grad():
         for r, (_, s, e) in enumerate(spans):
-            h = knn.layer_states(model, torch.tensor(tokens[s:e].astype(np.int64))[None], layer)[0]
-            v = h.mean(0) if pooling == "mean" else h[-1]
-            want = (v / v.norm()).numpy()
-            diff = np.abs(emb[r].astype(np.float32) - want).max()
-            assert diff < 2e-3, f"window {r} ({s}:{e}): max |diff| {diff:.2e} (float16 storage)"
+            h = reference_states(model, torch.tensor(tokens[s:e].astype(np.int64))[None], layer)[0]
+            torch.testing.assert_close(torch.from_numpy(raw[r]), h.mean(0) if pooling == "mean" else h[-1])
 
 
-def test_sliding_window_pooling_equals_manual_computation():
+def test_query_windows_equal_manual_computation():
     model = tiny_model(block_size=16)
     ids = torch.randint(0, 40, (45,)).tolist()
     starts = knn.query_window_starts(len(ids), 16, 7)
     assert starts == [0, 7, 14, 21, 28, 29]  # the last window ends exactly at the end of the text
     with torch.no_grad():
-        manual = torch.stack([model.hidden_states(torch.tensor([ids[s:s + 16]]))[0].mean(0) for s in starts]).mean(0)
-    got = knn.embed_text_ids(model, ids, 16, 7)
-    torch.testing.assert_close(torch.from_numpy(got), manual)
-    # a text that fits the context is one window; the model's "length > block size" error never comes up
-    torch.testing.assert_close(torch.from_numpy(knn.embed_text_ids(model, ids[:9], 16, 7)),
-                               model.hidden_states(torch.tensor([ids[:9]]))[0].mean(0).detach())
-    knn.embed_text_ids(model, ids * 20, 16, 16)  # 900 tokens, block size 16
+        manual = torch.stack([reference_states(model, torch.tensor([ids[s:s + 16]]), 2)[0].mean(0) for s in starts])
+    torch.testing.assert_close(torch.from_numpy(knn.embed_query(model, ids, 16, 7, 2, "mean")), manual)
+    assert knn.embed_query(model, ids[:9], 16, 7, 2, "mean").shape == (1, 24)  # fits: one window
+    assert knn.embed_query(model, ids * 20, 16, 16, 2, "mean").shape[0] == 57  # 900 tokens, block size 16
+
+
+@pytest.mark.parametrize("kind,dim", [("none", None), ("center", None), ("standardize", None),
+                                      ("whiten", None), ("whiten", 5)])
+def test_calibration_matches_numpy_formulas(kind, dim):
+    rng = np.random.default_rng(0)
+    raw = (rng.standard_normal((3000, 8)) * [50, 1, 1, 2, 1, 1, 3, 1] + 7).astype(np.float32)  # a rogue dim
+    calib = knn.fit_calibration(raw, kind, dim)
+    got = knn.calibrate(raw, calib)
+    x = raw.astype(np.float64)
+    if kind == "center":
+        x = x - x.mean(0)
+    elif kind == "standardize":
+        x = (x - x.mean(0)) / x.std(0)
+    elif kind == "whiten":
+        vals, vecs = np.linalg.eigh(np.cov(x, rowvar=False))
+        top = np.argsort(vals)[::-1][:dim or 8]
+        x = (x - x.mean(0)) @ vecs[:, top] / np.sqrt(vals[top])
+        white = (x - x.mean(0)).T @ (x - x.mean(0)) / (len(x) - 1)
+        np.testing.assert_allclose(white, np.eye(len(top)), atol=1e-6)  # whitened: identity covariance
+    want = x / np.linalg.norm(x, axis=1, keepdims=True)
+    # eigenvectors are defined up to sign: compare |cosines| between rows of got and want
+    assert np.abs(np.abs((got * want).sum(1)) - 1).max() < 1e-4 if kind == "whiten" else np.abs(got - want).max() < 1e-5
 
 
 # ------------------------------------------------------------------------------------------ search
@@ -142,50 +160,42 @@ def random_unit_rows(n: int, d: int, seed: int = 0, clusters: int = 0) -> np.nda
     return knn.normalize(x).astype(np.float16)
 
 
-def brute_force_cosine(emb: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The slow oracle: every score in float64, a full sort. Stored rows are unit up to float16 rounding,
-    and the score is the dot product with them as stored."""
-    e = emb.astype(np.float64)
-    scores = (q.astype(np.float64) / np.linalg.norm(q, axis=1, keepdims=True)) @ e.T
-    ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, ids, 1), ids
-
-
 @pytest.mark.parametrize("chunk_rows", [777, 65536])
 def test_exact_search_equals_numpy_brute_force(tmp_path, chunk_rows):
     emb = random_unit_rows(5000, 32)
     np.save(tmp_path / "e.npy", emb)
     mm = np.load(tmp_path / "e.npy", mmap_mode="r")  # searched as a memory map, chunk by chunk
     q = knn.normalize(np.random.default_rng(1).standard_normal((7, 32)))
-    s, i = knn.query_exact(mm, q, 10, chunk_rows=chunk_rows)
-    want_s, want_i = brute_force_cosine(emb, q, 10)
-    np.testing.assert_array_equal(i, want_i)
-    torch.testing.assert_close(torch.from_numpy(s).double(), torch.from_numpy(want_s), rtol=0, atol=1e-5)
+    scores = knn.exact_scores(mm, q, chunk_rows=chunk_rows)
+    want = q.astype(np.float64) @ emb.astype(np.float64).T
+    print(f"max |score diff| {np.abs(scores - want).max():.2e}")
+    assert np.abs(scores - want).max() < 1e-5
+    for s, w in zip(scores, want):
+        np.testing.assert_array_equal(knn.top_ids(s, 10), np.argsort(-s, kind="stable")[:10])
+        assert len(set(knn.top_ids(s, 10)) & set(np.argsort(-w)[:10])) >= 9
 
 
-def test_exact_search_with_duplicate_rows_returns_the_best_scores():
-    emb = np.repeat(random_unit_rows(50, 16), 4, axis=0)  # every row 4 times: ties everywhere
-    q = knn.normalize(np.random.default_rng(2).standard_normal((3, 16)))
-    s, i = knn.query_exact(emb, q, 6, chunk_rows=37)
-    want_s, _ = brute_force_cosine(emb, q, 6)
-    torch.testing.assert_close(torch.from_numpy(s).double(), torch.from_numpy(want_s), rtol=0, atol=1e-5)
-    true = brute_force_cosine(emb, q, len(emb))[0]  # the true scores of the returned ids equal the best ones
-    for row, ids in enumerate(i):
-        got = np.sort((q[row] @ emb[ids].astype(np.float64).T))[::-1]
-        assert np.abs(got - true[row, :6]).max() < 1e-3
-        assert len(set(ids)) == 6
-
-
-@pytest.mark.parametrize("kind,floor", [("hnsw", 0.9), ("ivf", 0.9)])
-def test_faiss_recall_against_exact(kind, floor):
+def test_faiss_recall_against_exact():
     emb = random_unit_rows(20000, 32, clusters=50)
     q = knn.normalize(emb[:200].astype(np.float32) + 0.3 * np.random.default_rng(3).standard_normal((200, 32)))
-    _, exact = knn.query_exact(emb, q, 10)
-    index = knn.build_faiss_index(emb, kind)
-    _, approx = knn.query_faiss(index, q, 10, nprobe=16, ef_search=128)
+    exact = np.stack([knn.top_ids(s, 10) for s in knn.exact_scores(emb, q)])
+    _, approx = knn.query_faiss(knn.build_faiss_index(emb), emb, q, 10)
     recall = knn.recall_at_k(exact, approx)
-    print(f"faiss {kind} recall@10 vs exact: {recall:.3f}")
-    assert recall >= floor, f"faiss {kind} recall@10 {recall:.3f} < {floor}"
+    print(f"faiss IVF-PQ + re-rank recall@10 vs exact: {recall:.3f}")
+    assert recall >= 0.95, f"recall@10 {recall:.3f} < 0.95"
+
+
+def test_reciprocal_rank_fusion_equals_hand_computation():
+    emb = knn.Signal(np.array([3, 1, 2, 0]), np.array([0.1, 0.8, 0.5, 0.9], np.float32))
+    bm = knn.Signal(np.array([2, 3, 0, 1]), np.array([1.0, 0.0, 5.0, 2.0], np.float32))
+    got = knn.fuse({"embedding": emb, "bm25": bm}, 4)
+    ranks = {"embedding": {3: 1, 1: 2, 2: 3, 0: 4}, "bm25": {2: 1, 3: 2, 0: 3, 1: 4}}  # from the full scores
+    want = sorted(((sum(1 / (knn.RRF_K + r[i]) for r in ranks.values()), i) for i in range(4)), key=lambda t: (-t[0], t[1]))
+    assert [i for i, _, _ in got] == [i for _, i in want]
+    assert all(abs(s - w) < 1e-12 for (_, s, _), (w, _) in zip(got, want))
+    assert [i for i, _, _ in got] == [3, 2, 1, 0]
+    assert got[0][2] == {"embedding": {"rank": 1, "score": pytest.approx(0.9)}, "bm25": {"rank": 2, "score": 2.0}}
+    assert [i for i, _, _ in knn.fuse({"bm25": bm}, 2)] == [2, 3]  # one signal: its own order
 
 
 # ------------------------------------------------------------------------------------------ the command
@@ -199,43 +209,69 @@ def test_build_then_trace_finds_an_exact_window(char_checkpoint, capsys):
     build(char_checkpoint)
     store = knn.load_store(char_checkpoint / "knn_train")
     assert isinstance(store.embeddings, np.memmap) and store.embeddings.dtype == np.float16
-    assert store.meta["context"] == 32 and store.meta["stride"] == 16 and len(store) == store.meta["n_windows"]
-    corpus = Corpus(store.meta["data_dir"])
+    assert (store.meta["context"], store.meta["stride"], store.meta["calibration"]) == (32, 16, "whiten")
+    corpus = Corpus(store.meta["built_from"].get("data_dir") or char_checkpoint.parent / "data" / "tiny_char")
     _, s, e, _, _ = store.windows[7]
     text = corpus.decode("train", int(s), int(e))
-    r = knn.main([f"--out_dir={char_checkpoint}", f"--text={text}", "--k=3", "--json"])
-    out = json.loads(capsys.readouterr().out)
-    assert out["neighbours"] == r["neighbours"] and out["generated"] is None
-    top = out["neighbours"][0]
-    # the window itself (or an identical copy: the tiny text repeats) comes first, at cosine ~1
-    assert top["text"] == text and abs(top["score"] - 1.0) < 2e-3, top
-    for key in ("rank", "score", "doc", "doc_id", "token_start", "token_end", "text", "char_offset", "line"):
-        assert key in top
+    for rank in knn.RANKS:
+        capsys.readouterr()
+        r = knn.main([f"--out_dir={char_checkpoint}", f"--text={text}", "--k=3", "--json", f"--rank={rank}"])
+        out = json.loads(capsys.readouterr().out)
+        assert out == json.loads(json.dumps(r)) and out["generated"] is None and out["rank"] == rank
+        top = out["neighbours"][0]
+        assert top["text"] == text, (rank, top)  # the window itself (or an identical copy: the text repeats)
+        assert set(knn.RANKS[:2]) & set(top) and all("rank" in top[s] for s in ("embedding", "bm25") if s in top)
+    assert abs(out["neighbours"][0]["embedding"]["score"] - 1.0) < 2e-3
     loc = corpus.locate("train", top["token_start"], top["token_end"])
     assert (loc.char_offset, loc.line, loc.doc_id) == (top["char_offset"], top["line"], top["doc_id"])
 
 
+def test_explain_is_what_json_prints_and_per_window_covers_the_text(char_checkpoint, capsys):
+    from glassgpt.run import open_run
+
+    build(char_checkpoint)
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll:\nSpeak, speak.\n"
+    capsys.readouterr()
+    knn.main([f"--out_dir={char_checkpoint}", f"--text={text}", "--json", "--per_window"])
+    printed = json.loads(capsys.readouterr().out)
+    run = open_run(str(char_checkpoint))
+    got = knn.explain(run, knn.open_store(run), text, per_window=True)
+    assert {**printed, "query_ms": 0} == json.loads(json.dumps({**got, "query_ms": 0}))
+    w = got["per_window"]
+    assert len(w) == got["n_query_windows"] == len(knn.query_window_starts(len(text), 32, 16)) > 2 and w[0]["char_start"] == 0 and w[-1]["char_end"] == len(text)
+    for part in w:
+        assert part["neighbours"] and text[part["char_start"]:part["char_end"]]
+    assert "query chars 0:32 ->" in knn.format_result(got)
+
+
+def test_signals_disagree_is_reported():
+    store = knn.KnnStore(Path("."), np.zeros((4, 2), np.float16), np.array([[0, 0, 10, 0, 1], [0, 5, 15, 5, 1],
+                         [0, 20, 30, 20, 1], [1, 0, 10, 0, 1]]), {}, {})
+    agree = {"embedding": knn.Signal(np.array([0])), "bm25": knn.Signal(np.array([1]))}  # windows overlap
+    disagree = {"embedding": knn.Signal(np.array([0, 1])), "bm25": knn.Signal(np.array([2, 3]))}
+    assert not knn.signals_disagree(store, agree, 1) and knn.signals_disagree(store, disagree, 2)
+
+
 def test_start_generates_then_traces_prompt_plus_output(char_checkpoint, capsys):
     build(char_checkpoint)
-    r = knn.main([f"--out_dir={char_checkpoint}", "--start=All:", "--max_new_tokens=40", "--k=2",
-                  "--temperature=0"])
+    r = knn.main([f"--out_dir={char_checkpoint}", "--start=All:", "--max_new_tokens=40", "--k=2", "--temperature=0"])
     assert r["prompt"] == "All:" and len(r["generated"]) == 40 and r["text"] == "All:" + r["generated"]
     assert r["n_tokens"] == 44 and r["n_query_windows"] == 2  # 44 tokens > block_size 32: slid and pooled
-    assert "#1  cos" in capsys.readouterr().out
+    assert "#1  tiny line" in capsys.readouterr().out
 
 
 def test_faiss_search_through_the_command(char_checkpoint):
     build(char_checkpoint)
-    exact = knn.main([f"--out_dir={char_checkpoint}", "--text=Speak, speak.", "--k=5", "--search=exact"])
-    approx = knn.main([f"--out_dir={char_checkpoint}", "--text=Speak, speak.", "--k=5", "--search=faiss"])
-    assert approx["search"] == "faiss-hnsw" and (char_checkpoint / "knn_train" / "faiss.hnsw.index").exists()
+    args = [f"--out_dir={char_checkpoint}", "--text=Speak, speak.", "--k=3", "--rank=embedding"]
+    exact, approx = knn.main([*args, "--search=exact"]), knn.main([*args, "--search=faiss"])
+    assert approx["search"] == "faiss" and (char_checkpoint / "knn_train" / "faiss.ivfpq.index").exists()
     assert exact["neighbours"][0]["score"] == pytest.approx(approx["neighbours"][0]["score"], abs=1e-3)
 
 
 def test_stale_store_is_refused_then_used_only_when_asked(char_checkpoint, char_dataset, capsys):
     build(char_checkpoint)
     make_checkpoint(char_checkpoint, char_dataset, seed=1)  # "training moved on": other weights
-    with pytest.raises(UserError, match="stale: built from other weights.*--build.*--allow_stale"):
+    with pytest.raises(UserError, match="stale: .*--build.*--allow_stale"):
         knn.main([f"--out_dir={char_checkpoint}", "--text=Speak"])
     capsys.readouterr()
     r = knn.main([f"--out_dir={char_checkpoint}", "--text=Speak", "--allow_stale"])
@@ -246,34 +282,42 @@ def test_stale_store_is_refused_then_used_only_when_asked(char_checkpoint, char_
     assert knn.main([f"--out_dir={char_checkpoint}", "--text=Speak"])["stale"] is False
 
 
-def test_changed_data_makes_the_store_stale(char_checkpoint, char_dataset):
-    build(char_checkpoint)
-    docs = json.loads((char_dataset / "documents.json").read_text())
-    docs[0]["id"] = "renamed"
-    write_json(char_dataset / "documents.json", docs)
-    with pytest.raises(UserError, match=r"stale: data files changed \(documents.json\)"):
-        knn.main([f"--out_dir={char_checkpoint}", "--text=Speak"])
-
-
 def test_store_built_with_other_settings_is_not_mixed(char_checkpoint):
-    build(char_checkpoint, "--pooling=last", "--layer=0", "--context=16", "--stride=4")
+    build(char_checkpoint, "--pooling=last", "--layer=1", "--context=16", "--stride=4", "--calibration=center")
     m = knn.load_store(char_checkpoint / "knn_train").meta
-    assert (m["pooling"], m["layer"], m["context"], m["stride"]) == ("last", 0, 16, 4)
-    with pytest.raises(UserError, match="built with pooling=last, not mean"):
-        knn.main([f"--out_dir={char_checkpoint}", "--text=Speak", "--pooling=mean"])
+    assert (m["pooling"], m["layer"], m["context"], m["stride"], m["calibration"]) == ("last", 1, 16, 4, "center")
+    with pytest.raises(UserError, match="built with context=16, not 32"):
+        knn.main([f"--out_dir={char_checkpoint}", "--text=Speak", "--context=32"])
     assert knn.main([f"--out_dir={char_checkpoint}", "--text=Speak"])["neighbours"]  # uses the store's own
 
 
+def test_torchrun_build_equals_one_process(char_checkpoint, tmp_path):
+    """2 gloo ranks shard the windows; rank 0 writes the same store as one process would."""
+    build(char_checkpoint, f"--store_dir={tmp_path / 'one'}")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(REPO / "glassgpt/trace/knn.py"), f"--out_dir={char_checkpoint}", "--build", "--progress=False",
+                        f"--store_dir={tmp_path / 'two'}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = knn.load_store(tmp_path / "one"), knn.load_store(tmp_path / "two")
+    np.testing.assert_array_equal(one.windows, two.windows)
+    diff = np.abs(np.asarray(one.embeddings, np.float32) - np.asarray(two.embeddings, np.float32)).max()
+    print(f"2 ranks vs 1 process: max |embedding diff| {diff:.2e}")
+    assert diff < 2e-3
+    for key in ("n_windows", "dim", "context", "stride", "layer", "calibration", "built_from"):
+        assert one.meta[key] == two.meta[key], key
+
+
 def test_bfloat16_store_agrees_with_float32(char_checkpoint):
-    build(char_checkpoint)
+    build(char_checkpoint, "--calibration=none")
     f32 = np.asarray(knn.load_store(char_checkpoint / "knn_train").embeddings, dtype=np.float32)
-    build(char_checkpoint, "--embed_dtype=bfloat16")
+    build(char_checkpoint, "--embed_dtype=bfloat16", "--calibration=none")
     store = knn.load_store(char_checkpoint / "knn_train")
     assert store.meta["embed_dtype"] == "bfloat16"
     cos = (f32 * np.asarray(store.embeddings, dtype=np.float32)).sum(1)
     print(f"bfloat16 vs float32 window embeddings: min cosine {cos.min():.5f}")
     assert cos.min() > 0.99
-    assert knn.main([f"--out_dir={char_checkpoint}", "--text=Speak, speak."])["neighbours"]
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -287,28 +331,18 @@ def one_line_error(capsys, argv: list[str], match: str) -> None:
     assert len(err) == 1 and err[0].startswith("error: ") and match in err[0], err
 
 
-def test_query_without_a_store_says_how_to_build_it(char_checkpoint, capsys):
-    one_line_error(capsys, [f"--out_dir={char_checkpoint}", "--text=Speak"],
-                   f"no kNN store in {char_checkpoint}/knn_train; build it with "
-                   f"`glassgpt trace-knn --out_dir={char_checkpoint} --build`")
+def test_open_store_without_a_store_names_the_build_command(char_checkpoint, capsys):
+    from glassgpt.run import open_run
+
+    with pytest.raises(UserError, match=f"build it with `glassgpt trace-knn --out_dir={char_checkpoint} --build`"):
+        knn.open_store(open_run(str(char_checkpoint)))
+    one_line_error(capsys, [f"--out_dir={char_checkpoint}", "--text=Speak"], f"no kNN store in {char_checkpoint}/knn_train")
 
 
 def test_stale_store_is_one_line(char_checkpoint, char_dataset, capsys):
     build(char_checkpoint)
     make_checkpoint(char_checkpoint, char_dataset, seed=1)
     one_line_error(capsys, [f"--out_dir={char_checkpoint}", "--text=Speak"], "is stale")
-
-
-def test_unseen_characters(char_checkpoint, capsys):
-    build(char_checkpoint)
-    one_line_error(capsys, [f"--out_dir={char_checkpoint}", "--text=Speak §µ"], "never saw")
-
-
-def test_k_larger_than_the_store(char_checkpoint, capsys):
-    build(char_checkpoint)
-    n = knn.load_store(char_checkpoint / "knn_train").meta["n_windows"]
-    one_line_error(capsys, [f"--out_dir={char_checkpoint}", "--text=Speak", f"--k={n + 1}"],
-                   f"k={n + 1} but the store has {n} windows")
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "wrong_shape", "sidecar"])
@@ -326,31 +360,24 @@ def test_missing_or_truncated_store_files(char_checkpoint, capsys, damage):
         np.save(d / "windows.npy", np.zeros((3, 5), dtype=np.int64))
         match = "the sidecar says"
     else:
-        (d / "store.json").write_text('{"format": "glassgpt-knn/1", "n_wi')
+        (d / "store.json").write_text('{"format": "glassgpt-knn/2", "n_wi')
         match = "store.json is not valid JSON"
     one_line_error(capsys, [f"--out_dir={char_checkpoint}", "--text=Speak"], match)
 
 
 def test_other_mistakes_are_one_line(char_checkpoint, capsys):
     build(char_checkpoint)
-    one_line_error(capsys, [f"--out_dir={char_checkpoint}"], "nothing to trace")
-    one_line_error(capsys, [f"--out_dir={char_checkpoint}", "--text=a", "--start=b"], "not both")
-    one_line_error(capsys, [f"--out_dir={char_checkpoint}", "--start="], "the prompt is empty")
-    one_line_error(capsys, [f"--out_dir={char_checkpoint}", "--text=FILE:/nonexistent.txt"], "does not exist")
-    one_line_error(capsys, [f"--out_dir={char_checkpoint}", "--text=Speak", "--search=fast"], "search='fast'")
-    one_line_error(capsys, [f"--out_dir={char_checkpoint}", "--build", "--pooling=max"], "pooling='max'")
-    one_line_error(capsys, [f"--out_dir={char_checkpoint}", "--build", "--layer=7"], "layer=7 is out of range")
-
-
-def test_query_stride_and_threads_are_honoured(char_checkpoint):
-    build(char_checkpoint)
-    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n"  # 61 tokens, context 32
-    default = knn.main([f"--out_dir={char_checkpoint}", f"--text={text}"])
-    before = torch.get_num_threads()  # global state: put it back for the other tests
-    try:
-        fine = knn.main([f"--out_dir={char_checkpoint}", f"--text={text}", "--query_stride=4", "--threads=1"])
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
-    assert default["n_query_windows"] == len(knn.query_window_starts(61, 32, 16)) == 3
-    assert fine["n_query_windows"] == len(knn.query_window_starts(61, 32, 4)) == 9
+    n = knn.load_store(char_checkpoint / "knn_train").meta["n_windows"]
+    o = f"--out_dir={char_checkpoint}"
+    one_line_error(capsys, [o], "nothing to trace")
+    one_line_error(capsys, [o, "--text=a", "--start=b"], "not both")
+    one_line_error(capsys, [o, "--start="], "the prompt is empty")
+    one_line_error(capsys, [o, "--text=Speak §µ"], "never saw")
+    one_line_error(capsys, [o, "--text=Speak", f"--k={n + 1}"], f"k={n + 1} but the store has {n} windows")
+    one_line_error(capsys, [o, "--text=FILE:/nonexistent.txt"], "does not exist")
+    one_line_error(capsys, [o, "--text=Speak", "--search=fast"], "search='fast'")
+    one_line_error(capsys, [o, "--text=Speak", "--rank=words"], "rank='words'")
+    one_line_error(capsys, [o, "--build", "--pooling=max"], "pooling='max'")
+    one_line_error(capsys, [o, "--build", "--calibration=pca"], "calibration='pca'")
+    one_line_error(capsys, [o, "--build", "--layer=7"], "layer=7 is out of range")
+    one_line_error(capsys, [o, "--build", "--stride=40"], "stride=40 must be between 1 and context=32")

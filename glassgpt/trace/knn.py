@@ -1,55 +1,42 @@
-"""Nearest training windows in the model's own embedding space: `glassgpt trace-knn`.
-
-The training split is cut into windows (block_size tokens, stride block_size // 2 by default) that never
-cross a document/segment boundary. Each window is embedded by the model itself — by default the final
-layer-normed hidden states, mean-pooled over positions — and stored unit-normalised as float16. A traced
-text (prompt + generated output: the prompt alone does not explain a generation) is embedded the same
-way, sliding windows of block_size averaged when it is longer, and its cosine top-k windows are returned
-with their place in the training data (document, token range, char offset, line, text).
+"""Nearest training windows, by the model's own embeddings and by BM25: `glassgpt trace-knn`.
 
     glassgpt trace-knn --out_dir=out-shakespeare-char --build            # build the store (once)
     glassgpt trace-knn --out_dir=out-shakespeare-char --start="ROMEO:" --k=5
-    glassgpt trace-knn --out_dir=out-shakespeare-char --text=FILE:poem.txt --json
+    glassgpt trace-knn --out_dir=out-shakespeare-char --text=FILE:poem.txt --per_window --json
+    torchrun --nproc_per_node=2 --no-python glassgpt trace-knn --out_dir=... --build   # sharded build
 
-On disk, `<out_dir>/knn_<split>/`:
-
-    embeddings.npy   float16 (n_windows, n_embd), unit rows; memory-mapped on load
-    windows.npy      int64 (n_windows, 5) rows [doc, tok_start, tok_end, char_offset, line]
-    store.json       sidecar: how it was built and from what (weights + data fingerprints); written last,
-                     so a store without it is an unfinished one
-    faiss.<kind>.index / .json   the approximate index, when one was asked for or needed
-
-Embeddings move as the model trains, so a store is tied to the checkpoint weights and data files it was
-built from; a mismatch is reported in one line and the store is not used unless --allow_stale.
-docs/knn.md has the walkthrough and the measured quality (benchmarks/bench_knn.py).
+docs/knn.md has the walkthrough, the store's layout, the measured quality and when to trust which signal.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from glassgpt.artifacts import read_json, write_artifact, write_file_atomic, write_json_atomic
 from glassgpt.config import load_config, read_text_arg, wants_help
-from glassgpt.corpus import Corpus, write_json
+from glassgpt.corpus import Corpus
 from glassgpt.errors import UserError
 
-STORE_FORMAT = "glassgpt-knn/1"
+STORE_FORMAT = "glassgpt-knn/2"
 POOLINGS = ("mean", "last")
+CALIBRATIONS = ("none", "center", "standardize", "whiten")
+RANKS = ("embedding", "bm25", "hybrid")
 SEARCHES = ("auto", "exact", "faiss")
-FAISS_KINDS = ("hnsw", "ivf")
-EXACT_MAX = 1_000_000  # `search=auto` uses exact search up to this many windows, faiss beyond
+EXACT_MAX = 1_000_000  # `search=auto` is exact up to this many windows, faiss beyond
 CHUNK_ROWS = 65_536  # store rows scored per matmul: 65536 x 768 float32 = 200 MB at GPT-2 small's width
+CALIB_SAMPLE = 100_000  # rows the calibration statistics are fitted on (a random sample of the store)
+RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al. 2009)
+CANDIDATES = 100  # per signal, the top windows that enter the fusion
 
 
 @dataclass
@@ -57,7 +44,7 @@ class TraceKnnConfig:
     """`glassgpt trace-knn`: build a window store, then trace a generation (or a given text) to it."""
 
     out_dir: str = "out"
-    """Checkpoint directory (ckpt.pt); the store goes in out_dir/knn_<split> unless store_dir is set."""
+    """Run to trace (out_dir, ckpt.pt or HF dir); the store goes in <run out_dir>/knn_<split>."""
     start: str | None = None
     """Prompt to generate from (or FILE:path); the traced text is prompt + output."""
     text: str | None = None
@@ -69,8 +56,12 @@ class TraceKnnConfig:
     seed: int = 1337
     k: int = 5
     """Neighbours to return."""
+    rank: str = "hybrid"
+    """'embedding' (the model's view), 'bm25' (the words), or 'hybrid': reciprocal-rank fusion of both."""
+    per_window: bool = False
+    """Also search each query window on its own: a long text can point to several sources."""
     json: bool = False
-    """Print a machine-readable result instead of the readable one."""
+    """Print a machine-readable result (what `explain` returns) instead of the readable one."""
     build: bool = False
     """Build (or rebuild) the store first; alone, only build."""
     allow_stale: bool = False
@@ -80,32 +71,29 @@ class TraceKnnConfig:
     context: int | None = None
     """Window length in tokens when building; default the model's block_size."""
     stride: int | None = None
-    """Step between window starts when building; default context // 2."""
+    """Step between window starts when building; default context // 2; at most context."""
     query_stride: int | None = None
     """Step between the sliding windows of a long traced text; default the store's stride."""
     layer: int | None = None
-    """-1: final layer-normed states (default); i: residual stream after block i. Build only."""
-    pooling: str | None = None
-    """'mean' over positions (default) or 'last' position. Build only."""
+    """Blocks run before pooling: n_layer (default; -1 also) = final layer-normed, i = residual after i."""
+    pooling: str = "mean"
+    """'mean' over positions or 'last' position. Build only."""
+    calibration: str = "whiten"
+    """'none', 'center', 'standardize' or 'whiten', fitted on the store's own windows. Build only."""
+    whiten_dim: int | None = None
+    """Keep this many principal directions when whitening (default all)."""
     embed_dtype: str = "float32"
-    """Model precision while embedding: 'float32', or 'bfloat16' (faster on CPUs with AVX512-BF16;
-    docs/knn.md has its measured agreement with float32)."""
-    batch_size: int = 16
+    """Model precision while embedding: 'float32' or 'bfloat16' (faster where the CPU/GPU has it)."""
+    batch_size: int = 32
     search: str = "auto"
-    """'exact' (chunked torch matmul over the memory-mapped store), 'faiss' (approximate), or 'auto':
-    exact up to 1M windows, faiss beyond."""
-    faiss_index: str = "hnsw"
-    """Approximate index kind: 'hnsw' or 'ivf'."""
-    nprobe: int = 16
+    """'exact' (chunked matmul over the memory-mapped store), 'faiss' (IVF-PQ + exact re-rank), 'auto'."""
+    nprobe: int = 64
     """IVF lists searched per query."""
-    ef_search: int = 128
-    """HNSW search breadth."""
     device: str = "cpu"
     threads: int | None = None
-    """torch.set_num_threads for embedding; default torch's (one per core). On a CPU shared with other
-    jobs, 1 can be several times faster (docs/knn.md)."""
+    """CPU threads (open_run picks one per core by default); on a CPU shared with other jobs 1 can be faster."""
     data_dir: str | None = None
-    """Dataset the store indexes; default the checkpoint's data_dir (or data/<dataset>)."""
+    """Dataset the store indexes; default the run's own training data."""
     show_chars: int = 240
     """Characters of each neighbour shown in the readable output (0: all)."""
     progress: bool = True
@@ -118,9 +106,11 @@ class TraceKnnConfig:
 def window_spans(segments: np.ndarray, context: int, stride: int) -> np.ndarray:
     """(n, 3) int64 rows [doc, tok_start, tok_end]: windows of `context` tokens every `stride` tokens
     inside each segment, never crossing one. A segment's last window may be shorter; a window that
-    would only repeat the tail of the previous one is not made."""
-    if context < 1 or stride < 1:
-        raise UserError(f"context ({context}) and stride ({stride}) must be positive")
+    would only repeat the tail of the previous one is not made. stride <= context, so every token is
+    in at least one window."""
+    if context < 1 or not 1 <= stride <= context:
+        raise UserError(f"stride={stride} must be between 1 and context={context}: a larger stride leaves "
+                        f"{max(0, stride - context)} of every {stride} tokens in no window")
     rows = []
     for doc, start, end, *_ in np.asarray(segments, dtype=np.int64):
         s = int(start)
@@ -134,48 +124,33 @@ def window_spans(segments: np.ndarray, context: int, stride: int) -> np.ndarray:
 
 
 def locate_windows(corpus: Corpus, split: str, spans: np.ndarray) -> np.ndarray:
-    """(n, 5) rows [doc, tok_start, tok_end, char_offset, line], the same as Corpus.locate gives, in one
-    pass: decoding from each segment's start for every window would be quadratic in the segment."""
+    """(n, 5) rows [doc, tok_start, tok_end, char_offset, line], as Corpus.locate gives, in one pass
+    (counting from each segment's start for every window would be quadratic in the segment)."""
     segs = corpus.segments(split)
     out = np.zeros((len(spans), 5), dtype=np.int64)
     out[:, :3] = spans
-    order = np.argsort(spans[:, 1], kind="stable")
     seg_i, pos, char, line = -1, 0, 0, 1
-    for i in order:
+    for i in np.argsort(spans[:, 1], kind="stable"):
         start = int(spans[i, 1])
         j = int(np.searchsorted(segs[:, 1], start, side="right")) - 1
         if j != seg_i:  # entered a new segment: restart from its recorded offset
-            seg_i = j
-            pos, char, line = int(segs[j, 1]), int(segs[j, 3]), int(segs[j, 4])
-        before = corpus.decode(split, pos, start)
-        char, line, pos = char + len(before), line + before.count("\n"), start
+            seg_i, pos, char, line = j, int(segs[j, 1]), int(segs[j, 3]), int(segs[j, 4])
+        n_chars, n_lines = corpus.text_counts(split, pos, start)
+        char, line, pos = char + n_chars, line + n_lines, start
         out[i, 3:] = (char, line)
     return out
 
 
 # ----------------------------------------------------------------------------------------------------
-# embedding
+# embedding: the model's forward, stopped at the layer, pooled, calibrated
 
 
-def _check_layer(model: torch.nn.Module, layer: int) -> None:
-    n = len(model.transformer.h)
-    if layer != -1 and not 0 <= layer < n:
-        raise UserError(f"layer={layer} is out of range: use -1 (final layer-normed) or a block 0..{n - 1}")
-
-
-def layer_states(model: torch.nn.Module, idx: torch.Tensor, layer: int = -1) -> torch.Tensor:
-    """(B, T, C) hidden states: layer -1 = final layer-normed (GPT.hidden_states), i = the residual
-    stream after block i. A plain loop over the blocks stops at `layer`, so early layers are cheaper
-    than a hooked full forward (tests check it against the `blocks.{i}.hook_resid_post` hook)."""
-    if layer == -1:
-        return model.hidden_states(idx)
-    _check_layer(model, layer)
-    t = idx.size(1)
-    pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
-    x = model.transformer.drop(model.transformer.wte(idx) + model.transformer.wpe(pos))
-    for block in model.transformer.h[: layer + 1]:
-        x = block(x)
-    return x
+def resolve_layer(model: torch.nn.Module, layer: int | None) -> int:
+    n = model.config.n_layer
+    layer = n if layer is None or layer == -1 else layer
+    if not 0 <= layer <= n:
+        raise UserError(f"layer={layer} is out of range: use 0..{n} ({n} or -1: final layer-normed)")
+    return layer
 
 
 def pool(states: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -187,38 +162,71 @@ def pool(states: torch.Tensor, pooling: str) -> torch.Tensor:
     raise UserError(f"pooling={pooling!r} is not one of {', '.join(POOLINGS)}")
 
 
-def normalize(x: np.ndarray | torch.Tensor) -> Any:
+def normalize(x: np.ndarray) -> np.ndarray:
     """Unit rows (cosine = dot product); an all-zero row stays zero."""
-    if isinstance(x, torch.Tensor):
-        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 @torch.inference_mode()
-def embed_windows(model: torch.nn.Module, tokens: np.ndarray, spans: np.ndarray, layer: int = -1,
-                  pooling: str = "mean", batch_size: int = 16, out: np.ndarray | None = None,
+def embed_windows(model: torch.nn.Module, tokens: np.ndarray, spans: np.ndarray, layer: int,
+                  pooling: str = "mean", batch_size: int = 32, out: np.ndarray | None = None,
                   progress: bool = False) -> np.ndarray:
-    """Pooled states of every window (unit rows, float16), written into `out` when given (a memmap).
-    Windows of equal length are batched together (no padding, so no mask is needed)."""
+    """Raw pooled states (float32, not calibrated) of every window, written into `out` when given.
+    Windows of equal length are batched (no padding, no mask); the forward stops at `layer` and never
+    computes lm_head. Overlapping windows cannot share one forward: with absolute positions and causal
+    attention a window's states depend on where it starts."""
     from tqdm import tqdm
 
     device = next(model.parameters()).device
-    n = len(spans)
-    if out is None:
-        out = np.zeros((n, model.config.n_embd), dtype=np.float16)
+    out = np.zeros((len(spans), model.config.n_embd), np.float32) if out is None else out
     lengths = spans[:, 2] - spans[:, 1]
-    bar = tqdm(total=n, unit="win", desc="embedding windows", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(spans), unit="win", desc="embedding windows", disable=not progress, file=sys.stderr)
     for length in np.unique(lengths)[::-1]:
         ids = np.flatnonzero(lengths == length)
         for b in range(0, len(ids), batch_size):
             rows = ids[b:b + batch_size]
             x = np.stack([tokens[spans[r, 1]:spans[r, 2]] for r in rows]).astype(np.int64)
-            h = pool(layer_states(model, torch.from_numpy(x).to(device), layer), pooling).float()
-            out[rows] = normalize(h).cpu().numpy().astype(np.float16)
+            h = model(torch.from_numpy(x).to(device), stop_at_layer=layer)
+            out[rows] = pool(h, pooling).float().cpu().numpy()
             bar.update(len(rows))
     bar.close()
     return out
+
+
+def fit_calibration(raw: np.ndarray, kind: str, dim: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Statistics of the store's own windows (a random sample of at most CALIB_SAMPLE rows) that remove
+    what every window shares: the common direction (center), rogue dimensions (standardize), or all
+    correlations (whiten, optionally to the top `dim` principal directions)."""
+    if kind not in CALIBRATIONS:
+        raise UserError(f"calibration={kind!r} is not one of {', '.join(CALIBRATIONS)}")
+    if kind == "none":
+        return {}
+    n, c = raw.shape
+    rows = np.sort(np.random.default_rng(seed).choice(n, min(n, CALIB_SAMPLE), replace=False))
+    x = np.asarray(raw[rows], dtype=np.float64)
+    mean = x.mean(0)
+    if kind == "center":
+        return {"mean": mean.astype(np.float32)}
+    if kind == "standardize":
+        return {"mean": mean.astype(np.float32), "scale": (1 / np.maximum(x.std(0), 1e-6)).astype(np.float32)}
+    dim = c if dim is None else dim
+    if not 1 <= dim <= c:
+        raise UserError(f"whiten_dim={dim} must be between 1 and the model's width {c}")
+    vals, vecs = np.linalg.eigh(np.cov(x - mean, rowvar=False).reshape(c, c))
+    top = np.argsort(vals)[::-1][:dim]
+    floor = 1e-6 * max(float(vals.max()), 1e-12)  # directions with ~no variance would only add noise
+    return {"mean": mean.astype(np.float32), "whiten": (vecs[:, top] / np.sqrt(np.maximum(vals[top], floor))).astype(np.float32)}
+
+
+def calibrate(raw: np.ndarray, calib: dict[str, np.ndarray]) -> np.ndarray:
+    """Raw pooled vectors (m, C) -> calibrated unit rows (m, D), as the store's rows were made."""
+    x = np.asarray(raw, dtype=np.float32) - calib.get("mean", 0)
+    if "scale" in calib:
+        x = x * calib["scale"]
+    if "whiten" in calib:
+        x = x @ calib["whiten"]
+    return normalize(x)
 
 
 def query_window_starts(n_tokens: int, context: int, stride: int) -> list[int]:
@@ -233,57 +241,33 @@ def query_window_starts(n_tokens: int, context: int, stride: int) -> list[int]:
 
 
 @torch.inference_mode()
-def embed_text_ids(model: torch.nn.Module, ids: list[int], context: int, stride: int, layer: int = -1,
-                   pooling: str = "mean") -> np.ndarray:
-    """(C,) float32 embedding of a token sequence: pooled states of its sliding windows of `context`
-    tokens, averaged (a text longer than the context cannot be forwarded in one piece). Not normalised."""
+def embed_query(model: torch.nn.Module, ids: list[int], context: int, stride: int, layer: int,
+                pooling: str) -> np.ndarray:
+    """(n_windows, C) raw pooled states of the sliding windows of a token sequence, in one batch (the
+    last one may overlap the one before it; a text shorter than the context is one window)."""
     if not ids:
         raise UserError("the text to trace is empty; pass --text=... or --start=...")
-    device = next(model.parameters()).device
     starts = query_window_starts(len(ids), context, stride)
-    x = torch.tensor([ids[s:s + context] for s in starts], dtype=torch.long, device=device)
-    return pool(layer_states(model, x, layer), pooling).float().mean(dim=0).cpu().numpy()
+    x = torch.tensor([ids[s:s + context] for s in starts], dtype=torch.long, device=next(model.parameters()).device)
+    return pool(model(x, stop_at_layer=layer), pooling).float().cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------------
-# fingerprints: what a store was built from
+# BM25 over the same windows
 
 
-def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
-    from glassgpt.checkpoint import clean_state_dict
+def bm25_tokens(texts: list[str]) -> list[list[str]]:
+    import bm25s
 
-    h = hashlib.sha256()
-    for name, t in sorted(clean_state_dict(state_dict).items()):
-        if name.endswith(".attn.bias"):  # nanoGPT's causal-mask buffer, not a weight
-            continue
-        t = t.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy())
-    return h.hexdigest()
+    return bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
 
 
-def file_fingerprint(path: Path, full_limit: int = 1 << 30) -> str:
-    """sha256 of a file; above `full_limit` bytes, of its size and 64 evenly spaced 1 MiB samples (a
-    full hash of a many-GB corpus on every query would cost more than the query)."""
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    if size <= full_limit:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
-    h.update(str(size).encode())
-    with open(path, "rb") as f:
-        for i in range(64):
-            f.seek(i * (size - (1 << 20)) // 63)
-            h.update(f.read(1 << 20))
-    return "sampled:" + h.hexdigest()
+def build_bm25(texts: list[str], save_dir: Path) -> None:
+    import bm25s
 
-
-def data_fingerprint(data_dir: Path, split: str) -> dict[str, str]:
-    names = [f"{split}.bin", f"{split}.docs.npy", "meta.json", "meta.pkl", "documents.json"]
-    return {n: file_fingerprint(data_dir / n) for n in names if (data_dir / n).exists()}
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+    retriever.save(str(save_dir), show_progress=False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -292,53 +276,91 @@ def data_fingerprint(data_dir: Path, split: str) -> dict[str, str]:
 
 @dataclass
 class KnnStore:
-    """A loaded store: memory-mapped embeddings, window table, sidecar."""
+    """A loaded store: memory-mapped calibrated embeddings, window table, calibration, BM25, sidecar."""
 
     path: Path
-    embeddings: np.ndarray  # float16 (n, C) memmap, unit rows
+    embeddings: np.ndarray  # float16 (n, D) memmap, unit rows
     windows: np.ndarray  # int64 (n, 5) [doc, tok_start, tok_end, char_offset, line]
     meta: dict
+    calib: dict[str, np.ndarray]
+    stale: list[str] = field(default_factory=list)
+    _bm25: Any = None
 
     def __len__(self) -> int:
         return len(self.windows)
 
+    @property
+    def bm25(self):
+        if self._bm25 is None:
+            import bm25s
 
-def build_store(model: torch.nn.Module, corpus: Corpus, split: str, store_dir: str | Path, *,
-                context: int, stride: int, layer: int = -1, pooling: str = "mean", batch_size: int = 16,
-                provenance: dict | None = None, progress: bool = False) -> KnnStore:
-    """Embed every window of `split` and write the store; the sidecar goes last, so an interrupted build
-    leaves no store that looks complete."""
+            self._bm25 = bm25s.BM25.load(str(self.path / "bm25"), mmap=True, show_progress=False)
+        return self._bm25
+
+
+def score_reference(emb: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """Cosines between 2,000 random pairs of stored windows: what "unrelated" scores in this store."""
+    rng = np.random.default_rng(seed)
+    a, b = (np.sort(rng.integers(0, len(emb), 2000)) for _ in range(2))
+    cos = (np.asarray(emb[a], np.float32) * np.asarray(emb[rng.permutation(b)], np.float32)).sum(1)
+    return {"p50": round(float(np.quantile(cos, 0.5)), 4), "p99": round(float(np.quantile(cos, 0.99)), 4)}
+
+
+def write_store(store_dir: Path, corpus: Corpus, split: str, spans: np.ndarray, raw: np.ndarray,
+                settings: dict[str, Any], built_from: dict, seconds: float) -> None:
+    """Calibrate the raw pooled states, write embeddings, windows, calibration, BM25 and the sidecar in
+    one artifact (one rename: a store is the old one or the new one, never a mix)."""
+    calib = fit_calibration(raw, settings["calibration"], settings["whiten_dim"])
+    dim = calib["whiten"].shape[1] if "whiten" in calib else raw.shape[1]
+    texts = [corpus.decode(split, int(s), int(e)) for _, s, e in spans]
+    with write_artifact(store_dir) as tmp:
+        emb = np.lib.format.open_memmap(tmp / "embeddings.npy", mode="w+", dtype=np.float16, shape=(len(spans), dim))
+        for lo in range(0, len(spans), CHUNK_ROWS):
+            emb[lo:lo + CHUNK_ROWS] = calibrate(raw[lo:lo + CHUNK_ROWS], calib)
+        emb.flush()
+        np.save(tmp / "windows.npy", locate_windows(corpus, split, spans))
+        np.savez(tmp / "calibration.npz", **calib)
+        build_bm25(texts, tmp / "bm25")
+        write_json_atomic(tmp / "store.json", {
+            "format": STORE_FORMAT, "build_id": uuid.uuid4().hex, "split": split, "n_windows": len(spans),
+            "dim": dim, **settings, "score_reference": score_reference(emb),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_seconds": round(seconds, 2),
+            "built_from": built_from})
+        del emb
+
+
+def build_store(model: torch.nn.Module, corpus: Corpus, split: str, store_dir: str | Path, *, context: int,
+                stride: int, layer: int | None = None, pooling: str = "mean", calibration: str = "whiten",
+                whiten_dim: int | None = None, batch_size: int = 32, built_from: dict | None = None,
+                dist_info: Any = None, progress: bool = False) -> KnnStore | None:
+    """Embed every window of `split` and write the store. Under torchrun each rank embeds a contiguous
+    share of the windows and rank 0 gathers them and writes (the same store as one process)."""
+    from glassgpt.distributed import gather_objects
+
     if pooling not in POOLINGS:
         raise UserError(f"pooling={pooling!r} is not one of {', '.join(POOLINGS)}")
-    _check_layer(model, layer)
+    if calibration not in CALIBRATIONS:
+        raise UserError(f"calibration={calibration!r} is not one of {', '.join(CALIBRATIONS)}")
+    layer = resolve_layer(model, layer)
     if context > model.config.block_size:
         raise UserError(f"context={context} exceeds the model's block_size {model.config.block_size}")
-    store_dir = Path(store_dir)
-    store_dir.mkdir(parents=True, exist_ok=True)
-    (store_dir / "store.json").unlink(missing_ok=True)  # invalid from here until the new one is written
-    for old in store_dir.glob("faiss.*"):
-        old.unlink()
     t0 = time.perf_counter()
     spans = window_spans(corpus.segments(split), context, stride)
     if len(spans) == 0:
         raise UserError(f"the {split} split of {corpus.data_dir} has no tokens to index")
-    windows = locate_windows(corpus, split, spans)
-    tmp = store_dir / ".embeddings.tmp.npy"
-    emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(spans), model.config.n_embd))
-    embed_windows(model, corpus.tokens(split), spans, layer, pooling, batch_size, out=emb, progress=progress)
-    emb.flush()
-    del emb
-    os.replace(tmp, store_dir / "embeddings.npy")
-    np.save(store_dir / ".windows.tmp.npy", windows)
-    os.replace(store_dir / ".windows.tmp.npy", store_dir / "windows.npy")
-    meta = {
-        "format": STORE_FORMAT, "build_id": uuid.uuid4().hex, "split": split, "n_windows": len(spans),
-        "dim": model.config.n_embd, "context": context, "stride": stride, "layer": layer, "pooling": pooling,
-        "embed_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_seconds": round(time.perf_counter() - t0, 2),
-        **(provenance or {}),
-    }
-    write_json(store_dir / "store.json", meta)
+    tokens = corpus.tokens(split)
+    if dist_info is not None and dist_info.enabled:
+        lo, hi = np.array_split(np.arange(len(spans)), dist_info.world_size)[dist_info.rank][[0, -1]]
+        parts = gather_objects(embed_windows(model, tokens, spans[lo:hi + 1], layer, pooling, batch_size), dist_info)
+        if not dist_info.master:
+            return None
+        raw = np.concatenate(parts)
+    else:
+        raw = embed_windows(model, tokens, spans, layer, pooling, batch_size, progress=progress)
+    settings = {"context": context, "stride": stride, "layer": layer, "pooling": pooling,
+                "calibration": calibration, "whiten_dim": whiten_dim,
+                "embed_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    write_store(Path(store_dir), corpus, split, spans, raw, settings, built_from or {}, time.perf_counter() - t0)
     return load_store(store_dir)
 
 
@@ -348,9 +370,8 @@ def load_store(store_dir: str | Path, build_hint: str = "glassgpt trace-knn --bu
     side = store_dir / "store.json"
     if not side.exists():
         raise UserError(f"no kNN store in {store_dir}; build it with `{build_hint}`")
-    try:
-        meta = json.loads(side.read_text())
-    except json.JSONDecodeError:
+    meta = read_json(side, None, strict=False)
+    if not isinstance(meta, dict):
         raise UserError(f"{side} is not valid JSON (corrupt); rebuild with `{build_hint}`") from None
     if meta.get("format") != STORE_FORMAT:
         raise UserError(f"{side} is not a {STORE_FORMAT} store; rebuild with `{build_hint}`")
@@ -368,77 +389,85 @@ def load_store(store_dir: str | Path, build_hint: str = "glassgpt trace-knn --bu
             raise UserError(f"{p} holds {a.dtype}{a.shape}, the sidecar says {np.dtype(dtype)}{shape}; "
                             f"rebuild with `{build_hint}`")
         arrays[name] = a
-    return KnnStore(store_dir, arrays["embeddings"], np.asarray(arrays["windows"]), meta)
+    with np.load(store_dir / "calibration.npz", allow_pickle=False) as z:
+        calib = {k: z[k] for k in z.files}
+    return KnnStore(store_dir, arrays["embeddings"], np.asarray(arrays["windows"]), meta, calib)
 
 
-def stale_reasons(meta: dict, provenance: dict) -> list[str]:
-    """What differs between the store's provenance and the current checkpoint/data ([] = fresh)."""
-    reasons = []
-    if meta.get("weights_sha256") != provenance.get("weights_sha256"):
-        reasons.append(f"built from other weights (iter {meta.get('iter_num')}; the checkpoint is now at iter "
-                       f"{provenance.get('iter_num')})")
-    if meta.get("data_files") != provenance.get("data_files"):
-        changed = sorted(set(meta.get("data_files", {}).items()) ^ set(provenance.get("data_files", {}).items()))
-        reasons.append(f"data files changed ({', '.join(sorted({n for n, _ in changed}))})")
-    return reasons
+def build_command(run: Any, store_dir: str | Path | None = None) -> str:
+    return f"glassgpt trace-knn --out_dir={run.out_dir} --build" + (f" --store_dir={store_dir}" if store_dir else "")
+
+
+def open_store(run: Any, *, split: str = "train", store_dir: str | Path | None = None,
+               allow_stale: bool = False) -> KnnStore:
+    """The run's store, checked fresh against run.provenance() by string comparison (no hashing); a
+    missing or stale one is a UserError naming the build command (stale + allow_stale: a warning)."""
+    hint = build_command(run, store_dir)
+    path = Path(store_dir) if store_dir else Path(run.out_dir) / f"knn_{split}"
+    store = load_store(path, hint)
+    if store.meta["dim"] > run.model.config.n_embd or store.meta["layer"] > run.model.config.n_layer:
+        raise UserError(f"the store in {path} was built for another model shape; rebuild with `{hint}`")
+    store.stale = run.stale_reasons(store.meta.get("built_from", {}))
+    if store.stale and not allow_stale:
+        raise UserError(f"the kNN store in {path} is stale: {'; '.join(store.stale)}; rebuild it with "
+                        f"`{hint}` or pass --allow_stale to use it anyway")
+    if store.stale:
+        print(f"warning: using a STALE kNN store ({'; '.join(store.stale)}): scores and neighbours come from "
+              f"other embeddings; rebuild with `{hint}`", file=sys.stderr)
+    return store
 
 
 # ----------------------------------------------------------------------------------------------------
 # search
 
 
-def query_exact(embeddings: np.ndarray, queries: np.ndarray, k: int,
-                chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine top-k of unit `queries` (m, C) over unit `embeddings` (n, C): (scores (m, k), ids (m, k)),
-    best first. The store is read `chunk_rows` rows at a time, so a memory-mapped store of any size is
-    searched in bounded memory (a float16 chunk and its float32 copy)."""
+def exact_scores(embeddings: np.ndarray, queries: np.ndarray, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+    """(m, n) cosine of unit `queries` (m, D) against every stored unit row, reading the memory-mapped
+    store `chunk_rows` rows at a time (bounded memory whatever its size)."""
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-    n = len(embeddings)
-    k = min(k, n)
-    best_s = torch.full((len(q), 0), -math.inf)
-    best_i = torch.zeros((len(q), 0), dtype=torch.long)
-    for lo in range(0, n, chunk_rows):
+    out = np.empty((len(q), len(embeddings)), np.float32)
+    for lo in range(0, len(embeddings), chunk_rows):
         chunk = torch.from_numpy(np.asarray(embeddings[lo:lo + chunk_rows], dtype=np.float32))
-        s, i = torch.topk(q @ chunk.T, min(k, len(chunk)), dim=1)
-        s, j = torch.topk(torch.cat([best_s, s], 1), k, dim=1)
-        best_i = torch.gather(torch.cat([best_i, i + lo], 1), 1, j)
-        best_s = s
-    return best_s.numpy(), best_i.numpy()
+        out[:, lo:lo + len(chunk)] = (q @ chunk.T).numpy()
+    return out
 
 
-def build_faiss_index(embeddings: np.ndarray, kind: str = "hnsw", chunk_rows: int = CHUNK_ROWS,
-                      seed: int = 0):
-    """An approximate inner-product index over unit rows: HNSW (no training) or IVF-Flat (k-means
-    lists on a sample). Rows are added chunk by chunk as float32."""
+def top_ids(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest scores, best first (ties: lower index first)."""
+    k = min(k, len(scores))
+    part = np.argpartition(-scores, k - 1)[:k]
+    return part[np.lexsort((part, -scores[part]))]
+
+
+def build_faiss_index(embeddings: np.ndarray, chunk_rows: int = CHUNK_ROWS, seed: int = 0):
+    """IVF-PQ over unit rows for inner product, trained on a sample and filled chunk by chunk from the
+    memory map (the store is never loaded whole). PQ codes are coarse; query_faiss re-ranks exactly."""
     faiss = _import_faiss()
     n, d = embeddings.shape
-    if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = 80
-    elif kind == "ivf":
-        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))  # faiss wants >= 39 training points per list
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(seed)
-        sample = np.sort(rng.choice(n, size=min(n, 256 * nlist), replace=False))
-        index.train(np.asarray(embeddings[sample], dtype=np.float32))
-    else:
-        raise UserError(f"faiss_index={kind!r} is not one of {', '.join(FAISS_KINDS)}")
+    nlist = max(1, min(int(math.sqrt(n)), n // 64))
+    m = max(s for s in range(1, d + 1) if d % s == 0 and s <= max(1, d // 4))  # sub-quantizers of 4+ dims
+    nbits = max(4, min(8, int(math.log2(max(n // 64, 16)))))
+    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+    sample = np.sort(np.random.default_rng(seed).choice(n, size=min(n, max(64 * nlist, 4096), 262_144), replace=False))
+    index.train(np.asarray(embeddings[sample], dtype=np.float32))
     for lo in range(0, n, chunk_rows):
         index.add(np.ascontiguousarray(embeddings[lo:lo + chunk_rows], dtype=np.float32))
     return index
 
 
-def query_faiss(index, queries: np.ndarray, k: int, nprobe: int = 16,
-                ef_search: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, ids) from a faiss index, best first."""
-    faiss = _import_faiss()
-    if hasattr(index, "nprobe"):
-        index.nprobe = nprobe
-    if hasattr(index, "hnsw"):
-        index.hnsw.efSearch = max(ef_search, k)
-    faiss.omp_set_num_threads(torch.get_num_threads())
-    s, i = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    return s, i.astype(np.int64)
+def query_faiss(index, embeddings: np.ndarray, queries: np.ndarray, k: int, nprobe: int = 64,
+                rerank: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids), best first: `rerank * k` IVF-PQ candidates re-scored exactly from the memory map."""
+    _import_faiss().omp_set_num_threads(torch.get_num_threads())
+    index.nprobe = nprobe
+    _, cand = index.search(np.ascontiguousarray(queries, dtype=np.float32), k * rerank)
+    out_s, out_i = np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+    for r, ids in enumerate(cand):
+        ids = np.unique(ids[ids >= 0])
+        s = np.asarray(embeddings[ids], np.float32) @ np.asarray(queries[r], np.float32)
+        best = top_ids(s, k)
+        out_s[r, :len(best)], out_i[r, :len(best)] = s[best], ids[best]
+    return out_s, out_i
 
 
 def recall_at_k(exact_ids: np.ndarray, approx_ids: np.ndarray) -> float:
@@ -451,191 +480,226 @@ def _import_faiss():
     try:
         import faiss
     except ImportError:
-        raise UserError("approximate search needs faiss: `pip install glassgpt[faiss]` (faiss-cpu), "
-                        "or use --search=exact") from None
+        raise UserError("approximate search needs faiss: `pip install faiss-cpu`, or use --search=exact") from None
     return faiss
 
 
-def load_or_build_faiss(store: KnnStore, kind: str):
-    """The store's faiss index of `kind`, built and saved beside it on first use (tied to the store's
-    build_id, so a rebuilt store never meets an old index)."""
+def load_or_build_faiss(store: KnnStore):
+    """The store's IVF-PQ index, built on first use and saved beside it, tied to the store's build_id."""
     faiss = _import_faiss()
-    path, side = store.path / f"faiss.{kind}.index", store.path / f"faiss.{kind}.json"
-    if path.exists() and side.exists():
-        info = json.loads(side.read_text())
-        if info.get("build_id") == store.meta["build_id"]:
-            return faiss.read_index(str(path))
-    index = build_faiss_index(store.embeddings, kind)
-    faiss.write_index(index, str(path))
-    write_json(side, {"build_id": store.meta["build_id"], "kind": kind, "n": len(store)})
+    path, side = store.path / "faiss.ivfpq.index", store.path / "faiss.json"
+    if path.exists() and side.exists() and read_json(side).get("build_id") == store.meta["build_id"]:
+        return faiss.read_index(str(path))
+    index = build_faiss_index(store.embeddings)
+    write_file_atomic(path, faiss.serialize_index(index).tobytes())
+    write_json_atomic(side, {"build_id": store.meta["build_id"], "kind": "ivfpq", "n": len(store)})
     return index
 
 
-def search_store(store: KnnStore, query: np.ndarray, k: int, search: str = "auto", faiss_index: str = "hnsw",
-                 nprobe: int = 16, ef_search: int = 128) -> tuple[np.ndarray, np.ndarray, str]:
-    """Top-k (scores, ids) of one (C,) query embedding; returns which search ran."""
+@dataclass
+class Signal:
+    """One ranking of the windows: its top candidates and, when known, every window's score."""
+
+    ids: np.ndarray
+    full: np.ndarray | None = None
+    scores: np.ndarray | None = None
+
+    def rank_score(self, i: int) -> tuple[int | None, float | None]:
+        if self.full is not None:  # ties share the best rank
+            return int((self.full > self.full[i]).sum()) + 1, float(self.full[i])
+        pos = np.flatnonzero(self.ids == i)
+        return (int(pos[0]) + 1, float(self.scores[pos[0]])) if len(pos) else (None, None)
+
+
+def signals_for(store: KnnStore, qvec: np.ndarray, text: str, rank: str, search: str, nprobe: int) -> dict[str, Signal]:
+    """The embedding and BM25 signals a ranking needs (both for hybrid; BM25 is left out when no query
+    word is in the store's vocabulary: it has nothing to say)."""
+    out = {}
+    if rank in ("embedding", "hybrid"):
+        if search == "faiss" or (search == "auto" and len(store) > EXACT_MAX):
+            s, i = query_faiss(load_or_build_faiss(store), store.embeddings, qvec[None], CANDIDATES, nprobe)
+            out["embedding"] = Signal(i[0][i[0] >= 0], scores=s[0][i[0] >= 0])
+        else:
+            full = exact_scores(store.embeddings, qvec[None])[0]
+            out["embedding"] = Signal(top_ids(full, CANDIDATES), full)
+    if rank in ("bm25", "hybrid"):
+        full = store.bm25.get_scores(bm25_tokens([text])[0]).astype(np.float32)
+        if full.max() > 0 or rank == "bm25":
+            out["bm25"] = Signal(top_ids(full, CANDIDATES), full)
+    return out
+
+
+def fuse(signals: dict[str, Signal], k: int) -> list[tuple[int, float, dict]]:
+    """Top-k (window, score, {signal: {rank, score}}): one signal's own order, or reciprocal-rank fusion
+    sum(1 / (RRF_K + rank)) over the signals when there are two."""
+    cand = list(dict.fromkeys(int(i) for s in signals.values() for i in s.ids))
+    per = {i: {name: dict(zip(("rank", "score"), s.rank_score(i))) for name, s in signals.items()} for i in cand}
+    if len(signals) == 1:
+        fused = {i: next(iter(per[i].values()))["score"] for i in cand}
+    else:
+        fused = {i: sum(1 / (RRF_K + v["rank"]) for v in per[i].values() if v["rank"] is not None) for i in cand}
+    best = sorted(cand, key=lambda i: (-fused[i], i))[:k]
+    return [(i, fused[i], per[i]) for i in best]
+
+
+def signals_disagree(store: KnnStore, signals: dict[str, Signal], k: int) -> bool:
+    """True when no top-k window by embedding overlaps (shares a token with) any top-k window by BM25."""
+    if len(signals) < 2:
+        return False
+    a, b = (store.windows[s.ids[:k]] for s in signals.values())
+    return not any(x[0] == y[0] and x[1] < y[2] and y[1] < x[2] for x in a for y in b)
+
+
+# ----------------------------------------------------------------------------------------------------
+# explain: what --json prints and the viewer's API returns
+
+
+def neighbour_dict(corpus: Corpus, split: str, store: KnnStore, row: int, score: float, per: dict) -> dict:
+    doc, s, e, char, line = (int(v) for v in store.windows[row])
+    d = corpus.documents[doc]
+    return {"score": round(float(score), 6), **{name: {"rank": v["rank"], "score": None if v["score"] is None
+                                                      else round(v["score"], 6)} for name, v in per.items()},
+            "window": int(row), "doc": doc, "doc_id": str(d["id"]), "source": str(d.get("source", "")),
+            "token_start": s, "token_end": e, "char_offset": char, "line": line, "text": corpus.decode(split, s, e)}
+
+
+def _ranked(run: Any, store: KnnStore, raw: np.ndarray, text: str, k: int, rank: str, search: str,
+            nprobe: int) -> tuple[list[dict], bool]:
+    signals = signals_for(store, calibrate(raw.mean(0, keepdims=True), store.calib)[0], text, rank, search, nprobe)
+    top = fuse(signals, k)
+    nbs = [{"rank": r, **neighbour_dict(run.corpus, store.meta["split"], store, i, s, per)}
+           for r, (i, s, per) in enumerate(top, 1)]
+    return nbs, signals_disagree(store, signals, k)
+
+
+def explain(run: Any, store: KnnStore, text: str, *, k: int = 5, rank: str = "hybrid", per_window: bool = False,
+            query_stride: int | None = None, search: str = "auto", nprobe: int = 64, prompt: str | None = None,
+            generated: str | None = None) -> dict[str, Any]:
+    """Trace `text` to its k nearest windows of `store`: exactly the dict `--json` prints."""
+    if rank not in RANKS:
+        raise UserError(f"rank={rank!r} is not one of {', '.join(RANKS)}")
     if search not in SEARCHES:
         raise UserError(f"search={search!r} is not one of {', '.join(SEARCHES)}")
-    if k < 1 or k > len(store):
+    if not 1 <= k <= len(store):
         raise UserError(f"k={k} but the store has {len(store)} windows; pass --k between 1 and {len(store)}")
-    q = normalize(query.reshape(1, -1))
-    if search == "faiss" or (search == "auto" and len(store) > EXACT_MAX):
-        index = load_or_build_faiss(store, faiss_index)
-        s, i = query_faiss(index, q, k, nprobe, ef_search)
-        return s[0], i[0], f"faiss-{faiss_index}"
-    s, i = query_exact(store.embeddings, q, k)
-    return s[0], i[0], "exact"
+    t0 = time.perf_counter()
+    m, tok = store.meta, run.tokenizer
+    ids = tok.encode(text)
+    stride = query_stride or m["stride"]
+    raw = embed_query(run.model, ids, m["context"], stride, m["layer"], m["pooling"])
+    nbs, disagree = _ranked(run, store, raw, text, k, rank, search, nprobe)
+    windows = []
+    if per_window and len(raw) > 1:  # each query window alone: the part of the text each source matches
+        for j, s in enumerate(query_window_starts(len(ids), m["context"], stride)):
+            part = ids[s:s + m["context"]]
+            c0 = len(tok.decode(ids[:s]))
+            w_nbs, w_dis = _ranked(run, store, raw[j:j + 1], tok.decode(part), min(k, 3), rank, search, nprobe)
+            windows.append({"token_start": s, "token_end": s + len(part), "char_start": c0,
+                            "char_end": c0 + len(tok.decode(part)), "signals_disagree": w_dis, "neighbours": w_nbs})
+    return {"prompt": prompt, "generated": generated, "text": text, "n_tokens": len(ids), "n_query_windows": len(raw),
+            "store": str(store.path), "stale": bool(store.stale), "stale_reasons": store.stale, "rank": rank,
+            "search": "faiss" if search == "faiss" or (search == "auto" and len(store) > EXACT_MAX) else "exact",
+            "calibration": m["calibration"], "layer": m["layer"], "pooling": m["pooling"],
+            "score_reference": m["score_reference"], "signals_disagree": disagree,
+            "query_ms": round((time.perf_counter() - t0) * 1000, 2), "split": m["split"], "neighbours": nbs,
+            "per_window": windows}
 
 
 # ----------------------------------------------------------------------------------------------------
 # the command
 
 
-def generate_text(model: torch.nn.Module, tok, prompt: str, cfg: TraceKnnConfig) -> str:
-    """The prompt's continuation: glassgpt.generate's engine when it is installed, else the model's own
-    reference sampler (the same distribution, recomputing the context each step)."""
-    if not tok.encode(prompt) and getattr(tok, "eot_token", None) is None:
-        raise UserError("the prompt is empty and this char-level model has no start token; pass --start=TEXT")
+def _open(cfg: TraceKnnConfig) -> Any:
+    from glassgpt.run import open_run
+
+    return open_run(cfg.out_dir, device=cfg.device, data_dir=cfg.data_dir, threads=cfg.threads)
+
+
+def _build(cfg: TraceKnnConfig, run: Any) -> None:
+    from glassgpt import distributed
+
+    model = run.model
+    info = distributed.setup("gloo", cfg.device)
     try:
-        from glassgpt.generate import complete
-    except ImportError:
-        complete = None
-    if complete is not None:
-        return complete(model, tok, prompt, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                        top_p=cfg.top_p, seed=cfg.seed).text
-    if cfg.top_p is not None:
-        raise UserError("top_p needs glassgpt.generate, which is not installed here; drop --top_p")
-    ids = tok.encode(prompt) or [tok.eot_token]  # GPT-2 starts an empty prompt after <|endoftext|>
-    torch.manual_seed(cfg.seed)
-    x = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
-    y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k)
-    return tok.decode(y[0, len(ids):].tolist())
-
-
-def _store_dir(cfg: TraceKnnConfig) -> Path:
-    return Path(cfg.store_dir) if cfg.store_dir else Path(cfg.out_dir) / f"knn_{cfg.split}"
-
-
-def _data_dir(cfg: TraceKnnConfig, ckpt: dict) -> Path:
-    if cfg.data_dir:
-        return Path(cfg.data_dir)
-    c = ckpt.get("config") or {}
-    if c.get("data_dir"):
-        return Path(c["data_dir"])
-    if c.get("dataset"):
-        return Path("data") / str(c["dataset"])
-    raise UserError("the checkpoint does not say which dataset it was trained on; pass --data_dir=DIR")
-
-
-def provenance_of(cfg: TraceKnnConfig, ckpt: dict, data_dir: Path) -> dict[str, Any]:
-    """What a store built now would be built from: checkpoint, weights and data fingerprints."""
-    return {
-        "checkpoint": str(Path(cfg.out_dir).resolve() / "ckpt.pt"), "iter_num": ckpt.get("iter_num"),
-        "weights_sha256": weights_fingerprint(ckpt["model"]), "data_dir": str(data_dir.resolve()),
-        "data_files": data_fingerprint(data_dir, cfg.split),
-    }
-
-
-def open_checked_store(cfg: TraceKnnConfig, model: torch.nn.Module, provenance: dict, hint: str) -> tuple[KnnStore, bool]:
-    """Load the store and refuse it when it was built with other settings or is stale (unless
-    --allow_stale, which prints a warning). Returns (store, stale)."""
-    store_dir = _store_dir(cfg)
-    store = load_store(store_dir, hint)
-    m = store.meta
-    for key in ("layer", "pooling", "context", "stride"):
-        want = getattr(cfg, key)
-        if want is not None and want != m[key] and not cfg.build:
-            raise UserError(f"the store in {store_dir} was built with {key}={m[key]}, not {want}; rebuild with "
-                            f"`{hint} --{key}={want}` or drop --{key}")
-    if m["dim"] != model.config.n_embd:
-        raise UserError(f"the store has {m['dim']}-dim embeddings, the model {model.config.n_embd}; rebuild with `{hint}`")
-    reasons = stale_reasons(m, provenance)
-    if reasons and not cfg.allow_stale:
-        raise UserError(f"the kNN store in {store_dir} is stale: {'; '.join(reasons)}; rebuild it with "
-                        f"`{hint}` or pass --allow_stale to use it anyway")
-    if reasons:
-        print(f"warning: using a STALE kNN store ({'; '.join(reasons)}): scores and neighbours come from "
-              f"other embeddings; rebuild with `{hint}`", file=sys.stderr)
-    if not 1 <= cfg.k <= len(store):  # checked before generating, which can take a while
-        raise UserError(f"k={cfg.k} but the store has {len(store)} windows; pass --k between 1 and {len(store)}")
-    return store, bool(reasons)
+        context = cfg.context or model.config.block_size
+        model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.embed_dtype])
+        store = build_store(model, run.corpus, cfg.split, cfg.store_dir or Path(run.out_dir) / f"knn_{cfg.split}",
+                            context=context, stride=cfg.stride or max(1, context // 2), layer=cfg.layer,
+                            pooling=cfg.pooling, calibration=cfg.calibration, whiten_dim=cfg.whiten_dim,
+                            batch_size=cfg.batch_size, built_from=run.provenance(), dist_info=info,
+                            progress=cfg.progress and info.master)
+        model.float()
+        if store is not None:
+            m = store.meta
+            print(f"built {store.path}: {len(store):,} windows of {m['context']} tokens (stride {m['stride']}, "
+                  f"layer {m['layer']}, {m['calibration']}) in {m['build_seconds']:.1f} s", file=sys.stderr)
+    finally:
+        distributed.teardown(info, finished=True)
+    if info.enabled:
+        sys.exit(distributed.finish_process(0))
 
 
 def trace_knn(cfg: TraceKnnConfig) -> dict[str, Any] | None:
-    """Build the store if asked, then trace `start` + its generation (or `text`) to its k nearest
-    windows. Returns the result dict (None when only building)."""
-    from glassgpt.runtime import DTYPES, load_for_inference, resolve_device
+    """Build the store if asked, then trace `start` + its generation (or `text`): explain()'s dict."""
+    from glassgpt.generate import complete
 
     if cfg.start is not None and cfg.text is not None:
         raise UserError("pass either --start (generate, then trace) or --text (trace as is), not both")
     if cfg.embed_dtype not in ("float32", "bfloat16"):
         raise UserError(f"embed_dtype={cfg.embed_dtype!r} is not float32 or bfloat16")
-    if cfg.threads is not None:
-        if cfg.threads < 1:
-            raise UserError(f"threads={cfg.threads} must be at least 1")
-        torch.set_num_threads(cfg.threads)
-    model, tok, ckpt = load_for_inference(cfg.out_dir, resolve_device(cfg.device))
-    data_dir = _data_dir(cfg, ckpt)
-    corpus = Corpus(data_dir)
-    provenance = provenance_of(cfg, ckpt, data_dir)
-    store_dir = _store_dir(cfg)
-    hint = f"glassgpt trace-knn --out_dir={cfg.out_dir} --build" + (f" --store_dir={cfg.store_dir}" if cfg.store_dir else "")
+    if cfg.rank not in RANKS:
+        raise UserError(f"rank={cfg.rank!r} is not one of {', '.join(RANKS)}")
+    run = _open(cfg)
     if cfg.build:
-        context = cfg.context or model.config.block_size
-        model.to(DTYPES[cfg.embed_dtype])  # in place; back to float32 for generation below
-        store = build_store(model, corpus, cfg.split, store_dir, context=context,
-                            stride=cfg.stride or max(1, context // 2), layer=-1 if cfg.layer is None else cfg.layer,
-                            pooling=cfg.pooling or "mean", batch_size=cfg.batch_size, provenance=provenance,
-                            progress=cfg.progress)
-        model.float()
-        print(f"built {store_dir}: {len(store):,} windows of {store.meta['context']} tokens (stride "
-              f"{store.meta['stride']}) in {store.meta['build_seconds']:.1f} s", file=sys.stderr)
+        _build(cfg, run)
         if cfg.start is None and cfg.text is None:
             return None
     elif cfg.start is None and cfg.text is None:
         raise UserError("nothing to trace: pass --start=PROMPT or --text=TEXT (or --build to build the store)")
-    store, stale = open_checked_store(cfg, model, provenance, hint)
-    m = store.meta
+    store = open_store(run, split=cfg.split, store_dir=cfg.store_dir, allow_stale=cfg.allow_stale)
+    for key in ("layer", "context", "stride"):  # a store is never mixed with other settings
+        want = resolve_layer(run.model, cfg.layer) if key == "layer" and cfg.layer is not None else getattr(cfg, key)
+        if want is not None and not cfg.build and want != store.meta[key]:
+            raise UserError(f"the store in {store.path} was built with {key}={store.meta[key]}, not {want}; "
+                            f"rebuild with `{build_command(run, cfg.store_dir)} --{key}={want}` or drop --{key}")
+    if not 1 <= cfg.k <= len(store):  # checked before generating, which can take a while
+        raise UserError(f"k={cfg.k} but the store has {len(store)} windows; pass --k between 1 and {len(store)}")
+    prompt = generated = None
+    if cfg.start is not None:
+        prompt = read_text_arg(cfg.start, "start")
+        if not run.tokenizer.encode(prompt) and getattr(run.tokenizer, "eot_token", None) is None:
+            raise UserError("the prompt is empty and this char-level model has no start token; pass --start=TEXT")
+        generated = complete(run.model, run.tokenizer, prompt, cfg.max_new_tokens, temperature=cfg.temperature,
+                             top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed).text
+    text = prompt + generated if prompt is not None else read_text_arg(cfg.text)
+    return explain(run, store, text, k=cfg.k, rank=cfg.rank, per_window=cfg.per_window, query_stride=cfg.query_stride,
+                   search=cfg.search, nprobe=cfg.nprobe, prompt=prompt, generated=generated)
 
-    prompt = read_text_arg(cfg.start, "start") if cfg.start is not None else ""
-    generated = generate_text(model, tok, prompt, cfg) if cfg.start is not None else ""
-    text = prompt + generated if cfg.start is not None else read_text_arg(cfg.text)
-    ids = tok.encode(text)
-    query_stride = cfg.query_stride or m["stride"]
-    t0 = time.perf_counter()
-    model.to(DTYPES[m["embed_dtype"]])  # embed the query exactly as the store was embedded
-    q = embed_text_ids(model, ids, m["context"], query_stride, m["layer"], m["pooling"])
-    scores, rows, how = search_store(store, q, cfg.k, cfg.search, cfg.faiss_index, cfg.nprobe, cfg.ef_search)
-    elapsed = time.perf_counter() - t0
-    neighbours = []
-    for rank, (score, row) in enumerate(zip(scores, rows), 1):
-        doc, s, e, char, line = (int(v) for v in store.windows[row])
-        d = corpus.documents[doc]
-        neighbours.append({"rank": rank, "score": round(float(score), 6), "window": int(row), "doc": doc,
-                           "doc_id": str(d["id"]), "source": str(d.get("source", "")), "token_start": s,
-                           "token_end": e, "char_offset": char, "line": line, "text": corpus.decode(cfg.split, s, e)})
-    generating = cfg.start is not None
-    return {"prompt": prompt if generating else None, "generated": generated if generating else None,
-            "text": text, "n_tokens": len(ids),
-            "n_query_windows": len(query_window_starts(len(ids), m["context"], query_stride)),
-            "store": str(store_dir), "stale": stale, "search": how, "query_ms": round(elapsed * 1000, 2),
-            "split": cfg.split, "neighbours": neighbours}
+
+def _signals_line(nb: dict) -> str:
+    parts = [f"{name} #{nb[name]['rank']} ({nb[name]['score']:.3f})" if nb[name]["rank"] else f"{name} -"
+             for name in ("embedding", "bm25") if name in nb]
+    return ", ".join(parts)
 
 
 def format_result(r: dict[str, Any], show_chars: int = 240) -> str:
-    """The readable report: traced text, then each neighbour with score and location."""
-    lines = []
-    if r["generated"] is not None:
-        lines += [f"prompt: {r['prompt']!r}", f"generated: {r['generated']!r}"]
-    else:
-        lines.append(f"text: {r['text'][:show_chars or None]!r}")
-    lines.append(f"traced {r['n_tokens']} tokens ({r['n_query_windows']} window(s) pooled) against "
-                 f"{r['store']} [{r['search']}, {r['query_ms']:.1f} ms]" + ("  ** STALE STORE **" if r["stale"] else ""))
+    """The readable report: traced text, then each neighbour with its scores and location."""
+    clip = (lambda s: s if not show_chars or len(s) <= show_chars else s[:show_chars] + " ...")
+    lines = [f"prompt: {r['prompt']!r}", f"generated: {r['generated']!r}"] if r["generated"] is not None \
+        else [f"text: {clip(r['text'])!r}"]
+    ref = r["score_reference"]
+    lines.append(f"traced {r['n_tokens']} tokens ({r['n_query_windows']} window(s) pooled) against {r['store']} "
+                 f"[{r['rank']}, {r['search']}, {r['query_ms']:.1f} ms; random window pairs score cos "
+                 f"{ref['p50']:+.2f} (median), {ref['p99']:+.2f} (p99)]" + ("  ** STALE STORE **" if r["stale"] else ""))
+    if r["signals_disagree"]:
+        lines.append("** the two signals disagree: no top window by the model's embedding overlaps one by BM25 "
+                     "(the words); neither is the answer on its own **")
     for nb in r["neighbours"]:
-        lines.append(f"#{nb['rank']}  cos {nb['score']:.4f}  {nb['doc_id']} line {nb['line']} char {nb['char_offset']}"
-                     f"  ({r['split']} tokens {nb['token_start']}:{nb['token_end']})")
-        body = nb["text"] if not show_chars or len(nb["text"]) <= show_chars else nb["text"][:show_chars] + " ..."
-        lines += ["    " + ln for ln in body.splitlines() or [""]]
+        lines.append(f"#{nb['rank']}  {nb['doc_id']} line {nb['line']} char {nb['char_offset']}  [{_signals_line(nb)}]")
+        lines += ["    " + ln for ln in clip(nb["text"]).splitlines() or [""]]
+    for w in r["per_window"]:
+        lines.append(f"query chars {w['char_start']}:{w['char_end']} -> " + "; ".join(
+            f"{nb['doc_id']} line {nb['line']} [{_signals_line(nb)}]" for nb in w["neighbours"]))
     return "\n".join(lines)
 
 
