@@ -212,8 +212,8 @@ def write_artifact(target_dir: str | Path, *, keep_others: bool = False) -> Iter
         if keep_others and target.is_dir():
             for old in target.iterdir():
                 new = tmp / old.name
-                if new.exists() or _LEFTOVER.match(old.name) and old.name.startswith("."):
-                    continue
+                if new.exists() or old.name.endswith(".fingerprint.json"):
+                    continue  # written anew, or a cache of the old files' fingerprint
                 if old.is_dir() and not old.is_symlink():
                     shutil.copytree(old, new, copy_function=_link_or_copy, symlinks=True)
                 else:

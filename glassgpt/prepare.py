@@ -17,8 +17,9 @@ and, for `tokenizer=char`, collects the vocabulary), and the second pass tokeniz
 holds a few batches, never the corpus. Results come back in submission order, so the output does not
 depend on `num_proc`.
 
-Everything is written into a temporary directory inside out_dir and moved into place only when all of
-it is done: a run that fails (bad input, Ctrl-C) leaves an older prepared dataset as it was.
+Everything is written into a temporary directory beside out_dir that replaces it in one rename when
+all of it is done: a run that fails (bad input, Ctrl-C, kill -9) leaves an older prepared dataset as
+it was. meta.json records the dataset's fingerprint, taken once, here.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import json
 import math
 import multiprocessing
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -41,10 +43,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from glassgpt.artifacts import fingerprint_files, write_artifact, write_file_atomic
 from glassgpt.config import load_config, wants_help
 from glassgpt.corpus import DATA_FORMAT, check_uint16, write_json, write_segments
 from glassgpt.download import TINYSHAKESPEARE, fetch
 from glassgpt.errors import UserError
+from glassgpt.run import data_files
 from glassgpt.tokenizer import GPT2_EOT, CharTokenizer, GPT2Tokenizer
 
 UINT16_IDS = 1 << 16
@@ -113,41 +117,31 @@ class Document:
 # ---------------------------------------------------------------- output staging
 
 
-class Staging:
-    """A temporary directory in out_dir; `commit()` moves its files over the old ones, and leaving the
-    `with` block without committing deletes it, so a failed prepare changes nothing."""
+def staging(out_dir: Path):
+    """Everything a prepare writes goes into a fresh directory beside out_dir that replaces it in one
+    rename when all of it is done (glassgpt.artifacts.write_artifact); files of the old out_dir that
+    are not written anew (prepare.py, input.txt) are carried over."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to {out_dir} ({e.strerror}); choose another --out_dir") from None
+    for old in out_dir.glob(".prepare-tmp-*"):  # temporaries of glassgpt <= 0.1 lived inside out_dir
+        shutil.rmtree(old, ignore_errors=True)
+    return write_artifact(out_dir, keep_others=True)
 
-    def __init__(self, out_dir: str | Path):
-        self.out_dir = Path(out_dir)
-        try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.remove_stale()
-            self.tmp = Path(self.out_dir / f".prepare-tmp-{os.getpid()}")
-            self.tmp.mkdir(exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot write to {self.out_dir} ({e.strerror}); choose another --out_dir") from None
 
-    def remove_stale(self) -> None:
-        """Temporary directories of runs that were killed outright (their process is gone)."""
-        for d in self.out_dir.glob(".prepare-tmp-*"):
-            try:
-                os.kill(int(d.name.rsplit("-", 1)[1]), 0)
-            except ProcessLookupError:
-                shutil.rmtree(d, ignore_errors=True)
-            except (ValueError, PermissionError):
-                pass
-
-    def __enter__(self) -> Staging:
-        return self
-
-    def commit(self) -> None:
-        # meta.json last: a reader that finds the new meta.json finds the new data beside it
-        names = sorted(p.name for p in self.tmp.iterdir())
-        for name in sorted(names, key=lambda n: n == "meta.json"):
-            os.replace(self.tmp / name, self.out_dir / name)
-
-    def __exit__(self, *exc: Any) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+def write_meta(tmp: Path, meta: dict) -> None:
+    """meta.json with the dataset's fingerprint (taken now, once: readers compare strings) and the
+    file sizes it covers; plus nanoGPT's meta.pkl for char data, so nanoGPT's sample.py decodes it."""
+    files = data_files(tmp)
+    meta = {**meta, "fingerprint": fingerprint_files(files, cache=False),
+            "files": {p.name: p.stat().st_size for p in files}}
+    write_json(tmp / "meta.json", meta)
+    if meta.get("tokenizer") == "char":
+        itos = meta["itos"]
+        itos = dict(enumerate(itos)) if isinstance(itos, list) else {int(k): v for k, v in itos.items()}
+        plain = {"vocab_size": meta["vocab_size"], "stoi": meta["stoi"], "itos": itos}
+        write_file_atomic(tmp / "meta.pkl", pickle.dumps(plain))
 
 
 def read_text_file(path: str | Path) -> str:
@@ -185,7 +179,7 @@ def prepare_shakespeare(cfg: ShakespeareConfig, name: str = "shakespeare_char") 
     bpe = name == "shakespeare"
     out_dir = Path(cfg.out_dir or Path("data") / name)
     t0 = time.time()
-    with Staging(out_dir) as stage:
+    with staging(out_dir) as tmp:
         if cfg.input:
             src, doc_id = Path(cfg.input), Path(cfg.input).stem
         else:
@@ -198,17 +192,16 @@ def prepare_shakespeare(cfg: ShakespeareConfig, name: str = "shakespeare_char") 
         sizes = {}
         for split, part, char_start in (("train", text[:cut], 0), ("val", text[cut:], cut)):
             ids = np.asarray(tok.encode_ordinary(part) if bpe else tok.encode_array(part))
-            check_uint16(ids, f" in {src}").tofile(stage.tmp / f"{split}.bin")
+            check_uint16(ids, f" in {src}").tofile(tmp / f"{split}.bin")
             # the val segment starts mid-document: record where, so locations point into the file
             line = 1 + text.count("\n", 0, char_start)
-            write_segments(stage.tmp, split, [[0, 0, len(ids), char_start, line]])
+            write_segments(tmp, split, [[0, 0, len(ids), char_start, line]])
             sizes[split] = split_record(len(ids), 1, 1)
-        write_json(stage.tmp / "documents.json",
+        write_json(tmp / "documents.json",
                    [{"id": doc_id, "source": source, "char_offset": 0, "line": 1, "split": "train,val"}])
         meta = {**tok.meta(), "format": DATA_FORMAT, "dataset": name, "source": source,
                 "train_tokens": sizes["train"]["tokens"], "val_tokens": sizes["val"]["tokens"], "splits": sizes}
-        write_json(stage.tmp / "meta.json", meta)
-        stage.commit()
+        write_meta(tmp, meta)
     print(f"{name}: vocab {tok.vocab_size}, train {sizes['train']['tokens']:,} tokens, "
           f"val {sizes['val']['tokens']:,} tokens -> {out_dir} ({time.time() - t0:.1f}s)")
     return {"out_dir": str(out_dir), "vocab_size": tok.vocab_size, **{f"{s}_tokens": v["tokens"] for s, v in sizes.items()}}
@@ -465,8 +458,13 @@ def prepare_corpus(cfg: CorpusConfig, name: str = "corpus") -> dict:
                     charset.update(doc.text)
 
         def stream() -> Iterator[tuple[str, Document]]:
+            nonlocal n_docs
             for split, dset in hf.items():
-                yield from ((split, d) for d in iter_hf(dset, split, cfg) if d.text)
+                for d in iter_hf(dset, split, cfg):
+                    if d.text:
+                        yield split, d
+                    else:  # rows with empty text are no documents (counted out as they pass)
+                        n_docs -= 1
 
     if n_docs == 0:
         raise UserError(f"the corpus {cfg.input} is empty: no documents with text"
@@ -484,8 +482,8 @@ def prepare_corpus(cfg: CorpusConfig, name: str = "corpus") -> dict:
         tok = GPT2Tokenizer(cfg.vocab_dir)  # fails here, before any work, when the vocabulary is missing
         spec = ("gpt2", cfg.vocab_dir)
 
-    with Staging(out_dir) as stage:
-        writers = {s: SplitWriter(stage.tmp / f"{s}.bin") for s in ("train", "val")}
+    with staging(out_dir) as tmp:
+        writers = {s: SplitWriter(tmp / f"{s}.bin") for s in ("train", "val")}
         documents: list[dict] = []
         bar = tqdm(total=n_docs, unit="doc", desc=f"tokenizing ({num_proc} proc)", disable=None)
         try:
@@ -503,14 +501,13 @@ def prepare_corpus(cfg: CorpusConfig, name: str = "corpus") -> dict:
         if not sizes["train"]["tokens"] or not sizes["val"]["tokens"]:
             raise UserError(f"the corpus {cfg.input} gave an empty train or val split; add documents")
         for s, w in writers.items():
-            write_segments(stage.tmp, s, w.segments)
-        write_json(stage.tmp / "documents.json", documents)
+            write_segments(tmp, s, w.segments)
+        write_json(tmp / "documents.json", documents)
         meta = {**tok.meta(), "format": DATA_FORMAT, "dataset": name, "source": cfg.input,
                 "train_tokens": sizes["train"]["tokens"], "val_tokens": sizes["val"]["tokens"], "splits": sizes,
                 "split": {"by": "document", "val_fraction": cfg.val_fraction, "seed": cfg.seed},
                 "skipped_bad_lines": bad.count}
-        write_json(stage.tmp / "meta.json", meta)
-        stage.commit()
+        write_meta(tmp, meta)
     seconds = time.time() - t0
     total = sizes["train"]["tokens"] + sizes["val"]["tokens"]
     if sizes["val"]["tokens"] <= 1024:

@@ -247,11 +247,13 @@ def test_split_is_deterministic_and_seeded(tmp_path):
 
 def test_default_split_holds_out_at_least_one_document(tmp_path, capsys):
     src = write_jsonl(tmp_path / "docs.json", DOCS)  # a named .json file is JSON Lines too
-    stale = tmp_path / "o" / ".prepare-tmp-999999999"  # left by a killed run: its process is gone
+    stale = tmp_path / "o" / ".prepare-tmp-999999999"  # left inside out_dir by an older glassgpt
     stale.mkdir(parents=True)
+    killed = tmp_path / ".o.tmp999999999"  # left beside it by a killed run: its process is gone
+    killed.mkdir()
     info = prepare("corpus", f"--input={src}", f"--out_dir={tmp_path / 'o'}", "--num_proc=1")
     docs = json.loads((tmp_path / "o" / "documents.json").read_text())
-    assert len(docs) == len(DOCS) and not stale.exists()
+    assert len(docs) == len(DOCS) and not stale.exists() and not killed.exists()
     assert sum(d["split"] == "val" for d in docs) == 1 and info["val_tokens"] > 0  # ceil(0.0005 * 20)
     assert "warning: val holds only" in capsys.readouterr().err  # too small for a 1024-token block
 
@@ -455,3 +457,51 @@ def test_tokenizing_streams_with_a_bounded_window():
     rest = list(results)
     assert [d.id for _, d, _ in rest] == [f"d{i}" for i in range(1, 40)]  # in order
     assert all(ids.dtype == np.uint16 and ids[-1] == 50256 for _, _, ids in [first, *rest])
+
+
+def test_prepare_records_the_fingerprint_once(tmp_path, monkeypatch):
+    """meta.json holds the dataset's fingerprint (taken at prepare); open_data reads it, never hashes."""
+    import glassgpt.artifacts as artifacts
+    from glassgpt.artifacts import fingerprint_files
+    from glassgpt.run import data_files, open_data
+
+    out = tmp_path / "out"
+    prepare("corpus", f"--input={write_jsonl(tmp_path / 'd.jsonl', DOCS)}", f"--out_dir={out}", "--num_proc=1",
+            "--tokenizer=char")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["fingerprint"] == fingerprint_files(data_files(out), cache=False)
+    monkeypatch.setattr(artifacts, "_hash_file_into", lambda h, p: pytest.fail("hashed on open"))
+    assert open_data(out)[1] == meta["fingerprint"]
+    monkeypatch.undo()
+    # a file replaced by hand (sizes differ from the record): recomputed, and different
+    (out / "val.bin").write_bytes((out / "val.bin").read_bytes()[:-2])
+    assert open_data(out)[1] != meta["fingerprint"]
+
+
+def test_prepare_writes_nanogpt_meta_pkl_and_keeps_other_files(tmp_path, mirror):
+    import pickle
+
+    out = tmp_path / "shakespeare_char"
+    out.mkdir()
+    (out / "prepare.py").write_text("# the shim nanoGPT keeps here\n")
+    prepare("shakespeare_char", f"--out_dir={out}")
+    prepare("shakespeare_char", f"--out_dir={out}")  # again: replaces the dataset, keeps prepare.py
+    assert (out / "prepare.py").read_text() == "# the shim nanoGPT keeps here\n"
+    meta = pickle.loads((out / "meta.pkl").read_bytes())  # what nanoGPT's sample.py reads
+    chars = json.loads((out / "meta.json").read_text())["itos"]
+    assert meta["vocab_size"] == 65 and meta["itos"] == dict(enumerate(chars))
+    assert meta["stoi"] == {c: i for i, c in enumerate(chars)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shakespeare_char"]  # no temporaries beside it
+
+
+def test_hugging_face_dataset_with_an_empty_text_row(tmp_path, monkeypatch):
+    rows = [{"text": d["text"], "id": f"hf{i}"} for i, d in enumerate(DOCS)]
+    rows.insert(3, {"text": "", "id": "empty"})
+    rows.insert(5, {"text": None, "id": "none"})
+    monkeypatch.setitem(sys.modules, "datasets",
+                        types.SimpleNamespace(load_dataset=lambda name, num_proc=None: {"train": FakeDataset(rows)}))
+    out = tmp_path / "owt"
+    info = prepare("openwebtext", f"--out_dir={out}", "--num_proc=1", "--val_fraction=0.1")
+    assert info["documents"] == len(rows) - 2
+    ids = {d["id"] for d in json.loads((out / "documents.json").read_text())}
+    assert "empty" not in ids and "none" not in ids and len(ids) == len(rows) - 2
