@@ -1,131 +1,108 @@
-"""Raw vs contrastive neuron traces across topics, and the ablation check, on a small char model.
+"""Neuron trace statistics measured: overlap across prompts, layer spread, ablation vs fair controls,
+specificity, for every ranking and baseline choice (issue 16).
 
-    python benchmarks/bench_neurons.py [--work=/tmp/glassgpt-bench-extend] [--base_iters=300] [--top_k=10]
+    python benchmarks/bench_neurons.py --out_dir=/work/scratch/neurons/m4x128 [--out_dir=...] [--k=10]
 
-Uses (or trains) bench_extend.py's 256-context char tiny-shakespeare model. For each of six topic
-prompts it generates text while recording every MLP neuron through hooks, then reports:
-
-- the mean pairwise Jaccard overlap of the top-K sets across prompts, for the raw ranking (mean
-  activation), the contrastive z-score ranking and the contrastive on-rate ranking (the seed: raw
-  0.52 vs contrastive 0.05 across five topics on its toy model);
-- the causal check: the drop in log p(output | prompt) (nats per output token) when the top-K
-  neurons are zeroed / set to their baseline mean, against K random neurons (5 draws, mean +- std);
-- the time of the baseline build and of one `glassgpt neuron` scan.
-
-Printed as a markdown block for benchmarks/RESULTS.md.
+For each model and each of PROMPTS (six kinds of text) it samples 64 tokens at temperature 0.8,
+records every MLP neuron over prompt + output (one teacher-forced pass, with gradients), and ranks
+neurons raw, by z-score against a baseline of generated or of training text (old absolute spread
+floor 1e-3 / floor relative to the neuron's scale / plus per-layer standardisation), by on-rate and
+by attribution. Printed as markdown for docs/neurons.md and benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_extend import REPO, base_model, machine  # noqa: E402
+from glassgpt.generate import generate
+from glassgpt.run import open_run
+from glassgpt.trace import neurons as nz
 
-sys.path.insert(0, str(REPO))
-from glassgpt.corpus import Corpus  # noqa: E402
-from glassgpt.runtime import load_for_inference  # noqa: E402
-from glassgpt.trace import neurons as nz  # noqa: E402
-
-TOPICS = {
-    "royalty": "KING HENRY VI:\nMy lords, the crown, the throne and the realm",
-    "love": "ROMEO:\nO my love, my sweet Juliet, my heart",
-    "hunger": "First Citizen:\nWe are poor citizens; the corn, the bread",
-    "war": "MARCIUS:\nThe war, the sword, the blood of the enemy",
-    "death": "DUCHESS OF YORK:\nHe is dead, my son is slain; the grave",
-    "mirth": "CLOWN:\nHa, ha! a merry jest, a song and a dance",
+PROMPTS = {
+    "love verse": "ROMEO:\nO my love, my sweet Juliet, my heart",
+    "citizens' prose": "First Citizen:\nWe are poor citizens; the corn, the bread",
+    "stage direction": "Enter the DUKE, attended; a flourish of trumpets.\n",
+    "speaker tags": "GLOUCESTER:\nBUCKINGHAM:\nCATESBY:\nRATCLIFF:\n",
+    "questions": "what? why? how? when? who? where? what? why?",
+    "numbers": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13",
 }
+
+
+def rankings(acts, ag, gs, bases):
+    """{name: (n_layer, n_neurons) scores} for one trace's traced activations."""
+    out = {"raw": acts.mean(0)}
+    for src, b in bases.items():
+        old = (acts.mean(0) - b.mean) / np.maximum(b.std, 1e-3)  # the first version's z
+        out[f"z {src}, abs floor"] = old
+        out[f"z {src}, rel floor"] = nz.contrast(acts, b, "z", 0.1, layer_norm=False)
+        out[f"z {src}, rel floor + layer norm"] = nz.contrast(acts, b, "z", 0.1, layer_norm=True)
+    out["prob generated + layer norm"] = nz.contrast(acts, bases["generated"], "prob", layer_norm=True)
+    out["attribution"] = ag - bases["generated"].mean * gs
+    return out
+
+
+def measure(out_dir: str, k: int, temperature: float, causal: list[str]) -> None:
+    run = open_run(out_dir, device="cpu")
+    model, tok, tokens = run.model, run.tokenizer, run.corpus.tokens("train")
+    t = time.time()
+    bases = {src: nz.build_baseline(model, tokens, source=src, temperature=temperature, progress=False)
+             for src in nz.SOURCES}
+    t_base = time.time() - t
+    traces, t = [], time.time()
+    for i, prompt in enumerate(PROMPTS.values()):
+        ids = tok.encode(prompt)
+        seq = ids + generate(model, [ids], 64, temperature=temperature, seed=i)[0]
+        pos0 = len(ids) - 1
+        acts, ag, gs = nz.record_text(model, seq, pos0, grad=True)
+        traces.append((seq, pos0, rankings(acts[pos0:-1], ag, gs, bases), acts[pos0:-1].mean(0, dtype=np.float64)))
+    t_trace = (time.time() - t) / len(traces)
+    L = model.config.n_layer
+    print(f"\n#### {out_dir}: {L} layers x {nz.n_neurons(model)} neurons, iter {run.iter_num}; "
+          f"{len(traces)} prompts, 64 sampled tokens each at temperature {temperature}")
+    print(f"baselines: 128 sequences x 64 tokens each, both sources, {t_base:.1f} s; trace with gradients "
+          f"{t_trace:.2f} s per prompt")
+    print(f"\n| ranking | Jaccard top-10 | Jaccard top-50 | top-{k} by layer (all prompts) |\n|---|---|---|---|")
+    for name in traces[0][2]:
+        jac = [nz.mean_pairwise_jaccard([{(l, i) for l, i, _ in nz.top_neurons(tr[2][name], kk)} for tr in traces])
+               for kk in (10, 50)]
+        layers = np.bincount([l for tr in traces for l, _, _ in nz.top_neurons(tr[2][name], k)], minlength=L)
+        print(f"| {name} | {jac[0]:.3f} | {jac[1]:.3f} | {' / '.join(map(str, layers))} |")
+    for mode in ("mean", "zero", "resample"):
+        print(f"\n{mode}-ablation of K={k}: drop in log p of the sampled tokens (nats per prompt, mean over "
+              f"prompts); controls: the raw top-K and K activation-matched neurons (5 draws)")
+        print("\n| ranking | top-K | raw top-K | matched | top-K / matched (mean of ratios; min) | specificity: pairs >= 2 "
+              "| median ratio |\n|---|---|---|---|---|---|---|")
+        base = bases["generated"]
+        for name in causal:
+            rows = [nz.causal_check(model, seq, p, [(l, i) for l, i, _ in nz.top_neurons(sc[name], k)], raw, mode,
+                                    base, 5, seed=j) for j, (seq, p, sc, raw) in enumerate(traces)]
+            ratios = [r["drop_top"] / r["drop_matched_mean"] if r["drop_matched_mean"] > 0 else float("inf") for r in rows]
+            spec = nz.specificity(model, [(seq, p) for seq, p, _, _ in traces],
+                                  [[(l, i) for l, i, _ in nz.top_neurons(sc[name], k)] for _, _, sc, _ in traces],
+                                  mode, base)
+            finite = [x for row in spec["ratio"] for x in row if x is not None]
+            avg = lambda key: np.mean([r[key] for r in rows])  # noqa: E731
+            print(f"| {name} | {avg('drop_top'):.2f} | {avg('drop_raw_top'):.2f} | {avg('drop_matched_mean'):.2f} "
+                  f"| {np.mean(ratios):.1f}x; {min(ratios):.1f}x | {spec['n_pass']}/{spec['n_pairs']} "
+                  f"| {np.median(finite) if finite else float('nan'):.2f} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work", default="/tmp/glassgpt-bench-extend")
-    p.add_argument("--base_iters", type=int, default=300)
-    p.add_argument("--top_k", type=int, default=10)
-    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--out_dir", action="append", required=True)
+    p.add_argument("--k", type=int, default=10)
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--scan_windows", type=int, default=2000, help="windows for the `neuron` timing run")
+    p.add_argument("--causal", default="raw;z generated, rel floor + layer norm;z train, rel floor + layer norm;attribution",
+                   help="rankings to ablate, ;-separated")
     a = p.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    data_dir, out_dir = base_model(Path(a.work), a.base_iters)
-    model, tok, _ = load_for_inference(out_dir, "cpu")
-    corpus = Corpus(data_dir)
-    cfg = nz.TraceNeuronsConfig(out_dir=str(out_dir), top_k=a.top_k, max_new_tokens=a.max_new_tokens,
-                                temperature=a.temperature)
-    for f in out_dir.glob(nz.BASELINE_NAME + ".*"):
-        f.unlink()  # time a fresh build
-    t = time.time()
-    base = nz.get_baseline(model, corpus, str(out_dir), cfg)
-    t_base = time.time() - t
-
-    tops: dict[str, list[set]] = {"raw": [], "z": [], "prob": []}
-    abl_rows = []
-    t = time.time()
-    for i, (topic, prompt) in enumerate(TOPICS.items()):
-        gen = nz.generate_and_record(model, tok.encode(prompt), a.max_new_tokens, a.temperature, seed=i)
-        ranked = {"raw": nz.raw_scores(gen.acts), "z": nz.contrast(gen.acts, base, "z"),
-                  "prob": nz.contrast(gen.acts, base, "prob")}
-        for k, s in ranked.items():
-            tops[k].append({(l, j) for l, j, _ in nz.top_neurons(s, a.top_k)})
-        n_out = len(gen.output_ids)
-        row = {"topic": topic, "output": tok.decode(gen.output_ids)}
-        for which in ("raw", "z"):
-            top = [(l, j) for l, j, _ in nz.top_neurons(ranked[which], a.top_k)]
-            for mode, values in (("zero", None), ("mean", base.mean)):
-                c = nz.causal_check(model, gen, top, n_random=5, values=values, seed=i)
-                row[(which, mode)] = (c["drop_top"] / n_out, c["drop_random_mean"] / n_out, c["drop_random_std"] / n_out)
-        abl_rows.append(row)
-    t_trace = (time.time() - t) / len(TOPICS)
-
-    t = time.time()
-    best_l, best_i, _ = nz.top_neurons(nz.contrast(nz.generate_and_record(
-        model, tok.encode(TOPICS["love"]), a.max_new_tokens, a.temperature, seed=1).acts, base, "z"), 1)[0]
-    ncfg = nz.NeuronConfig(out_dir=str(out_dir), layer=best_l, index=best_i, max_windows=a.scan_windows, top=5)
-    for f in out_dir.glob(nz.EXAMPLES_NAME + ".*"):
-        f.unlink()
-    values, positions = nz.neuron_examples(model, corpus, str(out_dir), ncfg)
-    t_scan = time.time() - t
-    examples = [nz.describe_example(corpus, int(pos), float(v), 30)
-                for v, pos in zip(values[:3, best_l, best_i], positions[:3, best_l, best_i])]
-
-    K = a.top_k
-    print(f"\n### neuron traces: raw vs contrastive, ablation ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
-    print(f"machine: {machine()}")
-    print(f"model: bench_extend.py's base (4x128 char GPT, block 256, {a.base_iters} iters, "
-          f"{model.config.n_layer} x {nz.n_neurons(model)} MLP neurons); {len(TOPICS)} topic prompts, "
-          f"{a.max_new_tokens} tokens each at temperature {a.temperature}; baseline {cfg.baseline_windows} random "
-          f"train windows of {min(128, model.config.block_size)} tokens ({base.n_tokens} tokens, position 0 dropped)")
-    print(f"\nmean pairwise Jaccard overlap of top-{K} sets across the {len(TOPICS)} topics:")
-    print("\n| ranking | overlap |\n|---|---|")
-    for k, name in (("raw", "raw mean activation"), ("z", "contrastive z-score"), ("prob", "contrastive on-rate")):
-        print(f"| {name} | {nz.mean_pairwise_jaccard(tops[k]):.3f} |")
-    print(f"\nablation: drop in log p(output | prompt), nats per output token, top-{K} vs {K} random (5 draws, mean ± std)")
-    print("\n| topic | raw top-K, zero | random, zero | contrastive top-K, zero | random, zero | "
-          "raw top-K, mean | contrastive top-K, mean | random, mean |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in abl_rows:
-        rz, cz, rm, cm = r[("raw", "zero")], r[("z", "zero")], r[("raw", "mean")], r[("z", "mean")]
-        print(f"| {r['topic']} | {rz[0]:.3f} | {rz[1]:.3f} ± {rz[2]:.3f} | {cz[0]:.3f} | {cz[1]:.3f} ± {cz[2]:.3f} "
-              f"| {rm[0]:.3f} | {cm[0]:.3f} | {cm[1]:.3f} ± {cm[2]:.3f} |")
-    avg = lambda key, j: float(np.mean([r[key][j] for r in abl_rows]))  # noqa: E731
-    print(f"| **mean** | {avg(('raw', 'zero'), 0):.3f} | {avg(('raw', 'zero'), 1):.3f} | {avg(('z', 'zero'), 0):.3f} "
-          f"| {avg(('z', 'zero'), 1):.3f} | {avg(('raw', 'mean'), 0):.3f} | {avg(('z', 'mean'), 0):.3f} "
-          f"| {avg(('z', 'mean'), 1):.3f} |")
-    print(f"\ntimes: baseline build {t_base:.1f} s (cached afterwards); trace + 2x2 ablation checks "
-          f"{t_trace:.1f} s per prompt; `neuron` scan of {a.scan_windows} windows x 128 tokens "
-          f"({a.scan_windows * 64:,} tokens scored, all neurons at once) {t_scan:.1f} s")
-    print(f"top contrastive neuron for 'love': layer {best_l} #{best_i}; its top training windows:")
-    for e in examples:
-        text = (e["before"] + "⟦" + e["token"] + "⟧" + e["after"]).replace("\n", "⏎")
-        print(f"- act {e['activation']:.2f}, line {e['line']}: `{text}`")
-    print("\nsample outputs: " + "; ".join(f"{r['topic']}: {r['output'][:40]!r}" for r in abl_rows[:3]))
+    print(f"### neuron traces ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}); load "
+          f"{open('/proc/loadavg').read().split()[:3]}")
+    for d in a.out_dir:
+        measure(d, a.k, a.temperature, a.causal.split(";"))
+    print(f"\nload after: {open('/proc/loadavg').read().split()[:3]}")
 
 
 if __name__ == "__main__":

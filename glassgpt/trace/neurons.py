@@ -1,60 +1,44 @@
-"""Neuron traces: which MLP neurons fire for a generation, contrasted with a baseline, and ablated.
+"""Neuron traces: which MLP neurons matter for a text, judged against a baseline and fair controls.
 
-    glassgpt trace-neurons --out_dir=out --start="ROMEO:" [--top_k=10] [--contrastive] [--ablate] [--json]
-    glassgpt trace-neurons --out_dir=out --prompts=FILE --contrastive      # overlap across prompts
-    glassgpt neuron --out_dir=out --layer=2 --index=117 [--top=10] [--json]
+    glassgpt trace-neurons --out_dir=out --start="ROMEO:" [--rank=raw|z|prob|attribution] [--ablate] [--json]
+    glassgpt trace-neurons --out_dir=out --prompts=FILE --rank=z --ablate   # + overlap and specificity
+    glassgpt trace-neurons --out_dir=out --build_baseline
+    glassgpt neuron --out_dir=out --layer=2 --index=117 [--json]
 
-Every block's MLP activations after the GELU (`blocks.{i}.mlp.hook_post`, 4*n_embd neurons) are
-recorded through named forward hooks (glassgpt/hooks.py) while glassgpt.generate decodes with its KV
-cache: each decoding pass computes one new token, and its last position is the activation "for" that
-token, so no second forward pass is needed (the tests check this against a full recompute).
-
-- raw trace: neurons ranked by their mean activation over the generated tokens. The seed's lesson:
-  this picks the same always-busy neurons whatever the topic.
-- contrastive trace: each neuron's activations are compared with a baseline distribution over random
-  training windows (position 0 dropped: the first position of a window is an outlier for every
-  neuron). `score=z` ranks by the mean z-score (a - mu_baseline) / sd_baseline over the generated
-  tokens; `score=prob` by how much more often the neuron is on (a > 0) than in the baseline. The
-  baseline is built once with a progress bar and cached as out_dir/neurons.baseline.npz with a JSON
-  sidecar fingerprinting the checkpoint and data; it is rebuilt when either changes.
-- causal check (--ablate): the top-K neurons are set to 0 (or to their baseline mean) and the
-  teacher-forced log-probability of the generated tokens (given the prompt) is compared with the
-  clean one; the same for K random neurons, several draws, mean +- std.
-- `neuron`: a neuron's top-activating training windows, max token highlighted, with their place in
-  the data (document, token range, line). One pass over the training split keeps the top examples of
-  every neuron at once (out_dir/neurons.examples.npz + sidecar), so any later neuron is instant.
-
-The ranking, contrast and overlap functions are pure functions over numpy arrays; the recording and
-ablation functions take a model. See docs/neurons.md.
+From Python (the viewer): `explain(run, text, **opts)` is exactly what `trace-neurons --json` prints
+for one prompt, `neuron_card(run, layer, index, **opts)` what `neuron --json` prints, and
+`open_baseline(run)` opens the baseline or says how to build it. The neurons are every block's
+`blocks.{i}.mlp.hook_post` (glassgpt/hooks.py). docs/neurons.md defines each statistic and shows the
+measurements that chose the defaults.
 """
 
 from __future__ import annotations
 
-import hashlib
+import bisect
 import json
-import os
 import sys
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from glassgpt.checkpoint import ckpt_path
+from glassgpt.artifacts import read_json, write_artifact
 from glassgpt.config import load_config, read_text_arg, wants_help
 from glassgpt.errors import UserError
+from glassgpt.evaluate import sliding_windows, token_nlls
 from glassgpt.hooks import hooks, mlp_post, record
 from glassgpt.model import GPT
 
-BASELINE_NAME = "neurons.baseline"
-EXAMPLES_NAME = "neurons.examples"
-BASELINE_FORMAT = "glassgpt-neurons-baseline/1"
-EXAMPLES_FORMAT = "glassgpt-neurons-examples/1"
-SCORES = ("z", "prob")
-STD_FLOOR = 1e-3  # GELU activations are O(0.1..1): a neuron with a smaller baseline std is constant
+FORMAT = "glassgpt-neurons/2"
+BASELINE_DIR, EXAMPLES_DIR = "neurons_baseline", "neurons_examples"
+RANKS = ("raw", "z", "prob", "attribution")
+ABLATIONS = ("mean", "zero", "resample")
+SOURCES = ("generated", "train")
+QUANTILES = (0.5, 0.9, 0.99, 0.999)
 HIGHLIGHT = ("\u27e6", "\u27e7")  # ⟦max token⟧
 
 
@@ -63,30 +47,38 @@ class TraceNeuronsConfig:
     out_dir: str = "out"
     start: str = "\n"
     """Prompt text, or FILE:path to read it from a file."""
+    output: str | None = None
+    """Trace this continuation of the prompt (text or FILE:path) instead of generating one."""
     prompts: str | None = None
-    """A file with one prompt per line: trace each and report the top-K overlap between them."""
+    """A file with one prompt per line: trace each, report top-K overlap (and specificity with --ablate)."""
     max_new_tokens: int = 64
     temperature: float = 0.8
-    """As sample.py (greedy decoding of a small model tends to loop); sampling is seeded, so a trace is
-    reproducible; 0 = greedy."""
+    """As sample.py; sampling is seeded, so a trace is reproducible; 0 = greedy."""
     seed: int = 1337
     top_k: int = 10
     """How many neurons to report (overall, and per layer) and to ablate."""
+    rank: str = "raw"
+    """'raw' (mean activation), 'z' or 'prob' (contrast with the baseline), 'attribution' (activation x gradient)."""
     contrastive: bool = False
-    """Rank against the baseline over random training windows instead of by raw mean activation."""
-    score: str = "z"
-    """Contrastive score: 'z' (mean z-score) or 'prob' (on-rate minus the baseline's on-rate)."""
+    """Shorthand for --rank=z."""
+    floor: float = 0.1
+    """z-score spread floor, as a fraction of each neuron's baseline RMS activation."""
+    layer_norm: bool = True
+    """Standardise z/prob scores within each layer, so no layer wins by its scale alone."""
     ablate: bool = False
-    """Causal check: ablate the top-K neurons and K random ones, report the log-prob drop."""
-    ablation: str = "zero"
-    """'zero' or 'mean' (each neuron's baseline mean)."""
-    n_random: int = 5
-    """Random K-neuron draws to compare the top-K ablation with."""
+    """Causal check: ablate the top-K, K activation-matched neurons and the raw top-K; log-prob drops."""
+    ablation: str = "mean"
+    """'mean' (the baseline mean), 'zero', or 'resample' (values of random baseline tokens)."""
+    n_controls: int = 5
+    """Draws of the activation-matched control."""
     json: bool = False
-    baseline_windows: int = 256
-    """Random training windows in the baseline."""
-    window: int = 0
-    """Window length for the baseline; 0 = min(block_size, 128)."""
+    build_baseline: bool = False
+    """Build (or rebuild) the baseline and exit."""
+    baseline_source: str = "generated"
+    """'generated': the model's own samples at --temperature; 'train': teacher-forced training text."""
+    baseline_windows: int = 128
+    """Baseline sequences, each a training-text prompt of --baseline_prompt tokens and 64 tokens after it."""
+    baseline_prompt: int = 8
     batch_size: int = 16
     device: str = "auto"
     data_dir: str | None = None
@@ -102,14 +94,20 @@ class NeuronConfig:
     index: int = -1
     """Neuron index within the block's MLP, 0..4*n_embd-1 (required)."""
     top: int = 10
-    """How many top-activating training windows to show."""
+    """Top-activating training windows to show."""
     context: int = 40
-    """Tokens of context shown before the max token (and a quarter of that after)."""
+    """Tokens of context shown before the example token (and a quarter of that after)."""
+    per_quantile: int = 2
+    """Examples shown at each activation quantile (0.5, 0.9, 0.99, 0.999)."""
+    sample_windows: int = 64
+    """Random training windows read for the histogram and the quantile examples."""
+    bins: int = 20
+    n_tokens: int = 10
+    """Tokens shown as promoted / suppressed through the unembedding."""
     window: int = 0
-    """Scan window length; 0 = min(block_size, 128). Windows overlap by half so every token is scored
-    once with at least window/2 tokens of context."""
+    """Scan window length; 0 = min(block_size, 128). Windows overlap by half."""
     keep: int = 32
-    """Examples kept per neuron in the cache (>= top)."""
+    """Top examples kept per neuron in the cache (>= top)."""
     max_windows: int | None = None
     """Scan only the first N windows of the training split (None = all of it)."""
     batch_size: int = 32
@@ -124,8 +122,8 @@ class NeuronConfig:
 
 
 def top_neurons(scores: np.ndarray, k: int) -> list[tuple[int, int, float]]:
-    """The k highest (layer, index, score) of an (n_layer, n_neurons) score array, best first; ties
-    go to the lower flat index, so the ranking is deterministic."""
+    """The k highest (layer, index, score) of an (n_layer, n_neurons) array, best first; ties go to
+    the lower flat index, so the ranking is deterministic."""
     flat = np.asarray(scores, dtype=np.float64).ravel()
     order = np.argsort(-flat, kind="stable")[: max(k, 0)]
     n = scores.shape[1]
@@ -134,46 +132,53 @@ def top_neurons(scores: np.ndarray, k: int) -> list[tuple[int, int, float]]:
 
 def top_per_layer(scores: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
     """For each layer, its k highest (index, score), best first."""
-    out = []
-    for row in np.asarray(scores, dtype=np.float64):
-        order = np.argsort(-row, kind="stable")[: max(k, 0)]
-        out.append([(int(i), float(row[i])) for i in order])
-    return out
+    return [[(int(i), float(row[i])) for i in np.argsort(-row, kind="stable")[:k]]
+            for row in np.asarray(scores, dtype=np.float64)]
 
 
 @dataclass
 class Baseline:
-    """Per-neuron statistics of MLP activations over random training windows (position 0 dropped)."""
+    """Per-neuron statistics of MLP activations on text like a trace's (see build_baseline)."""
 
     mean: np.ndarray  # (n_layer, n_neurons) float64
-    std: np.ndarray  # (n_layer, n_neurons) population std
-    prob: np.ndarray  # (n_layer, n_neurons) fraction of tokens with activation > 0
+    std: np.ndarray  # population std
+    prob: np.ndarray  # fraction of tokens with activation > 0
+    sample: np.ndarray  # (S, n_layer, n_neurons) activations of S random baseline tokens (resampling)
     n_tokens: int
+    params: dict = field(default_factory=dict)
 
 
-def baseline_from_sums(s1: np.ndarray, s2: np.ndarray, n_on: np.ndarray, n: int) -> Baseline:
+def baseline_from_sums(s1: np.ndarray, s2: np.ndarray, n_on: np.ndarray, n: int, sample: np.ndarray,
+                       params: dict | None = None) -> Baseline:
     """Statistics from streaming sums (sum, sum of squares, count of a > 0) over n tokens."""
     mean = s1 / n
     var = np.maximum(s2 / n - mean**2, 0.0)  # float64 sums keep the cancellation error ~1e-12
-    return Baseline(mean=mean, std=np.sqrt(var), prob=n_on / n, n_tokens=int(n))
+    return Baseline(mean, np.sqrt(var), n_on / n, sample, int(n), params or {})
 
 
-def contrast(acts: np.ndarray, baseline: Baseline, score: str = "z") -> np.ndarray:
+def standardise_layers(scores: np.ndarray) -> np.ndarray:
+    """Each layer's scores minus that layer's mean, over its std across neurons."""
+    mu, sd = scores.mean(axis=1, keepdims=True), scores.std(axis=1, keepdims=True)
+    return (scores - mu) / np.where(sd > 0, sd, 1.0)
+
+
+def contrast(acts: np.ndarray, baseline: Baseline, score: str = "z", floor: float = 0.1,
+             layer_norm: bool = True) -> np.ndarray:
     """(n_layer, n_neurons) contrastive scores of a trace's activations (T, n_layer, n_neurons).
 
-    z: the mean over tokens of (a - mu) / sd, sd floored at STD_FLOOR (a constant neuron scores ~0
-    rather than infinity). prob: the trace's on-rate P(a > 0) minus the baseline's."""
+    z: (mean over tokens of a - mu) / max(sd, floor * rms), rms = sqrt(mu^2 + sd^2) the neuron's own
+    scale, so a near-constant neuron cannot win by a tiny sd whatever its units (a neuron silent in
+    the baseline, rms 0, scores 0). prob: the trace's on-rate P(a > 0) minus the baseline's.
+    layer_norm then standardises each layer's scores across its neurons."""
     acts = np.asarray(acts, dtype=np.float64)
     if score == "z":
-        return (acts.mean(axis=0) - baseline.mean) / np.maximum(baseline.std, STD_FLOOR)
-    if score == "prob":
-        return (acts > 0).mean(axis=0) - baseline.prob
-    raise UserError(f"score={score!r} is not one of {', '.join(SCORES)}")
-
-
-def raw_scores(acts: np.ndarray) -> np.ndarray:
-    """(n_layer, n_neurons) mean activation over a trace's tokens (T, n_layer, n_neurons)."""
-    return np.asarray(acts, dtype=np.float64).mean(axis=0)
+        spread = np.maximum(baseline.std, floor * np.sqrt(baseline.mean**2 + baseline.std**2))
+        s = np.where(spread > 0, (acts.mean(axis=0) - baseline.mean) / np.where(spread > 0, spread, 1.0), 0.0)
+    elif score == "prob":
+        s = (acts > 0).mean(axis=0) - baseline.prob
+    else:
+        raise UserError(f"score={score!r} is not one of z, prob")
+    return standardise_layers(s) if layer_norm else s
 
 
 def jaccard(a: set, b: set) -> float:
@@ -185,6 +190,36 @@ def mean_pairwise_jaccard(sets: list[set]) -> float:
     """Mean Jaccard overlap over all pairs: how much traces of different prompts share."""
     pairs = [jaccard(sets[i], sets[j]) for i in range(len(sets)) for j in range(i + 1, len(sets))]
     return float(np.mean(pairs)) if pairs else float("nan")
+
+
+def matched_controls(raw: np.ndarray, top: list[tuple[int, int]], n_draws: int, seed: int = 0,
+                     pool: int = 5) -> list[list[tuple[int, int]]]:
+    """n_draws control sets for `top`: for each top neuron, a random one of the `pool` neurons of the
+    same layer whose mean activation on the traced text (raw) is closest to its own, never a top
+    neuron nor one already picked in the draw. A control that can win: equally busy neurons."""
+    rng, top_set, draws = np.random.default_rng(seed), set(top), []
+    order = {(l, i): np.argsort(np.abs(raw[l] - raw[l, i]), kind="stable") for l, i in top}
+    for _ in range(n_draws):
+        used, pick = set(top_set), []
+        for l, i in top:
+            cands = [int(j) for j in order[l, i] if (l, int(j)) not in used][:pool]
+            j = cands[int(rng.integers(len(cands)))]
+            used.add((l, j))
+            pick.append((l, j))
+        draws.append(pick)
+    return draws
+
+
+def quantile_examples(values: np.ndarray, quantiles=QUANTILES, per: int = 2) -> list[tuple[float, float, list[int]]]:
+    """(q, the q-quantile of values, indices of the `per` values ranked nearest it) for each q;
+    ranks are those of a stable sort, the quantile is np.quantile's (linear)."""
+    order = np.argsort(values, kind="stable")
+    out = []
+    for q in quantiles:
+        r = int(round(q * (len(values) - 1)))
+        lo = min(max(r - per // 2, 0), max(len(values) - per, 0))
+        out.append((float(q), float(np.quantile(values, q)), [int(i) for i in order[lo:lo + per]]))
+    return out
 
 
 def scan_windows(n_tokens: int, window: int) -> list[tuple[int, int]]:
@@ -208,376 +243,18 @@ def merge_top(values: torch.Tensor, positions: torch.Tensor, new_values: torch.T
               new_positions: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge (M, F) running top values/positions with (B, F) candidates, keeping the `keep` best per
     column (feature), best first."""
-    v = torch.cat([values, new_values], 0)
-    p = torch.cat([positions, new_positions], 0)
+    v, p = torch.cat([values, new_values], 0), torch.cat([positions, new_positions], 0)
     top, idx = v.topk(min(keep, v.size(0)), dim=0)
     return top, p.gather(0, idx)
 
 
 # ----------------------------------------------------------------------------------------------
-# Recording, scoring and ablating with a model
-
-
-def mlp_names(model: GPT) -> list[str]:
-    return [mlp_post(i) for i in range(model.config.n_layer)]
+# Recording and ablating with a model
 
 
 def n_neurons(model: GPT) -> int:
     """MLP neurons per layer (4 * n_embd in GPT-2)."""
     return model.transformer.h[0].mlp.c_fc.out_features
-
-
-@torch.no_grad()
-def record_activations(model: GPT, idx: torch.Tensor) -> torch.Tensor:
-    """(B, T, n_layer, n_neurons) MLP activations of one plain forward pass (the slow reference)."""
-    with record(model, mlp_names(model)) as cache:
-        model(idx)
-    return torch.stack([cache[n][0] for n in mlp_names(model)], dim=2)
-
-
-@dataclass
-class Generation:
-    prompt_ids: list[int]
-    output_ids: list[int]
-    acts: np.ndarray
-    """(n_output, n_layer, n_neurons): activations at the position that computed each output token."""
-
-
-@torch.no_grad()
-def generate_and_record(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-                        seed: int | None = 1337) -> Generation:
-    """Generate with glassgpt.generate's KV cache and keep, for each generated token, every layer's
-    MLP activations at the position that produced it (the last position of each decoding pass)."""
-    try:
-        from glassgpt.generate import generate
-    except ImportError:  # before the engine: nanoGPT's sampler, then one recording forward pass
-        return _generate_then_record(model, prompt_ids, max_new_tokens, temperature, seed)
-    steps: dict[str, list[torch.Tensor]] = {n: [] for n in mlp_names(model)}
-
-    def keep_last(act: torch.Tensor, name: str) -> None:
-        steps[name].append(act[:, -1].detach().float().cpu())  # (1, n_neurons)
-
-    with hooks(model, [(n, keep_last) for n in steps]):
-        out = generate(model, [list(prompt_ids)], max_new_tokens, temperature=temperature, seed=seed)[0]
-    per_layer = [torch.cat(steps[n], 0) for n in mlp_names(model)]  # each (n_out, n_neurons)
-    if any(t.size(0) != len(out) for t in per_layer):  # one pass per token is the engine's contract
-        raise RuntimeError(f"expected one MLP call per generated token ({len(out)}), got {[t.size(0) for t in per_layer]}")
-    acts = torch.stack(per_layer, 1).numpy() if out else np.zeros((0, model.config.n_layer, n_neurons(model)), np.float32)
-    return Generation(list(prompt_ids), out, acts)
-
-
-@torch.no_grad()
-def _generate_then_record(model: GPT, prompt_ids: list[int], max_new_tokens: int, temperature: float,
-                          seed: int | None) -> Generation:
-    """Fallback without glassgpt.generate: model.generate, then a forward over prompt + output[:-1]
-    (so prompt + output must fit in block_size + 1)."""
-    if len(prompt_ids) + max_new_tokens - 1 > model.config.block_size:
-        raise UserError(f"prompt + --max_new_tokens exceeds block_size={model.config.block_size}; lower --max_new_tokens")
-    if seed is not None:
-        torch.manual_seed(seed)
-    device = model.lm_head.weight.device
-    seq = model.generate(torch.tensor([prompt_ids], device=device), max_new_tokens, temperature=temperature)[0]
-    acts = record_activations(model, seq[None, :-1])[0, len(prompt_ids) - 1:]
-    return Generation(list(prompt_ids), seq[len(prompt_ids):].tolist(), acts.float().cpu().numpy())
-
-
-@torch.no_grad()
-def output_logprobs(model: GPT, prompt_ids: list[int], output_ids: list[int]) -> np.ndarray:
-    """Teacher-forced log p(output token | prompt, earlier output) for each output token, scoring only
-    the output positions. Up to block_size + 1 tokens this is one forward pass; longer texts are scored
-    in half-overlapping windows (glassgpt.evaluate.token_nlls), each token once, with at least
-    block_size/2 tokens of context, so ablations of long generations compare like with like."""
-    from glassgpt.evaluate import token_nlls
-
-    seq = torch.tensor(list(prompt_ids) + list(output_ids))
-    block = model.config.block_size
-    nll = token_nlls(model, seq, block, max(1, block // 2))
-    return (-nll[len(prompt_ids) - 1:]).numpy()
-
-
-def ablation_hooks(neurons: list[tuple[int, int]], values: np.ndarray | None = None) -> list[tuple[str, Any]]:
-    """Forward hooks that set the given (layer, index) neurons to 0, or to values[layer, index]."""
-    by_layer: dict[int, list[int]] = {}
-    for layer, i in neurons:
-        by_layer.setdefault(layer, []).append(i)
-    out = []
-    for layer, idx in sorted(by_layer.items()):
-        fill = None if values is None else torch.tensor(values[layer, idx], dtype=torch.float32)
-
-        def ablate(act: torch.Tensor, name: str, idx=idx, fill=fill) -> torch.Tensor:
-            act = act.clone()
-            act[..., idx] = 0.0 if fill is None else fill.to(act.device, act.dtype)
-            return act
-
-        out.append((mlp_post(layer), ablate))
-    return out
-
-
-@torch.no_grad()
-def ablated_logprob(model: GPT, gen: Generation, neurons: list[tuple[int, int]],
-                    values: np.ndarray | None = None) -> float:
-    """Total teacher-forced log-prob of the generation's output with `neurons` ablated."""
-    with hooks(model, ablation_hooks(neurons, values)):
-        return float(output_logprobs(model, gen.prompt_ids, gen.output_ids).sum())
-
-
-def causal_check(model: GPT, gen: Generation, top: list[tuple[int, int]], n_random: int = 5,
-                 values: np.ndarray | None = None, seed: int = 0) -> dict[str, Any]:
-    """Log-prob drop (nats, summed over output tokens) from ablating `top` vs K random other neurons."""
-    clean = float(output_logprobs(model, gen.prompt_ids, gen.output_ids).sum())
-    drop_top = clean - ablated_logprob(model, gen, top, values)
-    L, N = model.config.n_layer, n_neurons(model)
-    top_flat = {layer * N + i for layer, i in top}
-    pool = np.array([f for f in range(L * N) if f not in top_flat])
-    rng = np.random.default_rng(seed)
-    drops = []
-    for _ in range(n_random):
-        pick = rng.choice(pool, size=min(len(top), len(pool)), replace=False)
-        drops.append(clean - ablated_logprob(model, gen, [(int(f // N), int(f % N)) for f in pick], values))
-    return {"k": len(top), "n_output_tokens": len(gen.output_ids), "clean_logprob": clean, "drop_top": drop_top,
-            "drop_random": drops, "drop_random_mean": float(np.mean(drops)) if drops else float("nan"),
-            "drop_random_std": float(np.std(drops)) if drops else float("nan")}
-
-
-# ----------------------------------------------------------------------------------------------
-# Cached artifacts beside the checkpoint
-
-
-def file_fingerprint(path: Path, known: dict | None = None) -> dict:
-    """{size, mtime_ns, sha256} of a file; the sha256 is reused from `known` when size and mtime match
-    (hashing a multi-GB checkpoint on every call would cost seconds)."""
-    st = path.stat()
-    fp = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    if known and known.get("size") == fp["size"] and known.get("mtime_ns") == fp["mtime_ns"] and known.get("sha256"):
-        return {**fp, "sha256": known["sha256"]}
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return {**fp, "sha256": h.hexdigest()}
-
-
-def _same_source(old: dict, new: dict) -> bool:
-    return old.get("sha256") == new.get("sha256") and old.get("size") == new.get("size")
-
-
-def load_cached(out_dir: Path, name: str, fmt: str, params: dict, ckpt_file: Path,
-                data_file: Path) -> tuple[dict | None, str]:
-    """(arrays, '') if out_dir/name.npz was built from this checkpoint and data with these params;
-    else (None, why it is missing or stale)."""
-    npz, side = out_dir / f"{name}.npz", out_dir / f"{name}.json"
-    if not npz.exists() or not side.exists():
-        return None, f"no cached {npz.name}"
-    meta = json.loads(side.read_text())
-    if meta.get("format") != fmt or meta.get("params") != params:
-        return None, f"{npz.name} was built with other settings ({meta.get('params')})"
-    if not _same_source(meta.get("checkpoint", {}), file_fingerprint(ckpt_file, meta.get("checkpoint"))):
-        return None, f"{npz.name} is stale: the checkpoint changed since it was built"
-    if not _same_source(meta.get("data", {}), file_fingerprint(data_file, meta.get("data"))):
-        return None, f"{npz.name} is stale: the training data changed since it was built"
-    with np.load(npz) as z:
-        return {k: z[k] for k in z.files}, ""
-
-
-def save_cached(out_dir: Path, name: str, fmt: str, params: dict, ckpt_file: Path, data_file: Path,
-                arrays: dict[str, np.ndarray]) -> Path:
-    """Write out_dir/name.npz and its JSON sidecar atomically (a crash leaves the old pair or none)."""
-    npz, side = out_dir / f"{name}.npz", out_dir / f"{name}.json"
-    tmp = npz.with_name(f".{npz.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, npz)
-    meta = {"format": fmt, "params": params, "checkpoint": file_fingerprint(ckpt_file),
-            "data": file_fingerprint(data_file), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    tmp = side.with_name(f".{side.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, side)
-    return npz
-
-
-@torch.no_grad()
-def build_baseline(model: GPT, tokens: np.ndarray, n_windows: int, window: int, batch_size: int = 16,
-                   seed: int = 0, progress: bool = True) -> Baseline:
-    """Baseline statistics of every MLP neuron over `n_windows` random windows of `tokens` (position 0
-    of each window dropped), accumulated in float64 sums."""
-    window = min(window, len(tokens))
-    if window < 2:
-        raise UserError(f"the training split has {len(tokens)} tokens: too few for a baseline")
-    rng = np.random.default_rng(seed)
-    starts = np.sort(rng.integers(0, len(tokens) - window + 1, size=n_windows))
-    device = model.lm_head.weight.device
-    L, N = model.config.n_layer, n_neurons(model)
-    s1, s2, n_on = np.zeros((L, N)), np.zeros((L, N)), np.zeros((L, N))
-    n = 0
-    for b in tqdm(range(0, len(starts), batch_size), desc="neuron baseline", unit="batch", disable=not progress):
-        x = torch.from_numpy(np.stack([tokens[s:s + window] for s in starts[b:b + batch_size]]).astype(np.int64))
-        acts = record_activations(model, x.to(device))[:, 1:].double().cpu()  # drop position 0
-        acts = acts.reshape(-1, L, N)
-        s1 += acts.sum(0).numpy()
-        s2 += (acts**2).sum(0).numpy()
-        n_on += (acts > 0).sum(0).numpy()
-        n += acts.shape[0]
-    return baseline_from_sums(s1, s2, n_on, n)
-
-
-@torch.no_grad()
-def build_neuron_examples(model: GPT, tokens: np.ndarray, window: int, keep: int = 32, batch_size: int = 32,
-                          max_windows: int | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """For every neuron, the `keep` windows where it fires most: (values, positions), each
-    (keep, n_layer, n_neurons), best first; positions are token indices of the max in the split.
-
-    At most one example per scan window per neuron, so one long burst does not fill the list."""
-    windows = scan_windows(len(tokens), window)[:max_windows]
-    if not windows:
-        raise UserError(f"the training split has {len(tokens)} tokens: too few to scan")
-    window = min(window, len(tokens))
-    device = model.lm_head.weight.device
-    L, N = model.config.n_layer, n_neurons(model)
-    values = torch.full((0, L * N), -float("inf"))
-    positions = torch.zeros((0, L * N), dtype=torch.long)
-    for b in tqdm(range(0, len(windows), batch_size), desc="neuron examples", unit="batch", disable=not progress):
-        chunk = windows[b:b + batch_size]
-        x = torch.from_numpy(np.stack([tokens[s:s + window] for s, _ in chunk]).astype(np.int64)).to(device)
-        acts = record_activations(model, x).float().cpu().reshape(len(chunk), window, L * N)
-        starts = torch.tensor([s for s, _ in chunk])
-        score_from = torch.tensor([f - s for s, f in chunk])  # first scored position in each window
-        masked = acts.masked_fill((torch.arange(window)[None, :] < score_from[:, None])[:, :, None], -float("inf"))
-        best, where = masked.max(dim=1)  # (B, L*N)
-        values, positions = merge_top(values, positions, best, starts[:, None] + where, keep)
-    return values.reshape(-1, L, N).numpy(), positions.reshape(-1, L, N).numpy()
-
-
-# ----------------------------------------------------------------------------------------------
-# The commands
-
-
-def _load(out_dir: str, device: str, data_dir: str | None, vocab_dir: str | None):
-    from glassgpt.corpus import Corpus
-    from glassgpt.runtime import load_for_inference, resolve_device
-
-    model, tok, ckpt = load_for_inference(out_dir, resolve_device(device), data_dir=data_dir, vocab_dir=vocab_dir)
-    cfg = ckpt.get("config") or {}
-    d = data_dir or cfg.get("data_dir") or (str(Path("data") / cfg["dataset"]) if cfg.get("dataset") else None)
-    if not d:
-        raise UserError("the checkpoint does not say which data it was trained on; pass --data_dir=DIR")
-    return model, tok, ckpt, Corpus(d)
-
-
-def _window(cfg_window: int, model: GPT) -> int:
-    return min(cfg_window or 128, model.config.block_size)
-
-
-def get_baseline(model: GPT, corpus, out_dir: str, cfg: TraceNeuronsConfig, log=print) -> Baseline:
-    """The cached baseline for this checkpoint and data, built (with a progress bar) if missing/stale."""
-    params = {"n_windows": cfg.baseline_windows, "window": _window(cfg.window, model), "seed": 0, "split": "train"}
-    ckpt_file, data_file = ckpt_path(out_dir), corpus.data_dir / "train.bin"
-    arrays, why = load_cached(Path(out_dir), BASELINE_NAME, BASELINE_FORMAT, params, ckpt_file, data_file)
-    if arrays is not None:
-        return Baseline(arrays["mean"], arrays["std"], arrays["prob"], int(arrays["n_tokens"]))
-    log(f"{why}: computing the neuron baseline over {params['n_windows']} random training windows of "
-        f"{params['window']} tokens (cached in {Path(out_dir) / (BASELINE_NAME + '.npz')} for next time)")
-    base = build_baseline(model, corpus.tokens("train"), params["n_windows"], params["window"], cfg.batch_size)
-    save_cached(Path(out_dir), BASELINE_NAME, BASELINE_FORMAT, params, ckpt_file, data_file,
-                {"mean": base.mean, "std": base.std, "prob": base.prob, "n_tokens": np.array(base.n_tokens)})
-    return base
-
-
-def trace_prompt(model: GPT, tok, prompt: str, cfg: TraceNeuronsConfig, baseline: Baseline | None) -> dict[str, Any]:
-    """Generate from `prompt`, rank neurons (contrastive when cfg.contrastive, else raw), and with
-    cfg.ablate run the causal check. `baseline` is needed for contrastive ranking and mean ablation.
-    Returns a JSON-able dict."""
-    if (cfg.contrastive or (cfg.ablate and cfg.ablation == "mean")) and baseline is None:
-        raise ValueError("contrastive ranking and mean ablation need the baseline")
-    ids = tok.encode(prompt)
-    if not ids:
-        eot = getattr(tok, "eot_token", None)
-        if eot is None:
-            raise UserError("the prompt is empty and this tokenizer has no <|endoftext|> to start from; give --start")
-        ids = [eot]
-    gen = generate_and_record(model, ids, cfg.max_new_tokens, cfg.temperature, cfg.seed)
-    acts = gen.acts
-    if len(ids) == 1:
-        acts = acts[1:]  # the first token was computed at position 0, which the baseline leaves out too
-    if len(acts) == 0:
-        raise UserError("no generated token to trace (a one-token prompt's first token sits at position 0, "
-                        "which is left out); raise --max_new_tokens or lengthen the prompt")
-    raw = raw_scores(acts)
-    scores = contrast(acts, baseline, cfg.score) if cfg.contrastive else raw
-    top = top_neurons(scores, cfg.top_k)
-    result: dict[str, Any] = {
-        "prompt": prompt, "output": tok.decode(gen.output_ids), "n_traced_tokens": int(len(acts)),
-        "ranking": f"contrastive ({cfg.score})" if cfg.contrastive else "raw mean activation",
-        "top": [{"layer": l, "index": i, "score": s, "mean_activation": float(raw[l, i]),
-                 **({"baseline_mean": float(baseline.mean[l, i]), "baseline_std": float(baseline.std[l, i])}
-                    if cfg.contrastive else {})} for l, i, s in top],
-        "per_layer": [[{"index": i, "score": s} for i, s in row] for row in top_per_layer(scores, cfg.top_k)],
-        "top_raw": [[l, i] for l, i, _ in top_neurons(raw, cfg.top_k)],
-    }
-    if cfg.ablate:
-        values = baseline.mean if cfg.ablation == "mean" else None
-        result["ablation"] = {"mode": cfg.ablation, **causal_check(model, gen, [(l, i) for l, i, _ in top],
-                                                                   cfg.n_random, values, seed=cfg.seed)}
-    return result
-
-
-def format_trace(r: dict[str, Any], per_layer: int = 5) -> str:
-    lines = [f"prompt {r['prompt']!r} -> output {r['output']!r}",
-             f"top {len(r['top'])} neurons by {r['ranking']} over {r['n_traced_tokens']} generated tokens:",
-             "  rank  layer  neuron      score   mean act"]
-    for k, t in enumerate(r["top"], 1):
-        lines.append(f"  {k:>4}  {t['layer']:>5}  {t['index']:>6}  {t['score']:>9.3f}  {t['mean_activation']:>9.3f}")
-    lines.append(f"per layer (top {per_layer}):")
-    for layer, row in enumerate(r["per_layer"]):
-        lines.append(f"  layer {layer}: " + ", ".join(f"{x['index']} ({x['score']:.2f})" for x in row[:per_layer]))
-    if "ablation" in r:
-        a = r["ablation"]
-        lines.append(f"ablation ({a['mode']}) of K={a['k']}: log p(output | prompt) = {a['clean_logprob']:.2f} nats "
-                     f"over {a['n_output_tokens']} tokens; top-K drop {a['drop_top']:.2f} nats, K random drop "
-                     f"{a['drop_random_mean']:.2f} +- {a['drop_random_std']:.2f} ({len(a['drop_random'])} draws)")
-    return "\n".join(lines)
-
-
-def overlap_report(results: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean pairwise Jaccard overlap of the prompts' top-K sets, raw and as ranked."""
-    raw = [{tuple(x) for x in r["top_raw"]} for r in results]
-    ranked = [{(t["layer"], t["index"]) for t in r["top"]} for r in results]
-    return {"raw": mean_pairwise_jaccard(raw), "ranked": mean_pairwise_jaccard(ranked)}
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    if wants_help(TraceNeuronsConfig, argv, "glassgpt trace-neurons"):
-        return None
-    cfg = load_config(TraceNeuronsConfig, argv)
-    if cfg.top_k < 0 or cfg.max_new_tokens < 1 or cfg.n_random < 0:
-        raise UserError("--top_k and --n_random must be >= 0 and --max_new_tokens >= 1")
-    if cfg.score not in SCORES:
-        raise UserError(f"score={cfg.score!r} is not one of {', '.join(SCORES)}")
-    if cfg.ablation not in ("zero", "mean"):
-        raise UserError(f"ablation={cfg.ablation!r} is not one of zero, mean")
-    if cfg.prompts:
-        p = Path(cfg.prompts)
-        if not p.is_file():
-            raise UserError(f"--prompts={cfg.prompts} does not exist; give a file with one prompt per line")
-        prompts = [line for line in p.read_text().splitlines() if line.strip()]
-    else:
-        prompts = [read_text_arg(cfg.start, "start")]
-    model, tok, _, corpus = _load(cfg.out_dir, cfg.device, cfg.data_dir, cfg.vocab_dir)
-    need_baseline = cfg.contrastive or (cfg.ablate and cfg.ablation == "mean")
-    log = (lambda m: print(m, file=sys.stderr)) if cfg.json else print
-    baseline = get_baseline(model, corpus, cfg.out_dir, cfg, log) if need_baseline else None
-    results = [trace_prompt(model, tok, p, cfg, baseline) for p in prompts]
-    out: dict[str, Any] = {"traces": results}
-    if len(results) > 1:
-        out["overlap"] = overlap_report(results)
-    if cfg.json:
-        print(json.dumps(out, indent=1))
-    else:
-        print("\n\n".join(format_trace(r) for r in results))
-        if "overlap" in out:
-            o = out["overlap"]
-            msg = f"mean pairwise Jaccard overlap of the top-{cfg.top_k} sets over {len(results)} prompts: raw {o['raw']:.2f}"
-            print("\n" + msg + (f", contrastive {o['ranked']:.2f}" if cfg.contrastive else ""))
-    return out
 
 
 def check_neuron(model: GPT, layer: int, index: int) -> None:
@@ -589,31 +266,470 @@ def check_neuron(model: GPT, layer: int, index: int) -> None:
         raise UserError(f"--index={index} is out of range: each layer has MLP neurons 0..{N - 1} (4 * n_embd)")
 
 
-def neuron_examples(model: GPT, corpus, out_dir: str, cfg: NeuronConfig, log=print) -> tuple[np.ndarray, np.ndarray]:
-    """The cached examples of every neuron (values, positions), built if missing or stale."""
-    params = {"window": _window(cfg.window, model), "keep": cfg.keep, "max_windows": cfg.max_windows, "split": "train"}
-    ckpt_file, data_file = ckpt_path(out_dir), corpus.data_dir / "train.bin"
-    arrays, why = load_cached(Path(out_dir), EXAMPLES_NAME, EXAMPLES_FORMAT, params, ckpt_file, data_file)
-    if arrays is not None:
-        return arrays["values"], arrays["positions"]
-    log(f"{why}: scanning the training split for every neuron's top windows (cached in "
-        f"{Path(out_dir) / (EXAMPLES_NAME + '.npz')}; later neurons are instant)")
-    values, positions = build_neuron_examples(model, corpus.tokens("train"), params["window"], cfg.keep,
-                                              cfg.batch_size, cfg.max_windows)
-    save_cached(Path(out_dir), EXAMPLES_NAME, EXAMPLES_FORMAT, params, ckpt_file, data_file,
-                {"values": values, "positions": positions})
+@torch.no_grad()
+def record_activations(model: GPT, idx: torch.Tensor, layers: list[int] | None = None) -> torch.Tensor:
+    """(B, T, len(layers), n_neurons) MLP activations of one forward pass (all layers by default);
+    the pass stops after the last layer asked for."""
+    layers = list(range(model.config.n_layer)) if layers is None else layers
+    names = [mlp_post(i) for i in layers]
+    with record(model, names) as cache:
+        model(idx, stop_at_layer=max(layers) + 1)
+    return torch.stack([cache[n][0] for n in names], dim=2)
+
+
+def record_text(model: GPT, ids: list[int], pos0: int, grad: bool = False):
+    """Every position's MLP activations over `ids`, (T, n_layer, n_neurons) float32, read in
+    half-overlapping windows (evaluate.sliding_windows: each position once, >= block_size/2 context).
+
+    With grad also (sum a*g, sum g), each (n_layer, n_neurons), where g = d/da of the log-prob of the
+    traced tokens ids[pos0+1:], summed over every position of every window: sum (a - ref) * g is then
+    the first-order change of that log-prob when the neuron is set to ref everywhere."""
+    T, block = len(ids), model.config.block_size
+    names = [mlp_post(i) for i in range(model.config.n_layer)]
+    acts = np.zeros((T, len(names), n_neurons(model)), dtype=np.float32)
+    ag, gs = np.zeros(acts.shape[1:]), np.zeros(acts.shape[1:])
+    seq = torch.tensor(list(ids) + [0], device=model.lm_head.weight.device)  # a dummy target at the end
+    for b, e, s in sliding_windows(T, block, max(1, block // 2)):
+        seen: list[torch.Tensor] = []
+        with torch.set_grad_enabled(grad), hooks(model, [(n, lambda a, _n: seen.append(a)) for n in names]):
+            h = model.hidden_states(seq[None, b:e])
+            lo, hi = max(s, pos0), min(e, T - 1)  # this window's traced positions
+            if grad and hi > lo:
+                logp = F.log_softmax(model.head(h[0, lo - b:hi - b]).float(), -1)
+                target = logp.gather(1, seq[lo + 1:hi + 1, None]).sum()
+                for l, g in enumerate(torch.autograd.grad(target, seen)):
+                    ag[l] += (seen[l][0].detach() * g[0]).sum(0).double().cpu().numpy()
+                    gs[l] += g[0].sum(0).double().cpu().numpy()
+        acts[s:e] = torch.stack([a[0, s - b:] for a in seen], 1).detach().float().cpu().numpy()
+    return (acts, ag, gs) if grad else acts
+
+
+def traced_logprob(model: GPT, ids: list[int], pos0: int) -> float:
+    """Teacher-forced sum of log p(ids[j+1] | ids[:j+1]) over traced positions j >= pos0, scored in
+    half-overlapping windows past block_size (each token once, >= block_size/2 context)."""
+    block = model.config.block_size
+    return float(-token_nlls(model, torch.tensor(list(ids)), block, max(1, block // 2))[pos0:].sum())
+
+
+def ablation_hooks(neurons: list[tuple[int, int]], mode: str = "mean", baseline: Baseline | None = None,
+                   seed: int = 0) -> list[tuple[str, Any]]:
+    """Forward hooks that set (layer, index) neurons to their baseline mean, 0, or (resample) at each
+    position the value of a random baseline token (one draw per position for the whole set)."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, i in neurons:
+        by_layer.setdefault(layer, []).append(i)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for layer, idx in sorted(by_layer.items()):
+        fill = torch.zeros(len(idx)) if mode == "zero" else torch.from_numpy(
+            baseline.mean[layer, idx] if mode == "mean" else baseline.sample[:, layer, idx].astype(np.float32)).float()
+
+        def ablate(act: torch.Tensor, name: str, idx=idx, fill=fill) -> torch.Tensor:
+            act = act.clone()
+            if mode == "resample":
+                rows = torch.randint(fill.size(0), act.shape[:-1], generator=gen)
+                act[..., idx] = fill[rows].to(act.device, act.dtype)
+            else:
+                act[..., idx] = fill.to(act.device, act.dtype)
+            return act
+
+        out.append((mlp_post(layer), ablate))
+    return out
+
+
+def ablated_logprob(model: GPT, ids: list[int], pos0: int, neurons: list[tuple[int, int]], mode: str = "mean",
+                    baseline: Baseline | None = None, seed: int = 0) -> float:
+    with hooks(model, ablation_hooks(neurons, mode, baseline, seed)):
+        return traced_logprob(model, ids, pos0)
+
+
+def causal_check(model: GPT, ids: list[int], pos0: int, top: list[tuple[int, int]], raw: np.ndarray,
+                 mode: str = "mean", baseline: Baseline | None = None, n_controls: int = 5,
+                 seed: int = 0) -> dict[str, Any]:
+    """Log-prob drop (nats over the traced tokens) from ablating `top`, against the raw top-K (the
+    most active neurons) and K activation-matched neurons of the same layers (n_controls draws)."""
+    clean = traced_logprob(model, ids, pos0)
+    drop = lambda ns: clean - ablated_logprob(model, ids, pos0, ns, mode, baseline, seed)  # noqa: E731
+    raw_top = [(l, i) for l, i, _ in top_neurons(raw, len(top))]
+    matched = [drop(c) for c in matched_controls(raw, top, n_controls, seed)]
+    d_top, m = drop(top), float(np.mean(matched)) if matched else float("nan")
+    return {"mode": mode, "k": len(top), "n_tokens": len(ids) - 1 - pos0, "clean_logprob": clean,
+            "drop_top": d_top, "drop_raw_top": drop(raw_top), "drop_matched": matched, "drop_matched_mean": m,
+            "drop_matched_std": float(np.std(matched)) if matched else float("nan"),
+            "top_over_matched": d_top / m if m > 0 else None}
+
+
+def specificity(model: GPT, items: list[tuple[list[int], int]], tops: list[list[tuple[int, int]]],
+                mode: str = "mean", baseline: Baseline | None = None, seed: int = 0) -> dict[str, Any]:
+    """drop[a][b]: nats per traced token of text b lost when text a's top neurons are ablated. The
+    ratio drop[a][a] / drop[a][b] says how specific a's neurons are to a; a pair passes at >= 2 (or
+    when b does not suffer at all while a does)."""
+    clean = [traced_logprob(model, ids, p) for ids, p in items]
+    n = len(items)
+    drop = np.array([[(clean[b] - ablated_logprob(model, *items[b], tops[a], mode, baseline, seed))
+                      / (len(items[b][0]) - 1 - items[b][1]) for b in range(n)] for a in range(n)])
+    ratio = [[float(drop[a, a] / drop[a, b]) if a != b and drop[a, b] > 0 else None for b in range(n)]
+             for a in range(n)]
+    passed = [drop[a, a] >= 2 * drop[a, b] and drop[a, a] > 0 for a in range(n) for b in range(n) if a != b]
+    return {"drop_per_token": drop.tolist(), "ratio": ratio, "n_pass": int(sum(passed)), "n_pairs": len(passed)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Artifacts beside the run: a directory with arrays.npz + meta.json, appearing by one rename
+
+
+def _load_artifact(run, name: str, params: dict | None) -> tuple[dict | None, str]:
+    """(arrays + "params", "") when run.out_dir/name fits the run (and `params`, if given), else (None, why)."""
+    d = Path(run.out_dir) / name
+    meta = read_json(d / "meta.json", default=None, strict=False)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return None, f"no {name} in {run.out_dir}"
+    if params is not None and meta.get("params") != params:
+        return None, f"{d} was built with other settings ({meta.get('params')})"
+    stale = run.stale_reasons(meta.get("built_from"))
+    if stale:
+        return None, f"{d} is stale: {stale[0]}"
+    with np.load(d / "arrays.npz") as z:
+        return {**{k: z[k] for k in z.files}, "params": meta["params"]}, ""
+
+
+def _save_artifact(run, name: str, params: dict, arrays: dict[str, np.ndarray]) -> None:
+    with write_artifact(Path(run.out_dir) / name) as tmp:
+        np.savez(tmp / "arrays.npz", **arrays)
+        (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "params": params,
+                                                   "built_from": run.provenance()}, indent=1))
+
+
+def _baseline_params(cfg: TraceNeuronsConfig) -> dict:
+    return {"source": cfg.baseline_source, "n_seqs": cfg.baseline_windows, "prompt_len": cfg.baseline_prompt,
+            "new_tokens": 64, "temperature": cfg.temperature if cfg.baseline_source == "generated" else None,
+            "seed": 0, "split": "train"}
+
+
+def open_baseline(run, params: dict | None = None) -> Baseline:
+    """The run's baseline (built with `params`, if given); UserError with the build command if it is
+    missing, stale or built otherwise."""
+    a, why = _load_artifact(run, BASELINE_DIR, params)
+    if a is None:
+        raise UserError(f"{why}; build it with `glassgpt trace-neurons --out_dir={run.out_dir} --build_baseline`")
+    return Baseline(a["mean"], a["std"], a["prob"], a["sample"], int(a["n_tokens"]), a["params"])
+
+
+@torch.no_grad()
+def build_baseline(model: GPT, tokens: np.ndarray, source: str = "generated", n_seqs: int = 128,
+                   prompt_len: int = 8, new_tokens: int = 64, temperature: float | None = 0.8, seed: int = 0,
+                   batch_size: int = 16, n_sample: int = 256, progress: bool = True, **_: Any) -> Baseline:
+    """Statistics of every neuron over n_seqs sequences that start with `prompt_len` tokens of random
+    training text and go on for `new_tokens` tokens: the model's own samples at `temperature`
+    (source='generated', what a trace looks like) or the training text itself ('train'). Only the
+    positions that compute the continuation count, as in a trace; sums are float64."""
+    from glassgpt.generate import generate
+
+    new_tokens = min(new_tokens, model.config.block_size + 1 - prompt_len)
+    span = prompt_len + new_tokens
+    if new_tokens < 1 or len(tokens) <= span:
+        raise UserError(f"the training split ({len(tokens)} tokens) or block_size is too small for a baseline "
+                        f"of {prompt_len}-token prompts; lower --baseline_prompt")
+    rng = np.random.default_rng(seed)
+    starts = np.sort(rng.integers(0, len(tokens) - span + 1, size=n_seqs))
+    keep = np.sort(rng.choice(n_seqs * new_tokens, size=min(n_sample, n_seqs * new_tokens), replace=False))
+    L, N = model.config.n_layer, n_neurons(model)
+    s1, s2, n_on, sample = np.zeros((L, N)), np.zeros((L, N)), np.zeros((L, N)), []
+    for b in tqdm(range(0, n_seqs, batch_size), desc="neuron baseline", unit="batch", disable=not progress):
+        seqs = [tokens[s:s + span].astype(np.int64).tolist() for s in starts[b:b + batch_size]]
+        if source == "generated":  # rows seeded seed+b+i: a batch size does not change the samples
+            outs = generate(model, [s[:prompt_len] for s in seqs], new_tokens, temperature=temperature,
+                            seed=1_000_000 + seed + b)
+            seqs = [s[:prompt_len] + o for s, o in zip(seqs, outs)]
+        x = torch.tensor(seqs, device=model.lm_head.weight.device)[:, :-1]
+        acts = record_activations(model, x)[:, prompt_len - 1:].double().cpu().reshape(-1, L, N)
+        s1, s2, n_on = s1 + acts.sum(0).numpy(), s2 + (acts**2).sum(0).numpy(), n_on + (acts > 0).sum(0).numpy()
+        lo = b * new_tokens
+        sample.append(acts[torch.from_numpy(keep[(keep >= lo) & (keep < lo + len(acts))] - lo)].half().numpy())
+    return baseline_from_sums(s1, s2, n_on, n_seqs * new_tokens, np.concatenate(sample))
+
+
+def get_baseline(run, cfg: TraceNeuronsConfig, log=print, rebuild: bool = False) -> Baseline:
+    """The run's baseline for cfg's settings, built (with a progress bar) if missing, stale or otherwise built."""
+    params = _baseline_params(cfg)
+    a, why = (None, "--build_baseline") if rebuild else _load_artifact(run, BASELINE_DIR, params)
+    if a is not None:
+        return open_baseline(run, params)
+    log(f"{why}: building the neuron baseline ({params['n_seqs']} {params['source']} sequences; kept in "
+        f"{Path(run.out_dir) / BASELINE_DIR})")
+    base = build_baseline(run.model, run.corpus.tokens("train"), batch_size=cfg.batch_size, **params)
+    _save_artifact(run, BASELINE_DIR, params, {"mean": base.mean, "std": base.std, "prob": base.prob,
+                                               "sample": base.sample, "n_tokens": np.array(base.n_tokens)})
+    return open_baseline(run, params)
+
+
+@torch.no_grad()
+def build_neuron_examples(model: GPT, tokens: np.ndarray, window: int, keep: int = 32, batch_size: int = 32,
+                          max_windows: int | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """For every neuron, the `keep` windows where it fires most: (values, positions), each
+    (keep, n_layer, n_neurons), best first; positions index the split. At most one example per scan
+    window per neuron, so one long burst does not fill the list."""
+    windows = scan_windows(len(tokens), window)[:max_windows]
+    if not windows:
+        raise UserError(f"the training split has {len(tokens)} tokens: too few to scan")
+    window = min(window, len(tokens))
+    L, N = model.config.n_layer, n_neurons(model)
+    values, positions = torch.full((0, L * N), -float("inf")), torch.zeros((0, L * N), dtype=torch.long)
+    for b in tqdm(range(0, len(windows), batch_size), desc="neuron examples", unit="batch", disable=not progress):
+        chunk = windows[b:b + batch_size]
+        x = torch.from_numpy(np.stack([tokens[s:s + window] for s, _ in chunk]).astype(np.int64))
+        acts = record_activations(model, x.to(model.lm_head.weight.device)).float().cpu().reshape(len(chunk), window, -1)
+        score_from = torch.tensor([f - s for s, f in chunk])  # first scored position in each window
+        masked = acts.masked_fill((torch.arange(window)[None, :] < score_from[:, None])[:, :, None], -float("inf"))
+        best, where = masked.max(dim=1)  # (B, L*N)
+        starts = torch.tensor([s for s, _ in chunk])
+        values, positions = merge_top(values, positions, best, starts[:, None] + where, keep)
+    return values.reshape(-1, L, N).numpy(), positions.reshape(-1, L, N).numpy()
+
+
+def _window(window: int, model: GPT) -> int:
+    return min(window or 128, model.config.block_size)
+
+
+def open_examples(run, window: int = 0, keep: int = 32, max_windows: int | None = None, build: bool = False,
+                  batch_size: int = 32, log=print) -> tuple[np.ndarray, np.ndarray]:
+    """Every neuron's top training examples (values, positions); built if `build`, else UserError
+    with the build command when missing or stale."""
+    params = {"window": _window(window, run.model), "keep": keep, "max_windows": max_windows, "split": "train"}
+    a, why = _load_artifact(run, EXAMPLES_DIR, params)
+    if a is not None:
+        return a["values"], a["positions"]
+    if not build:
+        raise UserError(f"{why}; build it with `glassgpt neuron --out_dir={run.out_dir} --layer=0 --index=0`")
+    log(f"{why}: scanning the training split for every neuron's top windows (kept in "
+        f"{Path(run.out_dir) / EXAMPLES_DIR}; later neurons are instant)")
+    values, positions = build_neuron_examples(run.model, run.corpus.tokens("train"), params["window"], keep,
+                                              batch_size, max_windows)
+    _save_artifact(run, EXAMPLES_DIR, params, {"values": values, "positions": positions})
     return values, positions
 
 
-def describe_example(corpus, pos: int, value: float, context: int) -> dict[str, Any]:
-    """A top-activating example: the window around token `pos` (kept inside its document segment),
-    split into before / max token / after, with its Location."""
+# ----------------------------------------------------------------------------------------------
+# What the commands and the viewer return
+
+
+def _check_options(rank: str, ablation: str, source: str = "generated") -> None:
+    for key, value, allowed in (("rank", rank, RANKS), ("ablation", ablation, ABLATIONS),
+                                ("baseline_source", source, SOURCES)):
+        if value not in allowed:
+            raise UserError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+
+
+def explain(run, text: str, *, output: str | None = None, max_new_tokens: int = 64, temperature: float = 0.8,
+            seed: int = 1337, top_k: int = 10, rank: str = "raw", floor: float = 0.1, layer_norm: bool = True,
+            ablate: bool = False, ablation: str = "mean", n_controls: int = 5,
+            baseline: Baseline | None = None) -> dict[str, Any]:
+    """Trace the neurons of `text` + a continuation: `output` if given, else one generated at
+    `temperature`. Ranked by `rank`; with `ablate` the causal check. z/prob ranking and mean/resample
+    ablation use `baseline` (default: open_baseline(run)). JSON-able; what trace-neurons --json prints."""
+    _check_options(rank, ablation)
+    model, tok = run.model, run.tokenizer
+    ids = tok.encode(text) or ([tok.eot_token] if getattr(tok, "eot_token", None) is not None else [])
+    if not ids:
+        raise UserError("the prompt is empty and this tokenizer has no <|endoftext|> to start from; give --start")
+    if output is None:
+        from glassgpt.generate import generate
+
+        out_ids = generate(model, [ids], max_new_tokens, temperature=temperature, seed=seed)[0]
+    else:
+        out_ids = tok.encode(output)
+    seq, pos0 = ids + out_ids, max(len(ids) - 1, 1)  # position 0 (nothing to attend to) is never traced
+    if len(seq) - 1 <= pos0:
+        raise UserError("no token to trace (a one-token prompt's first token is computed at position 0, "
+                        "which is left out); raise --max_new_tokens or lengthen the prompt")
+    if baseline is None and (rank in ("z", "prob") or ablate and ablation != "zero"):
+        baseline = open_baseline(run)
+    rec = record_text(model, seq, pos0, grad=rank == "attribution")
+    acts = rec[0] if rank == "attribution" else rec
+    traced = acts[pos0:-1]  # the positions that computed each traced token
+    raw = traced.mean(axis=0, dtype=np.float64)
+    if rank == "attribution":  # a*g relative to the value ablation would put there
+        scores = rec[1] - (baseline.mean if baseline is not None else 0.0) * rec[2]
+    else:
+        scores = raw if rank == "raw" else contrast(traced, baseline, rank, floor, layer_norm)
+    top = top_neurons(scores, top_k)
+    r: dict[str, Any] = {
+        "prompt": text, "output": tok.decode(out_ids), "generated": output is None, "token_ids": seq,
+        "tokens": [tok.decode([t]) for t in seq], "first_traced_position": pos0, "n_traced_tokens": len(traced),
+        "ranking": rank, "baseline": baseline.params if baseline is not None else None,
+        "top": [{"layer": l, "index": i, "score": s, "mean_activation": float(raw[l, i]),
+                 "token_activations": [round(float(a), 4) for a in acts[:, l, i]]} for l, i, s in top],
+        "layer_counts": np.bincount([l for l, _, _ in top], minlength=model.config.n_layer).tolist(),
+        "per_layer": [[{"index": i, "score": s} for i, s in row] for row in top_per_layer(scores, top_k)],
+        "top_raw": [[l, i] for l, i, _ in top_neurons(raw, top_k)],
+    }
+    if ablate:
+        r["ablation"] = causal_check(model, seq, pos0, [(l, i) for l, i, _ in top], raw, ablation, baseline,
+                                     n_controls, seed)
+    return r
+
+
+def format_trace(r: dict[str, Any], per_layer: int = 5) -> str:
+    lines = [f"prompt {r['prompt']!r} -> {'output' if r['generated'] else 'given'} {r['output']!r}",
+             f"top {len(r['top'])} neurons by {r['ranking']} over {r['n_traced_tokens']} tokens "
+             f"(baseline: {(r['baseline'] or {}).get('source', 'none')}); by layer {r['layer_counts']}",
+             "  rank  layer  neuron      score   mean act"]
+    lines += [f"  {k:>4}  {t['layer']:>5}  {t['index']:>6}  {t['score']:>9.3f}  {t['mean_activation']:>9.3f}"
+              for k, t in enumerate(r["top"], 1)]
+    lines.append(f"per layer (top {per_layer}):")
+    lines += [f"  layer {layer}: " + ", ".join(f"{x['index']} ({x['score']:.2f})" for x in row[:per_layer])
+              for layer, row in enumerate(r["per_layer"])]
+    if "ablation" in r:
+        a = r["ablation"]
+        ratio = f"{a['top_over_matched']:.1f}x" if a["top_over_matched"] is not None else "n/a"
+        lines.append(f"ablation ({a['mode']}) of K={a['k']}: log p = {a['clean_logprob']:.2f} nats over "
+                     f"{a['n_tokens']} tokens; drop: top-K {a['drop_top']:.2f}, raw top-K {a['drop_raw_top']:.2f}, "
+                     f"activation-matched {a['drop_matched_mean']:.2f} +- {a['drop_matched_std']:.2f} "
+                     f"({len(a['drop_matched'])} draws); top-K / matched {ratio}")
+    return "\n".join(lines)
+
+
+def _prompts(cfg: TraceNeuronsConfig) -> list[str]:
+    if not cfg.prompts:
+        return [read_text_arg(cfg.start, "start")]
+    p = Path(cfg.prompts)
+    if not p.is_file():
+        raise UserError(f"--prompts={cfg.prompts} does not exist; give a file with one prompt per line")
+    return [line for line in p.read_text().splitlines() if line.strip()]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    if wants_help(TraceNeuronsConfig, argv, "glassgpt trace-neurons"):
+        return None
+    cfg = load_config(TraceNeuronsConfig, argv)
+    rank = "z" if cfg.contrastive and cfg.rank == "raw" else cfg.rank
+    _check_options(rank, cfg.ablation, cfg.baseline_source)
+    if cfg.floor < 0 or cfg.n_controls < 0:
+        raise UserError("--floor and --n_controls must be >= 0")
+    from glassgpt.run import open_run
+
+    run = open_run(cfg.out_dir, device=cfg.device, data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir)
+    log = (lambda m: print(m, file=sys.stderr)) if cfg.json else print
+    if cfg.build_baseline or rank in ("z", "prob", "attribution") or cfg.ablate and cfg.ablation != "zero":
+        baseline = get_baseline(run, cfg, log, rebuild=cfg.build_baseline)
+        if cfg.build_baseline:
+            return {"baseline": baseline.params, "n_tokens": baseline.n_tokens}
+    else:
+        baseline = None
+    output = read_text_arg(cfg.output, "output") if cfg.output is not None else None
+    opts = dict(output=output, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                top_k=cfg.top_k, rank=rank, floor=cfg.floor, layer_norm=cfg.layer_norm, ablate=cfg.ablate,
+                ablation=cfg.ablation, n_controls=cfg.n_controls, baseline=baseline)
+    results = [explain(run, p, **opts) for p in _prompts(cfg)]
+    out: dict[str, Any] = results[0] if len(results) == 1 else {"traces": results, "overlap": {
+        "raw": mean_pairwise_jaccard([{tuple(x) for x in r["top_raw"]} for r in results]),
+        "ranked": mean_pairwise_jaccard([{(t["layer"], t["index"]) for t in r["top"]} for r in results])}}
+    if len(results) > 1 and cfg.ablate:
+        out["specificity"] = specificity(run.model, [(r["token_ids"], r["first_traced_position"]) for r in results],
+                                         [[(t["layer"], t["index"]) for t in r["top"]] for r in results],
+                                         cfg.ablation, baseline, cfg.seed)
+    if cfg.json:
+        print(json.dumps(out, indent=1, ensure_ascii=False))
+        return out
+    print("\n\n".join(format_trace(r) for r in results))
+    if len(results) > 1:
+        o = out["overlap"]
+        print(f"\nmean pairwise Jaccard overlap of the top-{cfg.top_k} sets over {len(results)} prompts: "
+              f"raw {o['raw']:.2f}, {rank} {o['ranked']:.2f}")
+    if "specificity" in out:
+        s = out["specificity"]
+        print(f"specificity (drop on own text / drop on the other's, per token): {s['n_pass']} of {s['n_pairs']} "
+              "pairs >= 2; " + ", ".join(f"{a}/{b} {x:.1f}" for a, row in enumerate(s["ratio"])
+                                         for b, x in enumerate(row) if x is not None))
+    return out
+
+
+def logit_effect(model: GPT, layer: int, index: int) -> torch.Tensor:
+    """(vocab,) direct effect of the neuron on the logits: W_U (ln_f.weight * W_out[:, index]), its
+    c_proj column through the final LayerNorm's gain and the unembedding (ln_f's centring and scale
+    are left out: the logit lens approximation)."""
+    w_out = model.transformer.h[layer].mlp.c_proj.weight[:, index]
+    return (model.lm_head.weight @ (model.transformer.ln_f.weight * w_out)).detach().float().cpu()
+
+
+def _example(run, start: int, acts: np.ndarray, pos: int, context: int) -> dict[str, Any]:
+    """The text around token `pos` of a window starting at `start` with this neuron's activations
+    `acts`, kept inside the window and the document segment, each token with its activation."""
+    corpus = run.corpus
     seg = corpus.segment_of("train", pos)
-    start, end = max(int(seg[1]), pos - context), min(int(seg[2]), pos + 1 + max(context // 4, 1))
-    loc = corpus.locate("train", start, end)
-    return {"activation": float(value), "token_position": int(pos), "line": corpus.locate("train", pos, pos + 1).line,
-            "before": corpus.decode("train", start, pos), "token": corpus.decode("train", pos, pos + 1),
-            "after": corpus.decode("train", pos + 1, end), "location": loc.to_dict()}
+    lo = max(int(seg[1]), pos - context, start)
+    hi = min(int(seg[2]), pos + 1 + max(context // 4, 1), start + len(acts))
+    ids = corpus.tokens("train")[lo:hi].tolist()
+    return {"activation": float(acts[pos - start]), "token_position": int(pos),
+            "line": corpus.locate("train", pos, pos + 1).line, "before": corpus.decode("train", lo, pos),
+            "token": corpus.decode("train", pos, pos + 1), "after": corpus.decode("train", pos + 1, hi),
+            "location": corpus.locate("train", lo, hi).to_dict(),
+            "tokens": [[run.tokenizer.decode([t]), round(float(a), 4)] for t, a in zip(ids, acts[lo - start:hi - start])]}
+
+
+def _window_acts(model: GPT, tokens: np.ndarray, starts: list[int], window: int, layer: int, index: int) -> np.ndarray:
+    x = torch.from_numpy(np.stack([tokens[s:s + window] for s in starts]).astype(np.int64))
+    return record_activations(model, x.to(model.lm_head.weight.device), [layer])[:, :, 0, index].float().cpu().numpy()
+
+
+def neuron_card(run, layer: int, index: int, *, top: int = 10, context: int = 40, per_quantile: int = 2,
+                sample_windows: int = 64, bins: int = 20, n_tokens: int = 10, window: int = 0, keep: int = 32,
+                max_windows: int | None = None, build: bool = False, batch_size: int = 32, log=print) -> dict[str, Any]:
+    """A neuron as Neuronpedia shows one: its top training windows (from the examples artifact),
+    examples at activation quantiles and a histogram (over `sample_windows` random scan windows), and
+    the tokens it promotes / suppresses through the unembedding. What `glassgpt neuron --json` prints."""
+    model, tokens = run.model, run.corpus.tokens("train")
+    check_neuron(model, layer, index)
+    values, positions = open_examples(run, window, keep, max_windows, build, batch_size, log)
+    W = _window(window, model)
+    windows = scan_windows(len(tokens), W)
+    W = min(W, len(tokens))
+    froms = [f for _, f in windows]
+    hits = [(float(v), int(p)) for v, p in zip(values[:top, layer, index], positions[:top, layer, index]) if np.isfinite(v)]
+    owner = [windows[bisect.bisect_right(froms, p) - 1][0] for _, p in hits]  # the scan window that scored p
+    acts = _window_acts(model, tokens, owner, W, layer, index) if hits else []
+    examples = [_example(run, s, a, p, context) for s, a, (_, p) in zip(owner, acts, hits)]
+    pick = np.sort(np.random.default_rng(0).choice(len(windows), min(sample_windows, len(windows)), replace=False))
+    starts = [windows[k][0] for k in pick]
+    sacts = np.concatenate([_window_acts(model, tokens, starts[b:b + batch_size], W, layer, index)
+                            for b in range(0, len(starts), batch_size)])
+    where = [(k, j) for k, w in enumerate(pick) for j in range(windows[w][1] - windows[w][0], W)]  # scored only
+    vals = np.array([sacts[k, j] for k, j in where])
+    quants = [{"quantile": q, "value": v, "examples": [_example(run, starts[where[i][0]], sacts[where[i][0]],
+                                                                starts[where[i][0]] + where[i][1], context) for i in idx]}
+              for q, v, idx in quantile_examples(vals, QUANTILES, per_quantile)]
+    counts, edges = np.histogram(vals, bins=bins)
+    effect = logit_effect(model, layer, index)
+    order = torch.argsort(effect, descending=True, stable=True).tolist()
+    as_tokens = lambda ids: [{"token": run.tokenizer.decode([t]), "logit": float(effect[t])} for t in ids]  # noqa: E731
+    return {"layer": layer, "index": index, "examples": examples, "quantile_examples": quants,
+            "histogram": {"counts": counts.tolist(), "edges": edges.tolist(), "n_tokens": len(vals),
+                          "n_windows": len(starts), "frac_positive": float((vals > 0).mean())},
+            "promotes": as_tokens(order[:n_tokens]), "suppresses": as_tokens(order[::-1][:n_tokens])}
+
+
+def _show(e: dict[str, Any]) -> str:
+    loc = e["location"]
+    text = (e["before"] + HIGHLIGHT[0] + e["token"] + HIGHLIGHT[1] + e["after"]).replace("\n", "\u23ce")
+    return f"act {e['activation']:.3f}  doc {loc['doc_id']} tokens [{loc['token_start']}, {loc['token_end']}) line {e['line']}: {text}"
+
+
+def format_card(c: dict[str, Any]) -> str:
+    h = c["histogram"]
+    lines = [f"neuron {c['index']} of layer {c['layer']}: top {len(c['examples'])} training windows "
+             f"(example token in {HIGHLIGHT[0]}{HIGHLIGHT[1]})"]
+    lines += [f"{k:>3}. {_show(e)}" for k, e in enumerate(c["examples"], 1)]
+    for q in c["quantile_examples"]:
+        lines.append(f"at quantile {q['quantile']} (activation {q['value']:.3f}):")
+        lines += [f"     {_show(e)}" for e in q["examples"]]
+    lines.append(f"activations over {h['n_tokens']} tokens of {h['n_windows']} random windows "
+                 f"({100 * h['frac_positive']:.0f}% > 0):")
+    peak = max(h["counts"]) or 1
+    lines += [f"  [{lo:>8.3f}, {hi:>8.3f}) {n:>7} {'#' * round(40 * n / peak)}"
+              for lo, hi, n in zip(h["edges"], h["edges"][1:], h["counts"])]
+    for key in ("promotes", "suppresses"):
+        lines.append(f"{key}: " + ", ".join(f"{t['token']!r} {t['logit']:+.2f}" for t in c[key]))
+    return "\n".join(lines)
 
 
 def neuron_main(argv: list[str] | None = None) -> dict[str, Any] | None:
@@ -622,30 +738,15 @@ def neuron_main(argv: list[str] | None = None) -> dict[str, Any] | None:
     cfg = load_config(NeuronConfig, argv)
     if cfg.layer == -1 or cfg.index == -1:
         raise UserError("give the neuron: --layer=L --index=I (see `glassgpt trace-neurons` for interesting ones)")
-    if cfg.top < 1 or cfg.keep < cfg.top:
-        raise UserError(f"--top must be >= 1 and --keep (now {cfg.keep}) >= --top (now {cfg.top})")
-    model, _, _, corpus = _load(cfg.out_dir, cfg.device, cfg.data_dir, cfg.vocab_dir)
-    check_neuron(model, cfg.layer, cfg.index)
+    if cfg.keep < cfg.top:
+        raise UserError(f"--keep (now {cfg.keep}) must be >= --top (now {cfg.top})")
+    from glassgpt.run import open_run
+
+    run = open_run(cfg.out_dir, device=cfg.device, data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir)
+    check_neuron(run.model, cfg.layer, cfg.index)
     log = (lambda m: print(m, file=sys.stderr)) if cfg.json else print
-    values, positions = neuron_examples(model, corpus, cfg.out_dir, cfg, log)
-    v, p = values[:, cfg.layer, cfg.index], positions[:, cfg.layer, cfg.index]
-    examples = [describe_example(corpus, int(pos), float(val), cfg.context)
-                for val, pos in zip(v[: cfg.top], p[: cfg.top]) if np.isfinite(val)]
-    out = {"layer": cfg.layer, "index": cfg.index, "examples": examples}
-    if cfg.json:
-        print(json.dumps(out, indent=1, ensure_ascii=False))
-        return out
-    print(f"neuron {cfg.index} of layer {cfg.layer}: top {len(examples)} training windows (max token in "
-          f"{HIGHLIGHT[0]}{HIGHLIGHT[1]})")
-    for k, e in enumerate(examples, 1):
-        loc = e["location"]
-        text = (e["before"] + HIGHLIGHT[0] + e["token"] + HIGHLIGHT[1] + e["after"]).replace("\n", "\u23ce")
-        print(f"{k:>3}. act {e['activation']:.3f}  doc {loc['doc_id']} tokens [{loc['token_start']}, "
-              f"{loc['token_end']}) line {e['line']}: {text}")
-    return out
-
-
-__all__ = ["TraceNeuronsConfig", "NeuronConfig", "Baseline", "top_neurons", "top_per_layer", "contrast",
-           "raw_scores", "jaccard", "mean_pairwise_jaccard", "scan_windows", "merge_top", "build_baseline",
-           "build_neuron_examples", "generate_and_record", "output_logprobs", "ablation_hooks", "causal_check",
-           "trace_prompt", "main", "neuron_main"]
+    card = neuron_card(run, cfg.layer, cfg.index, top=cfg.top, context=cfg.context, per_quantile=cfg.per_quantile,
+                       sample_windows=cfg.sample_windows, bins=cfg.bins, n_tokens=cfg.n_tokens, window=cfg.window,
+                       keep=cfg.keep, max_windows=cfg.max_windows, build=True, batch_size=cfg.batch_size, log=log)
+    print(json.dumps(card, indent=1, ensure_ascii=False) if cfg.json else format_card(card))
+    return card
