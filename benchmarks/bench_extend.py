@@ -13,6 +13,10 @@
      256..511 tokens of context there, the 256 models score the same tokens sliding with stride 128
      (129..256 tokens of context). If longer context helped, the 512 models would win here.
 
+With --rope=True the models are rotary (GPTConfig.rope; no wpe) and the arms are copy512 (angles
+unchanged), interp512 (rope_scale x2) and base512 (NTK base scaling); this needs train.py to build
+rotary models from TrainConfig.rope.
+
 The seed observed no val-loss gain from 512 context on char Shakespeare. Printed as a markdown block
 for benchmarks/RESULTS.md.
 """
@@ -80,7 +84,7 @@ def base_model(work: Path, iters: int) -> tuple[Path, Path]:
 @torch.no_grad()
 def token_losses(model, windows: torch.Tensor) -> torch.Tensor:
     """(N, T-1) next-token losses of each window, the model seeing the window from its start."""
-    logits = model.lm_head(model.hidden_states(windows[:, :-1]))
+    logits = model.head(model(windows[:, :-1], stop_at_layer=model.config.n_layer))
     return F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none")
 
 
@@ -135,7 +139,12 @@ def main() -> None:
     p.add_argument("--base_iters", type=int, default=300)
     p.add_argument("--more_iters", type=int, default=100)
     p.add_argument("--eval_windows", type=int, default=64)
+    p.add_argument("--rope", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
+                   help="rotary models: arms copy / interpolate / base")
     a = p.parse_args()
+    if a.rope:  # its own work dir: the base model there is reused
+        MODEL.update(rope=True)
+        a.work = a.work.rstrip("/") + "-rope" if a.work == p.get_default("work") else a.work
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(a.work)
     t0 = time.time()
@@ -143,7 +152,8 @@ def main() -> None:
     val = np.memmap(data_dir / "val.bin", dtype=np.uint16, mode="r")
     starts = np.random.default_rng(0).integers(0, len(val) - 513, size=a.eval_windows)
     rows = {"base256 (before)": evaluate(base, val, starts)}
-    for name, block, method in (("ctl256", 256, None), ("copy512", 512, "copy"), ("interp512", 512, "interpolate")):
+    arms = [("ctl256", 256, None), ("copy512", 512, "copy"), ("interp512", 512, "interpolate")]
+    for name, block, method in arms + ([("base512", 512, "base")] if a.rope else []):
         if method:  # the extended model before any further training
             from glassgpt.extend import extend_checkpoint
             from glassgpt.checkpoint import save_checkpoint
