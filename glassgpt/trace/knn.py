@@ -99,6 +99,11 @@ class TraceKnnConfig:
     progress: bool = True
 
 
+def check_choice(name: str, value: Any, options: tuple) -> None:
+    if value not in options:
+        raise UserError(f"{name}={value!r} is not one of {', '.join(options)}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # windows
 
@@ -157,9 +162,8 @@ def pool(states: torch.Tensor, pooling: str) -> torch.Tensor:
     """(B, T, C) -> (B, C)."""
     if pooling == "mean":
         return states.mean(dim=1)
-    if pooling == "last":
-        return states[:, -1, :]
-    raise UserError(f"pooling={pooling!r} is not one of {', '.join(POOLINGS)}")
+    check_choice("pooling", pooling, POOLINGS)
+    return states[:, -1, :]
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -198,8 +202,6 @@ def fit_calibration(raw: np.ndarray, kind: str, dim: int | None = None, seed: in
     """Statistics of the store's own windows (a random sample of at most CALIB_SAMPLE rows) that remove
     what every window shares: the common direction (center), rogue dimensions (standardize), or all
     correlations (whiten, optionally to the top `dim` principal directions)."""
-    if kind not in CALIBRATIONS:
-        raise UserError(f"calibration={kind!r} is not one of {', '.join(CALIBRATIONS)}")
     if kind == "none":
         return {}
     n, c = raw.shape
@@ -337,10 +339,8 @@ def build_store(model: torch.nn.Module, corpus: Corpus, split: str, store_dir: s
     share of the windows and rank 0 gathers them and writes (the same store as one process)."""
     from glassgpt.distributed import gather_objects
 
-    if pooling not in POOLINGS:
-        raise UserError(f"pooling={pooling!r} is not one of {', '.join(POOLINGS)}")
-    if calibration not in CALIBRATIONS:
-        raise UserError(f"calibration={calibration!r} is not one of {', '.join(CALIBRATIONS)}")
+    check_choice("pooling", pooling, POOLINGS)
+    check_choice("calibration", calibration, CALIBRATIONS)
     layer = resolve_layer(model, layer)
     if context > model.config.block_size:
         raise UserError(f"context={context} exceeds the model's block_size {model.config.block_size}")
@@ -480,7 +480,7 @@ def _import_faiss():
     try:
         import faiss
     except ImportError:
-        raise UserError("approximate search needs faiss: `pip install faiss-cpu`, or use --search=exact") from None
+        raise UserError("--search=faiss needs faiss: `pip install glassgpt[faiss]`, or use --search=exact") from None
     return faiss
 
 
@@ -494,6 +494,10 @@ def load_or_build_faiss(store: KnnStore):
     write_file_atomic(path, faiss.serialize_index(index).tobytes())
     write_json_atomic(side, {"build_id": store.meta["build_id"], "kind": "ivfpq", "n": len(store)})
     return index
+
+
+def uses_faiss(store: KnnStore, search: str) -> bool:
+    return search == "faiss" or (search == "auto" and len(store) > EXACT_MAX)
 
 
 @dataclass
@@ -516,7 +520,7 @@ def signals_for(store: KnnStore, qvec: np.ndarray, text: str, rank: str, search:
     word is in the store's vocabulary: it has nothing to say)."""
     out = {}
     if rank in ("embedding", "hybrid"):
-        if search == "faiss" or (search == "auto" and len(store) > EXACT_MAX):
+        if uses_faiss(store, search):
             s, i = query_faiss(load_or_build_faiss(store), store.embeddings, qvec[None], CANDIDATES, nprobe)
             out["embedding"] = Signal(i[0][i[0] >= 0], scores=s[0][i[0] >= 0])
         else:
@@ -576,10 +580,8 @@ def explain(run: Any, store: KnnStore, text: str, *, k: int = 5, rank: str = "hy
             query_stride: int | None = None, search: str = "auto", nprobe: int = 64, prompt: str | None = None,
             generated: str | None = None) -> dict[str, Any]:
     """Trace `text` to its k nearest windows of `store`: exactly the dict `--json` prints."""
-    if rank not in RANKS:
-        raise UserError(f"rank={rank!r} is not one of {', '.join(RANKS)}")
-    if search not in SEARCHES:
-        raise UserError(f"search={search!r} is not one of {', '.join(SEARCHES)}")
+    check_choice("rank", rank, RANKS)
+    check_choice("search", search, SEARCHES)
     if not 1 <= k <= len(store):
         raise UserError(f"k={k} but the store has {len(store)} windows; pass --k between 1 and {len(store)}")
     t0 = time.perf_counter()
@@ -598,7 +600,7 @@ def explain(run: Any, store: KnnStore, text: str, *, k: int = 5, rank: str = "hy
                             "char_end": c0 + len(tok.decode(part)), "signals_disagree": w_dis, "neighbours": w_nbs})
     return {"prompt": prompt, "generated": generated, "text": text, "n_tokens": len(ids), "n_query_windows": len(raw),
             "store": str(store.path), "stale": bool(store.stale), "stale_reasons": store.stale, "rank": rank,
-            "search": "faiss" if search == "faiss" or (search == "auto" and len(store) > EXACT_MAX) else "exact",
+            "search": "faiss" if uses_faiss(store, search) else "exact",
             "calibration": m["calibration"], "layer": m["layer"], "pooling": m["pooling"],
             "score_reference": m["score_reference"], "signals_disagree": disagree,
             "query_ms": round((time.perf_counter() - t0) * 1000, 2), "split": m["split"], "neighbours": nbs,
@@ -607,12 +609,6 @@ def explain(run: Any, store: KnnStore, text: str, *, k: int = 5, rank: str = "hy
 
 # ----------------------------------------------------------------------------------------------------
 # the command
-
-
-def _open(cfg: TraceKnnConfig) -> Any:
-    from glassgpt.run import open_run
-
-    return open_run(cfg.out_dir, device=cfg.device, data_dir=cfg.data_dir, threads=cfg.threads)
 
 
 def _build(cfg: TraceKnnConfig, run: Any) -> None:
@@ -642,14 +638,12 @@ def _build(cfg: TraceKnnConfig, run: Any) -> None:
 def trace_knn(cfg: TraceKnnConfig) -> dict[str, Any] | None:
     """Build the store if asked, then trace `start` + its generation (or `text`): explain()'s dict."""
     from glassgpt.generate import complete
+    from glassgpt.run import open_run
 
     if cfg.start is not None and cfg.text is not None:
         raise UserError("pass either --start (generate, then trace) or --text (trace as is), not both")
-    if cfg.embed_dtype not in ("float32", "bfloat16"):
-        raise UserError(f"embed_dtype={cfg.embed_dtype!r} is not float32 or bfloat16")
-    if cfg.rank not in RANKS:
-        raise UserError(f"rank={cfg.rank!r} is not one of {', '.join(RANKS)}")
-    run = _open(cfg)
+    check_choice("embed_dtype", cfg.embed_dtype, ("float32", "bfloat16"))
+    run = open_run(cfg.out_dir, device=cfg.device, data_dir=cfg.data_dir, threads=cfg.threads)
     if cfg.build:
         _build(cfg, run)
         if cfg.start is None and cfg.text is None:
@@ -677,9 +671,8 @@ def trace_knn(cfg: TraceKnnConfig) -> dict[str, Any] | None:
 
 
 def _signals_line(nb: dict) -> str:
-    parts = [f"{name} #{nb[name]['rank']} ({nb[name]['score']:.3f})" if nb[name]["rank"] else f"{name} -"
-             for name in ("embedding", "bm25") if name in nb]
-    return ", ".join(parts)
+    return ", ".join(f"{n} #{nb[n]['rank']} ({nb[n]['score']:.3f})" if nb[n]["rank"] else f"{n} -"
+                     for n in ("embedding", "bm25") if n in nb)
 
 
 def format_result(r: dict[str, Any], show_chars: int = 240) -> str:
