@@ -27,7 +27,7 @@ PROMPTS = {
     "stage direction": "Enter the DUKE, attended; a flourish of trumpets.\n",
     "speaker tags": "GLOUCESTER:\nBUCKINGHAM:\nCATESBY:\nRATCLIFF:\n",
     "questions": "what? why? how? when? who? where? what? why?",
-    "numbers": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13",
+    "exclamations": "O! O! O! Ha! ha! ha! Nay, nay, nay! Fie, fie! Alas!",
 }
 
 
@@ -39,6 +39,7 @@ def rankings(acts, ag, gs, bases):
         out[f"z {src}, abs floor"] = old
         out[f"z {src}, rel floor"] = nz.contrast(acts, b, "z", 0.1, layer_norm=False)
         out[f"z {src}, rel floor + layer norm"] = nz.contrast(acts, b, "z", 0.1, layer_norm=True)
+        out[f"z {src}, rel floor 0.5 + layer norm"] = nz.contrast(acts, b, "z", 0.5, layer_norm=True)
     out["prob generated + layer norm"] = nz.contrast(acts, bases["generated"], "prob", layer_norm=True)
     out["attribution"] = ag - bases["generated"].mean * gs
     return out
@@ -73,20 +74,20 @@ def measure(out_dir: str, k: int, temperature: float, causal: list[str]) -> None
     for mode in ("mean", "zero", "resample"):
         print(f"\n{mode}-ablation of K={k}: drop in log p of the sampled tokens (nats per prompt, mean over "
               f"prompts); controls: the raw top-K and K activation-matched neurons (5 draws)")
-        print("\n| ranking | top-K | raw top-K | matched | top-K / matched (mean of ratios; min) | specificity: pairs >= 2 "
-              "| median ratio |\n|---|---|---|---|---|---|---|")
+        print("\n| ranking | top-K | raw top-K | matched | top-K / matched (of the means) | prompts with top-K >= 3x "
+              "matched | specificity: pairs >= 2 | median pair ratio |\n|---|---|---|---|---|---|---|---|")
         base = bases["generated"]
         for name in causal:
             rows = [nz.causal_check(model, seq, p, [(l, i) for l, i, _ in nz.top_neurons(sc[name], k)], raw, mode,
                                     base, 5, seed=j) for j, (seq, p, sc, raw) in enumerate(traces)]
-            ratios = [r["drop_top"] / r["drop_matched_mean"] if r["drop_matched_mean"] > 0 else float("inf") for r in rows]
+            n3 = sum(r["drop_top"] >= 3 * r["drop_matched_mean"] and r["drop_top"] > 0 for r in rows)
             spec = nz.specificity(model, [(seq, p) for seq, p, _, _ in traces],
                                   [[(l, i) for l, i, _ in nz.top_neurons(sc[name], k)] for _, _, sc, _ in traces],
                                   mode, base)
             finite = [x for row in spec["ratio"] for x in row if x is not None]
             avg = lambda key: np.mean([r[key] for r in rows])  # noqa: E731
             print(f"| {name} | {avg('drop_top'):.2f} | {avg('drop_raw_top'):.2f} | {avg('drop_matched_mean'):.2f} "
-                  f"| {np.mean(ratios):.1f}x; {min(ratios):.1f}x | {spec['n_pass']}/{spec['n_pairs']} "
+                  f"| {avg('drop_top') / avg('drop_matched_mean'):.1f}x | {n3}/{len(rows)} | {spec['n_pass']}/{spec['n_pairs']} "
                   f"| {np.median(finite) if finite else float('nan'):.2f} |")
 
 

@@ -281,10 +281,14 @@ def test_open_baseline_missing_names_the_build_command(run):
 
 
 def test_explain_a_given_output_and_attribution(run):
-    r = nz.explain(run, "All:\n", output="Speak, speak.", top_k=3, rank="attribution")
+    with pytest.raises(UserError, match="--build_baseline"):
+        nz.explain(run, "All:\n", output="Speak, speak.")  # attribution is relative to the baseline mean
+    base = nz.build_baseline(run.model, run.corpus.tokens("train"), n_seqs=4, progress=False)
+    r = nz.explain(run, "All:\n", output="Speak, speak.", top_k=3, baseline=base)
     assert not r["generated"] and r["output"] == "Speak, speak." and r["n_traced_tokens"] == 13
     acts, ag, gs = nz.record_text(run.model, r["token_ids"], r["first_traced_position"], grad=True)
-    assert [(t["layer"], t["index"]) for t in r["top"]] == [(l, i) for l, i, _ in nz.top_neurons(ag, 3)]
+    ref = [(l, i) for l, i, _ in nz.top_neurons(ag - base.mean * gs, 3)]
+    assert r["ranking"] == "attribution" and [(t["layer"], t["index"]) for t in r["top"]] == ref
     t = r["top"][0]
     assert t["token_activations"] == [round(float(a), 4) for a in acts[:, t["layer"], t["index"]]]
 
@@ -339,11 +343,12 @@ def test_neuron_out_of_range_is_one_line(char_checkpoint, capsys, argv, needle):
     (["--ablation=half"], "mean, zero, resample"),
     (["--rank=rank"], "raw, z, prob, attribution"),
     (["--baseline_source=web"], "generated, train"),
+    (["--floor=-1"], "--floor"),
     (["--start=A", "--max_new_tokens=1"], "position 0"),
     (["--prompts=/nonexistent/p.txt"], "one prompt per line"),
 ])
 def test_trace_bad_input_is_one_line(char_checkpoint, capsys, argv, needle):
-    assert run_main(nz.main, [f"--out_dir={char_checkpoint}", "--start=All", "--device=cpu", *argv]) == 2
+    assert run_main(nz.main, [f"--out_dir={char_checkpoint}", "--start=All", "--device=cpu", "--rank=raw", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and needle in err and "\n" not in err, err
 

@@ -57,10 +57,11 @@ class TraceNeuronsConfig:
     seed: int = 1337
     top_k: int = 10
     """How many neurons to report (overall, and per layer) and to ablate."""
-    rank: str = "raw"
-    """'raw' (mean activation), 'z' or 'prob' (contrast with the baseline), 'attribution' (activation x gradient)."""
+    rank: str = "attribution"
+    """'attribution' ((activation - baseline mean) x gradient of the output's log-prob), 'z' or 'prob'
+    (contrast with the baseline), 'raw' (mean activation). docs/neurons.md compares them."""
     contrastive: bool = False
-    """Shorthand for --rank=z."""
+    """Shorthand for --rank=z (the contrastive trace)."""
     floor: float = 0.1
     """z-score spread floor, as a fraction of each neuron's baseline RMS activation."""
     layer_norm: bool = True
@@ -146,14 +147,6 @@ class Baseline:
     sample: np.ndarray  # (S, n_layer, n_neurons) activations of S random baseline tokens (resampling)
     n_tokens: int
     params: dict = field(default_factory=dict)
-
-
-def baseline_from_sums(s1: np.ndarray, s2: np.ndarray, n_on: np.ndarray, n: int, sample: np.ndarray,
-                       params: dict | None = None) -> Baseline:
-    """Statistics from streaming sums (sum, sum of squares, count of a > 0) over n tokens."""
-    mean = s1 / n
-    var = np.maximum(s2 / n - mean**2, 0.0)  # float64 sums keep the cancellation error ~1e-12
-    return Baseline(mean, np.sqrt(var), n_on / n, sample, int(n), params or {})
 
 
 def standardise_layers(scores: np.ndarray) -> np.ndarray:
@@ -446,7 +439,9 @@ def build_baseline(model: GPT, tokens: np.ndarray, source: str = "generated", n_
         s1, s2, n_on = s1 + acts.sum(0).numpy(), s2 + (acts**2).sum(0).numpy(), n_on + (acts > 0).sum(0).numpy()
         lo = b * new_tokens
         sample.append(acts[torch.from_numpy(keep[(keep >= lo) & (keep < lo + len(acts))] - lo)].half().numpy())
-    return baseline_from_sums(s1, s2, n_on, n_seqs * new_tokens, np.concatenate(sample))
+    n = n_seqs * new_tokens
+    var = np.maximum(s2 / n - (s1 / n) ** 2, 0.0)  # float64 sums keep the cancellation error ~1e-12
+    return Baseline(s1 / n, np.sqrt(var), n_on / n, np.concatenate(sample), n)
 
 
 def get_baseline(run, cfg: TraceNeuronsConfig, log=print, rebuild: bool = False) -> Baseline:
@@ -521,12 +516,12 @@ def _check_options(rank: str, ablation: str, source: str = "generated") -> None:
 
 
 def explain(run, text: str, *, output: str | None = None, max_new_tokens: int = 64, temperature: float = 0.8,
-            seed: int = 1337, top_k: int = 10, rank: str = "raw", floor: float = 0.1, layer_norm: bool = True,
+            seed: int = 1337, top_k: int = 10, rank: str = "attribution", floor: float = 0.1, layer_norm: bool = True,
             ablate: bool = False, ablation: str = "mean", n_controls: int = 5,
             baseline: Baseline | None = None) -> dict[str, Any]:
     """Trace the neurons of `text` + a continuation: `output` if given, else one generated at
-    `temperature`. Ranked by `rank`; with `ablate` the causal check. z/prob ranking and mean/resample
-    ablation use `baseline` (default: open_baseline(run)). JSON-able; what trace-neurons --json prints."""
+    `temperature`. Ranked by `rank`; with `ablate` the causal check. Every rank but raw, and mean /
+    resample ablation, use `baseline` (default: open_baseline(run)). JSON-able; what trace-neurons --json prints."""
     _check_options(rank, ablation)
     model, tok = run.model, run.tokenizer
     ids = tok.encode(text) or ([tok.eot_token] if getattr(tok, "eot_token", None) is not None else [])
@@ -542,14 +537,14 @@ def explain(run, text: str, *, output: str | None = None, max_new_tokens: int = 
     if len(seq) - 1 <= pos0:
         raise UserError("no token to trace (a one-token prompt's first token is computed at position 0, "
                         "which is left out); raise --max_new_tokens or lengthen the prompt")
-    if baseline is None and (rank in ("z", "prob") or ablate and ablation != "zero"):
+    if baseline is None and (rank != "raw" or ablate and ablation != "zero"):
         baseline = open_baseline(run)
     rec = record_text(model, seq, pos0, grad=rank == "attribution")
     acts = rec[0] if rank == "attribution" else rec
     traced = acts[pos0:-1]  # the positions that computed each traced token
     raw = traced.mean(axis=0, dtype=np.float64)
-    if rank == "attribution":  # a*g relative to the value ablation would put there
-        scores = rec[1] - (baseline.mean if baseline is not None else 0.0) * rec[2]
+    if rank == "attribution":  # (a - mu) * g: the first-order log-prob loss of mean-ablating the neuron
+        scores = rec[1] - baseline.mean * rec[2]
     else:
         scores = raw if rank == "raw" else contrast(traced, baseline, rank, floor, layer_norm)
     top = top_neurons(scores, top_k)
@@ -602,7 +597,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if wants_help(TraceNeuronsConfig, argv, "glassgpt trace-neurons"):
         return None
     cfg = load_config(TraceNeuronsConfig, argv)
-    rank = "z" if cfg.contrastive and cfg.rank == "raw" else cfg.rank
+    rank = "z" if cfg.contrastive else cfg.rank
     _check_options(rank, cfg.ablation, cfg.baseline_source)
     if cfg.floor < 0 or cfg.n_controls < 0:
         raise UserError("--floor and --n_controls must be >= 0")
@@ -610,7 +605,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
     run = open_run(cfg.out_dir, device=cfg.device, data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir)
     log = (lambda m: print(m, file=sys.stderr)) if cfg.json else print
-    if cfg.build_baseline or rank in ("z", "prob", "attribution") or cfg.ablate and cfg.ablation != "zero":
+    if cfg.build_baseline or rank != "raw" or cfg.ablate and cfg.ablation != "zero":
         baseline = get_baseline(run, cfg, log, rebuild=cfg.build_baseline)
         if cfg.build_baseline:
             return {"baseline": baseline.params, "n_tokens": baseline.n_tokens}
