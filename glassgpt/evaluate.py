@@ -335,19 +335,15 @@ def _progress(total: int, enabled: bool, unit: str):
     return tqdm(total=total, unit=unit, disable=not enabled or total < 20, file=sys.stderr, leave=False)
 
 
-def load_model(cfg: EvalConfig, device: str) -> tuple[GPT, Tokenizer, dict | None, str]:
-    """(model in eval mode, tokenizer, the tokenizer meta the model was trained with, description)."""
-    if cfg.init_from == "resume":
-        from glassgpt.runtime import load_for_inference
+def load_model(cfg: EvalConfig, device: str):
+    """The opened run (glassgpt.run.open_run): a checkpoint in out_dir, GPT-2 weights or an HF dir."""
+    from glassgpt.run import open_run
 
-        model, tok, ckpt = load_for_inference(cfg.out_dir, device, data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir)
-        return model, tok, ckpt.get("tokenizer"), f"{cfg.out_dir} (iter {ckpt.get('iter_num')})"
-    from glassgpt.pretrained import from_pretrained, pretrained_tokenizer
-
-    model = from_pretrained(cfg.init_from)
-    model.eval().to(device)
-    tok = pretrained_tokenizer(cfg.init_from, cfg.vocab_dir)
-    return model, tok, tok.meta(), cfg.init_from
+    source = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
+    run = open_run(source, device=device, data_dir=cfg.data_dir if cfg.init_from == "resume" else None,
+                   vocab_dir=cfg.vocab_dir)
+    name = f"{cfg.out_dir} (iter {run.iter_num})" if run.kind == "checkpoint" else cfg.init_from
+    return run, name
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -361,7 +357,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    model, tok, model_tok, name = load_model(cfg, device)
+    run, name = load_model(cfg, device)
+    model, tok = run.model, run.tokenizer
+    model_tok = run.checkpoint_meta.get("tokenizer") if run.kind == "checkpoint" else tok.meta()
     results: dict = {"model": name, "device": device, "dtype": dtype,
                      "params": sum(p.numel() for p in model.parameters())}
     progress = sys.stderr.isatty()
@@ -379,11 +377,10 @@ def evaluate(cfg: EvalConfig) -> dict:
                 raise UserError(f"{path} is empty")
             tokens, source = np.array(tok.encode(text), dtype=np.int64), str(path)
         elif cfg.dataset or cfg.data_dir:
-            from glassgpt.corpus import Corpus
-            from glassgpt.data import data_dir_for
             from glassgpt.pretrained import check_vocab
+            from glassgpt.run import open_data, resolve_data_dir
 
-            corpus = Corpus(data_dir_for(cfg.dataset or "", cfg.data_dir))
+            corpus, _ = open_data(resolve_data_dir({"dataset": cfg.dataset}, cfg.data_dir))  # type: ignore[arg-type]
             check_vocab(model.config.vocab_size, corpus.meta or None, model_tok)
             tokens, source = np.asarray(corpus.tokens(cfg.split), dtype=np.int64), f"{corpus.data_dir}:{cfg.split}"
             tok = corpus.tokenizer if corpus.meta else tok

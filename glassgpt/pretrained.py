@@ -367,6 +367,12 @@ def export_hf(model: GPT, out_dir: str | Path, tokenizer_meta: dict | None = Non
     """
     from safetensors.torch import save_file
 
+    not_gpt2 = model.config.non_gpt2_options()
+    if not_gpt2:
+        name = not_gpt2[0]
+        raise UserError(f"cannot export to Hugging Face GPT-2: the model uses {name}={getattr(model.config, name)!r}, "
+                        "which GPT-2's architecture has no place for; export only models trained with GPT-2's "
+                        "options (sample and trace it with glassgpt instead)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kind = (tokenizer_meta or {}).get("tokenizer", "gpt2")
@@ -419,10 +425,12 @@ class ExportConfig:
     """Dataset the checkpoint was trained on, when its tokenizer is not stored in it (nanoGPT ckpts)."""
     vocab_dir: str | None = None
     """Directory with GPT-2's encoder.json + vocab.bpe to copy as the HF tokenizer."""
+    overwrite: bool = False
+    """Replace a destination directory that is not empty (else export refuses, so another model's
+    files are never overwritten by mistake)."""
 
 
 def main(argv: list[str] | None = None) -> None:
-    from glassgpt.checkpoint import load_checkpoint, model_from_checkpoint
     from glassgpt.config import load_config, wants_help
 
     argv = list(argv or [])
@@ -438,16 +446,23 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--to={cfg.to} is not supported; the only export format is --to=hf")
     if not dest:
         raise UserError("say where to write: glassgpt export --out_dir=CKPT_DIR --to=hf DEST_DIR")
-    ckpt = load_checkpoint(cfg.out_dir)
-    model = model_from_checkpoint(ckpt)
-    meta = ckpt.get("tokenizer")
-    if not meta:
-        from glassgpt.tokenizer import read_meta
+    target = Path(dest)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not cfg.overwrite:
+        raise UserError(f"{target} already exists and is not empty; choose a new directory, or pass --overwrite "
+                        "to replace it")
+    from glassgpt.artifacts import write_artifact, write_json_atomic
+    from glassgpt.run import open_run
 
-        c = ckpt.get("config") or {}
-        d = cfg.data_dir or c.get("data_dir") or (str(Path("data") / c["dataset"]) if c.get("dataset") else None)
-        meta = read_meta(d) if d and Path(d).is_dir() else None
-    path = export_hf(model, dest, meta, cfg.vocab_dir)
+    run = open_run(cfg.out_dir, data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir)
+    model = run.model
+    meta = run.checkpoint_meta.get("tokenizer") or run.tokenizer.meta()
+    with write_artifact(target) as tmp:  # the old directory (with --overwrite) goes in one rename
+        export_hf(model, tmp, meta, cfg.vocab_dir)
+        # what glassgpt's open_run needs to find this model's training data again
+        write_json_atomic(tmp / "glassgpt_run.json", {
+            "config": {k: run.config[k] for k in ("dataset", "data_dir") if k in run.config},
+            "checkpoint_fingerprint": run.fingerprint, "iter_num": run.iter_num})
+    path = target
     n = sum(p.numel() for p in model.parameters())
     print(f"exported {cfg.out_dir} ({n / 1e6:.2f}M params, activation {model.config.activation}, "
           f"vocab {model.config.vocab_size}) to {path}; load with "

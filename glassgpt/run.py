@@ -75,7 +75,7 @@ def resolve_tokenizer(stored: dict | None, data_dir: Path | None, vocab_dir: str
     else the dataset's meta.json / meta.pkl (nanoGPT), else GPT-2 BPE."""
     meta = stored or (read_meta(data_dir) if data_dir is not None and data_dir.is_dir() else None)
     tok = tokenizer_from_meta(meta, vocab_dir)
-    if vocab_size is not None and tok.vocab_size > vocab_size:
+    if not stored and vocab_size is not None and tok.vocab_size > vocab_size:  # the wrong dataset
         raise UserError(f"tokenizer has {tok.vocab_size} tokens but the model only {vocab_size}; "
                         "point --data_dir at the dataset this model was trained on")
     return tok
@@ -189,10 +189,7 @@ def _open_hf(source: str, device: str, data_dir: str | Path | None, vocab_dir: s
     model = from_pretrained(source)
     model.eval().to(device)
     weights = next((model_dir / n for n in WEIGHT_FILES if (model_dir / n).exists()), model_dir / "config.json")
-    tok = pretrained_tokenizer(source, vocab_dir)
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError(f"{source}'s tokenizer has {tok.vocab_size} tokens but the model only "
-                        f"{model.config.vocab_size}; the export is inconsistent, export it again")
+    tok = pretrained_tokenizer(source, vocab_dir)  # ids past a small model's vocab are refused where used
     local = Path(source).expanduser().is_dir()
     side = read_json(model_dir / "glassgpt_run.json", default={}, strict=False) if local else {}
     ddir = resolve_data_dir(side.get("config") if isinstance(side, dict) else None, data_dir)

@@ -22,8 +22,8 @@ from glassgpt.config import SampleConfig, load_config, read_text_arg, wants_help
 from glassgpt.errors import UserError
 from glassgpt.generate import WINDOWS, TextStream, generate
 from glassgpt.model import GPT
-from glassgpt.runtime import autocast, load_for_inference, resolve_device, resolve_dtype
-from glassgpt.tokenizer import GPT2Tokenizer, Tokenizer
+from glassgpt.runtime import autocast, resolve_device, resolve_dtype
+from glassgpt.tokenizer import Tokenizer
 
 SEPARATOR = "---------------"
 
@@ -44,23 +44,17 @@ def check_config(cfg: SampleConfig) -> None:
 
 
 def load_model(cfg: SampleConfig, device: str) -> tuple[GPT, Tokenizer]:
-    """The model (eval mode, on device) and its tokenizer, from out_dir/ckpt.pt or GPT-2 weights."""
-    if cfg.init_from == "resume":
-        model, tok, _ = load_for_inference(cfg.out_dir, device, data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir)
-        return model, tok
-    if cfg.init_from != "scratch":  # a GPT-2 name or a local HF directory; pretrained names the valid ones
-        try:
-            from glassgpt.pretrained import from_pretrained  # another module's job; loaded only here
-        except ModuleNotFoundError as e:
-            if e.name != "glassgpt.pretrained":
-                raise
-            raise UserError(f"init_from={cfg.init_from} needs glassgpt.pretrained, which this install lacks; "
-                            "use --init_from=resume with a checkpoint") from None
-        model = from_pretrained(cfg.init_from, {})
-        model.eval().to(device)
-        return model, GPT2Tokenizer(cfg.vocab_dir)
-    raise UserError("init_from=scratch has nothing to sample from; use resume (a checkpoint in --out_dir), "
-                    "a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face GPT-2 directory")
+    """The model (eval mode, on device) and its tokenizer, from out_dir/ckpt.pt, GPT-2 weights or an
+    HF directory: glassgpt.run.open_run resolves each."""
+    if cfg.init_from == "scratch":
+        raise UserError("init_from=scratch has nothing to sample from; use resume (a checkpoint in --out_dir), "
+                        "a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face GPT-2 directory")
+    from glassgpt.run import open_run
+
+    source = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
+    run = open_run(source, device=device, data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir,
+                   threads=getattr(cfg, "threads", None))
+    return run.model, run.tokenizer
 
 
 def encode_prompt(tok: Tokenizer, text: str, block_size: int) -> list[int]:

@@ -21,7 +21,7 @@ from glassgpt.generate import generate
 from glassgpt.model import GPT, GPTConfig
 from glassgpt.pretrained import PRETRAINED_NAMES, check_vocab, export_hf, from_pretrained, pretrained_tokenizer
 
-transformers = pytest.importorskip("transformers")  # a test dependency in pyproject's [test] extra
+import transformers  # noqa: E402  (in pyproject's [test] extra: a missing one is a failure, not a skip)
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 # (n_layer, n_head, n_embd, n_positions, vocab_size, activation_function): odd shapes on purpose.
@@ -181,6 +181,42 @@ def test_export_bad_arguments(tmp_path, char_checkpoint, capsys):
     assert "say where to write" in capsys.readouterr().err
     assert cli_main(["export", f"--out_dir={tmp_path / 'nothing'}", str(tmp_path / "x")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_export_refuses_a_non_empty_directory_unless_overwrite(tmp_path, char_checkpoint, capsys):
+    dest = tmp_path / "other_model"
+    dest.mkdir()
+    (dest / "config.json").write_text('{"another": "model"}')
+    assert cli_main(["export", f"--out_dir={char_checkpoint}", str(dest)]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert (dest / "config.json").read_text() == '{"another": "model"}'
+    assert cli_main(["export", f"--out_dir={char_checkpoint}", "--overwrite", str(dest)]) == 0
+    assert json.loads((dest / "config.json").read_text())["model_type"] == "gpt2"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert cli_main(["export", f"--out_dir={char_checkpoint}", str(tmp_path / "empty_ok")]) == 0
+
+
+@pytest.mark.parametrize("option, value", [("qk_norm", True), ("activation", "relu2"), ("tie_embeddings", False)])
+def test_export_refuses_a_non_gpt2_architecture(tmp_path, char_dataset, capsys, option, value):
+    meta = json.loads((char_dataset / "meta.json").read_text())
+    cfg = GPTConfig(block_size=16, vocab_size=meta["vocab_size"], n_layer=1, n_head=2, n_embd=16, **{option: value})
+    model = GPT(cfg)
+    save_checkpoint(tmp_path / "out" / "ckpt.pt", {"model": model.state_dict(), "model_args": cfg.to_dict(),
+                                                   "iter_num": 0, "config": {}, "tokenizer": meta})
+    dest = tmp_path / "hf"
+    assert cli_main(["export", f"--out_dir={tmp_path / 'out'}", str(dest)]) == 2
+    err = capsys.readouterr().err
+    assert f"{option}=" in err and len(err.strip().splitlines()) == 1 and not dest.exists()
+
+
+def test_hf_export_remembers_the_training_data(tmp_path, char_checkpoint, char_dataset):
+    from glassgpt.run import open_run
+
+    dest = tmp_path / "hf"
+    assert cli_main(["export", f"--out_dir={char_checkpoint}", str(dest)]) == 0
+    run = open_run(dest)
+    assert run.data_dir == char_dataset and run.data_fingerprint == open_run(char_checkpoint).data_fingerprint
 
 
 def test_overrides(tmp_path):
