@@ -59,6 +59,9 @@ class GPTConfig:
     identity (modded-nanogpt); False is GPT-2's normal(0, 0.02/sqrt(2*n_layer))."""
     logit_softcap: float | None = None
     """If set, logits = cap * tanh(logits / cap) (Gemma 2, modded-nanogpt); None leaves them raw."""
+    value_embed: bool = False
+    """Value embeddings (modded-nanogpt, ResFormer https://arxiv.org/abs/2410.17897): every block adds
+    a learned embedding of the current token (`transformer.ve.{i}`, vocab x n_embd) to its values."""
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head != 0:
@@ -130,10 +133,13 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = config.qk_norm
         self.layer_idx = layer_idx  # which layer of a KVCache this attention reads and writes
 
-    def forward(self, x: torch.Tensor, rotary: tuple | None = None, kv_cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: tuple | None = None, kv_cache=None,
+                ve: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in self.c_attn(x).split(self.n_embd, dim=2))  # each (B, nh, T, hs)
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        if ve is not None:  # (B, T, C) value embedding of the tokens
+            v = v + ve
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if self.qk_norm:
             q, k = F.rms_norm(q, (q.size(-1),), eps=1e-6), F.rms_norm(k, (k.size(-1),), eps=1e-6)
         if rotary is not None:
@@ -181,8 +187,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.resid_mid = nn.Identity()  # no weights: a place for the `blocks.{i}.hook_resid_mid` hook
 
-    def forward(self, x: torch.Tensor, rotary: tuple | None = None, kv_cache=None) -> torch.Tensor:
-        x = self.resid_mid(x + self.attn(self.ln_1(x), rotary=rotary, kv_cache=kv_cache))
+    def forward(self, x: torch.Tensor, rotary: tuple | None = None, kv_cache=None,
+                ve: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.resid_mid(x + self.attn(self.ln_1(x), rotary=rotary, kv_cache=kv_cache, ve=ve))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -197,6 +204,8 @@ class GPT(nn.Module):
         modules.update(drop=nn.Dropout(config.dropout),
                        h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
                        ln_f=LayerNorm(config.n_embd, bias=config.bias))
+        if config.value_embed:
+            modules["ve"] = nn.ModuleList([nn.Embedding(config.vocab_size, config.n_embd) for _ in range(config.n_layer)])
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -255,8 +264,9 @@ class GPT(nn.Module):
         else:
             x = x + tr.wpe(pos)
         x = tr.drop(x)
-        for block in tr.h[:n_blocks]:
-            x = block(x, rotary=rotary, kv_cache=kv_cache)
+        for i, block in enumerate(tr.h[:n_blocks]):
+            ve = tr.ve[i](idx) if cfg.value_embed else None
+            x = block(x, rotary=rotary, kv_cache=kv_cache, ve=ve)
         if kv_cache is not None:
             kv_cache.advance(T)
         if stop_at_layer is not None and n_blocks < cfg.n_layer:

@@ -64,8 +64,10 @@ def slow_forward(m: GPT, idx: torch.Tensor, stop_at_layer: int | None = None) ->
     R = rotation_matrices(T, hs, cfg.rope_base, cfg.rope_scale) if cfg.rope else None
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
     n = cfg.n_layer if stop_at_layer is None else stop_at_layer
-    for block in tr.h[:n]:
+    for i, block in enumerate(tr.h[:n]):
         q, k, v = lin(block.attn.c_attn, ln(block.ln_1, x)).view(B, T, 3, nh, hs).unbind(2)  # (B, T, nh, hs)
+        if cfg.value_embed:
+            v = v + tr.ve[i].weight[idx].view(B, T, nh, hs)
         if cfg.qk_norm:
             q, k = rms(q), rms(k)
         if cfg.rope:
@@ -92,7 +94,9 @@ OPTIONS = {
     "rope_base_scale": dict(rope=True, rope_base=50.0, rope_scale=2.5),
     "qk_norm": dict(qk_norm=True),
     "untied_softcap": dict(tie_embeddings=False, logit_softcap=3.0, bias=False),
-    "all": dict(rope=True, qk_norm=True, activation="relu2", tie_embeddings=False, zero_init_proj=True),
+    "value_embed": dict(value_embed=True),
+    "all": dict(rope=True, qk_norm=True, activation="relu2", tie_embeddings=False, zero_init_proj=True,
+                value_embed=True, logit_softcap=4.0),
 }
 
 
@@ -129,7 +133,8 @@ def test_slow_reference_can_fail():
     x = torch.randint(0, 50, (1, 16))
     with torch.no_grad():
         ref = slow_forward(m, x)
-        for change in (dict(rope_base=20.0), dict(qk_norm=False), dict(activation="gelu"), dict(rope_scale=2.0)):
+        for change in (dict(rope_base=20.0), dict(qk_norm=False), dict(activation="gelu"), dict(rope_scale=2.0),
+                       dict(logit_softcap=2.0)):
             other = tiny(**{**base, **change}).eval()
             other.load_state_dict(m.state_dict())
             diff = (other(x, x)[0] - ref).abs().max().item()
@@ -161,6 +166,8 @@ def test_options_shapes_and_names():
     m = tiny(rope=True, tie_embeddings=False)
     names = set(m.state_dict())
     assert "transformer.wpe.weight" not in names and "lm_head.weight" in names
+    assert "transformer.ve.1.weight" in set(tiny(value_embed=True).state_dict())
+    assert not any(".ve." in n for n in names)
     assert m.lm_head.weight is not m.transformer.wte.weight
     z = tiny(zero_init_proj=True)
     assert all(p.abs().max() == 0 for n, p in z.named_parameters() if n.endswith("c_proj.weight"))
