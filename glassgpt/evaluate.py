@@ -118,7 +118,7 @@ def token_nlls(model: GPT, seq: torch.Tensor, block_size: int, stride: int, batc
         h = model.hidden_states(x)  # (B, T, C)
         rows = torch.cat([torch.full((e - s,), r) for r, (b, e, s) in enumerate(chunk)])
         cols = torch.cat([torch.arange(s - b, e - b) for b, e, s in chunk])
-        logits = model.lm_head(h[rows, cols]).float()  # (scored, vocab)
+        logits = model.head(h[rows, cols]).float()  # (scored, vocab)
         nll = F.cross_entropy(logits, y[rows, cols], reduction="none")
         out[chunk[0][2] : chunk[-1][1]] = nll.double().cpu()
         bar.update(len(chunk))
@@ -277,7 +277,7 @@ def continuation_logprobs(model: GPT, pairs: list[tuple[list[int], list[int]]]) 
     h = model.hidden_states(x.to(device))
     r_idx = torch.cat([torch.full((n,), i) for i, n in enumerate(spans)])
     c_idx = torch.cat([torch.arange(len(r) - 1 - n, len(r) - 1) for r, n in zip(rows, spans)])
-    logp = F.log_softmax(model.lm_head(h[r_idx, c_idx]).float(), dim=-1)
+    logp = F.log_softmax(model.head(h[r_idx, c_idx]).float(), dim=-1)
     picked = logp.gather(1, y.to(device)[r_idx, c_idx][:, None])[:, 0].double().cpu()
     return [float(s.sum()) for s in picked.split(spans)]
 
