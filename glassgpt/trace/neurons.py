@@ -232,15 +232,6 @@ def scan_windows(n_tokens: int, window: int) -> list[tuple[int, int]]:
     return out
 
 
-def merge_top(values: torch.Tensor, positions: torch.Tensor, new_values: torch.Tensor,
-              new_positions: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge (M, F) running top values/positions with (B, F) candidates, keeping the `keep` best per
-    column (feature), best first."""
-    v, p = torch.cat([values, new_values], 0), torch.cat([positions, new_positions], 0)
-    top, idx = v.topk(min(keep, v.size(0)), dim=0)
-    return top, p.gather(0, idx)
-
-
 # ----------------------------------------------------------------------------------------------
 # Recording and ablating with a model
 
@@ -393,12 +384,6 @@ def _save_artifact(run, name: str, params: dict, arrays: dict[str, np.ndarray]) 
                                                    "built_from": run.provenance()}, indent=1))
 
 
-def _baseline_params(cfg: TraceNeuronsConfig) -> dict:
-    return {"source": cfg.baseline_source, "n_seqs": cfg.baseline_windows, "prompt_len": cfg.baseline_prompt,
-            "new_tokens": 64, "temperature": cfg.temperature if cfg.baseline_source == "generated" else None,
-            "seed": 0, "split": "train"}
-
-
 def open_baseline(run, params: dict | None = None) -> Baseline:
     """The run's baseline (built with `params`, if given); UserError with the build command if it is
     missing, stale or built otherwise."""
@@ -446,16 +431,19 @@ def build_baseline(model: GPT, tokens: np.ndarray, source: str = "generated", n_
 
 def get_baseline(run, cfg: TraceNeuronsConfig, log=print, rebuild: bool = False) -> Baseline:
     """The run's baseline for cfg's settings, built (with a progress bar) if missing, stale or otherwise built."""
-    params = _baseline_params(cfg)
+    params = {"source": cfg.baseline_source, "n_seqs": cfg.baseline_windows, "prompt_len": cfg.baseline_prompt,
+              "new_tokens": min(64, run.model.config.block_size + 1 - cfg.baseline_prompt), "seed": 0,
+              "temperature": cfg.temperature if cfg.baseline_source == "generated" else None, "split": "train"}
     a, why = (None, "--build_baseline") if rebuild else _load_artifact(run, BASELINE_DIR, params)
     if a is not None:
-        return open_baseline(run, params)
+        return Baseline(a["mean"], a["std"], a["prob"], a["sample"], int(a["n_tokens"]), a["params"])
     log(f"{why}: building the neuron baseline ({params['n_seqs']} {params['source']} sequences; kept in "
         f"{Path(run.out_dir) / BASELINE_DIR})")
     base = build_baseline(run.model, run.corpus.tokens("train"), batch_size=cfg.batch_size, **params)
     _save_artifact(run, BASELINE_DIR, params, {"mean": base.mean, "std": base.std, "prob": base.prob,
                                                "sample": base.sample, "n_tokens": np.array(base.n_tokens)})
-    return open_baseline(run, params)
+    base.params = params
+    return base
 
 
 @torch.no_grad()
@@ -477,8 +465,10 @@ def build_neuron_examples(model: GPT, tokens: np.ndarray, window: int, keep: int
         score_from = torch.tensor([f - s for s, f in chunk])  # first scored position in each window
         masked = acts.masked_fill((torch.arange(window)[None, :] < score_from[:, None])[:, :, None], -float("inf"))
         best, where = masked.max(dim=1)  # (B, L*N)
-        starts = torch.tensor([s for s, _ in chunk])
-        values, positions = merge_top(values, positions, best, starts[:, None] + where, keep)
+        v = torch.cat([values, best])  # merge with the running top, keep the best `keep` per neuron
+        p = torch.cat([positions, torch.tensor([s for s, _ in chunk])[:, None] + where])
+        values, idx = v.topk(min(keep, v.size(0)), dim=0)
+        positions = p.gather(0, idx)
     return values.reshape(-1, L, N).numpy(), positions.reshape(-1, L, N).numpy()
 
 
