@@ -103,7 +103,8 @@ def fingerprint_tensors(state_dict: dict[str, Any]) -> str:
         t = t.detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\0".encode())
         # view as bytes: numpy has no bfloat16, and this is the exact storage either way
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
     return _digest(h)
 
 
