@@ -258,6 +258,8 @@ def test_start_generates_then_traces_prompt_plus_output(char_checkpoint, capsys)
     assert r["prompt"] == "All:" and len(r["generated"]) == 40 and r["text"] == "All:" + r["generated"]
     assert r["n_tokens"] == 44 and r["n_query_windows"] == 2  # 44 tokens > block_size 32: slid and pooled
     assert "#1  tiny line" in capsys.readouterr().out
+    fine = knn.main([f"--out_dir={char_checkpoint}", f"--text={r['text']}", "--query_stride=4"])
+    assert fine["n_query_windows"] == len(knn.query_window_starts(44, 32, 4)) == 4
 
 
 def test_faiss_search_through_the_command(char_checkpoint):

@@ -309,7 +309,7 @@ def score_reference(emb: np.ndarray, seed: int = 0) -> dict[str, float]:
 
 
 def write_store(store_dir: Path, corpus: Corpus, split: str, spans: np.ndarray, raw: np.ndarray,
-                settings: dict[str, Any], built_from: dict, seconds: float) -> None:
+                settings: dict[str, Any], built_from: dict, t0: float) -> None:
     """Calibrate the raw pooled states, write embeddings, windows, calibration, BM25 and the sidecar in
     one artifact (one rename: a store is the old one or the new one, never a mix)."""
     calib = fit_calibration(raw, settings["calibration"], settings["whiten_dim"])
@@ -326,7 +326,7 @@ def write_store(store_dir: Path, corpus: Corpus, split: str, spans: np.ndarray, 
         write_json_atomic(tmp / "store.json", {
             "format": STORE_FORMAT, "build_id": uuid.uuid4().hex, "split": split, "n_windows": len(spans),
             "dim": dim, **settings, "score_reference": score_reference(emb),
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_seconds": round(seconds, 2),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_seconds": round(time.perf_counter() - t0, 2),
             "built_from": built_from})
         del emb
 
@@ -360,7 +360,7 @@ def build_store(model: torch.nn.Module, corpus: Corpus, split: str, store_dir: s
     settings = {"context": context, "stride": stride, "layer": layer, "pooling": pooling,
                 "calibration": calibration, "whiten_dim": whiten_dim,
                 "embed_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
-    write_store(Path(store_dir), corpus, split, spans, raw, settings, built_from or {}, time.perf_counter() - t0)
+    write_store(Path(store_dir), corpus, split, spans, raw, settings, built_from or {}, t0)
     return load_store(store_dir)
 
 
