@@ -4,12 +4,10 @@ OLMoTrace (Liu et al. 2025, https://arxiv.org/abs/2504.07096) shows which parts 
 occur word for word in its training data, using infini-gram suffix arrays. This module does the same
 for glassgpt datasets (char or BPE):
 
-1. Index (`build_span_arrays`, `write_span_index`): the training split's uint16 token stream with a
-   separator token inserted after every segment (glassgpt/corpus.py: a segment is one document's part
-   of a split), and its suffix array from pydivsufsort. Because no query ever contains the separator,
-   no match can run from one document into the next. Files live in `<data_dir>/spans/` with a JSON
-   sidecar that fingerprints the data files (size, mtime, sha256); they are memory-mapped at query time
-   and refused when the data changed (`--build` rebuilds).
+1. Index (`build_span_arrays`; on disk: glassgpt/trace/shards.py): the split's uint16 tokens with a
+   separator after every segment (glassgpt/corpus.py: a segment is one document's part of a split) and
+   their suffix array from pydivsufsort, in shards cut at document boundaries, so no match runs from
+   one document into the next. Shards are memory-mapped at query time, checked against their sidecars.
 2. Queries (`sa_range`, `matching_statistics`): vectorised binary search over the suffix array for
    many queries at once, starting in each query's k-gram bucket, comparing token windows chunk by chunk
    and skipping the prefix both bounds already share (most comparisons end in a few tokens).
@@ -32,28 +30,25 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from glassgpt.config import load_config, read_text_arg, wants_help
-from glassgpt.corpus import Corpus, Location, atomic_write_bytes, write_json
-from glassgpt.download import sha256_file
 from glassgpt.errors import UserError
 
-INDEX_FORMAT = "glassgpt-spans/2"
-INDEX_DIRNAME = "spans"
+if TYPE_CHECKING:
+    from glassgpt.trace.shards import SpanIndex
+
 PAD_LOW = -1  # after a query's end: sorts before every token, so "query is a prefix" < suffix
 PAD_HIGH = 1 << 30  # after a query's end: sorts after every token (upper bounds)
 NO_MATCH = -2  # query tokens the index cannot contain (>= separator): never equal to a text value
 COUNT_STRIDE = 1024  # prefix character/newline counts are stored every this many tokens
 BUCKET_LIMIT = 1 << 21  # k-gram bucket table entries (char data: k = 3; GPT-2: k = 1)
-HASH_LIMIT = 256 << 20  # data files up to this size are re-hashed on every load; larger ones by size+mtime
+CHUNK = 1 << 22  # tokens per step of the O(n) build passes: no n-sized temporaries
 SENTENCE_ENDS = ".!?"
 NO_START = ",.;:!?)]}"  # a span does not begin with closing or joining punctuation (", never mind how")
 
@@ -83,48 +78,68 @@ def bucket_k_for(separator: int) -> int:
 
 def build_buckets(text: np.ndarray, separator: int, k: int) -> np.ndarray:
     """Start of each k-token prefix's range in the suffix array: suffixes sort by their first k tokens
-    first, so counting keys is enough. Digit = token + 1, 0 past the end (a shorter suffix sorts first)."""
+    first, so counting keys is enough. Digit = token + 1, 0 past the end (a shorter suffix sorts first).
+    Counted in chunks, so a billion-token shard needs no n-sized int64 temporaries."""
     base, n = separator + 2, len(text)
-    key = np.zeros(n, dtype=np.int64)
-    for j in range(k):
-        digit = np.zeros(n, dtype=np.int64)
-        digit[:n - j] = text[j:].astype(np.int64) + 1
-        key = key * base + digit
-    counts = np.bincount(key, minlength=base ** k)
+    counts = np.zeros(base ** k, dtype=np.int64)
+    for a in range(0, n, CHUNK):
+        b = min(n, a + CHUNK)
+        key = np.zeros(b - a, dtype=np.int64)
+        for j in range(k):
+            digit = np.zeros(b - a, dtype=np.int64)
+            part = text[a + j:b + j].astype(np.int64) + 1
+            digit[:len(part)] = part
+            key = key * base + digit
+        counts += np.bincount(key, minlength=base ** k)
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def bincount(values: np.ndarray, size: int) -> np.ndarray:
+    """np.bincount(values, minlength=size)[:size] in chunks (bincount's intp copy is 8 bytes/value)."""
+    out = np.zeros(size, dtype=np.int64)
+    for a in range(0, len(values), CHUNK):
+        out += np.bincount(values[a:a + CHUNK], minlength=size)[:size]
+    return out
+
+
+def separated_text(tokens: np.ndarray, segments: np.ndarray, separator: int) -> tuple[np.ndarray, np.ndarray]:
+    """(text, seps): each segment [tok_start, tok_end)'s tokens followed by a separator, copied straight
+    from the (memory-mapped) split: no pass over tokens outside the segments."""
+    seg = np.asarray(segments, dtype=np.int64).reshape(-1, 5)
+    lengths = seg[:, 2] - seg[:, 1]
+    seps = np.cumsum(lengths + 1) - 1
+    text = np.full(int(lengths.sum()) + len(seg), separator, dtype=np.uint16)
+    at = 0
+    for (_, s, e, _, _), sep in zip(seg.tolist(), seps.tolist()):
+        text[at:sep] = tokens[s:e]
+        at = sep + 1
+    return text, seps.astype(np.int64)
 
 
 def build_span_arrays(tokens: np.ndarray, segments: np.ndarray, separator: int,
                       eot: int | None = None) -> SpanArrays:
-    """Suffix array over `tokens` with `separator` after each segment [tok_start, tok_end).
+    """Suffix array over the segments [tok_start, tok_end) of `tokens`, a separator after each.
 
     `separator` must exceed every token id a query may hold (we use the vocabulary size), so it never
     matches. `eot` (GPT-2's <|endoftext|>) is replaced by the separator too: it joins documents.
     """
     from pydivsufsort import divsufsort
 
-    tokens = np.asarray(tokens)
-    if tokens.size and int(tokens.max()) >= separator:
-        raise UserError(f"token id {int(tokens.max())} >= vocabulary size {separator}; the dataset's meta.json "
+    text, seps = separated_text(tokens, segments, separator)
+    unigram = bincount(text, separator + 1)
+    if unigram[separator] != len(seps):
+        raise UserError(f"the data holds token ids >= the vocabulary size {separator}; the dataset's meta.json "
                         "does not describe its .bin file; re-run its prepare script")
-    seg = np.asarray(segments, dtype=np.int64).reshape(-1, 5)
-    starts, ends = seg[:, 1], seg[:, 2]
-    lengths = ends - starts
-    # text = seg_0 SEP seg_1 SEP ... seg_k SEP ; separator k sits after the k+1 segments' tokens
-    seps = np.cumsum(lengths + 1) - 1
-    text = np.full(int(lengths.sum()) + len(seg), separator, dtype=np.uint16)
-    keep = np.ones(len(text), dtype=bool)
-    keep[seps] = False
-    text[keep] = np.concatenate([tokens[s:e] for s, e in zip(starts, ends)]) if len(seg) else []
     if eot is not None:
-        text[text == eot] = separator
+        for a in range(0, len(text), CHUNK):
+            part = text[a:a + CHUNK]
+            part[part == eot] = separator
     # pydivsufsort sorts uint16 as big-endian byte pairs (byte order = token order) and keeps even
     # suffixes; with a small vocabulary (char data) it shrinks the text to one byte per token.
     sa = np.asarray(divsufsort(text))
     sa = sa.astype(np.int32 if len(text) < 2**31 else np.int64, copy=False)
-    unigram = np.bincount(tokens, minlength=separator).astype(np.int64)
     k = bucket_k_for(separator)
-    return SpanArrays(text=text, sa=sa, seps=seps.astype(np.int64), unigram=unigram, separator=int(separator),
+    return SpanArrays(text=text, sa=sa, seps=seps, unigram=unigram[:separator], separator=int(separator),
                       buckets=build_buckets(text, separator, k), bucket_k=k)
 
 
@@ -175,11 +190,12 @@ def token_text_counts(tokenizer, vocab: int) -> np.ndarray:
 
 def count_checkpoints(tokens: np.ndarray, per_token: np.ndarray, stride: int = COUNT_STRIDE) -> np.ndarray:
     """(ceil(n / stride) + 1, 2): characters and newlines in tokens[:k * stride], for every k."""
-    tokens = np.asarray(tokens)
-    if not len(tokens):
-        return np.zeros((1, 2), dtype=np.int64)
-    per_block = np.add.reduceat(per_token[tokens], np.arange(0, len(tokens), stride), axis=0)
-    return np.concatenate([np.zeros((1, 2), dtype=np.int64), np.cumsum(per_block, axis=0)])
+    blocks = [np.zeros((1, 2), dtype=np.int64)]
+    step = stride * (CHUNK // stride)
+    for a in range(0, len(tokens), step):
+        part = per_token[np.asarray(tokens[a:a + step])]
+        blocks.append(np.add.reduceat(part, np.arange(0, len(part), stride), axis=0))
+    return np.cumsum(np.concatenate(blocks), axis=0)
 
 
 def prefix_counts(tokens: np.ndarray, per_token: np.ndarray, checkpoints: np.ndarray, pos: int,
@@ -348,12 +364,6 @@ def matching_statistics(arrays: SpanArrays, ids: Sequence[int], first: int = 0) 
     return ms, lbs
 
 
-def to_split_positions(arrays: SpanArrays, text_positions: np.ndarray) -> np.ndarray:
-    """Positions in the separated index text -> positions in the split's token stream."""
-    p = np.asarray(text_positions, dtype=np.int64)
-    return p - np.searchsorted(arrays.seps, p, side="left")
-
-
 # ---------------------------------------------------------------- spans: pure functions over a text
 
 
@@ -420,187 +430,6 @@ def count_words(s: str) -> int:
     return words
 
 
-# ---------------------------------------------------------------- on-disk index
-
-
-def data_fingerprint(data_dir: Path, split: str) -> list[dict[str, Any]]:
-    """Name, size, mtime and sha256 of every data file the index depends on."""
-    out = []
-    for name in (f"{split}.bin", f"{split}.docs.npy", "meta.json", "meta.pkl", "documents.json"):
-        p = data_dir / name
-        if p.exists():
-            st = p.stat()
-            out.append({"name": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(p)})
-    return out
-
-
-def default_index_dir(data_dir: str | Path) -> Path:
-    return Path(data_dir) / INDEX_DIRNAME
-
-
-def build_command(data_dir: Path, index_dir: Path | None = None) -> str:
-    extra = f" --index_dir={index_dir}" if index_dir and index_dir != default_index_dir(data_dir) else ""
-    return f"glassgpt trace-spans --build --data_dir={data_dir}{extra}"
-
-
-def write_span_index(data_dir: str | Path, index_dir: str | Path | None = None, split: str = "train",
-                     log=print) -> Path:
-    """Build the span index of a prepared dataset's split and write it with its JSON sidecar."""
-    data_dir = Path(data_dir)
-    index_dir = Path(index_dir) if index_dir else default_index_dir(data_dir)
-    corpus = Corpus(data_dir)
-    fingerprint = data_fingerprint(data_dir, split)
-    t0 = time.perf_counter()
-    tokens = np.asarray(corpus.tokens(split))
-    vocab = int(corpus.meta.get("vocab_size") or corpus.tokenizer.vocab_size)
-    eot = getattr(corpus.tokenizer, "eot_token", None)
-    log(f"building span index of {data_dir}/{split}.bin ({len(tokens):,} tokens) in {index_dir} ...")
-    arrays = build_span_arrays(tokens, corpus.segments(split), separator=vocab, eot=eot)
-    per_token = token_text_counts(corpus.tokenizer, vocab)
-    checkpoints = count_checkpoints(tokens, per_token)
-    build_s = time.perf_counter() - t0
-    try:
-        index_dir.mkdir(parents=True, exist_ok=True)
-        (index_dir / ".write-test").touch()
-        (index_dir / ".write-test").unlink()
-    except OSError as e:
-        raise UserError(f"cannot write the span index to {index_dir} ({e.strerror}); pass --index_dir=DIR "
-                        "somewhere writable") from None
-    atomic_write_bytes(index_dir / f"{split}.tokens.bin", arrays.text.tobytes())
-    atomic_write_bytes(index_dir / f"{split}.sa.bin", arrays.sa.tobytes())
-    extra = {"token_counts": per_token, "count_checkpoints": checkpoints}
-    for name in ("seps", "unigram", "buckets", "token_counts", "count_checkpoints"):
-        tmp = index_dir / f".{split}.{name}.tmp.npy"
-        np.save(tmp, extra[name] if name in extra else getattr(arrays, name))
-        os.replace(tmp, index_dir / f"{split}.{name}.npy")
-    import importlib.metadata as md
-
-    sidecar = {
-        "format": INDEX_FORMAT, "split": split, "data_dir": str(data_dir.resolve()), "data_files": fingerprint,
-        "tokenizer": corpus.meta.get("tokenizer", "gpt2"), "vocab_size": vocab, "separator": arrays.separator,
-        "eot_token": eot, "n_tokens": int(len(tokens)), "n_segments": int(len(arrays.seps)),
-        "text_dtype": "uint16", "sa_dtype": str(arrays.sa.dtype), "bucket_k": arrays.bucket_k,
-        "count_stride": COUNT_STRIDE, "library": f"pydivsufsort {md.version('pydivsufsort')}",
-        "build_seconds": round(build_s, 4), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    write_json(index_dir / f"{split}.index.json", sidecar)  # written last: its presence means complete
-    log(f"span index built in {build_s:.2f}s: {len(arrays.sa):,} suffixes ({arrays.sa.dtype})")
-    return index_dir
-
-
-def check_fingerprint(data_dir: Path, recorded: list[dict[str, Any]], split: str, index_dir: Path) -> None:
-    """Refuse an index whose data files changed (size, or sha256 when the mtime moved or the file is small)."""
-    now = {f["name"]: f for f in recorded}
-    current = {p.name for p in data_dir.iterdir()} if data_dir.is_dir() else set()
-    for f in recorded:
-        p = data_dir / f["name"]
-        why = None
-        if not p.exists():
-            why = f"{f['name']} is gone"
-        else:
-            st = p.stat()
-            if st.st_size != f["size"]:
-                why = f"{f['name']} is {st.st_size:,} bytes, was {f['size']:,}"
-            elif (st.st_mtime_ns != f["mtime_ns"] or st.st_size <= HASH_LIMIT) and sha256_file(p) != f["sha256"]:
-                why = f"{f['name']} has new contents (sha256)"
-        if why:
-            raise UserError(f"the data in {data_dir} changed since its span index was built ({why}); rebuild it "
-                            f"with `{build_command(data_dir, index_dir)}`")
-    for name in (f"{split}.docs.npy", "documents.json", "meta.json"):
-        if name in current and name not in now:
-            raise UserError(f"the data in {data_dir} changed since its span index was built ({name} is new); "
-                            f"rebuild it with `{build_command(data_dir, index_dir)}`")
-
-
-class SpanIndex:
-    """A built span index, memory-mapped, with the corpus it points into."""
-
-    def __init__(self, data_dir: str | Path, index_dir: str | Path | None = None, split: str = "train",
-                 check: bool = True):
-        self.data_dir = Path(data_dir)
-        self.index_dir = Path(index_dir) if index_dir else default_index_dir(self.data_dir)
-        self.split = split
-        side = self.index_dir / f"{split}.index.json"
-        if not side.exists():
-            raise UserError(f"no span index for {self.data_dir} ({side} missing); build it with "
-                            f"`{build_command(self.data_dir, self.index_dir)}`")
-        self.meta = json.loads(side.read_text())
-        if self.meta.get("format") != INDEX_FORMAT:
-            raise UserError(f"{side} is not a {INDEX_FORMAT} index; rebuild it with "
-                            f"`{build_command(self.data_dir, self.index_dir)}`")
-        if check:
-            check_fingerprint(self.data_dir, self.meta["data_files"], split, self.index_dir)
-        self.corpus = Corpus(self.data_dir)
-        try:
-            self._load_arrays(self.index_dir, split)
-        except FileNotFoundError as e:
-            raise UserError(f"the span index in {self.index_dir} is incomplete ({Path(e.filename).name} missing); "
-                            f"rebuild it with `{build_command(self.data_dir, self.index_dir)}`") from None
-
-    def _load_arrays(self, d: Path, s: str) -> None:
-        # memory-mapped; viewed as plain ndarrays because np.memmap's per-index bookkeeping costs
-        # more than the binary search itself
-        self.arrays = SpanArrays(
-            text=np.memmap(d / f"{s}.tokens.bin", dtype=np.uint16, mode="r").view(np.ndarray),
-            sa=np.memmap(d / f"{s}.sa.bin", dtype=self.meta["sa_dtype"], mode="r").view(np.ndarray),
-            seps=np.load(d / f"{s}.seps.npy", mmap_mode="r").view(np.ndarray),
-            unigram=np.load(d / f"{s}.unigram.npy"),
-            separator=int(self.meta["separator"]),
-            buckets=np.load(d / f"{s}.buckets.npy"),
-            bucket_k=int(self.meta["bucket_k"]),
-        )
-        total = max(int(self.arrays.unigram.sum()), 1)
-        # unigram log-probabilities; +1 keeps unseen ids finite (they are never inside a span anyway)
-        self.logp = np.log((self.arrays.unigram + 1) / (total + len(self.arrays.unigram)))
-        self.segments = self.corpus.segments(s)
-        self.tokens = self.corpus.tokens(s).view(np.ndarray)
-        self.token_counts = np.load(d / f"{s}.token_counts.npy")
-        self.count_checkpoints = np.load(d / f"{s}.count_checkpoints.npy")
-        self.is_char = getattr(self.tokenizer, "name", "") == "char"
-
-    @property
-    def tokenizer(self):
-        return self.corpus.tokenizer
-
-    # -- count / locate
-    def count(self, seq: Sequence[int]) -> int:
-        lo, hi = sa_range(self.arrays, [list(seq)])
-        return int(hi[0] - lo[0])
-
-    def positions(self, lo: int, hi: int, k: int) -> np.ndarray:
-        """Split positions of up to k occurrences from the suffix-array range [lo, hi), ascending."""
-        text_pos = np.asarray(self.arrays.sa[lo:min(hi, lo + k)], dtype=np.int64)
-        return np.sort(to_split_positions(self.arrays, text_pos))
-
-    def locate(self, seq: Sequence[int], k: int = 10, context: int = 0) -> tuple[int, list[dict]]:
-        """(occurrence count, up to k sources: doc, token offsets, char offset, line, text, context)."""
-        lo, hi = sa_range(self.arrays, [list(seq)])
-        pos = self.positions(int(lo[0]), int(hi[0]), k)
-        return int(hi[0] - lo[0]), [self.source(int(p), len(seq), context) for p in pos]
-
-    def location(self, pos: int, length: int) -> Location:
-        """What Corpus.locate returns, from the stored prefix counts: no pass over the document before
-        `pos`, however long (tiny-shakespeare is one 300 k-token document in BPE)."""
-        i = int(np.searchsorted(self.segments[:, 1], pos, side="right")) - 1
-        doc, seg_start, _, char_start, line_start = (int(v) for v in self.segments[i])
-        at = prefix_counts(self.tokens, self.token_counts, self.count_checkpoints, pos)
-        at -= prefix_counts(self.tokens, self.token_counts, self.count_checkpoints, seg_start)
-        d = self.corpus.documents[doc]
-        return Location(split=self.split, doc=doc, doc_id=str(d["id"]), source=str(d.get("source", "")),
-                        token_start=pos, token_end=pos + length, char_offset=char_start + int(at[0]),
-                        line=line_start + int(at[1]), text=self.corpus.decode(self.split, pos, pos + length))
-
-    def source(self, pos: int, length: int, context: int) -> dict[str, Any]:
-        """Document, offsets, line and text of an occurrence, plus `context` tokens each side within
-        its segment."""
-        loc = self.location(pos, length).to_dict()
-        i = int(np.searchsorted(self.segments[:, 1], pos, side="right")) - 1
-        seg_start, seg_end = int(self.segments[i, 1]), int(self.segments[i, 2])
-        loc["context_before"] = self.corpus.decode(self.split, max(seg_start, pos - context), pos)
-        loc["context_after"] = self.corpus.decode(self.split, pos + length, min(seg_end, pos + length + context))
-        return loc
-
-
 # ---------------------------------------------------------------- tracing a text
 
 
@@ -614,7 +443,6 @@ class Span:
     count: int = 0
     logprob: float = 0.0  # sum of unigram log-probabilities: lower = rarer
     sources: list[dict] = field(default_factory=list)
-    sa_lo: int = 0  # its occurrences: suffix-array entries [sa_lo, sa_lo + count)
 
 
 @dataclass
@@ -639,8 +467,11 @@ def token_offsets(tokenizer, ids: Sequence[int]) -> tuple[str, list[int]]:
         return tokenizer.decode(ids), list(range(len(ids) + 1))
     enc = getattr(tokenizer, "enc", None)
     if enc is not None and hasattr(enc, "decode_with_offsets"):
-        text, offs = enc.decode_with_offsets(ids)
-        return text, list(offs) + [len(text)]
+        try:
+            text, offs = enc.decode_with_offsets(ids)
+            return text, list(offs) + [len(text)]
+        except UnicodeDecodeError:  # bytes that are no UTF-8 (a generation cut mid-character): generic path
+            pass
     offs = [len(tokenizer.decode(ids[:k])) for k in range(len(ids) + 1)]  # generic, quadratic
     return tokenizer.decode(ids), offs
 
@@ -650,7 +481,7 @@ def encode_text(index: "SpanIndex", text: str) -> tuple[list[int], str, list[int
     separator id (they cannot match) instead of an error: they are simply never part of a span."""
     tok = index.tokenizer
     if getattr(tok, "name", "") == "char":
-        return [tok.stoi.get(c, index.arrays.separator) for c in text], text, list(range(len(text) + 1))
+        return [tok.stoi.get(c, index.separator) for c in text], text, list(range(len(text) + 1))
     ids = tok.encode(text)
     return (ids, *token_offsets(tok, ids))
 
@@ -674,29 +505,30 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def find_spans(index: SpanIndex, ids: Sequence[int], text: str, offsets: Sequence[int], first: int = 0,
-               min_len: int = 1, min_words: int = 1) -> list[Span]:
+               min_len: int = 1, min_words: int = 1) -> tuple[list[Span], list]:
     """All maximal self-contained spans of ids[first:] found in the index, >= min_len tokens and
-    >= min_words words, with their occurrence counts and rarity (no sources yet)."""
-    ms, lb = matching_statistics(index.arrays, ids, first)
+    >= min_words words, with their occurrence counts and rarity, and per span its (shard, lo, hi)
+    suffix-array ranges (for sources)."""
+    ms, per_shard = index.matching_statistics(ids, first)
     start_ok, end_ok, breaks = token_rules(text, offsets)
     spans = []
     for a, e in maximal_spans(ms, start_ok, end_ok, breaks, first):
         ca, cb = trim(text, offsets[a], offsets[e])
         if e - a >= min_len and count_words(text[ca:cb]) >= min_words:
             spans.append(Span(a, e, ca, cb, text[ca:cb], logprob=float(index.logp[np.asarray(ids[a:e])].sum())))
-    if spans:
-        lo, hi = sa_range_near(index.arrays, [list(ids[s.start:s.end]) for s in spans], lb[[s.start for s in spans]])
-        for s, l, h in zip(spans, lo, hi):
-            s.sa_lo, s.count = int(l), int(h - l)
-    return spans
+    ranges = index.ranges([list(ids[s.start:s.end]) for s in spans], [s.start for s in spans], per_shard)
+    for s, r in zip(spans, ranges):
+        s.count = sum(hi - lo for _, lo, hi in r)
+    return spans, ranges
 
 
 def trace_text(index: SpanIndex, ids: Sequence[int], prompt_len: int = 0, include_prompt: bool = False,
                min_len: int = 1, min_words: int = 1, density: float = 0.05, max_sources: int = 10,
                context: int = 32, coverage_n: int | None = None, text: str | None = None,
-               offsets: Sequence[int] | None = None) -> Trace:
+               offsets: Sequence[int] | None = None, seed: int = 0) -> Trace:
     """Spans, rarest-first selection, highlights, sources and coverage for one tokenized text
-    (`text`/`offsets`: its characters and each token's char offset, when not just decode(ids))."""
+    (`text`/`offsets`: its characters and each token's char offset, when not just decode(ids)).
+    Sources are a seeded sample of up to max_sources occurrences over all shards."""
     ids = [int(i) for i in ids]
     if text is None or offsets is None:
         text, offsets = token_offsets(index.tokenizer, ids)
@@ -708,15 +540,17 @@ def trace_text(index: SpanIndex, ids: Sequence[int], prompt_len: int = 0, includ
     if min_len > n:
         raise UserError(f"min_len={min_len} is longer than the text to trace ({n} tokens); lower --min_len")
     coverage_n = min_len if coverage_n is None else coverage_n
-    found = find_spans(index, ids, text, offsets, first, min(min_len, coverage_n), min_words)
+    found, ranges = find_spans(index, ids, text, offsets, first, min(min_len, coverage_n), min_words)
     covered = np.zeros(len(ids), dtype=bool)
     for s in found:
         if s.end - s.start >= coverage_n:
             covered[s.start:s.end] = True
-    spans = [s for s in found if s.end - s.start >= min_len]
+    long_enough = [i for i, s in enumerate(found) if s.end - s.start >= min_len]
+    spans = [found[i] for i in long_enough]
     keep = select_spans(spans, n, density)
+    where = {id(found[i]): ranges[i] for i in long_enough}
     for s in keep:
-        pos = index.positions(s.sa_lo, s.sa_lo + s.count, max_sources)
+        pos = index.sample_positions(where[id(s)], max_sources, seed)
         s.sources = [index.source(int(p), s.end - s.start, context) for p in pos]
     return Trace(text=text, generation_start=offsets[prompt_len], spans=keep,
                  highlights=merge_ranges([(s.char_start, s.char_end) for s in keep]),
@@ -746,7 +580,12 @@ class TraceSpansConfig:
     """Where the span index lives; default <data_dir>/spans."""
     split: str = "train"
     build: bool = False
-    """(Re)build the span index first; with no --start/--text, only build."""
+    """(Re)build the span index first (shards already built from the same data are kept); with no
+    --start/--text, only build."""
+    max_memory: str = "4G"
+    """Memory budget of a build, all worker processes together: sets the shard size (~24 bytes/token)."""
+    num_proc: int = 1
+    """Worker processes building shards in parallel."""
     start: str | None = None
     """Prompt to generate from (FILE:path reads a file); default '\\n'."""
     text: str | None = None
@@ -775,6 +614,8 @@ class TraceSpansConfig:
     """Tokens of context each side of a source."""
     coverage_n: int | None = None
     """Coverage counts spans of at least this many tokens; default min_len."""
+    sample_seed: int = 0
+    """Seed of the sample of sources drawn when a span occurs more than max_sources times."""
     json: bool = False
     """Print JSON instead of highlighted text."""
     vocab_dir: str | None = None
@@ -808,25 +649,25 @@ def generate_ids(cfg: TraceSpansConfig, prompt: str, index: SpanIndex) -> tuple[
     return list(c.prompt_ids) + list(c.output_ids), len(c.prompt_ids)
 
 
-def render(trace: Trace, color: bool) -> str:
+def render(trace: dict[str, Any], color: bool) -> str:
     """The text with highlights ([brackets] or ANSI), then each kept span's sources."""
     on, off = ("\x1b[1;33m", "\x1b[0m") if color else ("[", "]")
-    parts, prev = [], 0
-    for a, b in trace.highlights:
-        parts += [trace.text[prev:a], on, trace.text[a:b], off]
+    text, parts, prev = trace["text"], [], 0
+    for a, b in trace["highlights"]:
+        parts += [text[prev:a], on, text[a:b], off]
         prev = b
-    parts.append(trace.text[prev:])
+    parts.append(text[prev:])
     lines = ["".join(parts), "",
-             f"{len(trace.spans)} span(s) shown of {trace.n_maximal} maximal; coverage "
-             f"{trace.coverage:.1%} of {trace.n_tokens} tokens by spans of >= {trace.coverage_n} tokens"]
+             f"{len(trace['spans'])} span(s) shown of {trace['n_maximal']} maximal; coverage "
+             f"{trace['coverage']:.1%} of {trace['n_tokens']} tokens by spans of >= {trace['coverage_n']} tokens"]
 
     def flat(s: str) -> str:
         return s.replace("\n", " / ")
 
-    for s in trace.spans:
-        lines.append(f"\n{on}{s.text}{off}  chars {s.char_start}-{s.char_end}, {s.count} occurrence(s), "
-                     f"log p {s.logprob:.1f}")
-        for src in s.sources:
+    for s in trace["spans"]:
+        lines.append(f"\n{on}{s['text']}{off}  chars {s['char_start']}-{s['char_end']}, {s['count']} occurrence(s), "
+                     f"log p {s['logprob']:.1f}")
+        for src in s["sources"]:
             t = src["text"]
             core = t.strip()
             lead, trail = t[:len(t) - len(t.lstrip())], t[len(t.rstrip()):]  # BPE: " mind" -> ' ' + [mind]
@@ -841,7 +682,7 @@ def locate_main(index: SpanIndex, text: str, cfg: TraceSpansConfig) -> None:
     ids, _, _ = encode_text(index, text)
     if not ids:
         raise UserError("nothing to locate: --locate is empty")
-    count, sources = index.locate(ids, cfg.max_sources, cfg.context)
+    count, sources = index.locate(ids, cfg.max_sources, cfg.context, cfg.sample_seed)
     if cfg.json:
         print(json.dumps({"text": text, "count": count, "sources": sources}, ensure_ascii=False, indent=1))
         return
@@ -851,38 +692,76 @@ def locate_main(index: SpanIndex, text: str, cfg: TraceSpansConfig) -> None:
               f"{src['token_end']}): ...{src['context_before']}[{src['text']}]{src['context_after']}...".replace("\n", " / "))
 
 
-def main(argv: list[str] | None = None) -> Trace | None:
+def open_index(data_dir: str | Path, index_dir: str | Path | None = None, split: str = "train") -> SpanIndex:
+    """The span index of a prepared dataset; a UserError naming the build command when it is missing,
+    stale or damaged."""
+    from glassgpt.trace.shards import SpanIndex
+
+    return SpanIndex(data_dir, index_dir, split)
+
+
+def write_span_index(data_dir: str | Path, index_dir: str | Path | None = None, split: str = "train",
+                     log=print, max_memory: str | int = "4G", num_proc: int = 1) -> Path:
+    """Build the (sharded) span index of a prepared split: glassgpt.trace.shards.build_index."""
+    from glassgpt.trace.shards import build_index
+
+    return build_index(data_dir, index_dir, split, max_memory, num_proc, log)
+
+
+def trace_dict(index: SpanIndex, ids: Sequence[int], prompt_len: int, text: str, offsets: Sequence[int], *,
+               include_prompt: bool = False, min_len: int | None = None, min_words: int = 1, density: float = 0.05,
+               max_sources: int = 10, context: int = 32, coverage_n: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """trace_text with the command's defaults and checks, as the JSON-ready dict `--json` prints."""
+    min_len = min_len if min_len is not None else (12 if index.is_char else 4)
+    if min_len < 1 or not 0 < density <= 1:
+        raise UserError(f"--min_len must be >= 1 and --density in (0, 1], got {min_len} and {density}")
+    return trace_text(index, ids, prompt_len, include_prompt, min_len, min_words, density, max_sources, context,
+                      coverage_n, text, offsets, seed).to_dict()
+
+
+def explain(index: SpanIndex, text: str, **opts: Any) -> dict[str, Any]:
+    """The spans of `text` in the index: exactly what `trace-spans --text=... --json` prints (and the
+    viewer returns). `opts`: trace_dict's keywords."""
+    ids, text, offsets = encode_text(index, text)
+    return trace_dict(index, ids, 0, text, offsets, **opts)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
     if wants_help(TraceSpansConfig, argv, "glassgpt trace-spans"):
         return None
     cfg = load_config(TraceSpansConfig, argv)
     data_dir = Path(cfg.data_dir) if cfg.data_dir else checkpoint_data_dir(cfg.out_dir)
-    index_dir = Path(cfg.index_dir) if cfg.index_dir else None
-    log = (lambda m: print(m, file=sys.stderr))
     if cfg.build:
-        write_span_index(data_dir, index_dir, cfg.split, log=log)
+        write_span_index(data_dir, cfg.index_dir, cfg.split, lambda m: print(m, file=sys.stderr),
+                         cfg.max_memory, cfg.num_proc)
         if cfg.start is None and cfg.text is None and cfg.locate is None:
             return None
-    index = SpanIndex(data_dir, index_dir, cfg.split)
+    index = open_index(data_dir, cfg.index_dir, cfg.split)
     if cfg.locate is not None:
         return locate_main(index, read_text_arg(cfg.locate, "locate"), cfg)
-    min_len = cfg.min_len if cfg.min_len is not None else (12 if index.is_char else 4)
-    if min_len < 1 or not 0 < cfg.density <= 1:
-        raise UserError(f"--min_len must be >= 1 and --density in (0, 1], got {min_len} and {cfg.density}")
-    text = offsets = None
+    opts = dict(min_len=cfg.min_len, min_words=cfg.min_words, density=cfg.density, max_sources=cfg.max_sources,
+                context=cfg.context, coverage_n=cfg.coverage_n, seed=cfg.sample_seed)
     if cfg.text is not None:
-        (ids, text, offsets), prompt_len = encode_text(index, read_text_arg(cfg.text)), 0
+        out = explain(index, read_text_arg(cfg.text), **opts)
     else:
         ids, prompt_len = generate_ids(cfg, read_text_arg(cfg.start if cfg.start is not None else "\n", "start"), index)
-    trace = trace_text(index, ids, prompt_len, cfg.include_prompt, min_len, cfg.min_words, cfg.density,
-                       cfg.max_sources, cfg.context, cfg.coverage_n, text, offsets)
-    if cfg.json:
-        print(json.dumps(trace.to_dict(), ensure_ascii=False, indent=1))
-    else:
-        print(render(trace, color=sys.stdout.isatty()))
-    return trace
+        out = trace_dict(index, ids, prompt_len, *token_offsets(index.tokenizer, ids),
+                         include_prompt=cfg.include_prompt, **opts)
+    print(json.dumps(out, ensure_ascii=False, indent=1) if cfg.json else render(out, color=sys.stdout.isatty()))
+    return out
 
 
 if __name__ == "__main__":
     from glassgpt.errors import run_main
 
     sys.exit(run_main(main))
+
+
+def __getattr__(name: str) -> Any:
+    """`spans.SpanIndex`, `spans.INDEX_DIRNAME`: the on-disk index lives in glassgpt.trace.shards, imported
+    on first use (it imports this module)."""
+    if name in ("SpanIndex", "INDEX_DIRNAME", "INDEX_FORMAT", "build_command", "default_index_dir"):
+        from glassgpt.trace import shards
+
+        return getattr(shards, name)
+    raise AttributeError(name)

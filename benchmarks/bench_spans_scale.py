@@ -1,0 +1,185 @@
+"""Sharded span index at scale: build wall time, peak memory, bytes/token and 200-token trace latency
+at 10 M, 100 M and >= 1 B GPT-2 tokens (issue 17).
+
+    nice -n 10 python benchmarks/bench_spans_scale.py --work=/work/scratch/spans --sizes=10M,100M,1100M \\
+        --max_memory=6G --num_proc=2          # make the corpora, build, query; prints a RESULTS.md table
+    python benchmarks/bench_spans_scale.py --work=... --sizes=... --only=query   # query an existing build
+    python benchmarks/bench_spans_scale.py --work=... --clean                    # delete the corpora and indexes
+
+The corpora are written straight in glassgpt's prepared-data format (train.bin + train.docs.npy +
+documents.json + meta.json): the GPT-2 tokens of the shared English corpus (SOTU + Moby-Dick, 370
+documents), then copies of every document whose ids go through a fresh random permutation each (real
+text statistics, no cross-copy repeats), so a billion tokens need no 4 GB tokenizing pass. The build
+runs as `glassgpt trace-spans --build` in a child process; its peak memory is the largest sum of the
+resident sets of the process tree, sampled every 0.2 s from /proc. Queries run in a fresh process:
+100 texts of 200 tokens, each a patchwork of 5 pieces of 40 tokens from random places of the corpus
+(so spans are found and sources read), traced with all steps (spans, counts, 10 sources each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+MIRROR = Path(os.environ.setdefault("GLASSGPT_MIRROR", str(REPO.parent / "shared" / "data")))
+
+
+def parse_size(s: str) -> int:
+    mult = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}.get(s[-1].upper(), 1)
+    return int(float(s[:-1] if mult > 1 else s) * mult)
+
+
+def base_documents() -> tuple[list[np.ndarray], list[str]]:
+    from glassgpt.tokenizer import GPT2Tokenizer
+
+    tok = GPT2Tokenizer(MIRROR / "gpt2")
+    rows = [json.loads(line) for line in (MIRROR / "english" / "sotu_mobydick.jsonl").open()]
+    ids = tok.enc.encode_ordinary_batch([r["text"] for r in rows], num_threads=2)
+    return [np.array(i, dtype=np.uint16) for i in ids], [r["id"] for r in rows]
+
+
+def make_corpus(out: Path, n_tokens: int, docs: list[np.ndarray], names: list[str]) -> None:
+    """Prepared data of >= n_tokens tokens (whole documents), written in 2.4 M-token copies."""
+    if (out / "meta.json").exists():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    segs, documents, pos, copy = [], [], 0, 0
+    with open(out / "train.bin", "wb") as f:
+        while pos < n_tokens:
+            perm = np.arange(50257, dtype=np.uint16) if copy == 0 else rng.permutation(50257).astype(np.uint16)
+            for d, name in zip(docs, names):
+                f.write(perm[d].tobytes())
+                segs.append((len(documents), pos, pos + len(d), 0, 1))
+                documents.append({"id": f"copy{copy}/{name}", "source": "synthetic", "char_offset": 0, "line": 1,
+                                  "split": "train"})
+                pos += len(d)
+            copy += 1
+    np.save(out / "train.docs.npy", np.array(segs, dtype=np.int64))
+    (out / "documents.json").write_text(json.dumps(documents))
+    (out / "meta.json").write_text(json.dumps({
+        "tokenizer": "gpt2", "vocab_size": 50257, "eot_token": 50256, "format": "glassgpt-data/1",
+        "dataset": out.name, "train_tokens": pos,
+        "splits": {"train": {"tokens": pos, "documents": len(documents), "segments": len(segs)}}}))
+
+
+def tree_rss(root: int) -> int:
+    """Sum of the resident sets (bytes) of `root` and its descendants."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            children.setdefault(int(fields[1]), []).append(int(p))
+            rss[int(p)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+    total, todo = 0, [root]
+    while todo:
+        p = todo.pop()
+        total += rss.get(p, 0)
+        todo += children.get(p, [])
+    return total
+
+
+def run_measured(cmd: list[str], log: Path) -> tuple[float, int, int]:
+    """(wall seconds, peak summed RSS bytes of the process tree, exit code)."""
+    t = time.perf_counter()
+    with open(log, "a") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        peak = [0]
+
+        def poll() -> None:
+            while proc.poll() is None:
+                peak[0] = max(peak[0], tree_rss(proc.pid))
+                time.sleep(0.2)
+
+        th = threading.Thread(target=poll, daemon=True)
+        th.start()
+        rc = proc.wait()
+        th.join()
+    return time.perf_counter() - t, peak[0], rc
+
+
+QUERY_CHILD = r"""
+import json, sys, time, numpy as np
+sys.path.insert(0, {repo!r})
+from glassgpt.trace import spans as S
+t0 = time.perf_counter(); index = S.open_index({data!r}); open_s = time.perf_counter() - t0
+toks = index.tokens; rng = np.random.default_rng(1); times = []; found = 0
+for q in range({n_queries}):
+    ids = np.concatenate([toks[p:p + 40] for p in rng.integers(0, len(toks) - 40, 5)]).tolist()
+    text, offsets = S.token_offsets(index.tokenizer, ids)
+    t = time.perf_counter()
+    tr = S.trace_text(index, ids, 0, False, 4, 1, 0.05, 10, 32, None, text, offsets)
+    times.append(time.perf_counter() - t); found += len(tr.spans)
+print(json.dumps({{"open_s": open_s, "p50_ms": 1e3 * float(np.percentile(times, 50)),
+                  "p95_ms": 1e3 * float(np.percentile(times, 95)), "first_ms": 1e3 * times[0],
+                  "shards": len(index.shards), "spans": found}}))
+"""
+
+
+def index_bytes(index_dir: Path) -> int:
+    return sum(p.stat().st_size for p in index_dir.rglob("*") if p.is_file())
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default="/work/scratch/spans")
+    p.add_argument("--sizes", default="10M,100M,1100M")
+    p.add_argument("--max_memory", default="6G")
+    p.add_argument("--num_proc", type=int, default=2)
+    p.add_argument("--queries", type=int, default=100)
+    p.add_argument("--only", choices=["data", "build", "query"], default=None)
+    p.add_argument("--clean", action="store_true")
+    a = p.parse_args(argv)
+    work = Path(a.work)
+    if a.clean:
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    docs, names = base_documents() if a.only in (None, "data") else ([], [])
+    rows = ["| tokens | shards | build wall | peak RSS (all processes) | index bytes/token | open | "
+            "200-token trace p50 / p95 (100 queries) | loadavg before -> after |", "|---|---|---|---|---|---|---|---|"]
+    for size in a.sizes.split(","):
+        d, load0 = work / f"c{size}", open("/proc/loadavg").read().split()[0]
+        if a.only in (None, "data"):
+            make_corpus(d, parse_size(size), docs, names)
+        n = len(np.load(d / "train.docs.npy", mmap_mode="r")) and int(json.loads((d / "meta.json").read_text())["train_tokens"])
+        build_s = peak = None
+        if a.only in (None, "build"):
+            cmd = [sys.executable, "-m", "glassgpt.cli", "trace-spans", "--build", f"--data_dir={d}",
+                   f"--max_memory={a.max_memory}", f"--num_proc={a.num_proc}"]
+            build_s, peak, rc = run_measured(cmd, work / f"build-{size}.log")
+            if rc:
+                raise SystemExit(f"build of {d} failed; see {work}/build-{size}.log")
+            print(json.dumps({"size": size, "build_s": build_s, "peak_rss": peak}), flush=True)
+        q = {}
+        if a.only in (None, "query"):
+            out = subprocess.run([sys.executable, "-c", QUERY_CHILD.format(repo=str(REPO), data=str(d), n_queries=a.queries)],
+                                 check=True, capture_output=True, text=True).stdout
+            q = json.loads(out.strip().splitlines()[-1])
+            print(json.dumps({"size": size, **q}), flush=True)
+        load1 = open("/proc/loadavg").read().split()[0]
+        rows.append(f"| {n:,} | {q.get('shards', '?')} | {f'{build_s:.0f} s' if build_s else '-'} | "
+                    f"{f'{peak / 2**30:.2f} GiB' if peak else '-'} | {index_bytes(d / 'spans') / n:.2f} | "
+                    f"{q.get('open_s', 0):.2f} s | {q.get('p50_ms', 0):.1f} / {q.get('p95_ms', 0):.1f} ms | {load0} -> {load1} |")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""The on-disk span index: shards split at document boundaries, built in parallel, memory-mapped.
+
+`build_index` plans shards so each build stays within `max_memory`, builds the stale ones in worker
+processes (each shard through the artifact writer, so a killed build leaves whole shards that a rerun
+keeps), then writes the index sidecar last. `SpanIndex` opens it, checks every array against its
+sidecar, and answers across shards: matching statistics are the maximum over shards, counts add up,
+sources are a seeded sample of all occurrences. docs/spans.md has the layout and the measurements.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from glassgpt.artifacts import read_json, write_artifact, write_json_atomic
+from glassgpt.corpus import Corpus, Location
+from glassgpt.errors import UserError
+from glassgpt.run import data_fingerprint_of, open_data
+from glassgpt.trace import spans as S
+
+INDEX_FORMAT = "glassgpt-spans/3"
+INDEX_DIRNAME = "spans"
+# Peak bytes per token of one shard build, measured (benchmarks/bench_spans_scale.py): pydivsufsort
+# sorts the 2n bytes of the uint16 text into 2n int32 (8n) and keeps the even half (4n), plus the text.
+BUILD_BYTES_PER_TOKEN = 24
+MAX_SHARD_TOKENS = (1 << 30) - 1  # 2 bytes per token must stay under libdivsufsort's 2^31-byte limit
+SCAN_LIMIT = 1 << 16  # occurrences per shard read when sampling sources (beyond: the first ones)
+
+
+def default_index_dir(data_dir: str | Path) -> Path:
+    return Path(data_dir) / INDEX_DIRNAME
+
+
+def build_command(data_dir: Path, index_dir: Path | None = None) -> str:
+    extra = f" --index_dir={index_dir}" if index_dir and Path(index_dir) != default_index_dir(data_dir) else ""
+    return f"glassgpt trace-spans --build --data_dir={data_dir}{extra}"
+
+
+def parse_bytes(value: str | int) -> int:
+    """'8G', '500M', '64k' or a plain number of bytes."""
+    s = str(value).strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(s[-1:], 1)
+    try:
+        n = int(float(s[:-1] if mult > 1 else s) * mult)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise UserError(f"--max_memory={value} is not a size; give bytes or e.g. 8G, 500M")
+    return n
+
+
+def plan_shards(segments: np.ndarray, max_tokens: int) -> list[tuple[int, int]]:
+    """[seg_lo, seg_hi) ranges of consecutive segments of at most max_tokens tokens (+ separators)
+    each; a segment longer than that is a shard by itself (documents are never cut)."""
+    sizes = segments[:, 2] - segments[:, 1] + 1
+    plan, lo, acc = [], 0, 0
+    for i, n in enumerate(sizes.tolist()):
+        if acc and acc + n > max_tokens:
+            plan.append((lo, i))
+            lo, acc = i, 0
+        acc += n
+    if len(sizes):
+        plan.append((lo, len(sizes)))
+    return plan
+
+
+# ---------------------------------------------------------------- building
+
+
+def build_shard(data_dir: str, split: str, spec: dict[str, Any], shard_dir: str,
+                per_token: np.ndarray) -> dict[str, Any]:
+    """Build one shard (in a worker process) and write it with its sidecar in one rename."""
+    corpus = Corpus(data_dir)
+    tokens = corpus.tokens(split).view(np.ndarray)
+    segs = corpus.segments(split)[spec["seg_lo"]:spec["seg_hi"]]
+    a = S.build_span_arrays(tokens, segs, spec["separator"], spec["eot_token"])
+    checkpoints = S.count_checkpoints(tokens[spec["tok_lo"]:spec["tok_hi"]], per_token)
+    side = {**spec, "n_text": len(a.text), "n_segments": len(a.seps), "sa_dtype": str(a.sa.dtype), "bucket_k": a.bucket_k}
+    with write_artifact(shard_dir) as tmp:
+        a.text.tofile(tmp / "tokens.bin")
+        a.sa.tofile(tmp / "sa.bin")
+        for name, arr in (("seps", a.seps), ("unigram", a.unigram), ("checkpoints", checkpoints), ("buckets", a.buckets)):
+            np.save(tmp / f"{name}.npy", arr)
+        write_json_atomic(tmp / "shard.json", side)
+    return side
+
+
+def _fresh(shard_dir: Path, spec: dict[str, Any]) -> bool:
+    side = read_json(shard_dir / "shard.json", default=None, strict=False)
+    return isinstance(side, dict) and all(side.get(k) == v for k, v in spec.items())
+
+
+def build_index(data_dir: str | Path, index_dir: str | Path | None = None, split: str = "train",
+                max_memory: str | int = "4G", num_proc: int = 1, log: Callable[[str], None] = print) -> Path:
+    """Build (or finish building) the sharded span index of a prepared split. Shards already built
+    from the same data with the same plan are kept, so an interrupted build resumes."""
+    from tqdm import tqdm
+
+    data_dir = Path(data_dir)
+    index_dir = Path(index_dir) if index_dir else default_index_dir(data_dir)
+    if num_proc < 1:
+        raise UserError(f"--num_proc must be at least 1, got {num_proc}")
+    corpus, fp = open_data(data_dir)  # the data's fingerprint, recorded at prepare time
+    segments, n_tokens = corpus.segments(split), len(corpus.tokens(split))
+    vocab = int(corpus.meta.get("vocab_size") or corpus.tokenizer.vocab_size)
+    eot = getattr(corpus.tokenizer, "eot_token", None)
+    per_shard = min(MAX_SHARD_TOKENS, max(1, parse_bytes(max_memory) // (num_proc * BUILD_BYTES_PER_TOKEN)))
+    plan = plan_shards(segments, per_shard)
+    specs = [{"format": INDEX_FORMAT, "data": fp, "seg_lo": lo, "seg_hi": hi, "separator": vocab, "eot_token": eot,
+              "tok_lo": int(segments[lo, 1]), "tok_hi": int(segments[hi - 1, 2])} for lo, hi in plan]
+    names = [f"{split}.shard-{i:05d}" for i in range(len(specs))]
+    (index_dir / f"{split}.index.json").unlink(missing_ok=True)  # the index is complete again only at the end
+    todo = [i for i in range(len(specs)) if not _fresh(index_dir / names[i], specs[i])]
+    log(f"span index of {data_dir}/{split}.bin ({n_tokens:,} tokens) in {index_dir}: {len(specs)} shard(s) "
+        f"of <= {per_shard:,} tokens, {len(specs) - len(todo)} already built, {num_proc} process(es)")
+    per_token = S.token_text_counts(corpus.tokenizer, vocab)
+    size = {i: specs[i]["tok_hi"] - specs[i]["tok_lo"] for i in todo}
+    bar = tqdm(total=sum(size.values()), unit="tok", unit_scale=True, desc="span shards", disable=None, file=sys.stderr)
+    args = [(str(data_dir), split, specs[i], str(index_dir / names[i]), per_token) for i in todo]
+    if num_proc == 1 or len(todo) <= 1:
+        for i, a in zip(todo, args):
+            build_shard(*a)
+            bar.update(size[i])
+    else:  # fork: workers share the parent's numpy state and never import torch
+        with ProcessPoolExecutor(min(num_proc, len(todo)), mp_context=get_context("fork")) as pool:
+            for i, _ in zip(todo, pool.map(build_shard, *zip(*args))):
+                bar.update(size[i])
+    bar.close()
+    for old in index_dir.glob(f"{split}.shard-*"):  # shards of an earlier, longer plan
+        if old.name not in names and old.is_dir():
+            import shutil
+            shutil.rmtree(old)
+    np.save(index_dir / f"{split}.token_counts.npy", per_token)
+    write_json_atomic(index_dir / f"{split}.index.json", {
+        "format": INDEX_FORMAT, "split": split, "built_from": {"data": fp}, "tokenizer": corpus.meta.get("tokenizer", "gpt2"),
+        "vocab_size": vocab, "separator": vocab, "eot_token": eot, "n_tokens": n_tokens, "n_segments": len(segments),
+        "shards": [{"dir": n, **{k: s[k] for k in ("seg_lo", "seg_hi", "tok_lo", "tok_hi")}} for n, s in zip(names, specs)],
+        "max_memory": str(max_memory), "num_proc": num_proc})
+    log(f"span index built: {len(specs)} shard(s), {len(todo)} built now")
+    return index_dir
+
+
+# ---------------------------------------------------------------- loading, checked against the sidecars
+
+
+@dataclass
+class Shard:
+    arrays: S.SpanArrays
+    seg_lo: int
+    tok_lo: int
+    checkpoints: np.ndarray
+
+
+def _check(cond: bool, what: str, fix: str) -> None:
+    if not cond:
+        raise UserError(f"the span index is damaged ({what}); rebuild it with `{fix}`")
+
+
+def _load_npy(path: Path, shape: tuple[int, ...], fix: str) -> np.ndarray:
+    try:
+        arr = np.load(path, mmap_mode="r").view(np.ndarray)
+    except FileNotFoundError:
+        raise UserError(f"the span index is incomplete ({path} missing); rebuild it with `{fix}`") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"the span index is damaged ({path}: {e}); rebuild it with `{fix}`") from None
+    _check(arr.shape == shape, f"{path} has shape {arr.shape}, its sidecar says {shape}", fix)
+    return arr
+
+
+def _map(path: Path, dtype: str, n: int, fix: str) -> np.ndarray:
+    size = path.stat().st_size if path.exists() else -1
+    _check(size == n * np.dtype(dtype).itemsize, f"{path} is {size:,} bytes, its sidecar says "
+           f"{n:,} x {dtype}", fix)
+    # viewed as a plain ndarray: np.memmap's per-index bookkeeping costs more than the search itself
+    return np.memmap(path, dtype=dtype, mode="r").view(np.ndarray) if n else np.zeros(0, dtype)
+
+
+def load_shard(d: Path, entry: dict[str, Any], meta: dict[str, Any], fix: str) -> Shard:
+    side = read_json(d / "shard.json", default=None, strict=False)
+    _check(isinstance(side, dict) and all(side.get(k) == entry[k] for k in ("seg_lo", "seg_hi", "tok_lo", "tok_hi"))
+           and side.get("data") == meta["built_from"]["data"], f"{d.name} is missing or from another build", fix)
+    n, sep, k = int(side["n_text"]), int(side["separator"]), int(side["bucket_k"])
+    _check(side["n_segments"] == entry["seg_hi"] - entry["seg_lo"] and sep == meta["separator"],
+           f"{d.name}/shard.json disagrees with the index sidecar", fix)
+    stride = S.COUNT_STRIDE
+    arrays = S.SpanArrays(
+        text=_map(d / "tokens.bin", "uint16", n, fix), sa=_map(d / "sa.bin", side["sa_dtype"], n, fix),
+        seps=_load_npy(d / "seps.npy", (side["n_segments"],), fix),
+        unigram=np.asarray(_load_npy(d / "unigram.npy", (sep,), fix)), separator=sep,
+        buckets=np.asarray(_load_npy(d / "buckets.npy", ((sep + 2) ** k + 1,), fix)), bucket_k=k)
+    # cheap consistency checks that catch an aligned truncation or a mixed-up file
+    _check(arrays.buckets[-1] == n and (n == 0 or arrays.seps[-1] == n - 1), f"{d.name}'s arrays disagree", fix)
+    n_tok = entry["tok_hi"] - entry["tok_lo"]
+    checkpoints = _load_npy(d / "checkpoints.npy", (-(-n_tok // stride) + 1 if n_tok else 1, 2), fix)
+    return Shard(arrays, int(entry["seg_lo"]), int(entry["tok_lo"]), np.asarray(checkpoints))
+
+
+class SpanIndex:
+    """A built span index, memory-mapped, with the corpus it points into."""
+
+    def __init__(self, data_dir: str | Path, index_dir: str | Path | None = None, split: str = "train",
+                 check: bool = True):
+        self.data_dir = Path(data_dir)
+        self.index_dir = Path(index_dir) if index_dir else default_index_dir(self.data_dir)
+        self.split = split
+        fix = build_command(self.data_dir, self.index_dir)
+        side = self.index_dir / f"{split}.index.json"
+        if not side.exists():
+            raise UserError(f"no span index for {self.data_dir} ({side} missing); build it with `{fix}`")
+        self.meta = read_json(side)
+        if not isinstance(self.meta, dict) or self.meta.get("format") != INDEX_FORMAT:
+            raise UserError(f"{side} is not a {INDEX_FORMAT} index; rebuild it with `{fix}`")
+        self.corpus = Corpus(self.data_dir)
+        # a string compare: the data's fingerprint was recorded when it was written, never re-hashed here
+        if check and self.meta["built_from"]["data"] != data_fingerprint_of(self.data_dir, self.corpus.meta):
+            raise UserError(f"the data in {self.data_dir} changed since its span index was built; rebuild it "
+                            f"with `{fix}`")
+        self.tokens = self.corpus.tokens(split).view(np.ndarray)
+        self.segments = self.corpus.segments(split)
+        _check(len(self.tokens) == self.meta["n_tokens"] and len(self.segments) == self.meta["n_segments"],
+               f"{split}.bin or {split}.docs.npy differ from the index sidecar", fix)
+        self.shards = [load_shard(self.index_dir / e["dir"], e, self.meta, fix) for e in self.meta["shards"]]
+        self.separator = int(self.meta["separator"])
+        self.token_counts = _load_npy(self.index_dir / f"{split}.token_counts.npy", (self.separator, 2), fix)
+        unigram = sum((s.arrays.unigram for s in self.shards), np.zeros(self.separator, dtype=np.int64))
+        # unigram log-probabilities; +1 keeps unseen ids finite (they are never inside a span anyway)
+        self.logp = np.log((unigram + 1) / (max(int(unigram.sum()), 1) + len(unigram)))
+        self.is_char = getattr(self.tokenizer, "name", "") == "char"
+
+    @property
+    def tokenizer(self):
+        return self.corpus.tokenizer
+
+    # -- queries across shards
+    def matching_statistics(self, ids: Sequence[int], first: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(ms, per-shard (ms, lb)): the longest occurring prefix of each ids[i:] is the longest over
+        shards, because no match crosses a document and shards end at documents."""
+        per = [S.matching_statistics(s.arrays, ids, first) for s in self.shards]
+        ms = np.max([m for m, _ in per], axis=0) if per else np.zeros(len(ids), dtype=np.int64)
+        return ms, per
+
+    def ranges(self, seqs: list[list[int]], starts: Sequence[int], per: list) -> list[list[tuple[int, int, int]]]:
+        """Per sequence (= ids[start:start+len]), its (shard, lo, hi) suffix-array ranges where it occurs."""
+        out: list[list[tuple[int, int, int]]] = [[] for _ in seqs]
+        lengths = np.array([len(q) for q in seqs])
+        for j, (shard, (ms, lb)) in enumerate(zip(self.shards, per)):
+            rows = np.flatnonzero(ms[np.asarray(starts)] >= lengths)
+            if rows.size:
+                lo, hi = S.sa_range_near(shard.arrays, [seqs[r] for r in rows], lb[np.asarray(starts)[rows]])
+                for r, a, b in zip(rows, lo, hi):
+                    out[r].append((j, int(a), int(b)))
+        return out
+
+    def count(self, seq: Sequence[int]) -> int:
+        return sum(hi - lo for _, lo, hi in self.full_ranges(seq))
+
+    def full_ranges(self, seq: Sequence[int]) -> list[tuple[int, int, int]]:
+        return [(j, int(lo[0]), int(hi[0])) for j, s in enumerate(self.shards)
+                for lo, hi in [S.sa_range(s.arrays, [list(seq)])] if hi[0] > lo[0]]
+
+    def sample_positions(self, ranges: list[tuple[int, int, int]], k: int, seed: int = 0) -> np.ndarray:
+        """Split positions of up to k occurrences, ascending: the k with the smallest seeded hash of
+        their position, so the sample is uniform over all shards (each contributes in proportion to its
+        count) and the same whichever way the split was sharded."""
+        pos = [self.split_positions(j, self.shards[j].arrays.sa[lo:min(hi, lo + SCAN_LIMIT)]) for j, lo, hi in ranges]
+        if not pos or k <= 0:
+            return np.zeros(0, dtype=np.int64)
+        pos = np.concatenate(pos)
+        keep = np.argsort(_mix(pos, seed), kind="stable")[:k]
+        return np.sort(pos[keep])
+
+    def split_positions(self, j: int, text_pos: np.ndarray) -> np.ndarray:
+        """Positions in shard j's separated text -> positions in the split's token stream."""
+        a = self.shards[j].arrays
+        p = np.asarray(text_pos, dtype=np.int64)
+        seg = np.searchsorted(a.seps, p, side="left")  # the separator ending p's segment
+        seg_text_start = np.where(seg > 0, a.seps[np.maximum(seg - 1, 0)] + 1, 0)
+        return self.segments[self.shards[j].seg_lo + seg, 1] + p - seg_text_start
+
+    def locate(self, seq: Sequence[int], k: int = 10, context: int = 0, seed: int = 0) -> tuple[int, list[dict]]:
+        """(occurrence count, up to k sources: doc, token offsets, char offset, line, text, context)."""
+        ranges = self.full_ranges(seq)
+        pos = self.sample_positions(ranges, k, seed)
+        return sum(hi - lo for _, lo, hi in ranges), [self.source(int(p), len(seq), context) for p in pos]
+
+    def location(self, pos: int, length: int) -> Location:
+        """What Corpus.locate returns, from the shard's stored prefix counts: no pass over the document
+        before `pos`, however long."""
+        i = int(np.searchsorted(self.segments[:, 1], pos, side="right")) - 1
+        doc, seg_start, _, char_start, line_start = (int(v) for v in self.segments[i])
+        shard = self.shards[int(np.searchsorted([s.seg_lo for s in self.shards], i, side="right")) - 1]
+        toks = self.tokens[shard.tok_lo:]
+        at = S.prefix_counts(toks, self.token_counts, shard.checkpoints, pos - shard.tok_lo)
+        at -= S.prefix_counts(toks, self.token_counts, shard.checkpoints, seg_start - shard.tok_lo)
+        d = self.corpus.documents[doc]
+        return Location(split=self.split, doc=doc, doc_id=str(d["id"]), source=str(d.get("source", "")),
+                        token_start=pos, token_end=pos + length, char_offset=char_start + int(at[0]),
+                        line=line_start + int(at[1]), text=self.corpus.decode(self.split, pos, pos + length))
+
+    def source(self, pos: int, length: int, context: int) -> dict[str, Any]:
+        """Document, offsets, line and text of an occurrence, plus `context` tokens each side within
+        its segment."""
+        loc = self.location(pos, length).to_dict()
+        i = int(np.searchsorted(self.segments[:, 1], pos, side="right")) - 1
+        seg_start, seg_end = int(self.segments[i, 1]), int(self.segments[i, 2])
+        loc["context_before"] = self.corpus.decode(self.split, max(seg_start, pos - context), pos)
+        loc["context_after"] = self.corpus.decode(self.split, pos + length, min(seg_end, pos + length + context))
+        return loc
+
+
+def _mix(x: np.ndarray, seed: int) -> np.ndarray:
+    """splitmix64 of x + seed: a fixed pseudo-random order of positions (uint64 arithmetic wraps)."""
+    with np.errstate(over="ignore"):
+        z = x.astype(np.uint64) + np.uint64(seed % (1 << 63)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
