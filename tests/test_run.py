@@ -239,3 +239,55 @@ def test_pickle_of_model_args_is_plain(char_checkpoint: Path) -> None:
     ckpt = torch.load(char_checkpoint / "ckpt.pt", weights_only=True)
     pickle.dumps({k: v for k, v in ckpt.items() if k != "model"})
     GPT(GPTConfig.from_dict(model_args_of(ckpt)))
+
+
+# ---------------------------------------------------------------- `make test` / `make demo` set-up
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fake_env(tmp_path: Path, gpu: bool) -> tuple[Path, dict]:
+    """A .venv whose python logs its arguments (torch absent), and a PATH with or without nvidia-smi."""
+    venv, bin_dir = tmp_path / "venv", tmp_path / "bin"
+    (venv / "bin").mkdir(parents=True)
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    py = venv / "bin" / "python"
+    py.write_text(f'#!/bin/sh\necho "$*" >> {log}\ncase "$*" in *"import torch"*) exit 1;; esac\nexit 0\n')
+    py.chmod(0o755)
+    if gpu:
+        (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
+        (bin_dir / "nvidia-smi").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    return venv, env
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_make_env_installs_cpu_torch_without_a_gpu(tmp_path: Path, gpu: bool) -> None:
+    import subprocess
+
+    venv, env = fake_env(tmp_path, gpu)
+    run = subprocess.run(["make", "-s", "env", f"VENV={venv}"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    torch_installs = [c for c in calls if "install" in c and "torch==" in c]
+    assert torch_installs == [f"-m pip install -q torch==2.13.0{'' if gpu else '+cpu'}"], calls
+    assert calls[-1] == "-m pip install -q -e .[test,view]"
+    assert (venv / ".glassgpt-installed").exists()
+    again = subprocess.run(["make", "-s", "env", f"VENV={venv}"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert again.returncode == 0 and (tmp_path / "calls.log").read_text().splitlines() == calls  # set up once
+
+
+def test_make_demo_runs_the_main_job_in_order() -> None:
+    import subprocess
+
+    run = subprocess.run(["make", "-n", "-W", ".venv/.glassgpt-installed", "demo", "VENV=/nonexistent"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    steps = [line for line in run.stdout.splitlines() if line.startswith("/nonexistent/bin/")]
+    order = ["prepare.py", "train.py", "sample.py", "trace-spans --out_dir=out-shakespeare-char --build",
+             "trace-spans --out_dir=out-shakespeare-char --text="]
+    found = [next(i for i, s in enumerate(steps) if key in s) for key in order]
+    assert found == sorted(found), steps

@@ -1,0 +1,68 @@
+# Two commands do all the set-up (README "Quick start"):
+#   make demo   # venv + torch + glassgpt, then prepare char Shakespeare -> train -> sample -> trace the sample
+#   make test   # venv + torch + glassgpt, then the test suite
+# Both create .venv/ in the checkout when it is missing (Python >= 3.10 on PATH as python3, or PYTHON=...),
+# install torch 2.13.0 (the CPU build where there is no NVIDIA GPU, i.e. no nvidia-smi) and
+# `pip install -e .[test,view]`. People who manage their own environment can still `pip install -e .`.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+# PyTorch's CPU-only wheels; used only where the registries pip already knows do not have the +cpu build
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+OUT ?= out-shakespeare-char
+
+# Offline when the public data is beside the checkout (../shared/data) or GLASSGPT_MIRROR is set.
+ifeq ($(GLASSGPT_MIRROR),)
+ifneq ($(wildcard ../shared/data/tinyshakespeare/input.txt),)
+export GLASSGPT_MIRROR := $(abspath ../shared/data)
+endif
+endif
+export MPLBACKEND ?= Agg
+
+# The main job's training recipe. The TRAIN engineer's config/train_shakespeare_char_cpu.py (the README's
+# CPU recipe as a config file) is used when it exists; until then the same recipe as flags.
+ifneq ($(wildcard config/train_shakespeare_char_cpu.py),)
+TRAIN_ARGS ?= config/train_shakespeare_char_cpu.py --out_dir=$(OUT)
+else
+TRAIN_ARGS ?= config/train_shakespeare_char.py --out_dir=$(OUT) --device=cpu --compile=False --eval_iters=20 \
+	--log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 \
+	--lr_decay_iters=2000 --dropout=0.0
+endif
+
+.PHONY: demo test env clean-env
+
+# The stamp file is rewritten when pyproject.toml changes, so a new dependency is installed next time.
+env: $(VENV)/.glassgpt-installed
+
+$(VENV)/.glassgpt-installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "glassgpt needs Python >= 3.10, this is " + sys.version.split()[0]'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if $(PY) -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "$(TORCH_VERSION)")' 2>/dev/null; then \
+		echo "torch $(TORCH_VERSION) already installed in $(VENV)"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install -q torch==$(TORCH_VERSION); \
+	else \
+		$(PY) -m pip install -q torch==$(TORCH_VERSION)+cpu 2>/dev/null \
+		|| $(PY) -m pip install -q torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX); \
+	fi
+	$(PY) -m pip install -q -e ".[test,view]"
+	@touch $@
+
+demo: env
+	$(PY) data/shakespeare_char/prepare.py
+	$(PY) train.py $(TRAIN_ARGS)
+	$(PY) sample.py --out_dir=$(OUT) --device=cpu --num_samples=1 --max_new_tokens=300 --stream=False \
+		| sed '$$d' > $(OUT)/sample.txt
+	@cat $(OUT)/sample.txt
+	$(VENV)/bin/glassgpt trace-spans --out_dir=$(OUT) --build
+	$(VENV)/bin/glassgpt trace-spans --out_dir=$(OUT) --text=FILE:$(OUT)/sample.txt
+	# VIEWER: `glassgpt report` of the sample goes here (one line, added by the viewer's engineer)
+
+# pytest exits 5 when it collected no tests: make fails on any non-zero status, so that is a failure too.
+test: env
+	$(PY) -m pytest -q
+
+clean-env:
+	rm -rf $(VENV)
