@@ -5,11 +5,10 @@
     glassgpt trace-neurons --out_dir=out --build_baseline
     glassgpt neuron --out_dir=out --layer=2 --index=117 [--json]
 
-From Python (the viewer): `explain(run, text, **opts)` is exactly what `trace-neurons --json` prints
-for one prompt, `neuron_card(run, layer, index, **opts)` what `neuron --json` prints, and
-`open_baseline(run)` opens the baseline or says how to build it. The neurons are every block's
-`blocks.{i}.mlp.hook_post` (glassgpt/hooks.py). docs/neurons.md defines each statistic and shows the
-measurements that chose the defaults.
+The viewer calls `explain(run, text, **opts)` (what `trace-neurons --json` prints for one prompt),
+`neuron_card(run, layer, index, **opts)` (what `neuron --json` prints) and `open_baseline(run)`.
+The neurons are every block's `blocks.{i}.mlp.hook_post`; docs/neurons.md defines each statistic
+and shows the measurements that chose the defaults.
 """
 
 from __future__ import annotations
@@ -149,12 +148,6 @@ class Baseline:
     params: dict = field(default_factory=dict)
 
 
-def standardise_layers(scores: np.ndarray) -> np.ndarray:
-    """Each layer's scores minus that layer's mean, over its std across neurons."""
-    mu, sd = scores.mean(axis=1, keepdims=True), scores.std(axis=1, keepdims=True)
-    return (scores - mu) / np.where(sd > 0, sd, 1.0)
-
-
 def contrast(acts: np.ndarray, baseline: Baseline, score: str = "z", floor: float = 0.1,
              layer_norm: bool = True) -> np.ndarray:
     """(n_layer, n_neurons) contrastive scores of a trace's activations (T, n_layer, n_neurons).
@@ -171,7 +164,10 @@ def contrast(acts: np.ndarray, baseline: Baseline, score: str = "z", floor: floa
         s = (acts > 0).mean(axis=0) - baseline.prob
     else:
         raise UserError(f"score={score!r} is not one of z, prob")
-    return standardise_layers(s) if layer_norm else s
+    if not layer_norm:
+        return s
+    sd = s.std(axis=1, keepdims=True)  # each layer: minus its mean, over its std across neurons
+    return (s - s.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
 
 
 def jaccard(a: set, b: set) -> float:
@@ -649,12 +645,15 @@ def _example(run, start: int, acts: np.ndarray, pos: int, context: int) -> dict[
             "line": corpus.locate("train", pos, pos + 1).line, "before": corpus.decode("train", lo, pos),
             "token": corpus.decode("train", pos, pos + 1), "after": corpus.decode("train", pos + 1, hi),
             "location": corpus.locate("train", lo, hi).to_dict(),
-            "tokens": [[run.tokenizer.decode([t]), round(float(a), 4)] for t, a in zip(ids, acts[lo - start:hi - start])]}
+            "tokens": [[run.tokenizer.decode([t]), round(float(a), 4)]
+                       for t, a in zip(ids, acts[lo - start:hi - start])]}
 
 
-def _window_acts(model: GPT, tokens: np.ndarray, starts: list[int], window: int, layer: int, index: int) -> np.ndarray:
+def _window_acts(model: GPT, tokens: np.ndarray, starts: list[int], window: int, layer: int,
+                 index: int) -> np.ndarray:
     x = torch.from_numpy(np.stack([tokens[s:s + window] for s in starts]).astype(np.int64))
-    return record_activations(model, x.to(model.lm_head.weight.device), [layer])[:, :, 0, index].float().cpu().numpy()
+    acts = record_activations(model, x.to(model.lm_head.weight.device), [layer])
+    return acts[:, :, 0, index].float().cpu().numpy()
 
 
 def neuron_card(run, layer: int, index: int, *, top: int = 10, context: int = 40, per_quantile: int = 2,
@@ -670,21 +669,25 @@ def neuron_card(run, layer: int, index: int, *, top: int = 10, context: int = 40
     windows = scan_windows(len(tokens), W)
     W = min(W, len(tokens))
     froms = [f for _, f in windows]
-    hits = [(float(v), int(p)) for v, p in zip(values[:top, layer, index], positions[:top, layer, index]) if np.isfinite(v)]
-    owner = [windows[bisect.bisect_right(froms, p) - 1][0] for _, p in hits]  # the scan window that scored p
+    hits = [int(p) for v, p in zip(values[:top, layer, index], positions[:top, layer, index]) if np.isfinite(v)]
+    owner = [windows[bisect.bisect_right(froms, p) - 1][0] for p in hits]  # the scan window that scored p
     acts = _window_acts(model, tokens, owner, W, layer, index) if hits else []
-    examples = [_example(run, s, a, p, context) for s, a, (_, p) in zip(owner, acts, hits)]
-    pick = np.sort(np.random.default_rng(0).choice(len(windows), min(sample_windows, len(windows)), replace=False))
-    starts = [windows[k][0] for k in pick]
+    examples = [_example(run, s, a, p, context) for s, a, p in zip(owner, acts, hits)]
+    pick = np.random.default_rng(0).choice(len(windows), min(sample_windows, len(windows)), replace=False)
+    starts = [windows[k][0] for k in np.sort(pick)]
     sacts = np.concatenate([_window_acts(model, tokens, starts[b:b + batch_size], W, layer, index)
                             for b in range(0, len(starts), batch_size)])
-    where = [(k, j) for k, w in enumerate(pick) for j in range(windows[w][1] - windows[w][0], W)]  # scored only
-    vals = np.array([sacts[k, j] for k, j in where])
-    quants = [{"quantile": q, "value": v, "examples": [_example(run, starts[where[i][0]], sacts[where[i][0]],
-                                                                starts[where[i][0]] + where[i][1], context) for i in idx]}
+    where = [(k, j) for k, w in enumerate(np.sort(pick)) for j in range(windows[w][1] - windows[w][0], W)]
+    vals = np.array([sacts[k, j] for k, j in where])  # the scored positions of the sampled windows
+
+    def sampled(i: int) -> dict[str, Any]:
+        k, j = where[i]
+        return _example(run, starts[k], sacts[k], starts[k] + j, context)
+
+    quants = [{"quantile": q, "value": v, "examples": [sampled(i) for i in idx]}
               for q, v, idx in quantile_examples(vals, QUANTILES, per_quantile)]
     counts, edges = np.histogram(vals, bins=bins)
-    effect = logit_effect(model, layer, index)
+    effect = logit_effect(model, layer, index)[:run.tokenizer.vocab_size]  # GPT-2 pads its vocab
     order = torch.argsort(effect, descending=True, stable=True).tolist()
     as_tokens = lambda ids: [{"token": run.tokenizer.decode([t]), "logit": float(effect[t])} for t in ids]  # noqa: E731
     return {"layer": layer, "index": index, "examples": examples, "quantile_examples": quants,
