@@ -37,6 +37,7 @@ CHUNK_ROWS = 65_536  # store rows scored per matmul: 65536 x 768 float32 = 200 M
 CALIB_SAMPLE = 100_000  # rows the calibration statistics are fitted on (a random sample of the store)
 RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al. 2009)
 CANDIDATES = 100  # per signal, the top windows that enter the fusion
+_CACHE: dict[tuple[str, Any], dict[str, Any]] = {}
 
 
 @dataclass
@@ -286,18 +287,29 @@ class KnnStore:
     meta: dict
     calib: dict[str, np.ndarray]
     stale: list[str] = field(default_factory=list)
-    _bm25: Any = None
 
     def __len__(self) -> int:
         return len(self.windows)
 
+    def cached(self, key: str, make: Any) -> Any:
+        """Loaded once per process and store build (a viewer opens the store on every request)."""
+        c = _CACHE.setdefault((str(self.path), self.meta.get("build_id")), {})
+        if key not in c:
+            c[key] = make()
+        return c[key]
+
     @property
     def bm25(self):
-        if self._bm25 is None:
-            import bm25s
+        import bm25s
 
-            self._bm25 = bm25s.BM25.load(str(self.path / "bm25"), mmap=True, show_progress=False)
-        return self._bm25
+        return self.cached("bm25", lambda: bm25s.BM25.load(str(self.path / "bm25"), mmap=True, show_progress=False))
+
+    @property
+    def rows(self) -> np.ndarray:
+        """The embeddings as float32 in memory when small (<= 256 MB), else the float16 memory map."""
+        if self.embeddings.nbytes > 1 << 27:
+            return self.embeddings
+        return self.cached("f32", lambda: np.asarray(self.embeddings, np.float32))
 
 
 def score_reference(emb: np.ndarray, seed: int = 0) -> dict[str, float]:
@@ -507,10 +519,14 @@ class Signal:
     ids: np.ndarray
     full: np.ndarray | None = None
     scores: np.ndarray | None = None
+    _sorted: np.ndarray | None = None
 
     def rank_score(self, i: int) -> tuple[int | None, float | None]:
-        if self.full is not None:  # ties share the best rank
-            return int((self.full > self.full[i]).sum()) + 1, float(self.full[i])
+        if self.full is not None:  # 1 + the number of windows scoring higher: ties share the best rank
+            if self._sorted is None:
+                self._sorted = np.sort(self.full)
+            s = self.full[i]
+            return len(self.full) - int(np.searchsorted(self._sorted, s, side="right")) + 1, float(s)
         pos = np.flatnonzero(self.ids == i)
         return (int(pos[0]) + 1, float(self.scores[pos[0]])) if len(pos) else (None, None)
 
@@ -524,7 +540,7 @@ def signals_for(store: KnnStore, qvec: np.ndarray, text: str, rank: str, search:
             s, i = query_faiss(load_or_build_faiss(store), store.embeddings, qvec[None], CANDIDATES, nprobe)
             out["embedding"] = Signal(i[0][i[0] >= 0], scores=s[0][i[0] >= 0])
         else:
-            full = exact_scores(store.embeddings, qvec[None])[0]
+            full = exact_scores(store.rows, qvec[None])[0]
             out["embedding"] = Signal(top_ids(full, CANDIDATES), full)
     if rank in ("bm25", "hybrid"):
         full = store.bm25.get_scores(bm25_tokens([text])[0]).astype(np.float32)
