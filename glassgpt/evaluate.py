@@ -79,6 +79,9 @@ class EvalConfig:
     """Directory with GPT-2's encoder.json + vocab.bpe when offline (else GLASSGPT_MIRROR / tiktoken)."""
     json_out: str | None = None
     """Also write the results as JSON to this file."""
+    threads: int | None = None
+    """CPU threads for torch; None: $OMP_NUM_THREADS if set, else 1 for models under 30M parameters
+    (runtime.choose_threads)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -341,7 +344,7 @@ def load_model(cfg: EvalConfig, device: str):
 
     source = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
     run = open_run(source, device=device, data_dir=cfg.data_dir if cfg.init_from == "resume" else None,
-                   vocab_dir=cfg.vocab_dir)
+                   vocab_dir=cfg.vocab_dir, threads=cfg.threads)
     name = f"{cfg.out_dir} (iter {run.iter_num})" if run.kind == "checkpoint" else cfg.init_from
     return run, name
 
