@@ -17,9 +17,9 @@ stop (stop token or stop string) leave the batch. Sampling draws from one torch.
 seeded `seed + row`, so sample i is also independent of the batch and the same seed gives the same
 text; for one row its draws are those of nanoGPT's `torch.manual_seed(seed); model.generate(...)`.
 
-Beyond block_size. The model has learned absolute position embeddings: once a sequence is longer
-than block_size, the tokens kept must be re-embedded at new positions, and a rolling cache (drop the
-oldest key, keep the rest) would be inexact. The engine therefore never shifts cached keys; each step
+Beyond block_size. The model knows positions 0..block_size-1 only (learned `wpe` rows, or rotary
+angles it was trained on): once a sequence is longer, the tokens kept must be re-embedded at new
+positions, and a rolling cache (drop the oldest key, keep the rest) would be inexact for `wpe`. The engine therefore never shifts cached keys; each step
 conditions on a *window* of the latest tokens, given by `window_length(n)` for a sequence of n
 tokens, with positions 0.. from the window's first token, and every step's logits are exactly those
 of a full forward pass over that window (the oracle `full_recompute_generate` checks this). Two rules:
