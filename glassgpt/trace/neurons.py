@@ -591,17 +591,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
     run = open_run(cfg.out_dir, device=cfg.device, data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir)
     log = (lambda m: print(m, file=sys.stderr)) if cfg.json else print
+    prompts, output = _prompts(cfg), read_text_arg(cfg.output, "output") if cfg.output is not None else None
+    for text in [*prompts, output or ""]:  # text the model cannot read fails before a baseline is built
+        run.tokenizer.encode(text)
+    baseline = None
     if cfg.build_baseline or rank != "raw" or cfg.ablate and cfg.ablation != "zero":
         baseline = get_baseline(run, cfg, log, rebuild=cfg.build_baseline)
         if cfg.build_baseline:
             return {"baseline": baseline.params, "n_tokens": baseline.n_tokens}
-    else:
-        baseline = None
-    output = read_text_arg(cfg.output, "output") if cfg.output is not None else None
     opts = dict(output=output, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
                 top_k=cfg.top_k, rank=rank, floor=cfg.floor, layer_norm=cfg.layer_norm, ablate=cfg.ablate,
                 ablation=cfg.ablation, n_controls=cfg.n_controls, baseline=baseline)
-    results = [explain(run, p, **opts) for p in _prompts(cfg)]
+    results = [explain(run, p, **opts) for p in prompts]
     out: dict[str, Any] = results[0] if len(results) == 1 else {"traces": results, "overlap": {
         "raw": mean_pairwise_jaccard([{tuple(x) for x in r["top_raw"]} for r in results]),
         "ranked": mean_pairwise_jaccard([{(t["layer"], t["index"]) for t in r["top"]} for r in results])}}
