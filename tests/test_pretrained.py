@@ -309,7 +309,7 @@ def make_bpe_dataset(data_dir: Path, text: str) -> Path:
 
 def test_finetune_from_hf_dir_and_sample_bpe(tmp_path, mirror):
     """config/finetune_shakespeare.py from a tiny local HF GPT-2 for 3 steps, then decode a BPE sample."""
-    from glassgpt.runtime import load_for_inference
+    from glassgpt.run import open_run
     from glassgpt.train import main as train_main
     from tests.conftest import TINY_TEXT
 
@@ -324,7 +324,8 @@ def test_finetune_from_hf_dir_and_sample_bpe(tmp_path, mirror):
     evals = [r for r in res["log"] if "val_loss" in r]
     print(f"finetune val loss {evals[0]['val_loss']:.3f} -> {evals[-1]['val_loss']:.3f}")
     assert res["iter_num"] == 3 and evals[-1]["val_loss"] < evals[0]["val_loss"]
-    model, tok, ckpt = load_for_inference(out)
+    run = open_run(out)
+    model, tok, ckpt = run.model, run.tokenizer, run.checkpoint_meta
     assert ckpt["model_args"]["activation"] == "gelu_new" and ckpt["model_args"]["block_size"] == 32
     assert tok.name == "gpt2" and model.config.vocab_size == 50257
     prompt = tok.encode("First Citizen:")

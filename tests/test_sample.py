@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, TINY_TEXT
 from glassgpt.errors import run_main
 from glassgpt.model import GPT, GPTConfig
-from glassgpt.runtime import load_for_inference
+from glassgpt.run import open_run
 from glassgpt.sample import SEPARATOR, main
 
 CPU = "--device=cpu"
@@ -29,7 +29,8 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def reference_greedy(out_dir: Path, prompt: str, n: int) -> str:
     """nanoGPT's way: full recomputation with model.generate."""
-    model, tok, _ = load_for_inference(out_dir)
+    opened = open_run(out_dir)
+    model, tok = opened.model, opened.tokenizer
     ids = torch.tensor([tok.encode(prompt)])
     return tok.decode(model.generate(ids, n, temperature=0)[0].tolist())
 
@@ -83,7 +84,8 @@ def test_long_prompt_is_cropped_with_a_note(char_checkpoint, capsys):
     rc, out, err = run([f"--out_dir={char_checkpoint}", CPU, f"--start={prompt}", "--num_samples=1",
                         "--max_new_tokens=5", "--temperature=0"], capsys)
     assert rc == 0 and "70 tokens" in err and "last 32" in err
-    model, tok, _ = load_for_inference(char_checkpoint)
+    opened = open_run(char_checkpoint)
+    model, tok = opened.model, opened.tokenizer
     ref = model.generate(torch.tensor([tok.encode(prompt)[-32:]]), 5, temperature=0)[0, 32:].tolist()
     assert out == prompt + tok.decode(ref) + "\n" + SEPARATOR + "\n"
 
@@ -165,7 +167,8 @@ def test_nanogpt_checkpoint_and_meta_pkl_sample_like_the_reference(tmp_path, mon
     # one seeded sample draws what torch.manual_seed(seed) + nanoGPT's model.generate draws
     sampled = main(["--out_dir=out", CPU, "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=25", "--seed=42",
                     "--temperature=0.8", "--top_k=200"])
-    model, tok, _ = load_for_inference(out_dir)
+    opened = open_run(out_dir)
+    model, tok = opened.model, opened.tokenizer
     torch.manual_seed(42)
     ref = model.generate(torch.tensor([tok.encode("ROMEO:")]), 25, temperature=0.8, top_k=200)[0].tolist()
     assert sampled == [tok.decode(ref)] and sampled != greedy
