@@ -63,7 +63,8 @@ def measure(out_dir: str, k: int, temperature: float, causal: list[str]) -> None
     L = model.config.n_layer
     print(f"\n#### {out_dir}: {L} layers x {nz.n_neurons(model)} neurons, iter {run.iter_num}; "
           f"{len(traces)} prompts, 64 sampled tokens each at temperature {temperature}")
-    print(f"baselines: 128 sequences x 64 tokens each, both sources, {t_base:.1f} s; trace with gradients "
+    print(f"baselines: 128 sequences, {bases['train'].n_tokens} continuation tokens in all, both sources, "
+          f"{t_base:.1f} s; trace with gradients "
           f"{t_trace:.2f} s per prompt")
     print(f"\n| ranking | Jaccard top-10 | Jaccard top-50 | top-{k} by layer (all prompts) |\n|---|---|---|---|")
     for name in traces[0][2]:
