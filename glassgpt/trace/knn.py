@@ -482,12 +482,6 @@ def query_faiss(index, embeddings: np.ndarray, queries: np.ndarray, k: int, npro
     return out_s, out_i
 
 
-def recall_at_k(exact_ids: np.ndarray, approx_ids: np.ndarray) -> float:
-    """Fraction of the exact top-k found in the approximate top-k, averaged over queries."""
-    k = exact_ids.shape[1]
-    return float(np.mean([len(set(e) & set(a)) / k for e, a in zip(exact_ids, approx_ids)]))
-
-
 def _import_faiss():
     try:
         import faiss
@@ -677,8 +671,6 @@ def trace_knn(cfg: TraceKnnConfig) -> dict[str, Any] | None:
     prompt = generated = None
     if cfg.start is not None:
         prompt = read_text_arg(cfg.start, "start")
-        if not run.tokenizer.encode(prompt) and getattr(run.tokenizer, "eot_token", None) is None:
-            raise UserError("the prompt is empty and this char-level model has no start token; pass --start=TEXT")
         generated = complete(run.model, run.tokenizer, prompt, cfg.max_new_tokens, temperature=cfg.temperature,
                              top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed).text
     text = prompt + generated if prompt is not None else read_text_arg(cfg.text)
