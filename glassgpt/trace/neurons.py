@@ -77,7 +77,7 @@ class TraceNeuronsConfig:
     baseline_source: str = "generated"
     """'generated': the model's own samples at --temperature; 'train': teacher-forced training text."""
     baseline_windows: int = 128
-    """Baseline sequences, each a training-text prompt of --baseline_prompt tokens and 64 tokens after it."""
+    """Baseline sequences: a training-text prompt of --baseline_prompt tokens and up to 64 after it."""
     baseline_prompt: int = 8
     batch_size: int = 16
     device: str = "auto"
@@ -294,7 +294,7 @@ def traced_logprob(model: GPT, ids: list[int], pos0: int) -> float:
 def ablation_hooks(neurons: list[tuple[int, int]], mode: str = "mean", baseline: Baseline | None = None,
                    seed: int = 0) -> list[tuple[str, Any]]:
     """Forward hooks that set (layer, index) neurons to their baseline mean, 0, or (resample) at each
-    position the value of a random baseline token (one draw per position for the whole set)."""
+    position the values of a random baseline token (one draw per position and layer)."""
     by_layer: dict[int, list[int]] = {}
     for layer, i in neurons:
         by_layer.setdefault(layer, []).append(i)
