@@ -425,47 +425,56 @@ def check_corpus_config(cfg: CorpusConfig) -> int:
     return num_proc
 
 
+class CorpusDocuments:
+    """The corpus's documents with text, as (split, document): local files are read twice (pass 1
+    here validates, counts and collects characters; iterating reads them again), a Hugging Face
+    dataset once per pass. `n_docs` counts the documents; for HF it starts at the row count and
+    rows with empty text are counted out as iteration passes them."""
+
+    def __init__(self, cfg: CorpusConfig, num_proc: int, bad: BadLines):
+        self.cfg, self.charset = cfg, set()
+        files = local_files(cfg.input)  # type: ignore[arg-type]
+        self.local = LocalSource(files, cfg) if files is not None else None
+        if self.local is not None:
+            self.n_docs = 0
+            for doc in tqdm(self.local.documents(bad), unit="doc", desc="checking", disable=None, leave=False):
+                if doc.text:
+                    self.n_docs += 1
+                    if cfg.tokenizer == "char":
+                        self.charset.update(doc.text)
+            self.is_val = choose_val(self.n_docs, cfg.val_fraction, cfg.seed) if self.n_docs else None
+        else:
+            self.hf = load_hf_splits(cfg, num_proc)
+            self.n_docs = sum(len(d) for d in self.hf.values())
+            if cfg.tokenizer == "char":
+                for split, dset in self.hf.items():
+                    for doc in iter_hf(dset, split, cfg):
+                        self.charset.update(doc.text)
+
+    def __iter__(self) -> Iterator[tuple[str, Document]]:
+        if self.local is not None:
+            docs = (d for d in self.local.documents(BadLines("skip")) if d.text)
+            for i, doc in enumerate(docs):
+                if i >= self.n_docs:
+                    raise UserError(f"{self.cfg.input} changed while being prepared; run again")
+                yield ("val" if self.is_val[i] else "train"), doc
+            return
+        for split, dset in self.hf.items():
+            for d in iter_hf(dset, split, self.cfg):
+                if d.text:
+                    yield split, d
+                else:
+                    self.n_docs -= 1
+
+
 def prepare_corpus(cfg: CorpusConfig, name: str = "corpus") -> dict:
     """Tokenize a corpus of documents into train.bin / val.bin, split by document; see the module doc."""
     num_proc = check_corpus_config(cfg)
     out_dir = Path(cfg.out_dir or Path("data") / name)
     t0 = time.time()
     bad = BadLines(cfg.on_bad_line)
-    files = local_files(cfg.input)  # type: ignore[arg-type]
-    if files is not None:
-        source = LocalSource(files, cfg)
-        # pass 1: validate and count (and collect characters); texts are not kept
-        n_docs, charset = 0, set()
-        for doc in tqdm(source.documents(bad), unit="doc", desc="checking", disable=None, leave=False):
-            if doc.text:
-                n_docs += 1
-                if cfg.tokenizer == "char":
-                    charset.update(doc.text)
-        is_val = choose_val(n_docs, cfg.val_fraction, cfg.seed) if n_docs else None
-
-        def stream() -> Iterator[tuple[str, Document]]:
-            docs = (d for d in source.documents(BadLines("skip")) if d.text)
-            for i, doc in enumerate(docs):
-                if i >= n_docs:
-                    raise UserError(f"{cfg.input} changed while being prepared; run again")
-                yield ("val" if is_val[i] else "train"), doc
-    else:
-        hf = load_hf_splits(cfg, num_proc)
-        n_docs, charset = sum(len(d) for d in hf.values()), set()
-        if cfg.tokenizer == "char":
-            for split, dset in hf.items():
-                for doc in iter_hf(dset, split, cfg):
-                    charset.update(doc.text)
-
-        def stream() -> Iterator[tuple[str, Document]]:
-            nonlocal n_docs
-            for split, dset in hf.items():
-                for d in iter_hf(dset, split, cfg):
-                    if d.text:
-                        yield split, d
-                    else:  # rows with empty text are no documents (counted out as they pass)
-                        n_docs -= 1
-
+    docs = CorpusDocuments(cfg, num_proc, bad)
+    n_docs, charset = docs.n_docs, docs.charset
     if n_docs == 0:
         raise UserError(f"the corpus {cfg.input} is empty: no documents with text"
                         + (f" ({bad.count} bad lines skipped, first {bad.first})" if bad.count else ""))
@@ -487,7 +496,7 @@ def prepare_corpus(cfg: CorpusConfig, name: str = "corpus") -> dict:
         documents: list[dict] = []
         bar = tqdm(total=n_docs, unit="doc", desc=f"tokenizing ({num_proc} proc)", disable=None)
         try:
-            for split, doc, ids in tokenize_in_order(batched(stream(), cfg.batch_chars), spec, num_proc):
+            for split, doc, ids in tokenize_in_order(batched(iter(docs), cfg.batch_chars), spec, num_proc):
                 writers[split].append(len(documents), ids)
                 documents.append(doc.record(split))
                 bar.update(1)
@@ -495,7 +504,7 @@ def prepare_corpus(cfg: CorpusConfig, name: str = "corpus") -> dict:
             bar.close()
             for w in writers.values():
                 w.close()
-        if len(documents) != n_docs:
+        if len(documents) != docs.n_docs:  # HF rows with empty text were counted out as they passed
             raise UserError(f"{cfg.input} changed while being prepared; run again")
         sizes = {s: split_record(w.n_tokens, len(w.segments), len(w.segments)) for s, w in writers.items()}
         if not sizes["train"]["tokens"] or not sizes["val"]["tokens"]:
