@@ -7,7 +7,6 @@ laid out like this project's shared data (`tinyshakespeare/input.txt`, `gpt2/enc
 
 from __future__ import annotations
 
-import hashlib
 import os
 import urllib.request
 from dataclasses import dataclass
@@ -43,11 +42,10 @@ GPT2_VOCAB_BPE = RemoteFile(
 
 
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex sha256 of a file (glassgpt.artifacts' fingerprint, without its 'sha256:' prefix)."""
+    from glassgpt.artifacts import fingerprint_file
+
+    return fingerprint_file(path, cache=False).split(":", 1)[1]
 
 
 def mirror_dir() -> Path | None:
