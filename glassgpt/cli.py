@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "trace-neurons": ("glassgpt.trace.neurons", "MLP neurons that fire for a generation, contrasted and ablated"),
     "neuron": ("glassgpt.trace.neurons:neuron_main", "top-activating training windows of one neuron"),
     "extend-context": ("glassgpt.extend", "grow a checkpoint's context length (learned position embeddings)"),
+    "view": ("glassgpt.view.server", "a local web page: a generation with its spans, nearest windows and neurons"),
+    "report": ("glassgpt.view.report", "the viewer's page for one generation as one self-contained HTML file"),
 }
 
 
@@ -41,6 +43,7 @@ HELP_FROM_SOURCE: dict[str, tuple[str, str, str]] = {
     "eval": ("glassgpt.evaluate", "EvalConfig", ""),
     "export": ("glassgpt.pretrained", "ExportConfig", "\n\nexample: glassgpt export --out_dir=out --to=hf hf_out/"),
     "trace-knn": ("glassgpt.trace.knn", "TraceKnnConfig", ""),
+    "trace-spans": ("glassgpt.trace.spans", "TraceSpansConfig", ""),
     "trace-neurons": ("glassgpt.trace.neurons", "TraceNeuronsConfig", ""),
     "neuron": ("glassgpt.trace.neurons", "NeuronConfig", ""),
     "extend-context": ("glassgpt.extend", "ExtendConfig", ""),

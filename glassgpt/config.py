@@ -71,6 +71,17 @@ class TrainConfig:
     lr_decay_iters: int = 600000
     """Cosine decay ends here (~= max_iters per Chinchilla)."""
     min_lr: float = 6e-5
+    lr_schedule: str = "cosine"
+    """'cosine' (nanoGPT's) or 'wsd' (warmup, flat, linear decay to min_lr over the last decay_frac)."""
+    decay_frac: float = 0.2
+    """wsd only: the share of lr_decay_iters spent decaying."""
+    optimizer: str = "adamw"
+    """'adamw' (nanoGPT's) or 'muon' (torch.optim.Muon for the blocks' 2-D matrices, AdamW at
+    learning_rate for embeddings, head, gains and biases; glassgpt/optim.py)."""
+    muon_lr: float = 0.02
+    """Muon's peak learning rate (the schedule scales it like learning_rate)."""
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
     # system
     backend: str = "nccl"
     """torch.distributed backend for DDP: 'nccl' on GPUs, 'gloo' on CPUs."""
@@ -105,8 +116,11 @@ class TrainConfig:
     """Initialise the residual output projections (c_proj) to zero."""
     logit_softcap: float | None = None
     """logits = cap * tanh(logits / cap); None leaves them raw."""
+    value_embed: bool = False
+    """Every block adds a learned embedding of the token to its attention values."""
     threads: int | None = None
-    """CPU threads for torch; None lets glassgpt choose (OMP_NUM_THREADS, if set, wins)."""
+    """CPU threads for torch; None: $OMP_NUM_THREADS if set, else 1 for models under 30M parameters
+    (runtime.choose_threads)."""
 
 
 @dataclass
@@ -144,7 +158,8 @@ class SampleConfig:
     """Past block_size: 'chunked' (restart from the last block_size//2 tokens when the window is
     full; fast) or 'sliding' (nanoGPT's: always the last block_size tokens; slow). docs/generation.md"""
     threads: int | None = None
-    """CPU threads for torch; None lets glassgpt choose (OMP_NUM_THREADS, if set, wins)."""
+    """CPU threads for torch; None: $OMP_NUM_THREADS if set, else 1 for models under 30M parameters
+    (runtime.choose_threads)."""
 
 
 @dataclass

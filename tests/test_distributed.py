@@ -285,6 +285,10 @@ def test_indivisible_accumulation_is_one_line(runs, tmp_path):
     line = "error: gradient_accumulation_steps=3 is not divisible by the 2 processes; use a multiple of 2"
     assert line in r.stderr.splitlines() or line in r.stdout.splitlines()
     assert "[rank0]: Traceback" not in r.stderr and "[rank1]: Traceback" not in r.stderr
+    # torchrun's closing report (printed after the ranks exit) shows the line as the root cause,
+    # from the rank's error file, instead of its generic "To enable traceback see ..."
+    report = r.stderr[r.stderr.rindex("Root Cause"):]
+    assert f"traceback : {line}" in report, report
     with pytest.raises(UserError, match="^gradient_accumulation_steps=5 is not divisible by the 4 processes"):
         distributed.split_grad_accum(5, 4)
     assert distributed.split_grad_accum(8, 4) == 2
