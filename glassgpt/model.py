@@ -138,10 +138,11 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         if ve is not None:  # (B, T, C) value embedding of the tokens
-            v = v + ve
+            v = v + ve.to(v.dtype)  # embeddings stay float32 under autocast
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if self.qk_norm:
-            q, k = F.rms_norm(q, (q.size(-1),), eps=1e-6), F.rms_norm(k, (k.size(-1),), eps=1e-6)
+            # type_as: autocast may run rms_norm in float32; q, k and v keep one dtype for SDPA and the cache
+            q, k = (F.rms_norm(t, (t.size(-1),), eps=1e-6).type_as(t) for t in (q, k))
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         mask = None
