@@ -214,3 +214,17 @@ def test_sample_py_shim_runs(char_checkpoint):
     proc = subprocess.run([sys.executable, "sample.py", "--out_dir=/nonexistent/x", CPU], capture_output=True,
                           text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: no checkpoint")
+
+
+def test_sample_from_an_hf_export_of_a_char_model_uses_its_char_tokenizer(char_checkpoint, tmp_path, capsys):
+    """issue 12: sample --init_from=<HF dir exported from a char model> took GPT-2 BPE and crashed."""
+    from glassgpt.pretrained import main as export_main
+
+    export_main([f"--out_dir={char_checkpoint}", str(tmp_path / "hf")])
+    capsys.readouterr()
+    argv = [CPU, "--start=All:", "--num_samples=1", "--max_new_tokens=8", "--temperature=0"]
+    rc, out, err = run([f"--init_from={tmp_path / 'hf'}", *argv], capsys)
+    assert rc == 0, err
+    rc2, out2, _ = run([f"--out_dir={char_checkpoint}", *argv], capsys)
+    sample = lambda text: text[text.index("All:"):].split("---------------")[0]  # noqa: E731
+    assert rc2 == 0 and sample(out) == sample(out2)  # same model, same tokenizer, same greedy text
