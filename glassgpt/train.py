@@ -30,23 +30,11 @@ from glassgpt.config import TrainConfig, config_to_dict, load_config, wants_help
 from glassgpt.data import BatchSampler, data_dir_for, require_prepared
 from glassgpt.errors import UserError, run_main
 from glassgpt.model import GPT, GPTConfig, device_peak_flops
-from glassgpt.runtime import autocast, resolve_device, resolve_dtype
+from glassgpt.optim import Optimizers, build_optimizers, check_choices, get_lr, group_norms, snapshot
+from glassgpt.runtime import autocast, choose_threads, resolve_device, resolve_dtype
 from glassgpt.tokenizer import read_meta
 
 LOG_NAME = "log.jsonl"
-
-
-def get_lr(it: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay from learning_rate to min_lr at lr_decay_iters, then flat."""
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it > cfg.lr_decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
-    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
 @torch.no_grad()
@@ -91,11 +79,27 @@ class RunLog:
     path: Path | None
     records: list[dict] = field(default_factory=list)
 
+    def truncate(self, resumed_at: int) -> None:
+        """Drop what a resumed run will write again: step records from `resumed_at` on and eval
+        records after it (its eval ran before the checkpoint was saved), so no iteration appears twice."""
+        if self.path is None or not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and _kept(json.loads(line), resumed_at)]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
     def write(self, **rec: Any) -> None:
         self.records.append(rec)
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+
+
+def _kept(rec: dict, resumed_at: int) -> bool:
+    it = rec.get("iter", -1)
+    return it < resumed_at or (it == resumed_at and "val_loss" in rec)
 
 
 def check_out_dir(out_dir: str) -> None:
@@ -119,7 +123,7 @@ def build_model(cfg: TrainConfig, meta: dict | None) -> tuple[GPT, dict | None, 
             print("no vocab_size in the dataset's metadata: using GPT-2's 50304 (50257 rounded up for efficiency)")
         args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                     bias=cfg.bias, vocab_size=meta_vocab or 50304, dropout=cfg.dropout,
-                    activation=cfg.activation or "gelu")
+                    activation=cfg.activation or "gelu", **arch_options(cfg))
         try:
             model = GPT(GPTConfig(**args))
         except ValueError as e:
@@ -138,6 +142,7 @@ def build_model(cfg: TrainConfig, meta: dict | None) -> tuple[GPT, dict | None, 
     else:
         from glassgpt.pretrained import from_pretrained
 
+        refuse_options_for_pretrained(cfg)
         model = from_pretrained(cfg.init_from, {"dropout": cfg.dropout})
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
@@ -149,6 +154,26 @@ def build_model(cfg: TrainConfig, meta: dict | None) -> tuple[GPT, dict | None, 
         # data the model cannot embed, or tokenized another way than the model was trained on
         check_vocab(model.config.vocab_size, meta, ckpt.get("tokenizer") if ckpt else None)
     return model, ckpt, args
+
+
+ARCH_OPTIONS = ("rope", "rope_base", "qk_norm", "tie_embeddings", "zero_init_proj", "logit_softcap", "value_embed")
+
+
+def arch_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The GPTConfig architecture options of a from-scratch model (defaults: GPT-2's)."""
+    return {k: getattr(cfg, k) for k in ARCH_OPTIONS}
+
+
+def refuse_options_for_pretrained(cfg: TrainConfig) -> None:
+    """GPT-2 weights fix the architecture: an option that would change it is refused, not ignored."""
+    if cfg.activation not in (None, "gelu_new"):
+        raise UserError(f"--activation={cfg.activation} cannot be used with init_from={cfg.init_from}: GPT-2's "
+                        "weights were trained with gelu_new; drop --activation")
+    default = TrainConfig()
+    changed = [k for k in ARCH_OPTIONS if getattr(cfg, k) != getattr(default, k)]
+    if changed:
+        raise UserError(f"--{changed[0]} cannot be used with init_from={cfg.init_from}: GPT-2's weights fix the "
+                        "architecture; drop it or train from scratch")
 
 
 def plot_losses(records: list[dict], path: Path) -> None:
@@ -177,7 +202,8 @@ def plot_losses(records: list[dict], path: Path) -> None:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run a training job; returns {'iter_num', 'best_val_loss', 'last_eval', 'log': [records]}."""
+    """Run a training job; returns {'iter_num', 'best_val_loss', 'last_eval', 'log': [records], 'elapsed'}."""
+    check_choices(cfg)
     dist_info = distributed.setup(cfg.backend, resolve_device(cfg.device), cfg.parallel)
     finished = False
     try:
@@ -188,178 +214,272 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         distributed.teardown(dist_info, finished)
 
 
-def _train(cfg: TrainConfig, dist_info: distributed.DistInfo) -> dict[str, Any]:
+@dataclass
+class Job:
+    """Everything one training job holds, built by `_setup` and advanced by `_step`."""
+
+    cfg: TrainConfig
+    dist: distributed.DistInfo
+    device: str
+    device_type: str
+    dtype: str
+    ctx: Any
+    grad_accum: int
+    batches: BatchSampler
+    raw_model: GPT
+    model: torch.nn.Module
+    eval_model: torch.nn.Module
+    optimizer: Optimizers
+    scaler: torch.amp.GradScaler
+    model_args: dict
+    tok_meta: dict
+    vocab: int
+    run_log: RunLog
+    config_dict: dict
+    threads: int | None = None
+    iter_num: int = 0
+    best_val_loss: float = 1e9
+    resumed_at: int | None = None
+
+    @property
+    def master(self) -> bool:
+        return self.dist.master
+
+    @property
+    def tokens_per_iter(self) -> int:
+        return self.grad_accum * self.dist.world_size * self.cfg.batch_size * self.cfg.block_size
+
+
+def _setup(cfg: TrainConfig, dist_info: distributed.DistInfo) -> tuple[Job, dict | None]:
+    """Seeds, data, model (wrapped for compile/DDP/FSDP), optimizers; (job, checkpoint if resuming)."""
     device = dist_info.device
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
     dtype = resolve_dtype(cfg.dtype, device)
-    master = dist_info.master
-    grad_accum = distributed.split_grad_accum(cfg.gradient_accumulation_steps, dist_info.world_size)
-    if master:
+    if dist_info.master:
         check_out_dir(cfg.out_dir)
     torch.manual_seed(cfg.seed + dist_info.rank)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ctx = autocast(device, dtype)
-
     data_dir = data_dir_for(cfg.dataset, cfg.data_dir)
     require_prepared(data_dir)
     meta = read_meta(data_dir)
     meta_vocab = int(meta["vocab_size"]) if meta and "vocab_size" in meta else None
 
-    model, ckpt, model_args = build_model(cfg, meta)
+    raw_model, ckpt, model_args = build_model(cfg, meta)
+    threads = choose_threads(raw_model.get_num_params(), device, cfg.threads)
     batches = BatchSampler(data_dir, cfg.block_size, cfg.batch_size, device, cfg.seed, dist_info.rank)
-    model.to(device)
-    raw_model = model
-    if cfg.compile:
+    raw_model.to(device)
+    if cfg.compile and dist_info.master:
         print("compiling the model... (takes a ~minute)")
     # compiled and/or DDP-wrapped, or sharded in place by FSDP (so the optimizer comes after this)
     model = distributed.wrap_model(raw_model, dist_info, dtype, compile=cfg.compile)
-    eval_model = distributed.eval_module(model)
-    scaler = distributed.make_grad_scaler(dist_info, device_type, enabled=(dtype == "float16"))
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    tok_meta = {k: v for k, v in (meta or {"tokenizer": "gpt2"}).items()
+                if k in ("tokenizer", "vocab_size", "stoi", "itos", "eot_token")}
+    job = Job(cfg=cfg, dist=dist_info, device=device, device_type=device_type, dtype=dtype, ctx=autocast(device, dtype),
+              grad_accum=distributed.split_grad_accum(cfg.gradient_accumulation_steps, dist_info.world_size),
+              batches=batches, raw_model=raw_model, model=model, eval_model=distributed.eval_module(model),
+              optimizer=build_optimizers(raw_model, cfg, device_type),
+              scaler=distributed.make_grad_scaler(dist_info, device_type, enabled=(dtype == "float16")),
+              model_args=model_args, tok_meta=tok_meta,
+              vocab=model_args["vocab_size"] if meta_vocab is None else meta_vocab,
+              run_log=RunLog(Path(cfg.out_dir) / LOG_NAME if dist_info.master else None),
+              config_dict=config_to_dict(cfg), threads=threads)
+    return job, ckpt
 
-    iter_num, best_val_loss, resumed_at = 0, 1e9, None
+
+def _torch_optimizer(job: Job) -> Any:
+    # FSDP's state-dict helpers need the torch optimizer itself (only AdamW runs under FSDP)
+    return job.optimizer.by_name["adamw"] if job.dist.fsdp else job.optimizer
+
+
+def _resume(job: Job, ckpt: dict) -> None:
+    """Continue the interrupted run: counters, optimizer state, every random stream, the log."""
+    job.iter_num, job.best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
+    if ckpt.get("optimizer"):
+        distributed.load_optimizer_state(job.raw_model, _torch_optimizer(job), ckpt["optimizer"], job.dist)
+    rng = ckpt.get("rng")
+    if rng:  # glassgpt checkpoint: continue the exact random streams of the interrupted run
+        mine = distributed.rank_rng_state(rng, job.dist)  # None: a rank the saving job did not have
+        if mine is not None:
+            torch.set_rng_state(mine["torch"])
+            cuda = mine.get("cuda")
+            if cuda and job.device_type == "cuda" and len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)
+            job.batches.load_state_dict(mine["sampler"])
+        job.resumed_at = job.iter_num  # its eval at this iteration already ran before the save
+    if job.master:
+        job.run_log.truncate(job.iter_num)
+
+
+def _rng_state(job: Job) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "sampler": job.batches.state_dict()}
+    if job.device_type == "cuda":  # dropout on a GPU draws from the CUDA generators
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _save(job: Job, at_iter: int) -> None:
+    # every rank joins (FSDP gathers its shards, every rank's RNG state is kept); rank 0 writes
+    model_sd, optim_sd = distributed.gather_checkpoint(job.raw_model, _torch_optimizer(job), job.dist)
+    ranks = distributed.gather_objects(_rng_state(job), job.dist)
+    if not job.master:
+        return
+    save_checkpoint(ckpt_path(job.cfg.out_dir), {
+        "model": clean_state_dict(model_sd), "optimizer": optim_sd,
+        "model_args": job.model_args, "iter_num": at_iter, "best_val_loss": job.best_val_loss,
+        "config": job.config_dict, "tokenizer": job.tok_meta,
+        "rng": {**ranks[0], "ranks": ranks},
+    })
+    print(f"saved checkpoint to {ckpt_path(job.cfg.out_dir)}")
+
+
+def _nonfinite(job: Job, what: str, value: float) -> UserError:
+    path = ckpt_path(job.cfg.out_dir)
+    kept = (f"the last good checkpoint {path} (iter {json.loads(path.with_suffix('.json').read_text())['iter_num']}) is kept"
+            if path.with_suffix(".json").exists() else "no checkpoint had been saved")
+    return UserError(f"{what} became {value} at iteration {job.iter_num}; training stopped and {kept}. "
+                     "Try a lower learning_rate, grad_clip=1.0, or dtype=bfloat16")
+
+
+def _print_header(job: Job) -> None:
+    cfg, raw = job.cfg, job.raw_model
+    threads = f", {job.threads} thread{'s' if job.threads != 1 else ''}" if job.threads else ""
+    print(f"{raw.get_num_params() / 1e6:.2f}M parameters | {job.tokens_per_iter:,} tokens per iteration "
+          f"({job.grad_accum * job.dist.world_size} x {cfg.batch_size} x {cfg.block_size}) | device {job.device}"
+          f"{threads}, {job.dtype} | optimizer {cfg.optimizer}, {cfg.lr_schedule} schedule")
+    print(f"loss is -ln p(correct next token), averaged; uniform guessing over {job.vocab} tokens scores "
+          f"ln({job.vocab}) = {math.log(job.vocab):.2f}")
+
+
+def _evaluate(job: Job, lr: float, wandb: Any) -> dict[str, float]:
+    """Every rank evaluates (its share) and decides alike; rank 0 alone prints, logs and writes."""
+    losses = estimate_loss(job.eval_model, job.batches, job.cfg.eval_iters, job.ctx, job.dist)
+    if job.master:
+        print(f"step {job.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+              f"({explain_loss(losses['val'], job.vocab)})")
+        job.run_log.write(iter=job.iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr)
+        if wandb is not None:
+            wandb.log({"iter": job.iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+    if not math.isfinite(losses["val"]):
+        raise _nonfinite(job, "val loss", losses["val"])
+    if losses["val"] < job.best_val_loss or job.cfg.always_save_checkpoint:
+        job.best_val_loss = min(job.best_val_loss, losses["val"])
+        if job.iter_num > 0:
+            _save(job, job.iter_num)
+    return losses
+
+
+def _step(job: Job, log_iter: bool) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+    """One optimizer step over grad_accum micro-batches: (job loss, grad norm, grad-health norms).
+    The norms are computed only at log iterations (the same on every rank: FSDP's norm is collective)."""
+    cfg, opt = job.cfg, job.optimizer
+    loss_sum = torch.zeros((), device=job.device)
+    for micro_step in range(job.grad_accum):
+        x, y = job.batches.get_batch("train")
+        # DDP all-reduces gradients only on the last micro-step
+        with distributed.grad_sync(job.model, sync=micro_step == job.grad_accum - 1):
+            with job.ctx:
+                _, loss = job.model(x, y)
+                loss = loss / job.grad_accum
+            loss_sum += loss.detach()
+            job.scaler.scale(loss).backward()
+    # the job's loss (mean over ranks), so every rank sees the same value and stops alike
+    loss_sum = distributed.all_reduce_mean(loss_sum, job.dist)
+    health: dict[str, float] = {}
+    grad_norm = None
+    if cfg.grad_clip != 0.0 or log_iter:
+        opt.unscale_(job.scaler)
+        # per-group norms of local tensors are the job's under DDP, not under FSDP's shards
+        if log_iter and not job.dist.fsdp:
+            health = group_norms(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(job.raw_model.parameters(), cfg.grad_clip or float("inf"))
+    # On the CPU the check is free (every op is synchronous); on GPUs only when logging.
+    if job.device_type == "cpu" or log_iter:
+        lossf = loss_sum.item()
+        if not math.isfinite(lossf):
+            raise _nonfinite(job, "loss", lossf)
+    before = snapshot(opt) if health else None
+    opt.step(job.scaler)
+    job.scaler.update()
+    opt.zero_grad(set_to_none=True)
+    if before is not None:
+        health.update(group_norms(opt, before))
+    return loss_sum, grad_norm, health
+
+
+def _log_step(job: Job, loss: torch.Tensor, grad_norm: torch.Tensor | None, health: dict[str, float],
+              lr: float, dt: float, local_iter: int, wandb: Any) -> None:
+    cfg = job.cfg
+    lossf = float(loss)
+    gn = distributed.to_float(grad_norm) if grad_norm is not None else float("nan")
+    clipped = cfg.grad_clip != 0.0 and gn > cfg.grad_clip
+    tok_s = job.tokens_per_iter / dt  # the whole job's tokens (all ranks) per second
+    # MFU = job FLOP/s over (world_size x one device's peak) = per-device rate over one peak
+    peak = device_peak_flops(job.device, job.dtype)
+    mfu = job.raw_model.estimate_mfu(tok_s / job.dist.world_size, peak) if local_iter >= 5 else None
+    mfu_s = f", mfu {mfu * 100:.1f}%" if mfu is not None else ""
+    print(f"iter {job.iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, {job.tokens_per_iter / dt:,.0f} tok/s"
+          f"{mfu_s}, |g| {gn:.2f}{' (clipped)' if clipped else ''}")
+    job.run_log.write(iter=job.iter_num, loss=lossf, lr=lr, ms=dt * 1000, tok_s=tok_s, grad_norm=gn, clipped=clipped,
+                      **({"mfu": mfu} if mfu is not None else {}), **health)
+    if wandb is not None:
+        wandb.log({"iter": job.iter_num, "train/batch_loss": lossf, "grad_norm": gn, "tok_s": tok_s, **health})
+
+
+def _start_wandb(job: Job) -> Any:
+    if not (job.master and job.cfg.wandb_log):
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("wandb_log=True but wandb is not installed; `pip install wandb` or pass --wandb_log=False") from None
+    wandb.init(project=job.cfg.wandb_project, name=job.cfg.wandb_run_name, config=job.config_dict)
+    return wandb
+
+
+def _train(cfg: TrainConfig, dist_info: distributed.DistInfo) -> dict[str, Any]:
+    job, ckpt = _setup(cfg, dist_info)
     if ckpt is not None:
-        iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
-        if ckpt.get("optimizer"):
-            distributed.load_optimizer_state(raw_model, optimizer, ckpt["optimizer"], dist_info)
-        rng = ckpt.get("rng")
-        if rng:  # glassgpt checkpoint: continue the exact random streams of the interrupted run
-            mine = distributed.rank_rng_state(rng, dist_info)  # None: a rank the saving job did not have
-            if mine is not None:
-                torch.set_rng_state(mine["torch"])
-                batches.load_state_dict(mine["sampler"])
-            resumed_at = iter_num  # its eval at this iteration already ran before the save
+        _resume(job, ckpt)
         ckpt = None  # free memory
-
-    vocab = model_args["vocab_size"] if meta_vocab is None else meta_vocab
-    tokens_per_iter = grad_accum * dist_info.world_size * cfg.batch_size * cfg.block_size
-    peak = device_peak_flops(device, dtype)
-    run_log = RunLog(Path(cfg.out_dir) / LOG_NAME if master else None)
-    config_dict = config_to_dict(cfg)
-    tok_meta = {k: v for k, v in (meta or {"tokenizer": "gpt2"}).items() if k in ("tokenizer", "vocab_size", "stoi", "itos", "eot_token")}
-    if master:
-        print(f"{raw_model.get_num_params() / 1e6:.2f}M parameters | {tokens_per_iter:,} tokens per iteration "
-              f"({grad_accum * dist_info.world_size} x {cfg.batch_size} x {cfg.block_size}) | device {device}, {dtype}")
-        print(f"loss is -ln p(correct next token), averaged; uniform guessing over {vocab} tokens scores "
-              f"ln({vocab}) = {math.log(vocab):.2f}")
-        if cfg.wandb_log:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("wandb_log=True but wandb is not installed; `pip install wandb` or pass --wandb_log=False") from None
-            wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config_dict)
-
-    def save(at_iter: int) -> None:
-        # every rank joins (FSDP gathers its shards, every rank's RNG state is kept); rank 0 writes
-        model_sd, optim_sd = distributed.gather_checkpoint(raw_model, optimizer, dist_info)
-        ranks = distributed.gather_objects({"torch": torch.get_rng_state(), "sampler": batches.state_dict()}, dist_info)
-        if not master:
-            return
-        save_checkpoint(ckpt_path(cfg.out_dir), {
-            "model": clean_state_dict(model_sd), "optimizer": optim_sd,
-            "model_args": model_args, "iter_num": at_iter, "best_val_loss": best_val_loss,
-            "config": config_dict, "tokenizer": tok_meta,
-            "rng": {**ranks[0], "ranks": ranks},
-        })
-
-    def nonfinite(what: str, value: float) -> UserError:
-        path = ckpt_path(cfg.out_dir)
-        kept = (f"the last good checkpoint {path} (iter {json.loads(path.with_suffix('.json').read_text())['iter_num']}) is kept"
-                if path.with_suffix(".json").exists() else "no checkpoint had been saved")
-        return UserError(f"{what} became {value} at iteration {iter_num}; training stopped and {kept}. "
-                         "Try a lower learning_rate, grad_clip=1.0, or dtype=bfloat16")
-
+    if job.master:
+        _print_header(job)
+    wandb = _start_wandb(job)
     last_eval: dict[str, float] = {}
-    t0 = time.time()
-    run_t0 = t0
+    t0 = run_t0 = time.time()
     local_iter = 0
     while True:
-        lr = get_lr(iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        # every rank evaluates (its share) and decides alike; rank 0 alone prints, logs and writes
-        if (iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters) and iter_num != resumed_at:
-            losses = estimate_loss(eval_model, batches, cfg.eval_iters, ctx, dist_info)
-            last_eval = losses
-            if master:
-                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
-                      f"({explain_loss(losses['val'], vocab)})")
-                run_log.write(iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], lr=lr)
-                if cfg.wandb_log:
-                    wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
-            if not math.isfinite(losses["val"]):
-                raise nonfinite("val loss", losses["val"])
-            if losses["val"] < best_val_loss or cfg.always_save_checkpoint:
-                best_val_loss = min(best_val_loss, losses["val"])
-                if iter_num > 0:
-                    save(iter_num)
-                    if master:
-                        print(f"saved checkpoint to {ckpt_path(cfg.out_dir)}")
-        if cfg.eval_only or iter_num >= cfg.max_iters:
+        lr = get_lr(job.iter_num, cfg)
+        job.optimizer.set_lr(lr, cfg)
+        if (job.iter_num % cfg.eval_interval == 0 or job.iter_num >= cfg.max_iters) and job.iter_num != job.resumed_at:
+            last_eval = _evaluate(job, lr, wandb)
+        if cfg.eval_only or job.iter_num >= cfg.max_iters:
             break
-
-        loss_sum = torch.zeros((), device=device)
-        for micro_step in range(grad_accum):
-            x, y = batches.get_batch("train")
-            # DDP all-reduces gradients only on the last micro-step
-            with distributed.grad_sync(model, sync=micro_step == grad_accum - 1):
-                with ctx:
-                    _, loss = model(x, y)
-                    loss = loss / grad_accum
-                loss_sum += loss.detach()
-                scaler.scale(loss).backward()
-        # the job's loss (mean over ranks), so every rank sees the same value and stops alike
-        loss_sum = distributed.all_reduce_mean(loss_sum, dist_info)
-        log_iter = iter_num % cfg.log_interval == 0  # the same on every rank: FSDP's norm is collective
-        log_now = log_iter and master
-        grad_norm = None
-        if cfg.grad_clip != 0.0 or log_iter:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-        # On the CPU the check is free (every op is synchronous); on GPUs only when logging.
-        if device_type == "cpu" or log_iter:
-            lossf = loss_sum.item()
-            if not math.isfinite(lossf):
-                raise nonfinite("loss", lossf)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
+        log_iter = job.iter_num % cfg.log_interval == 0
+        loss, grad_norm, health = _step(job, log_iter)
         t1 = time.time()
         dt, t0 = t1 - t0, t1
-        if log_now:
-            gn = distributed.to_float(grad_norm) if grad_norm is not None else float("nan")
-            clipped = cfg.grad_clip != 0.0 and gn > cfg.grad_clip
-            tok_s = tokens_per_iter / dt  # the whole job's tokens (all ranks) per second
-            # MFU = job FLOP/s over (world_size x one device's peak) = per-device rate over one peak
-            mfu = raw_model.estimate_mfu(tok_s / dist_info.world_size, peak) if local_iter >= 5 else None
-            mfu_s = f", mfu {mfu * 100:.1f}%" if mfu is not None else ""
-            print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, {tok_s:,.0f} tok/s{mfu_s}, "
-                  f"|g| {gn:.2f}{' (clipped)' if clipped else ''}")
-            run_log.write(iter=iter_num, loss=lossf, lr=lr, ms=dt * 1000, tok_s=tok_s, grad_norm=gn, clipped=clipped,
-                          **({"mfu": mfu} if mfu is not None else {}))
-            if cfg.wandb_log:
-                wandb.log({"iter": iter_num, "train/batch_loss": lossf, "grad_norm": gn, "tok_s": tok_s})
-        iter_num += 1
+        if log_iter and job.master:
+            _log_step(job, loss, grad_norm, health, lr, dt, local_iter, wandb)
+        job.iter_num += 1
         local_iter += 1
+    return _finish(job, wandb, local_iter, time.time() - run_t0, last_eval)
 
-    if master and cfg.plot and local_iter > 0:
-        records = []
-        log_path = Path(cfg.out_dir) / LOG_NAME
-        for line in log_path.read_text().splitlines() if log_path.exists() else []:
-            records.append(json.loads(line))
-        plot_losses(records, Path(cfg.out_dir) / "loss.png")
-    if master and cfg.wandb_log:
+
+def _finish(job: Job, wandb: Any, local_iter: int, elapsed: float, last_eval: dict[str, float]) -> dict[str, Any]:
+    out_dir = Path(job.cfg.out_dir)
+    if job.master and job.cfg.plot and local_iter > 0:
+        log_path = out_dir / LOG_NAME
+        records = [json.loads(line) for line in (log_path.read_text().splitlines() if log_path.exists() else [])]
+        plot_losses(records, out_dir / "loss.png")
+    if wandb is not None:
         wandb.finish()
-    elapsed = time.time() - run_t0
-    if master and local_iter:
+    if job.master and local_iter:
         print(f"done: {local_iter} iterations in {elapsed:.1f} s ({elapsed / local_iter * 1000:.1f} ms/iter), "
-              f"best val loss {best_val_loss:.4f}")
-    return {"iter_num": iter_num, "best_val_loss": best_val_loss, "last_eval": last_eval,
-            "log": run_log.records, "elapsed": elapsed}
+              f"best val loss {job.best_val_loss:.4f}")
+    return {"iter_num": job.iter_num, "best_val_loss": job.best_val_loss, "last_eval": last_eval,
+            "log": job.run_log.records, "elapsed": elapsed}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:

@@ -1,0 +1,183 @@
+"""Optimizers and learning-rate schedules for train.py.
+
+`optimizer='adamw'` is nanoGPT's (decayed 2-D weights, undecayed gains and biases; the checkpoint's
+"optimizer" entry is AdamW's own state dict, as nanoGPT writes it). `optimizer='muon'` puts the 2-D
+matrices inside the transformer blocks under PyTorch's `torch.optim.Muon` (momentum orthogonalised by
+Newton-Schulz, https://kellerjordan.github.io/posts/muon/) and everything else (embeddings, the head,
+norm gains, biases) under AdamW, as modded-nanogpt and nanochat do.
+
+Schedules: 'cosine' (nanoGPT's: linear warmup, cosine to min_lr at lr_decay_iters) and 'wsd'
+(warmup-stable-decay: warmup, flat at the peak, linear decay to min_lr over the last `decay_frac` of
+lr_decay_iters; https://arxiv.org/abs/2404.06395). One multiplier drives both optimizers, so Muon's
+learning rate follows the same shape scaled to `muon_lr`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from glassgpt.config import TrainConfig
+from glassgpt.errors import UserError
+
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd")
+
+
+def get_lr(it: int, cfg: TrainConfig) -> float:
+    """AdamW's learning rate at iteration `it` (Muon's is this times muon_lr / learning_rate)."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > cfg.lr_decay_iters:
+        return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        decay_start = cfg.lr_decay_iters - cfg.decay_frac * cfg.lr_decay_iters
+        if it < decay_start:
+            return cfg.learning_rate
+        ratio = (it - decay_start) / max(1.0, cfg.lr_decay_iters - decay_start)  # 0 -> 1
+        return cfg.learning_rate + ratio * (cfg.min_lr - cfg.learning_rate)
+    ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def check_choices(cfg: TrainConfig) -> None:
+    """One line for an unknown optimizer or schedule, before anything is built."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UserError(f"optimizer={cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if cfg.lr_schedule not in SCHEDULES:
+        raise UserError(f"lr_schedule={cfg.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if not 0.0 <= cfg.decay_frac <= 1.0:
+        raise UserError(f"decay_frac={cfg.decay_frac} must be between 0 and 1 (the share of lr_decay_iters spent decaying)")
+    if cfg.optimizer == "muon" and cfg.parallel == "fsdp":
+        raise UserError("optimizer='muon' is not supported with parallel='fsdp' (Muon needs whole matrices); "
+                        "use --parallel=ddp or --optimizer=adamw")
+
+
+def split_params(model: nn.Module, muon: bool) -> dict[str, list[nn.Parameter]]:
+    """Named parameter groups: 'hidden' (2-D matrices inside the blocks), 'embed' (other 2-D weights:
+    embeddings and an untied head), 'vector' (gains, biases). Without Muon, hidden and embed are
+    merged into 'decay' as nanoGPT does."""
+    groups: dict[str, list[nn.Parameter]] = {"hidden": [], "embed": [], "vector": []}
+    for name, p in model.named_parameters():  # tied weights appear once
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2:
+            groups["vector"].append(p)
+        elif ".h." in f".{name}" and "wte" not in name and "wpe" not in name:
+            groups["hidden"].append(p)
+        else:
+            groups["embed"].append(p)
+    if not muon:
+        return {"decay": groups["hidden"] + groups["embed"], "vector": groups["vector"]}
+    return groups
+
+
+class Optimizers:
+    """One or two torch optimizers stepped together (AdamW alone, or Muon + AdamW).
+
+    `param_groups` lists every group of every optimizer, each with a "name" and its "base_lr" (the
+    peak learning rate the schedule multiplies); `state_dict()` is AdamW's own for optimizer='adamw'
+    (nanoGPT's checkpoint layout) and {'muon': ..., 'adamw': ...} for optimizer='muon'."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
+        self.by_name = optimizers
+        self.optimizers = list(optimizers.values())
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def set_lr(self, lr: float, cfg: TrainConfig) -> None:
+        scale = lr / cfg.learning_rate if cfg.learning_rate else 0.0
+        for g in self.param_groups:
+            g["lr"] = g["base_lr"] * scale
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        for opt in self.optimizers:
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+
+    def unscale_(self, scaler: torch.amp.GradScaler) -> None:
+        for opt in self.optimizers:
+            scaler.unscale_(opt)
+
+    def state_dict(self) -> dict[str, Any]:
+        if list(self.by_name) == ["adamw"]:
+            return self.by_name["adamw"].state_dict()
+        return {name: opt.state_dict() for name, opt in self.by_name.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # torch restores the saved groups' hyper-parameters; this run's config (base_lr, group names) wins, as it
+        # does for nanoGPT's learning_rate, which is set afresh every iteration
+        mine = [(g["base_lr"], g["name"]) for g in self.param_groups]
+        if list(self.by_name) == ["adamw"]:
+            if "muon" in state:
+                raise UserError("the checkpoint was trained with optimizer='muon'; resume with --optimizer=muon")
+            self.by_name["adamw"].load_state_dict(state)
+        else:
+            if "muon" not in state:
+                raise UserError("the checkpoint was trained with optimizer='adamw'; resume with --optimizer=adamw")
+            for name, opt in self.by_name.items():
+                opt.load_state_dict(state[name])
+        for g, (base_lr, name) in zip(self.param_groups, mine):  # nanoGPT's groups have no names
+            g["base_lr"], g["name"] = base_lr, name
+
+
+def build_optimizers(model: nn.Module, cfg: TrainConfig, device_type: str) -> Optimizers:
+    """AdamW (nanoGPT's groups) or Muon for the hidden matrices + AdamW for the rest."""
+    check_choices(cfg)
+    muon = cfg.optimizer == "muon"
+    groups = split_params(model, muon)
+    # fused AdamW runs on CUDA and (torch >= 2.4) CPU, ~10x faster than the per-tensor loop here
+    fused_ok = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
+    extra = {"fused": True} if fused_ok else {}
+    adam_groups = [{"params": groups["decay" if not muon else "embed"], "weight_decay": cfg.weight_decay,
+                    "name": "decay" if not muon else "embed"},
+                   {"params": groups["vector"], "weight_decay": 0.0, "name": "vector"}]
+    adam_groups = [g for g in adam_groups if g["params"]]
+    opts: dict[str, torch.optim.Optimizer] = {}
+    if muon:
+        opts["muon"] = torch.optim.Muon([{"params": groups["hidden"], "name": "hidden"}], lr=cfg.muon_lr,
+                                        momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay)
+    opts["adamw"] = torch.optim.AdamW(adam_groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), **extra)
+    for opt in opts.values():
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return Optimizers(opts)
+
+
+@torch.no_grad()
+def group_norms(optim: Optimizers, before: list[torch.Tensor] | None = None) -> dict[str, float]:
+    """Per-group L2 norms of the gradients (`grad_norm/<group>`) or, given the parameters as they
+    were before the step, of the updates (`update_norm/<group>`)."""
+    out = {}
+    i = 0
+    for g in optim.param_groups:
+        ps = g["params"]
+        if before is None:
+            grads = [p.grad for p in ps if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+            out[f"grad_norm/{g['name']}"] = float(norm)
+        else:
+            diffs = torch._foreach_sub([p.detach() for p in ps], before[i:i + len(ps)])
+            out[f"update_norm/{g['name']}"] = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diffs))))
+        i += len(ps)
+    return out
+
+
+def snapshot(optim: Optimizers) -> list[torch.Tensor]:
+    """Copies of every optimized parameter, in param_groups order (for update norms)."""
+    return [p.detach().clone() for g in optim.param_groups for p in g["params"]]
