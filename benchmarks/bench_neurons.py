@@ -41,7 +41,8 @@ def rankings(acts, ag, gs, bases):
         out[f"z {src}, rel floor + layer norm"] = nz.contrast(acts, b, "z", 0.1, layer_norm=True)
         out[f"z {src}, rel floor 0.5 + layer norm"] = nz.contrast(acts, b, "z", 0.5, layer_norm=True)
     out["prob generated + layer norm"] = nz.contrast(acts, bases["generated"], "prob", layer_norm=True)
-    out["attribution"] = ag - bases["generated"].mean * gs
+    out["attribution, nats"] = ag - bases["generated"].mean * gs
+    out["attribution + layer norm"] = nz.per_layer(out["attribution, nats"])
     return out
 
 
@@ -97,7 +98,8 @@ def main() -> None:
     p.add_argument("--out_dir", action="append", required=True)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--causal", default="raw;z generated, rel floor + layer norm;z train, rel floor + layer norm;attribution",
+    p.add_argument("--causal", default="raw;z generated, rel floor + layer norm;z train, rel floor + layer norm;"
+                   "attribution, nats;attribution + layer norm",
                    help="rankings to ablate, ;-separated")
     a = p.parse_args()
     print(f"### neuron traces ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}); load "

@@ -287,8 +287,11 @@ def test_explain_a_given_output_and_attribution(run):
     r = nz.explain(run, "All:\n", output="Speak, speak.", top_k=3, baseline=base)
     assert not r["generated"] and r["output"] == "Speak, speak." and r["n_traced_tokens"] == 13
     acts, ag, gs = nz.record_text(run.model, r["token_ids"], r["first_traced_position"], grad=True)
-    ref = [(l, i) for l, i, _ in nz.top_neurons(ag - base.mean * gs, 3)]
+    a = ag - base.mean * gs
+    ref = [(l, i) for l, i, _ in nz.top_neurons((a - a.mean(1, keepdims=True)) / a.std(1, keepdims=True), 3)]
     assert r["ranking"] == "attribution" and [(t["layer"], t["index"]) for t in r["top"]] == ref
+    nats = nz.explain(run, "All:\n", output="Speak, speak.", top_k=3, baseline=base, layer_norm=False)
+    assert [(t["layer"], t["index"], t["score"]) for t in nats["top"]] == nz.top_neurons(a, 3)
     t = r["top"][0]
     assert t["token_activations"] == [round(float(a), 4) for a in acts[:, t["layer"], t["index"]]]
 

@@ -64,7 +64,7 @@ class TraceNeuronsConfig:
     floor: float = 0.1
     """z-score spread floor, as a fraction of each neuron's baseline RMS activation."""
     layer_norm: bool = True
-    """Standardise z/prob scores within each layer, so no layer wins by its scale alone."""
+    """Standardise the scores within each layer, so no layer wins by its scale alone (False: attribution in nats)."""
     ablate: bool = False
     """Causal check: ablate the top-K, K activation-matched neurons and the raw top-K; log-prob drops."""
     ablation: str = "mean"
@@ -164,10 +164,13 @@ def contrast(acts: np.ndarray, baseline: Baseline, score: str = "z", floor: floa
         s = (acts > 0).mean(axis=0) - baseline.prob
     else:
         raise UserError(f"score={score!r} is not one of z, prob")
-    if not layer_norm:
-        return s
-    sd = s.std(axis=1, keepdims=True)  # each layer: minus its mean, over its std across neurons
-    return (s - s.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+    return per_layer(s) if layer_norm else s
+
+
+def per_layer(scores: np.ndarray) -> np.ndarray:
+    """Each layer's scores minus the layer's mean, over its std across neurons."""
+    sd = scores.std(axis=1, keepdims=True)
+    return (scores - scores.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
 
 
 def jaccard(a: set, b: set) -> float:
@@ -530,7 +533,7 @@ def explain(run, text: str, *, output: str | None = None, max_new_tokens: int = 
     traced = acts[pos0:-1]  # the positions that computed each traced token
     raw = traced.mean(axis=0, dtype=np.float64)
     if rank == "attribution":  # (a - mu) * g: the first-order log-prob loss of mean-ablating the neuron
-        scores = rec[1] - baseline.mean * rec[2]
+        scores = per_layer(rec[1] - baseline.mean * rec[2]) if layer_norm else rec[1] - baseline.mean * rec[2]
     else:
         scores = raw if rank == "raw" else contrast(traced, baseline, rank, floor, layer_norm)
     top = top_neurons(scores, top_k)
