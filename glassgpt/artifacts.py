@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import json
 import os
@@ -26,6 +27,9 @@ CHUNK = 1 << 22
 # `.NAME.tmp<pid>` (being written) and `.NAME.old<pid>` (the replaced version, about to be removed)
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)(?P<pid>\d+)$")
 _MISSING = object()
+# what the disk or the directory says when a write cannot be done (other OSErrors are bugs and propagate)
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOTDIR,
+                errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG}
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -222,6 +226,8 @@ def write_artifact(target_dir: str | Path, *, keep_others: bool = False) -> Iter
         _fsync_tree(tmp)
         _swap_into_place(tmp, target)
     except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
         raise _disk_error(target, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -241,7 +247,7 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
 
 
 def _disk_error(path: Path, e: OSError) -> UserError:
-    why = "the disk is full" if e.errno == 28 else (e.strerror or type(e).__name__)
+    why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or type(e).__name__)
     return UserError(f"could not write {path} ({why}); the previous version is unchanged. "
                      "Free space or choose another directory, and run again")
 
@@ -265,6 +271,8 @@ def write_file_atomic(path: str | Path, data_or_writer: bytes | str | Callable[[
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
         raise _disk_error(path, e) from None
     finally:
         tmp.unlink(missing_ok=True)

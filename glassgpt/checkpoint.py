@@ -119,7 +119,9 @@ def checkpoint_fingerprint(ckpt: dict[str, Any], path: str | Path) -> str:
         fp = cached_fingerprint([path], lambda: fingerprint_tensors(clean_state_dict(ckpt["model"])))
     side = read_sidecar(path)
     if side is not None and side.get("format") == FORMAT:
-        disagree = [k for k, mine in (("iter_num", ckpt.get("iter_num")), ("fingerprint", fp)) if side.get(k) != mine]
+        # a sidecar of glassgpt <= 0.1 names no fingerprint: compare what it names
+        disagree = [k for k, mine in (("iter_num", ckpt.get("iter_num")), ("fingerprint", fp))
+                    if k in side and side[k] != mine]
         if disagree and path not in _WARNED:
             _WARNED.add(path)
             print(f"warning: {sidecar_path(path)} does not describe {path} ({', '.join(disagree)} differ; "

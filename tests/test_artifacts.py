@@ -181,3 +181,10 @@ def test_fingerprint_tensors_speed_is_linear_not_pathological() -> None:
     t0 = time.perf_counter()
     fingerprint_tensors(sd)
     assert time.perf_counter() - t0 < 2.0
+
+
+def test_an_unexpected_oserror_inside_the_block_is_not_called_a_disk_problem(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        with write_artifact(tmp_path / "index") as tmp:
+            (tmp / "missing" / "x").read_bytes()
+    assert list(tmp_path.iterdir()) == []

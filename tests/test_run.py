@@ -291,3 +291,13 @@ def test_make_demo_runs_the_main_job_in_order() -> None:
              "trace-spans --out_dir=out-shakespeare-char --text="]
     found = [next(i for i, s in enumerate(steps) if key in s) for key in order]
     assert found == sorted(found), steps
+
+
+def test_a_sidecar_of_an_older_glassgpt_without_fingerprint_is_no_disagreement(char_checkpoint: Path,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    side = char_checkpoint / "ckpt.json"
+    meta = json.loads(side.read_text())
+    meta.pop("fingerprint")
+    side.write_text(json.dumps(meta))
+    open_run(char_checkpoint)
+    assert "does not describe" not in capsys.readouterr().err
