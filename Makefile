@@ -61,8 +61,9 @@ demo: env
 	# VIEWER: `glassgpt report` of the sample goes here (one line, added by the viewer's engineer)
 
 # pytest exits 5 when it collected no tests: make fails on any non-zero status, so that is a failure too.
+# The venv's bin/ goes first on PATH: commands the tests start by name (glassgpt) are the venv's.
 test: env
-	$(PY) -m pytest -q
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q
 
 clean-env:
 	rm -rf $(VENV)
