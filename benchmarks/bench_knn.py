@@ -86,9 +86,8 @@ def quality(a: argparse.Namespace) -> str:
     canaries = json.loads((Path(run.data_dir) / "canaries.json").read_text())["canaries"]
     queries = canary_variants(corpus, canaries)
     n = model.config.n_layer
-    layers = sorted({n // 2, n - 1, n})
-    calibs = [("none", None), ("center", None), ("standardize", None), ("whiten", None),
-              ("whiten", model.config.n_embd // 2)]
+    layers = sorted({int(x) for x in a.layers.split(",")}) if a.layers else sorted({n // 2, n - 1, n})
+    calibs = [(c, int(d) if d else None) for c, _, d in (x.partition(":") for x in a.calibrations.split(","))]
     rows = []
     for context in [int(c) for c in a.contexts.split(",")]:
         spans = knn.window_spans(corpus.segments("train"), context, context // 2)
@@ -96,13 +95,13 @@ def quality(a: argparse.Namespace) -> str:
         with tempfile.TemporaryDirectory() as d:
             knn.build_bm25([corpus.decode("train", int(s), int(e)) for _, s, e in spans], Path(d) / "bm25")
             bm = bm25s.BM25.load(str(Path(d) / "bm25"))
-        bm_sig = {v: [knn.Signal(knn.top_ids(f := bm.get_scores(knn.bm25_tokens([t])[0]).astype(np.float32), 100), f)
-                      for t in ts] for v, ts in queries.items()}
+        bm_sig = {v: [knn.Signal.of(bm.get_scores(knn.bm25_tokens([t])[0]).astype(np.float32)) for t in ts]
+                  for v, ts in queries.items()}
         for v, sig in bm_sig.items():
             rows.append((context, "BM25", v, *success([list(s.ids) for s in sig], src)))
         t0 = time.perf_counter()
         for layer in layers:
-            for pooling in ("mean", "last") if layer == n else ("mean",):
+            for pooling in ("mean", "last") if layer == n and a.last else ("mean",):
                 raw = knn.embed_windows(model, corpus.tokens("train"), spans, layer, pooling, a.batch_size)
                 qraw = {v: [knn.embed_query(model, tok.encode(t), context, context // 2, layer, pooling).mean(0)
                             for t in ts] for v, ts in queries.items()}
@@ -112,11 +111,12 @@ def quality(a: argparse.Namespace) -> str:
                     name = f"emb L{layer} {pooling} {cal}{dim or ''}"
                     for v, qs in qraw.items():
                         full = knn.exact_scores(emb, knn.calibrate(np.stack(qs), calib))
-                        emb_sig = [knn.Signal(knn.top_ids(f, 100), f) for f in full]
+                        emb_sig = [knn.Signal.of(f) for f in full]
                         rows.append((context, name, v, *success([list(s.ids) for s in emb_sig], src)))
-                        hyb = [[i for i, _, _ in knn.fuse({"embedding": e, "bm25": b}, 5)]
-                               for e, b in zip(emb_sig, bm_sig[v])]
-                        rows.append((context, "hybrid " + name.removeprefix("emb "), v, *success(hyb, src)))
+                        for how in ("z", "rrf"):
+                            hyb = [[i for i, _, _ in knn.fuse({"embedding": e, "bm25": b}, 5, how)]
+                                   for e, b in zip(emb_sig, bm_sig[v])]
+                            rows.append((context, f"hybrid-{how} " + name.removeprefix("emb "), v, *success(hyb, src)))
         print(f"context {context}: {len(spans)} windows, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     md = [f"| context | method | " + " | ".join(f"{v} top1/top5" for v in VARIANTS) + " |",
           "|---|---|" + "---|" * len(VARIANTS)]
@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model_dir")
     p.add_argument("--work_dir", default="/tmp/bench-knn")
     p.add_argument("--contexts", default="64,128,256")
+    p.add_argument("--layers", default="", help="comma list (default n_layer//2, n_layer-1, n_layer)")
+    p.add_argument("--calibrations", default="none,center,standardize,whiten,whiten:64")
+    p.add_argument("--last", type=int, default=1, help="also last-position pooling at the final layer")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--dtypes", default="float32")
     p.add_argument("--repeats", type=int, default=3)

@@ -188,7 +188,7 @@ def test_faiss_recall_against_exact():
 def test_reciprocal_rank_fusion_equals_hand_computation():
     emb = knn.Signal(np.array([3, 1, 2, 0]), np.array([0.1, 0.8, 0.5, 0.9], np.float32))
     bm = knn.Signal(np.array([2, 3, 0, 1]), np.array([1.0, 0.0, 5.0, 2.0], np.float32))
-    got = knn.fuse({"embedding": emb, "bm25": bm}, 4)
+    got = knn.fuse({"embedding": emb, "bm25": bm}, 4, "rrf")
     ranks = {"embedding": {3: 1, 1: 2, 2: 3, 0: 4}, "bm25": {2: 1, 3: 2, 0: 3, 1: 4}}  # from the full scores
     want = sorted(((sum(1 / (knn.RRF_K + r[i]) for r in ranks.values()), i) for i in range(4)), key=lambda t: (-t[0], t[1]))
     assert [i for i, _, _ in got] == [i for _, i in want]
@@ -196,6 +196,14 @@ def test_reciprocal_rank_fusion_equals_hand_computation():
     assert [i for i, _, _ in got] == [3, 2, 1, 0]
     assert got[0][2] == {"embedding": {"rank": 1, "score": pytest.approx(0.9)}, "bm25": {"rank": 2, "score": 2.0}}
     assert [i for i, _, _ in knn.fuse({"bm25": bm}, 2)] == [2, 3]  # one signal: its own order
+
+
+def test_z_score_fusion_equals_hand_computation():
+    e_full, b_full = np.array([0.1, 0.8, 0.5, 0.9], np.float32), np.array([1.0, 0.0, 9.0, 2.0], np.float32)
+    got = knn.fuse({"embedding": knn.Signal.of(e_full), "bm25": knn.Signal.of(b_full)}, 4, "z")
+    z = (e_full - e_full.mean()) / e_full.std() + (b_full - b_full.mean()) / b_full.std()
+    assert [i for i, _, _ in got] == list(np.argsort(-z)) == [2, 3, 1, 0]  # the confident BM25 top wins
+    assert all(abs(s - z[i]) < 1e-5 for i, s, _ in got)
 
 
 # ------------------------------------------------------------------------------------------ the command

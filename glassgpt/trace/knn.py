@@ -36,6 +36,7 @@ EXACT_MAX = 1_000_000  # `search=auto` is exact up to this many windows, faiss b
 CHUNK_ROWS = 65_536  # store rows scored per matmul: 65536 x 768 float32 = 200 MB at GPT-2 small's width
 CALIB_SAMPLE = 100_000  # rows the calibration statistics are fitted on (a random sample of the store)
 RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al. 2009)
+FUSION = "z"  # how hybrid fuses the two signals: "z" (sum of z-scores) or "rrf"; chosen by measurement
 CANDIDATES = 100  # per signal, the top windows that enter the fusion
 _CACHE: dict[tuple[str, Any], dict[str, Any]] = {}
 
@@ -317,7 +318,8 @@ def score_reference(emb: np.ndarray, seed: int = 0) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     a, b = (np.sort(rng.integers(0, len(emb), 2000)) for _ in range(2))
     cos = (np.asarray(emb[a], np.float32) * np.asarray(emb[rng.permutation(b)], np.float32)).sum(1)
-    return {"p50": round(float(np.quantile(cos, 0.5)), 4), "p99": round(float(np.quantile(cos, 0.99)), 4)}
+    return {"p50": round(float(np.quantile(cos, 0.5)), 4), "p99": round(float(np.quantile(cos, 0.99)), 4),
+            "mean": round(float(cos.mean()), 4), "std": round(max(float(cos.std()), 1e-4), 4)}
 
 
 def write_store(store_dir: Path, corpus: Corpus, split: str, spans: np.ndarray, raw: np.ndarray,
@@ -513,7 +515,13 @@ class Signal:
     ids: np.ndarray
     full: np.ndarray | None = None
     scores: np.ndarray | None = None
+    mean: float = 0.0  # of every window's score (faiss: of random window pairs), for z-scores
+    std: float = 1.0
     _sorted: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, full: np.ndarray) -> Signal:
+        return cls(top_ids(full, CANDIDATES), full, mean=float(full.mean()), std=max(float(full.std()), 1e-9))
 
     def rank_score(self, i: int) -> tuple[int | None, float | None]:
         if self.full is not None:  # 1 + the number of windows scoring higher: ties share the best rank
@@ -532,26 +540,30 @@ def signals_for(store: KnnStore, qvec: np.ndarray, text: str, rank: str, search:
     if rank in ("embedding", "hybrid"):
         if uses_faiss(store, search):
             s, i = query_faiss(load_or_build_faiss(store), store.embeddings, qvec[None], CANDIDATES, nprobe)
-            out["embedding"] = Signal(i[0][i[0] >= 0], scores=s[0][i[0] >= 0])
+            ref = store.meta["score_reference"]
+            out["embedding"] = Signal(i[0][i[0] >= 0], scores=s[0][i[0] >= 0], mean=ref["mean"], std=ref["std"])
         else:
-            full = exact_scores(store.rows, qvec[None])[0]
-            out["embedding"] = Signal(top_ids(full, CANDIDATES), full)
+            out["embedding"] = Signal.of(exact_scores(store.rows, qvec[None])[0])
     if rank in ("bm25", "hybrid"):
         full = store.bm25.get_scores(bm25_tokens([text])[0]).astype(np.float32)
         if full.max() > 0 or rank == "bm25":
-            out["bm25"] = Signal(top_ids(full, CANDIDATES), full)
+            out["bm25"] = Signal.of(full)
     return out
 
 
-def fuse(signals: dict[str, Signal], k: int) -> list[tuple[int, float, dict]]:
-    """Top-k (window, score, {signal: {rank, score}}): one signal's own order, or reciprocal-rank fusion
-    sum(1 / (RRF_K + rank)) over the signals when there are two."""
+def fuse(signals: dict[str, Signal], k: int, how: str = FUSION) -> list[tuple[int, float, dict]]:
+    """Top-k (window, score, {signal: {rank, score}}): one signal's own order, or with two, 'z': the sum
+    of each signal's z-score (standard deviations above the average window; a confident signal
+    dominates), or 'rrf': reciprocal-rank fusion sum(1 / (RRF_K + rank)). docs/knn.md compares them."""
     cand = list(dict.fromkeys(int(i) for s in signals.values() for i in s.ids))
     per = {i: {name: dict(zip(("rank", "score"), s.rank_score(i))) for name, s in signals.items()} for i in cand}
     if len(signals) == 1:
         fused = {i: next(iter(per[i].values()))["score"] for i in cand}
-    else:
+    elif how == "rrf":
         fused = {i: sum(1 / (RRF_K + v["rank"]) for v in per[i].values() if v["rank"] is not None) for i in cand}
+    else:  # a window outside faiss's candidates counts as average (z = 0) for the embedding
+        fused = {i: sum((v["score"] - s.mean) / s.std for s, v in zip(signals.values(), per[i].values())
+                        if v["score"] is not None) for i in cand}
     best = sorted(cand, key=lambda i: (-fused[i], i))[:k]
     return [(i, fused[i], per[i]) for i in best]
 
