@@ -251,7 +251,7 @@ class SpanIndex:
         out: list[list[tuple[int, int, int]]] = [[] for _ in seqs]
         lengths = np.array([len(q) for q in seqs])
         for j, (shard, (ms, lb)) in enumerate(zip(self.shards, per)):
-            rows = np.flatnonzero(ms[np.asarray(starts)] >= lengths)
+            rows = np.flatnonzero(ms[np.asarray(starts, dtype=np.int64)] >= lengths)
             if rows.size:
                 lo, hi = S.sa_range_near(shard.arrays, [seqs[r] for r in rows], lb[np.asarray(starts)[rows]])
                 for r, a, b in zip(rows, lo, hi):
