@@ -301,3 +301,15 @@ def test_a_sidecar_of_an_older_glassgpt_without_fingerprint_is_no_disagreement(c
     side.write_text(json.dumps(meta))
     open_run(char_checkpoint)
     assert "does not describe" not in capsys.readouterr().err
+
+
+def test_open_data_does_not_import_torch(char_dataset: Path) -> None:
+    """Commands that need data but no model (a span query) must not pay torch's import."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from glassgpt.run import open_data; c, fp = open_data(sys.argv[1]); "
+            "assert fp.startswith('sha256:'); print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, str(char_dataset)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
