@@ -58,8 +58,9 @@ class TraceKnnConfig:
     seed: int = 1337
     k: int = 5
     """Neighbours to return."""
-    rank: str = "hybrid"
-    """'embedding' (the model's view), 'bm25' (the words), or 'hybrid': reciprocal-rank fusion of both."""
+    rank: str = "bm25"
+    """Order by 'bm25' (the words; measured best on planted canaries, docs/knn.md), 'embedding' (the
+    model's view), or 'hybrid' (both, fused by z-scores). Every neighbour shows both signals."""
     per_window: bool = False
     """Also search each query window on its own: a long text can point to several sources."""
     json: bool = False
@@ -534,31 +535,31 @@ class Signal:
 
 
 def signals_for(store: KnnStore, qvec: np.ndarray, text: str, rank: str, search: str, nprobe: int) -> dict[str, Signal]:
-    """The embedding and BM25 signals a ranking needs (both for hybrid; BM25 is left out when no query
-    word is in the store's vocabulary: it has nothing to say)."""
+    """Both signals, whatever the ranking, so that every neighbour shows both (BM25 is left out when no
+    query word is in the store's vocabulary and it is not the ranking: it has nothing to say)."""
     out = {}
-    if rank in ("embedding", "hybrid"):
-        if uses_faiss(store, search):
-            s, i = query_faiss(load_or_build_faiss(store), store.embeddings, qvec[None], CANDIDATES, nprobe)
-            ref = store.meta["score_reference"]
-            out["embedding"] = Signal(i[0][i[0] >= 0], scores=s[0][i[0] >= 0], mean=ref["mean"], std=ref["std"])
-        else:
-            out["embedding"] = Signal.of(exact_scores(store.rows, qvec[None])[0])
-    if rank in ("bm25", "hybrid"):
-        full = store.bm25.get_scores(bm25_tokens([text])[0]).astype(np.float32)
-        if full.max() > 0 or rank == "bm25":
-            out["bm25"] = Signal.of(full)
+    if uses_faiss(store, search):
+        s, i = query_faiss(load_or_build_faiss(store), store.embeddings, qvec[None], CANDIDATES, nprobe)
+        ref = store.meta["score_reference"]
+        out["embedding"] = Signal(i[0][i[0] >= 0], scores=s[0][i[0] >= 0], mean=ref["mean"], std=ref["std"])
+    else:
+        out["embedding"] = Signal.of(exact_scores(store.rows, qvec[None])[0])
+    full = store.bm25.get_scores(bm25_tokens([text])[0]).astype(np.float32)
+    if full.max() > 0 or rank == "bm25":
+        out["bm25"] = Signal.of(full)
     return out
 
 
-def fuse(signals: dict[str, Signal], k: int, how: str = FUSION) -> list[tuple[int, float, dict]]:
-    """Top-k (window, score, {signal: {rank, score}}): one signal's own order, or with two, 'z': the sum
-    of each signal's z-score (standard deviations above the average window; a confident signal
-    dominates), or 'rrf': reciprocal-rank fusion sum(1 / (RRF_K + rank)). docs/knn.md compares them."""
+def fuse(signals: dict[str, Signal], k: int, how: str = FUSION, by: str | None = None) -> list[tuple[int, float, dict]]:
+    """Top-k (window, score, {signal: {rank, score}}) over both signals' candidates: ordered `by` one
+    signal (or the only one), or fused: 'z', the sum of each signal's z-score (standard deviations
+    above the average window; a confident signal dominates), or 'rrf', reciprocal-rank fusion
+    sum(1 / (RRF_K + rank)). docs/knn.md compares them."""
     cand = list(dict.fromkeys(int(i) for s in signals.values() for i in s.ids))
     per = {i: {name: dict(zip(("rank", "score"), s.rank_score(i))) for name, s in signals.items()} for i in cand}
-    if len(signals) == 1:
-        fused = {i: next(iter(per[i].values()))["score"] for i in cand}
+    by = next(iter(signals)) if len(signals) == 1 else by if by in signals else None
+    if by is not None:  # a window outside faiss's candidates has no embedding score: last
+        fused = {i: -math.inf if per[i][by]["score"] is None else per[i][by]["score"] for i in cand}
     elif how == "rrf":
         fused = {i: sum(1 / (RRF_K + v["rank"]) for v in per[i].values() if v["rank"] is not None) for i in cand}
     else:  # a window outside faiss's candidates counts as average (z = 0) for the embedding
@@ -592,13 +593,13 @@ def neighbour_dict(corpus: Corpus, split: str, store: KnnStore, row: int, score:
 def _ranked(run: Any, store: KnnStore, raw: np.ndarray, text: str, k: int, rank: str, search: str,
             nprobe: int) -> tuple[list[dict], bool]:
     signals = signals_for(store, calibrate(raw.mean(0, keepdims=True), store.calib)[0], text, rank, search, nprobe)
-    top = fuse(signals, k)
+    top = fuse(signals, k, by=None if rank == "hybrid" else rank)
     nbs = [{"rank": r, **neighbour_dict(run.corpus, store.meta["split"], store, i, s, per)}
            for r, (i, s, per) in enumerate(top, 1)]
     return nbs, signals_disagree(store, signals, k)
 
 
-def explain(run: Any, store: KnnStore, text: str, *, k: int = 5, rank: str = "hybrid", per_window: bool = False,
+def explain(run: Any, store: KnnStore, text: str, *, k: int = 5, rank: str = "bm25", per_window: bool = False,
             query_stride: int | None = None, search: str = "auto", nprobe: int = 64, prompt: str | None = None,
             generated: str | None = None) -> dict[str, Any]:
     """Trace `text` to its k nearest windows of `store`: exactly the dict `--json` prints."""
