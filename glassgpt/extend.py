@@ -94,35 +94,51 @@ def unchanged_rows(old_rows: int, new_rows: int, method: str) -> int:
     return old_rows if method == "copy" else 1
 
 
-def _wpe_optimizer_index(ckpt: dict[str, Any]) -> int | None:
-    """Which AdamW state index belongs to wpe: rebuild the model and the optimizer grouping the train
-    loop uses (GPT.configure_optimizers), then find wpe's position in the flattened groups."""
+def _wpe_optimizer_index(ckpt: dict[str, Any], adam: dict[str, Any]) -> int | None:
+    """Which AdamW state index belongs to wpe. Rebuild the model and the parameter order its
+    optimizer was built with: glassgpt.optim names its groups ('decay' or 'embed', 'vector', in
+    split_params' order); nanoGPT's (and older glassgpt's) unnamed groups follow
+    GPT.configure_optimizers. Every saved moment must then have its parameter's shape."""
     model = model_from_checkpoint(ckpt)
-    opt = model.configure_optimizers(0.0, 1e-3, (0.9, 0.95), "cpu")
-    flat = [p for g in opt.param_groups for p in g["params"]]
+    saved = adam.get("param_groups", [])
+    if saved and all("name" in g for g in saved):
+        from glassgpt.optim import split_params
+
+        groups = split_params(model, muon=any(g["name"] == "embed" for g in saved))
+        flat = [p for g in saved for p in groups.get(g["name"], [])]
+    else:
+        flat = [p for g in model.configure_optimizers(0.0, 1e-3, (0.9, 0.95), "cpu").param_groups for p in g["params"]]
     wpe = model.transformer.wpe.weight
     ids = [i for i, p in enumerate(flat) if p is wpe]
-    saved = ckpt["optimizer"].get("param_groups", [])
-    if len(ids) != 1 or sum(len(g["params"]) for g in saved) != len(flat):
+    saved_ids = [i for g in saved for i in g["params"]]
+    if len(ids) != 1 or len(saved_ids) != len(flat):
         return None
-    return [i for g in saved for i in g["params"]][ids[0]]
+    for p, i in zip(flat, saved_ids):  # a wrong order would hand wpe's new shape to another tensor
+        st = adam.get("state", {}).get(i)
+        if st is not None and "exp_avg" in st and tuple(st["exp_avg"].shape) != tuple(p.shape):
+            return None
+    return saved_ids[ids[0]]
 
 
 def extend_optimizer(ckpt: dict[str, Any], new_rows: int, method: str, mode: str) -> dict[str, Any]:
-    """The AdamW state_dict for the extended model (see the module docstring)."""
+    """The optimizer state_dict for the extended model (see the module docstring). With Muon
+    ({'muon': ..., 'adamw': ...}) wpe is AdamW's; Muon's state is kept as it is."""
     opt = ckpt.get("optimizer") or {}
-    if not opt or "state" not in opt:
+    muon = "muon" in opt and "adamw" in opt
+    adam = opt["adamw"] if muon else opt
+    if not adam or "state" not in adam:
         return copy.deepcopy(opt)  # nothing saved (e.g. an inference-only checkpoint): nothing to adapt
     if mode == "reset":
-        return {"state": {}, "param_groups": copy.deepcopy(opt["param_groups"])}
+        fresh = lambda o: {"state": {}, "param_groups": copy.deepcopy(o["param_groups"])}
+        return {k: fresh(v) for k, v in opt.items()} if muon else fresh(opt)
     if mode != "adapt":
         raise UserError(f"optimizer={mode!r} is not one of adapt, reset")
-    idx = _wpe_optimizer_index(ckpt)
+    idx = _wpe_optimizer_index(ckpt, adam)
     if idx is None:
-        raise UserError("the checkpoint's optimizer state does not match GPT.configure_optimizers' grouping, "
+        raise UserError("the checkpoint's optimizer state does not match the model's parameter groups, "
                         "so wpe's moments cannot be found; rerun with --optimizer=reset")
-    out = {"state": dict(opt["state"]), "param_groups": copy.deepcopy(opt["param_groups"])}
-    st = opt["state"].get(idx)
+    out = {"state": dict(adam["state"]), "param_groups": copy.deepcopy(adam["param_groups"])}
+    st = adam["state"].get(idx)
     if st is not None:
         old_rows = st["exp_avg"].size(0)
         keep = unchanged_rows(old_rows, new_rows, method)
@@ -131,7 +147,7 @@ def extend_optimizer(ckpt: dict[str, Any], new_rows: int, method: str, mode: str
         # second moments stay non-negative under both maps (copy picks rows, interpolate blends them)
         exp_avg_sq = extend_rows(st["exp_avg_sq"], new_rows, method)
         out["state"][idx] = {**st, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-    return out
+    return {**copy.deepcopy({k: v for k, v in opt.items() if k != "adamw"}), "adamw": out} if muon else out
 
 
 def _model_args(ckpt: dict[str, Any]) -> dict[str, Any]:
