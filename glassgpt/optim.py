@@ -74,8 +74,8 @@ def split_params(model: nn.Module, muon: bool) -> dict[str, list[nn.Parameter]]:
             groups["hidden"].append(p)
         else:
             groups["embed"].append(p)
-    if not muon:
-        return {"decay": groups["hidden"] + groups["embed"], "vector": groups["vector"]}
+    if not muon:  # nanoGPT's order (model order, all 2-D weights): nanoGPT checkpoints' AdamW state maps by position
+        return {"decay": [p for p in model.parameters() if p.requires_grad and p.dim() >= 2], "vector": groups["vector"]}
     return groups
 
 
