@@ -1,6 +1,6 @@
 // glassgpt viewer: one generation and what explains it (spans, nearest windows, neurons).
 // Two modes: live (talks to `glassgpt view`'s JSON API) and static (`glassgpt report`: the data is
-// inlined as JSON in <script id="glassgpt-data">). Every string from the corpus, the model or the user
+// inlined as JSON in a script element, id glassgpt-data). Every string from the corpus, the model or the user
 // is rendered with text nodes (el() / textContent), never as markup.
 "use strict";
 
