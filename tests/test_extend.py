@@ -218,3 +218,41 @@ def test_rotary_extension_changes_the_rotation_not_the_weights(tmp_path, char_da
 def test_base_method_needs_a_rotary_model(trained, tmp_path):
     with pytest.raises(UserError, match="rotary"):
         main([f"--out_dir={trained}", "--block_size=64", "--method=base", f"--new_out_dir={tmp_path / 'b'}"])
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_optimizer_state_of_glassgpt_optim_is_adapted_and_loads(tmp_path, char_dataset, optimizer):
+    """A checkpoint whose optimizer glassgpt.optim built (named groups; Muon + AdamW for 'muon'):
+    wpe's moments are found, grown, and the state loads into the extended model's optimizer."""
+    from dataclasses import replace
+
+    from glassgpt.config import TrainConfig
+    from glassgpt.optim import build_optimizers
+    from tests.conftest import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "o", char_dataset, block_size=32)
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt)
+    cfg = replace(TrainConfig(), optimizer=optimizer)
+    opt = build_optimizers(model, cfg, "cpu")
+    x = torch.randint(0, model.config.vocab_size, (2, 32))
+    model(x, x)[1].backward()
+    opt.step()
+    ckpt.update(model=model.state_dict(), optimizer=opt.state_dict())
+    new = extend_checkpoint(ckpt, 64, "copy")
+    grown = model_from_checkpoint(new)
+    new_opt = build_optimizers(grown, cfg, "cpu")
+    new_opt.load_state_dict(new["optimizer"])
+    adam = new_opt.by_name["adamw"]
+    wpe = grown.transformer.wpe.weight
+    assert adam.state[wpe]["exp_avg_sq"].shape == (64, 32)
+    old_sq = opt.by_name["adamw"].state[model.transformer.wpe.weight]["exp_avg_sq"]
+    torch.testing.assert_close(adam.state[wpe]["exp_avg_sq"][:32], old_sq)
+    for g in new_opt.param_groups:  # every moment fits its parameter
+        for p in g["params"]:
+            st = new_opt.by_name["muon" if g["name"] == "hidden" else "adamw"].state.get(p, {})
+            for v in st.values():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    assert v.shape == p.shape, (g["name"], v.shape, p.shape)
+    grown(torch.randint(0, grown.config.vocab_size, (2, 64)), torch.randint(0, grown.config.vocab_size, (2, 64)))[1].backward()
+    new_opt.step()  # and it steps
