@@ -33,8 +33,9 @@ iter_num is kept (so the learning-rate schedule continues), best_val_loss is res
 longer context are not comparable with the old ones), the saved RNG state is dropped (so the resumed
 run evaluates the extended model before its first step) and the AdamW state is adapted to wpe's new
 shape: exp_avg_sq rows are mapped like the weights (so each row's step size stays on its trained
-scale), exp_avg (momentum) is kept for unchanged rows and zeroed for new or blended ones. With
---optimizer=reset the optimizer state is dropped instead (a fresh AdamW, same hyper-parameters).
+scale), exp_avg (momentum) is kept for unchanged rows and zeroed for new or blended ones (with
+optimizer='muon' wpe is AdamW's, and Muon's state is kept). With --optimizer=reset the optimizer
+state is dropped instead (fresh moments, same hyper-parameters).
 """
 
 from __future__ import annotations
