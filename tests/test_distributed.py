@@ -350,3 +350,16 @@ def test_rank_rng_state_picks_this_ranks_stream():
     ids = distributed.optim_state_names_to_ids(named)
     assert ids == {"state": {1: {"step": 1}, 0: {"step": 2}},
                    "param_groups": [{"lr": 1.0, "params": [0, 1]}, {"lr": 2.0, "params": [2]}]}
+
+
+def test_ddp_with_muon_matches_one_process(tmp_path, monkeypatch, one_thread):
+    """optimizer='muon' under 2-rank DDP: the all-reduced gradients give each rank the same Muon step
+    as one process with twice the accumulation; FSDP + Muon is refused in one line (glassgpt/optim.py)."""
+    data = make_char_dataset(tmp_path / "data" / "tiny_char")
+    muon = dict(optimizer="muon", muon_lr=0.02, rope=True, qk_norm=True, activation="relu2")
+    must_succeed(torchrun(job_args(data, tmp_path / "ddp", **muon)))
+    monkeypatch.setattr(train_mod, "BatchSampler", RanksInOrder)
+    want = train(TrainConfig(**{**BASE, **muon, "data_dir": str(data), "dataset": "tiny_char",
+                                "out_dir": str(tmp_path / "ref")}))["log"]
+    # Muon's Newton-Schulz runs in bfloat16: the two sums of gradients differ in rounding only
+    compare_logs(read_log(tmp_path / "ddp"), want, "2-process ddp + muon", tol=2e-3)

@@ -1,0 +1,40 @@
+# char tiny-shakespeare on a CPU in the wall-clock of nanoGPT's README CPU recipe
+# (block 64, batch 12, 4x4x128, 2000 iters, val ~1.886): the same shape and context, twice the batch
+# for half the iterations, Muon on the blocks' matrices, rotary positions, QK-norm, ReLU^2, and a
+# warmup-stable-decay schedule. benchmarks/bench_record.py runs both side by side; results in
+# benchmarks/RESULTS.md ("CPU record").
+#   python train.py config/train_shakespeare_char_cpu.py
+
+out_dir = 'out-shakespeare-char'
+eval_interval = 250
+eval_iters = 20
+log_interval = 10
+always_save_checkpoint = False
+
+dataset = 'shakespeare_char'
+gradient_accumulation_steps = 1
+batch_size = 24
+block_size = 64
+
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+bias = False
+rope = True
+qk_norm = True
+activation = 'relu2'
+
+optimizer = 'muon'
+muon_lr = 0.02        # block matrices (torch.optim.Muon)
+learning_rate = 6e-3  # embeddings/head, gains (AdamW)
+beta2 = 0.99
+max_iters = 1000
+lr_decay_iters = 1000
+lr_schedule = 'wsd'
+decay_frac = 0.4
+warmup_iters = 100
+min_lr = 0.0
+
+device = 'cpu'
+compile = False
