@@ -33,7 +33,7 @@ EXTRA_ARGS_KEY = "glassgpt_model_args"  # the other GPTConfig options; nanoGPT i
 FINGERPRINT_KEY = "glassgpt_fingerprint"
 SIDECAR_KEYS = ("model_args", EXTRA_ARGS_KEY, "iter_num", "best_val_loss", "config", "tokenizer", "data")
 # messages of torch's zip reader for damaged files (other RuntimeErrors are bugs and propagate)
-CORRUPT_MARKERS = ("PytorchStreamReader", "zip archive", "invalid header")
+CORRUPT_MARKERS = ("PytorchStreamReader", "inline_container", "zip archive", "invalid header")
 _WARNED: set[Path] = set()
 
 

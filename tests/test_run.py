@@ -313,3 +313,12 @@ def test_open_data_does_not_import_torch(char_dataset: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code, str(char_dataset)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+def test_a_zip_that_is_not_a_checkpoint_is_a_user_error(tmp_path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "ckpt.pt", "w") as z:
+        z.writestr("hello.txt", "not a checkpoint")
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        load_checkpoint(tmp_path)
