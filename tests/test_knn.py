@@ -393,3 +393,4 @@ def test_other_mistakes_are_one_line(char_checkpoint, capsys):
     one_line_error(capsys, [o, "--build", "--calibration=pca"], "calibration='pca'")
     one_line_error(capsys, [o, "--build", "--layer=7"], "layer=7 is out of range")
     one_line_error(capsys, [o, "--build", "--stride=40"], "stride=40 must be between 1 and context=32")
+    one_line_error(capsys, [o, "--build", "--whiten_dim=33"], "whiten_dim=33 must be between 1 and the model's width 32")

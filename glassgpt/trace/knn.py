@@ -177,16 +177,15 @@ def normalize(x: np.ndarray) -> np.ndarray:
 
 @torch.inference_mode()
 def embed_windows(model: torch.nn.Module, tokens: np.ndarray, spans: np.ndarray, layer: int,
-                  pooling: str = "mean", batch_size: int = 32, out: np.ndarray | None = None,
-                  progress: bool = False) -> np.ndarray:
-    """Raw pooled states (float32, not calibrated) of every window, written into `out` when given.
+                  pooling: str = "mean", batch_size: int = 32, progress: bool = False) -> np.ndarray:
+    """Raw pooled states (float32, not calibrated) of every window.
     Windows of equal length are batched (no padding, no mask); the forward stops at `layer` and never
     computes lm_head. Overlapping windows cannot share one forward: with absolute positions and causal
     attention a window's states depend on where it starts."""
     from tqdm import tqdm
 
     device = next(model.parameters()).device
-    out = np.zeros((len(spans), model.config.n_embd), np.float32) if out is None else out
+    out = np.zeros((len(spans), model.config.n_embd), np.float32)
     lengths = spans[:, 2] - spans[:, 1]
     bar = tqdm(total=len(spans), unit="win", desc="embedding windows", disable=not progress, file=sys.stderr)
     for length in np.unique(lengths)[::-1]:
@@ -216,8 +215,6 @@ def fit_calibration(raw: np.ndarray, kind: str, dim: int | None = None, seed: in
     if kind == "standardize":
         return {"mean": mean.astype(np.float32), "scale": (1 / np.maximum(x.std(0), 1e-6)).astype(np.float32)}
     dim = c if dim is None else dim
-    if not 1 <= dim <= c:
-        raise UserError(f"whiten_dim={dim} must be between 1 and the model's width {c}")
     vals, vecs = np.linalg.eigh(np.cov(x - mean, rowvar=False).reshape(c, c))
     top = np.argsort(vals)[::-1][:dim]
     floor = 1e-6 * max(float(vals.max()), 1e-12)  # directions with ~no variance would only add noise
@@ -357,6 +354,8 @@ def build_store(model: torch.nn.Module, corpus: Corpus, split: str, store_dir: s
     check_choice("pooling", pooling, POOLINGS)
     check_choice("calibration", calibration, CALIBRATIONS)
     layer = resolve_layer(model, layer)
+    if whiten_dim is not None and not 1 <= whiten_dim <= model.config.n_embd:
+        raise UserError(f"whiten_dim={whiten_dim} must be between 1 and the model's width {model.config.n_embd}")
     if context > model.config.block_size:
         raise UserError(f"context={context} exceeds the model's block_size {model.config.block_size}")
     t0 = time.perf_counter()
