@@ -133,6 +133,51 @@ print(json.dumps({{"open_s": open_s, "p50_ms": 1e3 * float(np.percentile(times, 
 """
 
 
+def bench_infini_gram(d: Path, n_queries: int) -> str:
+    """infini-gram 2.6 side by side on the same tokens (u16, 0xffff before each document): its Rust
+    indexer's build time and its `attribute()` (spans + counts, no sources) on the same 200-token
+    queries, vs our trace of them (spans + counts + 10 sources each)."""
+    import infini_gram
+    from infini_gram.engine import InfiniGramEngine
+
+    from glassgpt.trace import spans as S
+
+    ig = d / "infini_gram"
+    ig.mkdir(exist_ok=True)
+    toks = np.memmap(d / "train.bin", dtype=np.uint16, mode="r")
+    segs = np.load(d / "train.docs.npy")
+    with open(ig / "tokenized.0", "wb") as f:
+        offsets, pos = [], 0
+        for _, s, e, _, _ in segs:
+            offsets.append(pos)
+            f.write(b"\xff\xff" + np.asarray(toks[s:e]).tobytes())
+            pos += 2 * (e - s + 1)
+    (ig / "offset.0").write_bytes(np.array(offsets, dtype=np.uint64).tobytes())
+    import resource
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "infini_gram.indexing", "--data_dir", str(ig), "--save_dir", str(ig),
+                    "--token_dtype", "u16", "--cpus", "2", "--mem", "4",
+                    "--ulimit", str(resource.getrlimit(resource.RLIMIT_NOFILE)[1])],
+                   check=True, capture_output=True, cwd=Path(infini_gram.__file__).parent)
+    build_s = time.perf_counter() - t
+    ig_bytes = sum(p.stat().st_size for p in ig.iterdir() if p.name.startswith(("table", "tokenized")))
+    engine = InfiniGramEngine(index_dir=str(ig), eos_token_id=50256, vocab_size=65535, token_dtype="u16")
+    index = S.open_index(d)
+    rng = np.random.default_rng(1)
+    ours, theirs = [], []
+    for _ in range(n_queries):
+        ids = np.concatenate([toks[p:p + 40] for p in rng.integers(0, len(toks) - 40, 5)]).tolist()
+        text, offs = S.token_offsets(index.tokenizer, ids)
+        t = time.perf_counter(); S.trace_text(index, ids, 0, False, 4, 1, 0.05, 10, 32, None, text, offs)
+        ours.append(time.perf_counter() - t)
+        t = time.perf_counter(); engine.attribute(input_ids=ids, delim_ids=[], min_len=4, max_cnt=10, enforce_bow=False)
+        theirs.append(time.perf_counter() - t)
+    q = lambda xs: f"{1e3 * np.percentile(xs, 50):.1f} / {1e3 * np.percentile(xs, 95):.1f} ms"
+    return (f"infini-gram {infini_gram.__version__ if hasattr(infini_gram, '__version__') else '2.6'} on {len(toks):,} tokens: "
+            f"build {build_s:.0f} s, {ig_bytes / len(toks):.2f} bytes/token; 200-token queries p50 / p95: "
+            f"infini-gram attribute() {q(theirs)} vs ours (with sources) {q(ours)}")
+
+
 def index_bytes(index_dir: Path) -> int:
     return sum(p.stat().st_size for p in index_dir.rglob("*") if p.is_file())
 
@@ -146,12 +191,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--queries", type=int, default=100)
     p.add_argument("--only", choices=["data", "build", "query"], default=None)
     p.add_argument("--clean", action="store_true")
+    p.add_argument("--infini_gram", default=None, help="size whose corpus to compare with infini-gram, e.g. 10M")
     a = p.parse_args(argv)
     work = Path(a.work)
     if a.clean:
         shutil.rmtree(work, ignore_errors=True)
         return
     work.mkdir(parents=True, exist_ok=True)
+    if a.infini_gram:
+        print(bench_infini_gram(work / f"c{a.infini_gram}", a.queries))
+        return
     docs, names = base_documents() if a.only in (None, "data") else ([], [])
     rows = ["| tokens | shards | build wall | peak RSS (all processes) | index bytes/token | open | "
             "200-token trace p50 / p95 (100 queries) | loadavg before -> after |", "|---|---|---|---|---|---|---|---|"]

@@ -1,28 +1,14 @@
 """Verbatim spans of a generation found in the training data, OLMoTrace-style, exact and fast.
 
-OLMoTrace (Liu et al. 2025, https://arxiv.org/abs/2504.07096) shows which parts of a model's output
-occur word for word in its training data, using infini-gram suffix arrays. This module does the same
-for glassgpt datasets (char or BPE):
+The pure parts: suffix arrays of a token stream (`build_span_arrays`, pydivsufsort), vectorised searches
+over them (`sa_bound`, `sa_range`, `matching_statistics`), OLMoTrace's span rules (`token_rules`,
+`maximal_spans`, `select_spans`), and `trace_text` / `explain` over an index; the on-disk sharded index
+is glassgpt/trace/shards.py. Run it:
 
-1. Index (`build_span_arrays`; on disk: glassgpt/trace/shards.py): the split's uint16 tokens with a
-   separator after every segment (glassgpt/corpus.py: a segment is one document's part of a split) and
-   their suffix array from pydivsufsort, in shards cut at document boundaries, so no match runs from
-   one document into the next. Shards are memory-mapped at query time, checked against their sidecars.
-2. Queries (`sa_range`, `matching_statistics`): vectorised binary search over the suffix array for
-   many queries at once, starting in each query's k-gram bucket, comparing token windows chunk by chunk
-   and skipping the prefix both bounds already share (most comparisons end in a few tokens).
-   `SpanIndex.count` and `SpanIndex.locate` build on them.
-3. Spans (`find_spans`): for every start position the longest prefix that occurs (matching statistics),
-   cut to OLMoTrace's self-contained rule -- whole words at both edges, no newline or sentence end
-   except at the span's end -- and kept when maximal and at least `min_len` tokens (`min_words` words).
-   `select_spans` keeps the rarest ceil(density x length) by unigram log-probability and
-   `merge_ranges` merges overlapping ones into highlights; `trace_text` does all of it plus sources
-   and coverage.
+    glassgpt trace-spans --build --data_dir=data/shakespeare_char          (once)
+    glassgpt trace-spans --out_dir=out-shakespeare-char --start="ROMEO:" [--json]
+    glassgpt trace-spans --data_dir=data/shakespeare_char --text=FILE:story.txt | --locate="First Citizen:"
 
-Run it:  glassgpt trace-spans --build --data_dir=data/shakespeare_char        (once)
-         glassgpt trace-spans --data_dir=data/shakespeare_char --locate="First Citizen:"
-         glassgpt trace-spans --out_dir=out-shakespeare-char --start="ROMEO:" [--json]
-         glassgpt trace-spans --data_dir=data/shakespeare_char --text=FILE:story.txt
 docs/spans.md has the details and the measurements.
 """
 
@@ -621,24 +607,13 @@ class TraceSpansConfig:
     vocab_dir: str | None = None
 
 
-def checkpoint_data_dir(out_dir: str) -> Path:
-    from glassgpt.checkpoint import load_checkpoint
-
-    cfg = load_checkpoint(out_dir).get("config") or {}
-    if cfg.get("data_dir"):
-        return Path(cfg["data_dir"])
-    if cfg.get("dataset"):
-        return Path("data") / str(cfg["dataset"])
-    raise UserError(f"the checkpoint in {out_dir} does not name its training data; pass --data_dir=...")
-
-
-def generate_ids(cfg: TraceSpansConfig, prompt: str, index: SpanIndex) -> tuple[list[int], int]:
+def generate_ids(cfg: TraceSpansConfig, prompt: str, index: SpanIndex, run=None) -> tuple[list[int], int]:
     """(prompt + generated ids, prompt length) from the checkpoint in cfg.out_dir (glassgpt.generate)."""
     from glassgpt.generate import complete
-    from glassgpt.runtime import load_for_inference, resolve_device
+    from glassgpt.run import open_run
 
-    device = resolve_device(cfg.device)
-    model, tok, _ = load_for_inference(cfg.out_dir, device, data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir)
+    run = run or open_run(cfg.out_dir, device=cfg.device, data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir)
+    model, tok = run.model, run.tokenizer
     data_tok = index.tokenizer
     if getattr(tok, "name", "") != getattr(data_tok, "name", "") or getattr(tok, "stoi", None) != getattr(data_tok, "stoi", None):
         raise UserError(f"the checkpoint in {cfg.out_dir} and the data in {index.data_dir} use different tokenizers; "
@@ -730,7 +705,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     if wants_help(TraceSpansConfig, argv, "glassgpt trace-spans"):
         return None
     cfg = load_config(TraceSpansConfig, argv)
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else checkpoint_data_dir(cfg.out_dir)
+    run = None
+    if cfg.data_dir is None:  # the checkpoint's own training data (glassgpt.run); a query on --data_dir needs no torch
+        from glassgpt.run import open_run
+
+        run = open_run(cfg.out_dir, device=cfg.device, vocab_dir=cfg.vocab_dir)
+        if run.data_dir is None:
+            raise UserError(f"the checkpoint in {cfg.out_dir} does not name its training data; pass --data_dir=...")
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else run.data_dir
     if cfg.build:
         write_span_index(data_dir, cfg.index_dir, cfg.split, lambda m: print(m, file=sys.stderr),
                          cfg.max_memory, cfg.num_proc)
@@ -744,7 +726,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if cfg.text is not None:
         out = explain(index, read_text_arg(cfg.text), **opts)
     else:
-        ids, prompt_len = generate_ids(cfg, read_text_arg(cfg.start if cfg.start is not None else "\n", "start"), index)
+        ids, prompt_len = generate_ids(cfg, read_text_arg(cfg.start if cfg.start is not None else "\n", "start"), index, run)
         out = trace_dict(index, ids, prompt_len, *token_offsets(index.tokenizer, ids),
                          include_prompt=cfg.include_prompt, **opts)
     print(json.dumps(out, ensure_ascii=False, indent=1) if cfg.json else render(out, color=sys.stdout.isatty()))
