@@ -79,13 +79,14 @@ class RunLog:
     path: Path | None
     records: list[dict] = field(default_factory=list)
 
-    def truncate(self, resumed_at: int) -> None:
+    def truncate(self, resumed_at: int, keep_eval: bool = True) -> None:
         """Drop what a resumed run will write again: step records from `resumed_at` on and eval
-        records after it (its eval ran before the checkpoint was saved), so no iteration appears twice."""
+        records after it (or from it, when the resumed run evaluates `resumed_at` again: keep_eval
+        False), so no iteration appears twice in the log or loss.png."""
         if self.path is None or not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and _kept(json.loads(line), resumed_at)]
+                if line.strip() and _kept(json.loads(line), resumed_at, keep_eval)]
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)
@@ -97,9 +98,9 @@ class RunLog:
                 f.write(json.dumps(rec) + "\n")
 
 
-def _kept(rec: dict, resumed_at: int) -> bool:
+def _kept(rec: dict, resumed_at: int, keep_eval: bool) -> bool:
     it = rec.get("iter", -1)
-    return it < resumed_at or (it == resumed_at and "val_loss" in rec)
+    return it < resumed_at or (keep_eval and it == resumed_at and "val_loss" in rec)
 
 
 def check_out_dir(out_dir: str) -> None:
@@ -309,7 +310,8 @@ def _resume(job: Job, ckpt: dict) -> None:
             job.batches.load_state_dict(mine["sampler"])
         job.resumed_at = job.iter_num  # its eval at this iteration already ran before the save
     if job.master:
-        job.run_log.truncate(job.iter_num)
+        # without saved RNG state (a nanoGPT checkpoint) the eval at this iteration runs again
+        job.run_log.truncate(job.iter_num, keep_eval=job.resumed_at is not None)
 
 
 def _rng_state(job: Job) -> dict[str, Any]:
