@@ -218,7 +218,8 @@ def fit_calibration(raw: np.ndarray, kind: str, dim: int | None = None, seed: in
     vals, vecs = np.linalg.eigh(np.cov(x - mean, rowvar=False).reshape(c, c))
     top = np.argsort(vals)[::-1][:dim]
     floor = 1e-6 * max(float(vals.max()), 1e-12)  # directions with ~no variance would only add noise
-    return {"mean": mean.astype(np.float32), "whiten": (vecs[:, top] / np.sqrt(np.maximum(vals[top], floor))).astype(np.float32)}
+    white = vecs[:, top] / np.sqrt(np.maximum(vals[top], floor))
+    return {"mean": mean.astype(np.float32), "whiten": white.astype(np.float32)}
 
 
 def calibrate(raw: np.ndarray, calib: dict[str, np.ndarray]) -> np.ndarray:
@@ -703,7 +704,8 @@ def format_result(r: dict[str, Any], show_chars: int = 240) -> str:
     ref = r["score_reference"]
     lines.append(f"traced {r['n_tokens']} tokens ({r['n_query_windows']} window(s) pooled) against {r['store']} "
                  f"[{r['rank']}, {r['search']}, {r['query_ms']:.1f} ms; random window pairs score cos "
-                 f"{ref['p50']:+.2f} (median), {ref['p99']:+.2f} (p99)]" + ("  ** STALE STORE **" if r["stale"] else ""))
+                 f"{ref['p50']:+.2f} (median), {ref['p99']:+.2f} (p99)]"
+                 + ("  ** STALE STORE **" if r["stale"] else ""))
     if r["signals_disagree"]:
         lines.append("** the two signals disagree: no top window by the model's embedding overlaps one by BM25 "
                      "(the words); neither is the answer on its own **")
