@@ -209,6 +209,8 @@ def drill_build(root: Path, build: list[str], ready: str, artifact: Path, q: lis
         over_existing = i % 2 == 1
         if not over_existing:
             shutil.rmtree(artifact, ignore_errors=True)  # the artifact only: leftovers stay for the next build
+        elif query(q)[0] != 0:  # an earlier kill left none: build one whole first, to kill over it
+            subprocess.run(build, cwd=REPO, env=env(), capture_output=True, text=True)
         killed, log = kill_after(build, ready, rng.uniform(0.0, span))
         if not killed:
             c.notes.append(f"{what} build {i} finished before the kill")
@@ -226,7 +228,9 @@ def drill_build(root: Path, build: list[str], ready: str, artifact: Path, q: lis
     code, out, err = query(q)
     if r.returncode != 0 or code != 0 or not same(out, reference):
         c.wrong_answers += 1
-        c.notes.append(f"{what}: rebuild after the drill: {r.stderr[-400:]} {err[-400:]}")
+        c.notes.append(f"{what}: rebuild after the drill: build exit {r.returncode}, query exit {code}: "
+                       f"{err[-300:]} answer {json.dumps(stable(json.loads(out)))[:300] if code == 0 else ''} "
+                       f"reference {json.dumps(stable(json.loads(reference)))[:300]}")
     c.leftovers = len(leftovers(artifact.parent))
     if c.leftovers:
         c.notes.append(f"{what} leftovers: {[p.name for p in leftovers(artifact.parent)]}")
