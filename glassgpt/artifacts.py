@@ -211,7 +211,7 @@ def write_artifact(target_dir: str | Path, *, keep_others: bool = False) -> Iter
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     except OSError as e:
-        raise UserError(f"cannot write {target} ({e.strerror}); choose another directory") from None
+        raise _disk_error(target, e) from None
     try:
         yield tmp
         if keep_others and target.is_dir():
@@ -247,9 +247,14 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
 
 
 def _disk_error(path: Path, e: OSError) -> UserError:
-    why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or type(e).__name__)
-    return UserError(f"could not write {path} ({why}); the previous version is unchanged. "
-                     "Free space or choose another directory, and run again")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "the disk is full"
+    elif e.errno in (errno.ENOTDIR, errno.EEXIST):
+        why = "a file is in the way where a directory should be"
+    else:
+        why = e.strerror or type(e).__name__
+    todo = "free space or choose another directory" if why == "the disk is full" else "choose another directory"
+    return UserError(f"could not write {path} ({why}); the previous version is unchanged; {todo}, and run again")
 
 
 def write_file_atomic(path: str | Path, data_or_writer: bytes | str | Callable[[IO[bytes]], Any]) -> Path:
@@ -275,7 +280,8 @@ def write_file_atomic(path: str | Path, data_or_writer: bytes | str | Callable[[
             raise
         raise _disk_error(path, e) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. the parent is a file: there is no temporary to remove
+            tmp.unlink(missing_ok=True)
     return path
 
 
