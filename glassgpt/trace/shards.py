@@ -120,7 +120,9 @@ def build_index(data_dir: str | Path, index_dir: str | Path | None = None, split
     todo = [i for i in range(len(specs)) if not _fresh(index_dir / names[i], specs[i])]
     log(f"span index of {data_dir}/{split}.bin ({n_tokens:,} tokens) in {index_dir}: {len(specs)} shard(s) "
         f"of <= {per_shard:,} tokens, {len(specs) - len(todo)} already built, {num_proc} process(es)")
-    per_token = S.token_text_counts(corpus.tokenizer, vocab)
+    per_token = np.zeros((vocab, 2), dtype=np.int64)  # characters each token id starts, newlines it holds
+    counts = np.stack(corpus._token_text_counts, axis=1)  # the one per-token table (glassgpt/corpus.py)
+    per_token[:min(vocab, len(counts))] = counts[:vocab]
     size = {i: specs[i]["tok_hi"] - specs[i]["tok_lo"] for i in todo}
     bar = tqdm(total=sum(size.values()), unit="tok", unit_scale=True, desc="span shards", disable=None, file=sys.stderr)
     args = [(str(data_dir), split, specs[i], str(index_dir / names[i]), per_token) for i in todo]

@@ -158,22 +158,6 @@ class Queries:
         return self.flat[self.offset[r]:self.offset[r] + self.width]
 
 
-def token_text_counts(tokenizer, vocab: int) -> np.ndarray:
-    """(vocab, 2) int64: characters each token id starts and newlines it holds. GPT-2 tokens are bytes
-    and may cut a character: a token starts one character per byte that is not a UTF-8 continuation
-    byte (as Corpus.locate counts)."""
-    out = np.zeros((vocab, 2), dtype=np.int64)
-    token_bytes = getattr(tokenizer, "token_bytes", None)
-    itos = getattr(tokenizer, "itos", {})
-    for i in range(min(vocab, tokenizer.vocab_size)):
-        if token_bytes is not None:
-            b = token_bytes(i)
-            out[i] = sum(1 for c in b if c & 0xC0 != 0x80), b.count(b"\n")
-        elif i in itos:
-            out[i] = len(itos[i]), itos[i].count("\n")
-    return out
-
-
 def count_checkpoints(tokens: np.ndarray, per_token: np.ndarray, stride: int = COUNT_STRIDE) -> np.ndarray:
     """(ceil(n / stride) + 1, 2): characters and newlines in tokens[:k * stride], for every k."""
     blocks = [np.zeros((1, 2), dtype=np.int64)]
