@@ -128,7 +128,7 @@ function renderKnn(k, what) {
   if (k.error) { box.appendChild(el("div", { class: "error-inline" }, k.error)); return; }
   for (const n of k.neighbours) {
     box.appendChild(el("div", { class: "neighbour" },
-      el("div", { class: "loc muted" }, `#${n.rank}  cos ${fmt(n.score, 4)}  ${n.doc_id} line ${n.line} (tokens ${n.token_start}:${n.token_end})`),
+      el("div", { class: "loc muted" }, `#${n.rank}  score ${fmt(n.score, 4)}  ${n.doc_id} line ${n.line} (tokens ${n.token_start}:${n.token_end})`),
       el("div", { class: "text" }, n.text)));
   }
 }
@@ -149,9 +149,15 @@ function renderNeurons(nr) {
   if (!nr) return;
   if (nr.error) { box.appendChild(el("div", { class: "error-inline" }, nr.error)); return; }
   const a = nr.ablation;
-  if (a) $("ablation").textContent = `ablating these ${a.k}: log p of the text drops ${fmt(a.drop_top, 2)} nats; ` +
-    `${a.k} random neurons: ${fmt(a.drop_random_mean, 2)} ± ${fmt(a.drop_random_std, 2)} (${nr.ranking}, ${nr.n_traced_tokens} tokens)`;
-  const table = el("table", { class: "neurons" }, el("tr", {}, el("th", {}, "layer/neuron"), el("th", {}, "z"), el("th", {}, "mean act")));
+  if (a) {
+    // engine versions name the control differently: activation-matched neurons, or random ones
+    const ctl = a.drop_matched_mean !== undefined ? ["activation-matched", a.drop_matched_mean, a.drop_matched_std]
+      : ["random", a.drop_random_mean, a.drop_random_std];
+    $("ablation").textContent = `ablating these ${a.k} (${a.mode || "zero"}): log p of the text drops ${fmt(a.drop_top, 2)} nats; ` +
+      `${a.k} ${ctl[0]} neurons: ${fmt(ctl[1], 2)} ± ${fmt(ctl[2], 2)}` + (a.drop_raw_top !== undefined ? `; the ${a.k} most active: ${fmt(a.drop_raw_top, 2)}` : "") +
+      ` (ranked by ${nr.ranking}, ${nr.n_traced_tokens} tokens)`;
+  }
+  const table = el("table", { class: "neurons" }, el("tr", {}, el("th", {}, "layer/neuron"), el("th", {}, "score"), el("th", {}, "mean act")));
   for (const t of nr.top) {
     const row = el("tr", { class: "neuron", "data-neuron": `${t.layer}:${t.index}` },
       el("td", {}, `${t.layer}/${t.index}`), el("td", {}, fmt(t.score, 2)), el("td", {}, fmt(t.mean_activation, 3)));
