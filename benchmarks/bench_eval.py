@@ -40,10 +40,10 @@ from glassgpt.tokenizer import GPT2Tokenizer  # noqa: E402
 
 def load(args) -> tuple[GPT, str]:
     if args.out_dir:
-        from glassgpt.runtime import load_for_inference
+        from glassgpt.run import open_run
 
-        model, _, ckpt = load_for_inference(args.out_dir, args.device)
-        return model, f"{args.out_dir} (iter {ckpt.get('iter_num')})"
+        run = open_run(args.out_dir, device=args.device, threads=torch.get_num_threads())
+        return run.model, f"{args.out_dir} (iter {run.iter_num})"
     if args.init_from:
         from glassgpt.pretrained import from_pretrained
 

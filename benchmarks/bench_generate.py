@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, int, int, float]]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.out_dir:
-        from glassgpt.runtime import load_for_inference
+        from glassgpt.run import open_run
 
-        model, _, _ = load_for_inference(cfg.out_dir, "cpu")
+        model = open_run(cfg.out_dir, threads=cfg.threads or torch.get_num_threads()).model
         what = f"checkpoint {cfg.out_dir}"
     else:
         arch = ", rotary + QK-norm" if cfg.rope else ""

@@ -236,14 +236,16 @@ def bench_canaries(canary_dir: Path, max_new_tokens: int) -> list[str]:
     import torch
 
     from glassgpt.generate import complete
-    from glassgpt.runtime import load_for_inference
 
     data_dir = canary_dir / "data"
     canaries = json.loads((data_dir / "canaries.json").read_text())["canaries"]
     if not (data_dir / S.INDEX_DIRNAME / "train.index.json").exists():
         S.write_span_index(data_dir, log=lambda m: None)
     index = S.SpanIndex(data_dir)
-    model, tok, _ = load_for_inference(canary_dir / "model", "cpu")
+    from glassgpt.run import open_run
+
+    opened = open_run(canary_dir / "model")
+    model, tok = opened.model, opened.tokenizer
     torch.set_num_threads(2)
     reproduced = found = kept = 0
     rows = []

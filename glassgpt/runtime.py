@@ -69,12 +69,3 @@ def choose_threads(n_params: int, device: str, threads: int | None = None) -> in
         torch.set_num_threads(n)
     return n
 
-
-def load_for_inference(out_dir: str | Path, device: str = "cpu", data_dir: str | None = None,
-                       vocab_dir: str | None = None):
-    """Deprecated: use glassgpt.run.open_run. (model, tokenizer, checkpoint metadata) for callers
-    not yet moved."""
-    from glassgpt.run import open_run
-
-    run = open_run(out_dir, device=device, data_dir=data_dir, vocab_dir=vocab_dir)
-    return run.model, run.tokenizer, run.checkpoint_meta
