@@ -523,6 +523,10 @@ def test_truncated_index_is_one_clear_line(tmp_path, char_dataset, capsys, name,
     assert run_main(S.main, [f"--data_dir={char_dataset}", "--text=Speak, speak, you are all resolved"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "damaged" in err and "Traceback" not in err
+    logs: list[str] = []  # a rebuild keeps the whole shards and rebuilds the damaged one
+    S.write_span_index(char_dataset, log=logs.append, max_memory=24 * 20000)
+    n = len(SH.SpanIndex(char_dataset).shards)
+    assert f"{n - 1} already built" in logs[0] and "1 built now" in logs[-1]
 
 
 def test_shard_plan_keeps_documents_whole_and_memory_bounded():

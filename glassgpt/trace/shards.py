@@ -93,8 +93,15 @@ def build_shard(data_dir: str, split: str, spec: dict[str, Any], shard_dir: str,
 
 
 def _fresh(shard_dir: Path, spec: dict[str, Any]) -> bool:
+    """Built from the same data with the same plan, and whole (every array checked as a query would)."""
     side = read_json(shard_dir / "shard.json", default=None, strict=False)
-    return isinstance(side, dict) and all(side.get(k) == v for k, v in spec.items())
+    if not (isinstance(side, dict) and all(side.get(k) == v for k, v in spec.items())):
+        return False
+    try:
+        load_shard(shard_dir, spec, {"built_from": {"data": spec["data"]}, "separator": spec["separator"]}, "")
+    except UserError:
+        return False
+    return True
 
 
 def build_index(data_dir: str | Path, index_dir: str | Path | None = None, split: str = "train",
