@@ -21,8 +21,8 @@ endif
 endif
 export MPLBACKEND ?= Agg
 
-# The main job's training recipe. The TRAIN engineer's config/train_shakespeare_char_cpu.py (the README's
-# CPU recipe as a config file) is used when it exists; until then the same recipe as flags.
+# The main job's training recipe: config/train_shakespeare_char_cpu.py (the CPU record recipe) when it is
+# there, else nanoGPT's README CPU recipe as flags. `make demo TRAIN_ARGS="..."` overrides either.
 ifneq ($(wildcard config/train_shakespeare_char_cpu.py),)
 TRAIN_ARGS ?= config/train_shakespeare_char_cpu.py --out_dir=$(OUT)
 else
