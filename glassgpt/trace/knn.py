@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from glassgpt.artifacts import read_json, write_artifact, write_file_atomic, write_json_atomic
+from glassgpt.artifacts import check_writable, read_json, write_artifact, write_file_atomic, write_json_atomic
 from glassgpt.config import load_config, read_text_arg, wants_help
 from glassgpt.corpus import Corpus
 from glassgpt.errors import UserError
@@ -359,6 +359,7 @@ def build_store(model: torch.nn.Module, corpus: Corpus, split: str, store_dir: s
         raise UserError(f"whiten_dim={whiten_dim} must be between 1 and the model's width {model.config.n_embd}")
     if context > model.config.block_size:
         raise UserError(f"context={context} exceeds the model's block_size {model.config.block_size}")
+    check_writable(store_dir)
     t0 = time.perf_counter()
     spans = window_spans(corpus.segments(split), context, stride)
     if len(spans) == 0:

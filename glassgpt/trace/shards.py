@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from glassgpt.artifacts import read_json, write_artifact, write_json_atomic
+from glassgpt.artifacts import check_writable, read_json, write_artifact, write_json_atomic
 from glassgpt.corpus import Corpus, Location
 from glassgpt.errors import UserError
 from glassgpt.run import data_fingerprint_of, open_data
@@ -123,6 +123,7 @@ def build_index(data_dir: str | Path, index_dir: str | Path | None = None, split
     specs = [{"format": INDEX_FORMAT, "data": fp, "seg_lo": lo, "seg_hi": hi, "separator": vocab, "eot_token": eot,
               "tok_lo": int(segments[lo, 1]), "tok_hi": int(segments[hi - 1, 2])} for lo, hi in plan]
     names = [f"{split}.shard-{i:05d}" for i in range(len(specs))]
+    check_writable(index_dir / f"{split}.index.json")
     (index_dir / f"{split}.index.json").unlink(missing_ok=True)  # the index is complete again only at the end
     todo = [i for i in range(len(specs)) if not _fresh(index_dir / names[i], specs[i])]
     log(f"span index of {data_dir}/{split}.bin ({n_tokens:,} tokens) in {index_dir}: {len(specs)} shard(s) "
