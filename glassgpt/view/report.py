@@ -2,6 +2,7 @@
 
     glassgpt report --out_dir=out-shakespeare-char --start="ROMEO:" --out=report.html
     glassgpt report --out_dir=out-shakespeare-char --text=FILE:poem.txt --out=poem.html
+    glassgpt report --out_dir=out-shakespeare-char --start="ROMEO:" --build    # build missing indexes first
 
 The page's CSS and JS are inlined, and the results (the same dicts the viewer's API returns, plus
 the top neurons' training windows) travel as JSON in a <script type="application/json"> block,
@@ -45,6 +46,8 @@ class ReportConfig:
     """Nearest training windows shown."""
     cards: int = 10
     """Top neurons whose training windows are included (each selectable in the page)."""
+    build: bool = False
+    """Build every missing or stale index first (spans, kNN store, neuron baseline and examples)."""
     device: str = "cpu"
 
 
@@ -100,6 +103,10 @@ def main(argv: list[str] | None = None) -> Path | None:
     from glassgpt.view.explain import Session, check_settings
 
     session = Session(cfg.out_dir, cfg.data_dir, cfg.device)
+    if cfg.build:
+        for kind in list(session.problems):
+            print(f"building the missing {kind} index: {session.build_commands()[kind]}", file=sys.stderr)
+            session.build(kind)
     for kind, problem in session.problems.items():
         print(f"warning: {problem}", file=sys.stderr)
     if cfg.text is not None:
