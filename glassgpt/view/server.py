@@ -102,10 +102,10 @@ class BodyLimit:
 def make_app(session, cfg: ViewConfig):
     """The FastAPI app over one loaded Session."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
 
-    from glassgpt.view.explain import Build, check_settings, context_text, iter_pieces, tqdm_progress
+    from glassgpt.view.explain import context_text
 
     app = FastAPI(title="glassgpt viewer", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -153,20 +153,7 @@ def make_app(session, cfg: ViewConfig):
     def run_info() -> Response:
         return ok(session.info())
 
-    @app.post("/api/generate")
-    async def generate(request: Request):
-        data = await body(request)
-        prompt = text_of(data, "prompt")
-        settings = check_settings({k: data[k] for k in ("max_new_tokens", "temperature", "top_k", "seed") if k in data},
-                                  cfg.max_new_tokens_limit)
-        session.encode(prompt)  # unseen characters: a 400 now, before the stream starts
-
-        def events():
-            for kind, value in iter_pieces(lambda cb: session.generate(prompt, settings, cb), repr):
-                payload = {"text": value} if kind == "piece" else (value if kind == "done" else {"error": value})
-                yield f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    _generate_route(app, session, cfg, body, text_of)
 
     @app.post("/api/explain")
     async def explain(request: Request) -> Response:
@@ -197,6 +184,41 @@ def make_app(session, cfg: ViewConfig):
         return ok(context_text(session, int_of(data, "token_start"), int_of(data, "token_end"),
                                min(int_of(data, "context", 400), 5000)))
 
+    _build_routes(app, session, body, ok)
+
+    return BodyLimit(app, cfg.max_body_bytes)
+
+
+def _generate_route(app, session, cfg: ViewConfig, body, text_of) -> None:
+    """POST /api/generate: the settings checked (a 400 before any streaming), then Server-Sent Events."""
+    from fastapi import Request
+    from fastapi.responses import StreamingResponse
+
+    from glassgpt.view.explain import check_settings, iter_pieces
+
+    @app.post("/api/generate")
+    async def generate(request: Request):
+        data = await body(request)
+        prompt = text_of(data, "prompt")
+        settings = check_settings({k: data[k] for k in ("max_new_tokens", "temperature", "top_k", "seed") if k in data},
+                                  cfg.max_new_tokens_limit)
+        session.encode(prompt)  # unseen characters: a 400 now, before the stream starts
+
+        def events():
+            for kind, value in iter_pieces(lambda cb: session.generate(prompt, settings, cb), repr):
+                payload = {"text": value} if kind == "piece" else (value if kind == "done" else {"error": value})
+                yield f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _build_routes(app, session, body, ok) -> None:
+    """POST /api/build {kind}: build a missing index in a background thread; GET /api/progress."""
+    from fastapi import Request
+    from fastapi.responses import Response
+
+    from glassgpt.view.explain import Build, tqdm_progress
+
     @app.post("/api/build")
     async def build(request: Request) -> Response:
         kind = (await body(request)).get("kind")
@@ -224,8 +246,6 @@ def make_app(session, cfg: ViewConfig):
     @app.get("/api/progress")
     def progress() -> Response:
         return ok({"bar": tqdm_progress(), "indexes": session.freshness()})
-
-    return BodyLimit(app, cfg.max_body_bytes)
 
 
 def _engine_route(app, name: str, session, body, text_of, int_of, ok) -> None:
