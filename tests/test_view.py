@@ -198,3 +198,18 @@ def test_bind_picks_a_free_loopback_port():
             bind("127.0.0.1", a.getsockname()[1]).close()
     finally:
         a.close()
+
+
+def test_stale_index_says_how_to_rebuild(viewer_run, tmp_path):
+    from glassgpt.view.explain import Session
+    from glassgpt.view.server import ViewConfig, make_app
+
+    _, data = viewer_run
+    out = tmp_path / "out4"
+    make_checkpoint(out, data, seed=5)
+    Session(out).build("knn")
+    make_checkpoint(out, data, seed=6)  # new weights in the same out_dir: the store is now stale
+    c = TestClient(make_app(Session(out), ViewConfig(out_dir=str(out))))
+    r = c.post("/api/knn", json={"text": TRAIN_LINE})
+    assert r.status_code == 400 and "stale" in r.json()["error"] and "--build" in r.json()["error"], r.text
+    assert not c.get("/api/run").json()["indexes"]["knn"]["fresh"]
