@@ -94,7 +94,8 @@ def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> Path:
     side = {k: _jsonable(v) for k, v in ckpt.items() if k in SIDECAR_KEYS}
     side.update(format=FORMAT, checkpoint=path.name, fingerprint=ckpt[FINGERPRINT_KEY],
                 saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                n_params=sum(v.numel() for k, v in ckpt["model"].items() if k != "lm_head.weight"))
+                n_params=sum(v.numel() for k, v in ckpt["model"].items()
+                             if k != "lm_head.weight" or not model_args_of(ckpt).get("tie_embeddings", True)))
     write_json_atomic(sidecar_path(path), side)
     return path
 
@@ -171,7 +172,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], **overrides: Any) -> GPT:
     # nanoGPT omits the causal-mask buffers (`attn.bias`) only in flash mode; drop any that appear.
     state = {k: v for k, v in state.items() if not k.endswith(".attn.bias")}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte
+    if model.config.tie_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte: one matrix, either name
     if missing or unexpected:
         raise UserError(f"checkpoint weights do not fit its model_args (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]})")

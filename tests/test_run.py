@@ -322,3 +322,19 @@ def test_a_zip_that_is_not_a_checkpoint_is_a_user_error(tmp_path: Path) -> None:
         z.writestr("hello.txt", "not a checkpoint")
     with pytest.raises(UserError, match="corrupt or truncated"):
         load_checkpoint(tmp_path)
+
+
+def test_untied_checkpoint_without_lm_head_is_refused():
+    """Only a tied head may be absent from a state dict (it is wte under another name)."""
+    from glassgpt.checkpoint import model_from_checkpoint
+    from glassgpt.model import GPT, GPTConfig
+
+    cfg = GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8, tie_embeddings=False)
+    state = GPT(cfg).state_dict()
+    state.pop("lm_head.weight")
+    with pytest.raises(UserError, match="lm_head.weight"):
+        model_from_checkpoint({"model": state, "model_args": cfg.to_dict()})
+    tied = GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8)
+    state = GPT(tied).state_dict()
+    state.pop("lm_head.weight")
+    model_from_checkpoint({"model": state, "model_args": tied.to_dict()})  # loads: wte is the head
