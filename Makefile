@@ -58,7 +58,7 @@ demo: env
 	@cat $(OUT)/sample.txt
 	$(VENV)/bin/glassgpt trace-spans --out_dir=$(OUT) --build
 	$(VENV)/bin/glassgpt trace-spans --out_dir=$(OUT) --text=FILE:$(OUT)/sample.txt
-# VIEWER: the `glassgpt report` line for the sample goes here (added by the viewer's engineer)
+	$(VENV)/bin/glassgpt report --out_dir=$(OUT) --text=FILE:$(OUT)/sample.txt --build --out=$(OUT)/report.html
 
 # pytest exits 5 when it collected no tests: make fails on any non-zero status, so that is a failure too.
 # The venv's bin/ goes first on PATH: commands the tests start by name (glassgpt) are the venv's.
