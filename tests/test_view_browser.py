@@ -109,6 +109,14 @@ def test_generate_trace_click_span_and_neuron(page, server, tmp_path):
     expect(page.locator("#sources .source").first).to_contain_text("line")
     page.locator("#sources .source").first.click()
     expect(page.locator("#context mark")).not_to_be_empty()
+    # nearest windows for a selected part of the text
+    page.evaluate("""() => { const r = document.createRange(); const o = document.getElementById('output');
+        r.setStart(o.firstChild, 0); r.setEnd(o.children[20], 1);
+        const s = window.getSelection(); s.removeAllRanges(); s.addRange(r); }""")
+    expect(page.locator("#knn-selection")).to_be_enabled()
+    page.click("#knn-selection")
+    expect(page.locator("#knn-what")).to_contain_text("selected part")
+    expect(page.locator("#knn .neighbour")).to_have_count(5)
     # select a neuron: every token coloured by its activation, its training windows shown
     page.locator("tr.neuron").first.click()
     page.wait_for_selector("#neuron-card .example", timeout=60_000)
