@@ -255,6 +255,45 @@ class _StopCheck:
 
 
 @torch.no_grad()
+
+def _run_window(model: GPT, seqs: list[list[int]], active: list[int], want: list[int], cache: KVCache,
+                prefill: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass of `generate`: (hidden (B, T, n_embd), token_index (B, T) of each position in
+    its sequence, -1 for padding). Prefill (re)builds the cache from each row's window, left-padded,
+    positions from 0 per row; decode feeds each row's newest token at the next slot."""
+    device = model.lm_head.weight.device
+    if prefill:
+        W = max(want)
+        pad = torch.tensor([W - w for w in want], device=device)
+        idx = torch.tensor([[0] * (W - w) + seqs[r][-w:] for r, w in zip(active, want)], device=device)
+        cache.reset(pad)
+        hidden = model(idx, kv_cache=cache, stop_at_layer=model.config.n_layer)  # (B, W, n_embd)
+        j = torch.arange(W, device=device)
+        start = torch.tensor([len(seqs[r]) - W for r in active], device=device)
+        return hidden, (start[:, None] + j[None, :]).masked_fill(j[None, :] < pad[:, None], -1)
+    idx = torch.tensor([[seqs[r][-1]] for r in active], device=device)
+    hidden = model(idx, kv_cache=cache, stop_at_layer=model.config.n_layer)  # (B, 1, n_embd)
+    return hidden, torch.tensor([[len(seqs[r]) - 1] for r in active], device=device)
+
+
+def _record_tokens(tokens: list[int], active: list[int], seqs: list[list[int]], outputs: list[list[int]],
+                   on_token: Callable[[int, int], None] | None, stop_ids: set[int],
+                   stops: list[_StopCheck] | None) -> list[int]:
+    """Append each row's new token (and stream it); returns the batch rows that go on."""
+    keep = []
+    for row, (r, tok) in enumerate(zip(active, tokens)):
+        seqs[r].append(tok)
+        outputs[r].append(tok)
+        if on_token is not None:
+            on_token(r, tok)
+        stopped = tok in stop_ids
+        if stops is not None:
+            stopped = stops[r].push(tok) or stopped
+        if not stopped:
+            keep.append(row)
+    return keep
+
+
 def generate(
     model: GPT,
     prompts: list[list[int]],
@@ -299,7 +338,6 @@ def generate(
     capacity = min(bs, max((window_length(len(p), bs, window) for p in prompts), default=1) + max_new_tokens)
     cache = KVCache(model.config.n_layer, capacity)
     cur: list[int] = []  # window length held in the cache, per row
-    n_layer = model.config.n_layer
 
     was_training = model.training
     model.eval()
@@ -309,37 +347,13 @@ def generate(
                 break
             want = [window_length(len(seqs[r]), bs, window) for r in active]
             prefill = t == 0 or cache.filled >= capacity or any(w != c + 1 for w, c in zip(want, cur))
-            if prefill:
-                # (Re)build the cache: each row's window, left-padded, positions from 0 per row.
-                W = max(want)
-                pad = torch.tensor([W - w for w in want], device=device)
-                idx = torch.tensor([[0] * (W - w) + seqs[r][-w:] for r, w in zip(active, want)], device=device)
-                cache.reset(pad)
-                hidden = model(idx, kv_cache=cache, stop_at_layer=n_layer)  # (B, W, n_embd)
-                j = torch.arange(W, device=device)
-                start = torch.tensor([len(seqs[r]) - W for r in active], device=device)
-                token_index = (start[:, None] + j[None, :]).masked_fill(j[None, :] < pad[:, None], -1)
-            else:
-                # Decode: each row's newest token at the next position of its window, one shared slot.
-                idx = torch.tensor([[seqs[r][-1]] for r in active], device=device)
-                hidden = model(idx, kv_cache=cache, stop_at_layer=n_layer)  # (B, 1, n_embd)
-                token_index = torch.tensor([[len(seqs[r]) - 1] for r in active], device=device)
+            hidden, token_index = _run_window(model, seqs, active, want, cache, prefill)
             cur = want
             logits = model.head(hidden[:, -1]).float()  # (B, vocab)
             tokens = sample_next(logits, temperature, top_k, top_p, [gens[r] for r in active])
             if on_step is not None:
                 on_step(Step(t, list(active), tokens, logits, hidden, token_index, prefill))
-            keep = []
-            for row, (r, tok) in enumerate(zip(active, tokens.tolist())):
-                seqs[r].append(tok)
-                outputs[r].append(tok)
-                if on_token is not None:
-                    on_token(r, tok)
-                stopped = tok in stop_ids
-                if stops is not None:
-                    stopped = stops[r].push(tok) or stopped
-                if not stopped:
-                    keep.append(row)
+            keep = _record_tokens(tokens.tolist(), active, seqs, outputs, on_token, stop_ids, stops)
             if len(keep) < len(active):
                 rows = torch.tensor(keep, dtype=torch.long, device=device)
                 cache.keep_rows(rows)

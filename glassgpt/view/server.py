@@ -110,37 +110,11 @@ def make_app(session, cfg: ViewConfig):
     app = FastAPI(title="glassgpt viewer", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    def ok(obj: Any, status: int = 200) -> Response:
-        return Response(json.dumps(clean_json(obj), ensure_ascii=False), status_code=status,
-                        media_type="application/json")
-
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError):
         return JSONResponse({"error": str(exc)}, status_code=400)
 
-    async def body(request: Request) -> dict[str, Any]:
-        try:
-            data = json.loads(await request.body() or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError("the request body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise UserError("the request body must be a JSON object")
-        return data
-
-    def text_of(data: dict, key: str = "text") -> str:
-        text = data.get(key)
-        if not isinstance(text, str):
-            raise UserError(f"give the {key} to trace as a string: {{\"{key}\": \"...\"}}")
-        if len(text) > cfg.max_prompt_chars:
-            raise UserError(f"the {key} is {len(text):,} characters; this viewer takes at most "
-                            f"{cfg.max_prompt_chars:,} (--max_prompt_chars)")
-        return text
-
-    def int_of(data: dict, key: str, default: int | None = None) -> int:
-        v = data.get(key, default)
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise UserError(f"{key} must be an integer, got {v!r}")
-        return v
+    ok, body, text_of, int_of = _request_helpers(cfg)
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> HTMLResponse:
@@ -188,6 +162,43 @@ def make_app(session, cfg: ViewConfig):
 
     return BodyLimit(app, cfg.max_body_bytes)
 
+
+
+def _request_helpers(cfg: ViewConfig):
+    """(ok, body, text_of, int_of): the JSON response and the checked readers of a request body that
+    every route shares; a bad value is a UserError, which the app answers with a 400 and one line."""
+    from fastapi import Request
+    from fastapi.responses import Response
+
+    def ok(obj: Any, status: int = 200) -> Response:
+        return Response(json.dumps(clean_json(obj), ensure_ascii=False), status_code=status,
+                        media_type="application/json")
+
+    async def body(request: Request) -> dict[str, Any]:
+        try:
+            data = json.loads(await request.body() or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError("the request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise UserError("the request body must be a JSON object")
+        return data
+
+    def text_of(data: dict, key: str = "text") -> str:
+        text = data.get(key)
+        if not isinstance(text, str):
+            raise UserError(f"give the {key} to trace as a string: {{\"{key}\": \"...\"}}")
+        if len(text) > cfg.max_prompt_chars:
+            raise UserError(f"the {key} is {len(text):,} characters; this viewer takes at most "
+                            f"{cfg.max_prompt_chars:,} (--max_prompt_chars)")
+        return text
+
+    def int_of(data: dict, key: str, default: int | None = None) -> int:
+        v = data.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise UserError(f"{key} must be an integer, got {v!r}")
+        return v
+
+    return ok, body, text_of, int_of
 
 def _generate_route(app, session, cfg: ViewConfig, body, text_of) -> None:
     """POST /api/generate: the settings checked (a 400 before any streaming), then Server-Sent Events."""
