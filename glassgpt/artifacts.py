@@ -234,13 +234,11 @@ def write_artifact(target_dir: str | Path, *, keep_others: bool = False) -> Iter
 
 
 def check_writable(target_dir: str | Path) -> Path:
-    """Fail before long work, not after it: make `target_dir`'s parent (a file in the way, a read-only
-    disk -> the one-line UserError of a failed write)."""
+    """Fail before long work, not after it: make the directory `target_dir` will be written in (a file
+    in the way, a read-only disk -> the one-line UserError of a failed write)."""
     target = Path(target_dir)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists() and not target.is_dir():
-            raise FileExistsError(errno.EEXIST, "a file is in the way", str(target))
     except OSError as e:
         if e.errno not in WRITE_ERRNOS:
             raise
