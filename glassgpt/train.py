@@ -145,6 +145,9 @@ def build_model(cfg: TrainConfig, meta: dict | None) -> tuple[GPT, dict | None, 
 
         refuse_options_for_pretrained(cfg)
         model = from_pretrained(cfg.init_from, {"dropout": cfg.dropout})
+        if cfg.activation is not None and cfg.activation != model.config.activation:
+            raise UserError(f"--activation={cfg.activation} cannot be used with init_from={cfg.init_from}: its "
+                            f"weights were trained with {model.config.activation}; drop --activation")
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
         args = model.config.to_dict()
@@ -167,9 +170,9 @@ def arch_options(cfg: TrainConfig) -> dict[str, Any]:
 
 def refuse_options_for_pretrained(cfg: TrainConfig) -> None:
     """GPT-2 weights fix the architecture: an option that would change it is refused, not ignored."""
-    if cfg.activation not in (None, "gelu_new"):
+    if cfg.activation not in (None, "gelu", "gelu_new"):  # a local GPT-2 directory may hold either GELU
         raise UserError(f"--activation={cfg.activation} cannot be used with init_from={cfg.init_from}: GPT-2's "
-                        "weights were trained with gelu_new; drop --activation")
+                        "weights were trained with a GELU; drop --activation")
     default = TrainConfig()
     changed = [k for k in ARCH_OPTIONS if getattr(cfg, k) != getattr(default, k)]
     if changed:
