@@ -41,7 +41,7 @@ def fixed_val(out_dir: str, data_dir: Path, batches: int) -> float:
         for _ in range(batches):
             ix = torch.randint(len(data) - 65, (12,), generator=gen)
             w = data[ix[:, None] + torch.arange(65)]
-            total += model(w[:, :-1], w[:, 1:])[1].item()
+            total += model(w[:, :-1], w[:, 1:].contiguous())[1].item()
     return total / batches
 
 
