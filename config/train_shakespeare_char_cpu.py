@@ -2,7 +2,8 @@
 # (block 64, batch 12, 4x4x128, 2000 iters, val ~1.886): the same shape, context and tokens, 4x the
 # batch for a quarter of the iterations (amortises Muon's step), Muon on the blocks' matrices, rotary
 # positions, ReLU^2 and a warmup-stable-decay schedule. Measured side by side (RESULTS.md, "CPU
-# record"): val 1.671 vs 1.897 at 1.06x the wall-clock. Adding qk_norm = True gives 1.613 but costs
+# record" and its quiet re-measurement): val 1.692 vs 1.918 at 1.38x the wall-clock back to back (1.671 vs
+# 1.897 at 1.06x when run concurrently on a loaded box). Adding qk_norm = True gives 1.613 but costs
 # ~20% more per step; batch_size = 24, max_iters = lr_decay_iters = 1000, warmup 100, muon_lr = 0.02
 # with qk_norm gives 1.601 at ~1.8x (search-harness figures). benchmarks/bench_record.py runs a recipe and nanoGPT's side by side.
 #   python train.py config/train_shakespeare_char_cpu.py
