@@ -1,12 +1,18 @@
 """The CPU record: config/train_shakespeare_char_cpu.py against nanoGPT's README CPU recipe, same run.
 
-    GLASSGPT_MIRROR=../shared/data python benchmarks/bench_record.py [--back_to_back] [--eval_batches=200]
+    GLASSGPT_MIRROR=../shared/data python benchmarks/bench_record.py --nanogpt=/path/to/nanoGPT [--pairs=3]
+    GLASSGPT_MIRROR=../shared/data python benchmarks/bench_record.py --nanogpt=/path/to/nanoGPT --per_iter
 
-Each recipe is trained by `train.py` in its own process with one thread (OMP_NUM_THREADS=1, nice 10).
-By default the two run concurrently, so both see the same machine load (this box is shared); with
---back_to_back they run one after the other. Reported per recipe: the process wall-clock, train.py's
-own final val loss (eval_iters=20, noisy), and a fixed val loss over --eval_batches batches of 12 x 64
-drawn with one seed (the same windows for both models), computed after training and not timed.
+Default: `--pairs` back-to-back pairs (nanoGPT's recipe, then the record recipe, each `train.py` in a
+process of its own with its own default threads), reporting per recipe the median process wall-clock,
+train.py's final val (eval_iters=20, noisy) and a fixed val over --eval_batches batches of 12 x 64
+windows drawn with one seed (the same windows for every model), computed after training, not timed.
+With --nanogpt the reference is nanoGPT's own train.py in that checkout (its data/shakespeare_char is
+prepared from the mirror's tiny-shakespeare if missing); without, nanoGPT's recipe run by glassgpt.
+
+--per_iter: the same architecture and batch (nanoGPT's CPU recipe, --iters iterations) stepped by
+nanoGPT, by glassgpt in float32 and by glassgpt with dtype=bfloat16, alternating --pairs times; median
+ms/iter from each log (iterations after the first 10, eval iterations excluded) and the ratios.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -45,49 +53,102 @@ def fixed_val(out_dir: str, data_dir: Path, batches: int) -> float:
     return total / batches
 
 
-def start(args: list[str], out_dir: str) -> tuple[subprocess.Popen, float]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = ["nice", "-n", "10", sys.executable, "train.py", *args, f"--out_dir={out_dir}"]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), time.time()
+def start(args: list[str], out_dir: str, cwd: Path = REPO, threads: int | None = None):
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, "train.py", *args, f"--out_dir={out_dir}"]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), time.time()
 
 
-def finish(proc: subprocess.Popen, t0: float, name: str) -> tuple[float, float]:
+def finish(proc: subprocess.Popen, t0: float, name: str) -> tuple[float, float, list[float]]:
+    """(wall seconds, last val loss, per-iteration ms of the training steps) of a finished run."""
     out, _ = proc.communicate()
     wall = time.time() - t0
     if proc.returncode:
         sys.exit(f"{name} failed ({proc.returncode}):\n{out[-2000:]}")
-    return wall, [float(v) for v in re.findall(r"val loss ([0-9.]+)", out)][-1]
+    steps = [float(ms) for it, ms in re.findall(r"iter (\d+): loss [0-9.]+,.*?(?:time )?([0-9.]+) ?ms", out)
+             if int(it) > 10 and int(it) % 250 != 0]  # skip warm-up and the steps that follow an eval
+    return wall, [float(v) for v in re.findall(r"val loss ([0-9.]+)", out)][-1], steps
+
+
+def nanogpt_dir(path: str) -> Path:
+    """A nanoGPT checkout with data/shakespeare_char prepared (from the mirror's input.txt if needed)."""
+    root = Path(path).resolve()
+    d = root / "data" / "shakespeare_char"
+    if not (root / "train.py").exists():
+        sys.exit(f"{root} is not a nanoGPT checkout (no train.py)")
+    if not (d / "train.bin").exists():
+        mirror = Path(os.environ.get("GLASSGPT_MIRROR", REPO.parent / "shared" / "data"))
+        if not (d / "input.txt").exists():
+            shutil.copy(mirror / "tinyshakespeare" / "input.txt", d / "input.txt")
+        subprocess.run([sys.executable, "prepare.py"], cwd=d, check=True)
+    return root
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def record_table(a, data_dir: Path, ref: tuple[str, list[str], Path]) -> None:
+    runs = {ref[0]: (ref[1], ref[2]), "glassgpt CPU record recipe": (RECORD, REPO)}
+    results: dict[str, list] = {name: [] for name in runs}
+    for pair in range(a.pairs):
+        for name, (args, cwd) in runs.items():
+            out = f"{a.work}/{name.split()[0]}-{pair}"
+            results[name].append((*finish(*start(args, out, cwd, a.threads), name), out))
+    print("| recipe | wall-clock, median of %d (each) | ms/iter | train.py val | fixed val (%d batches) |"
+          % (a.pairs, a.eval_batches))
+    print("|---|---|---|---|---|")
+    walls = {}
+    for name, rs in results.items():
+        fixed = [fixed_val(out, data_dir, a.eval_batches) for _, _, _, out in rs]
+        walls[name] = median([w for w, _, _, _ in rs])
+        print(f"| {name} | {walls[name]:.1f} s ({', '.join(f'{w:.1f}' for w, _, _, _ in rs)}) | "
+              f"{median([m for _, _, st, _ in rs for m in st]):.1f} | {median([v for _, v, _, _ in rs]):.4f} | "
+              f"{median(fixed):.4f} ({', '.join(f'{v:.4f}' for v in fixed)}) |")
+    ref_wall, rec_wall = walls.values()
+    print(f"wall-clock ratio record / reference: {rec_wall / ref_wall:.2f}x")
+
+
+def per_iter_table(a, ref: tuple[str, list[str], Path]) -> None:
+    n = [f"--max_iters={a.iters}", f"--lr_decay_iters={a.iters}", f"--eval_interval={a.iters}"]
+    runs = {ref[0]: (ref[1] + n, ref[2]),
+            "glassgpt, float32": (NANOGPT_CPU + n, REPO),
+            "glassgpt, dtype=bfloat16": (NANOGPT_CPU + n + ["--dtype=bfloat16"], REPO)}
+    steps: dict[str, list[float]] = {name: [] for name in runs}
+    for pair in range(a.pairs):
+        for name, (args, cwd) in runs.items():
+            steps[name] += finish(*start(args, f"{a.work}/iter-{len(steps[name])}-{pair}", cwd, a.threads), name)[2]
+    ref_ms = median(steps[ref[0]])
+    print(f"| run ({a.iters} iterations x {a.pairs}) | median ms/iter | vs {ref[0]} |")
+    print("|---|---|---|")
+    for name, st in steps.items():
+        print(f"| {name} | {median(st):.1f} | {median(st) / ref_ms:.2f}x |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--back_to_back", action="store_true")
+    ap.add_argument("--nanogpt", help="a nanoGPT checkout: the reference runs its own train.py")
+    ap.add_argument("--pairs", type=int, default=1)
+    ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every run (default: each program's own)")
+    ap.add_argument("--per_iter", action="store_true")
+    ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--eval_batches", type=int, default=200)
     ap.add_argument("--work", default="/tmp/glassgpt-bench-record")
     a = ap.parse_args()
     data_dir = REPO / "data" / "shakespeare_char"
     if not (data_dir / "train.bin").exists():
         subprocess.run([sys.executable, "data/shakespeare_char/prepare.py"], cwd=REPO, check=True)
-    runs = {"nanoGPT README CPU recipe": (NANOGPT_CPU, f"{a.work}/nanogpt"),
-            "glassgpt CPU record recipe": (RECORD, f"{a.work}/record")}
-    load0 = open("/proc/loadavg").read().split()[:3]
-    results = {}
-    if a.back_to_back:
-        for name, (args, out) in runs.items():
-            results[name] = finish(*start(args, out), name)
+    if a.nanogpt:
+        ref = ("nanoGPT's train.py", NANOGPT_CPU, nanogpt_dir(a.nanogpt))
     else:
-        started = {name: start(args, out) for name, (args, out) in runs.items()}
-        results = {name: finish(*p, name) for name, p in started.items()}
+        ref = ("nanoGPT's recipe, run by glassgpt", NANOGPT_CPU, REPO)
+    load0 = open("/proc/loadavg").read().split()[:3]
+    (per_iter_table if a.per_iter else lambda a, ref: record_table(a, data_dir, ref))(a, ref)
     load1 = open("/proc/loadavg").read().split()[:3]
-    print(f"load average before {' '.join(load0)}, after {' '.join(load1)}; "
-          f"{'back to back' if a.back_to_back else 'concurrently'}, 1 thread each")
-    print("| recipe | wall-clock | train.py val (20 batches) | fixed val (%d batches) |" % a.eval_batches)
-    print("|---|---|---|---|")
-    for name, (wall, val) in results.items():
-        fixed = fixed_val(runs[name][1], data_dir, a.eval_batches)
-        print(f"| {name} | {wall:.1f} s | {val:.4f} | {fixed:.4f} |")
-    (ref_wall, _), (rec_wall, _) = results.values()
-    print(f"wall-clock ratio record / nanoGPT recipe: {rec_wall / ref_wall:.2f}x")
+    print(f"load average before {' '.join(load0)}, after {' '.join(load1)}; back to back, "
+          f"{a.threads or 'default'} threads; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 
 
 if __name__ == "__main__":

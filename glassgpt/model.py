@@ -16,6 +16,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from dataclasses import asdict, dataclass, fields
@@ -150,9 +151,15 @@ class CausalSelfAttention(nn.Module):
             # the cache holds this layer's earlier keys/values and says which ones each query may see
             k, v = kv_cache.write(self.layer_idx, k, v)  # (B, nh, S, hs), S = cached + T
             mask = kv_cache.mask  # (B, 1, T, S) bool, or None when plain causal is right
-        # Flash / memory-efficient kernels where the device has them; exact math otherwise.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        # Flash / memory-efficient kernels where the device has them; exact math otherwise. On a CPU
+        # attention runs in float32 under bf16 autocast: its bf16 backward is ~10x slower there.
+        dt, cpu_fp32 = q.dtype, q.device.type == "cpu" and q.dtype != torch.float32
+        with torch.autocast("cpu", enabled=False) if cpu_fp32 else contextlib.nullcontext():
+            if cpu_fp32:
+                q, k, v = q.float(), k.float(), v.float()
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = y.to(dt)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -37,26 +39,72 @@ def resolve_dtype(dtype: str, device: str) -> str:
         return "float32"
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)} or auto")
+    if dtype == "bfloat16" and device.startswith("cpu") and not cpu_has_native_bf16():
+        print("warning: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so dtype=bfloat16 is "
+              "emulated and slower than float32; pass --dtype=float32", file=sys.stderr)
     return dtype
 
 
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU multiplies bfloat16 in hardware (x86 AVX512-BF16 / AMX, Arm BF16); True where
+    /proc/cpuinfo cannot say (not Linux)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = {w for line in f if line.startswith(("flags", "Features")) for w in line.split()}
+    except OSError:
+        return True
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
-    """Mixed precision context: a no-op for float32 (and on CPU, where bf16 autocast is slower here)."""
+    """Mixed precision context: a no-op for float32. On a CPU only bfloat16 autocasts (matmuls on AMX /
+    AVX512-BF16 units; attention stays float32, see CausalSelfAttention); float16 there is a no-op."""
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    if dtype == "float32" or device_type != "cuda":
+    if dtype == "float32" or (device_type != "cuda" and dtype != "bfloat16"):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=DTYPES[dtype])
 
 
-# Below this many parameters a CPU forward is too small to split across threads: one thread wins,
-# by ~3x when another process wants a core (issue 12: 2 threads vs 1 on a 2-core box).
+# Below this many parameters a CPU step is too small to share a core: while another process is busy,
+# a thread that has to wait for a core makes each step ~3x slower (issue 12: 5.2 s/iter instead of
+# ~0.5 s/iter on a busy 2-core box). On an idle machine every core helps (2 threads 34 ms vs 1 thread
+# 51 ms per step of nanoGPT's CPU recipe, issue 15), so small models take the cores nobody else uses.
 SMALL_MODEL_PARAMS = 30_000_000
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies of all CPUs from /proc/stat, or None where there is none (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])  # idle + iowait
+
+
+def idle_cores(total: int, window: float = 0.05) -> int:
+    """How many of `total` cores other processes leave idle right now (at least 1): the idle share of
+    the CPUs over a `window`-second sleep (this process sleeps, so only the others count), else the
+    1-minute load average where /proc/stat is missing. The load average lags: right after another
+    job ends it still says busy, which is why it is only the fallback."""
+    before = _cpu_times()
+    if before is not None:
+        time.sleep(window)
+        after = _cpu_times()
+        d_idle, d_total = after[0] - before[0], after[1] - before[1]
+        if d_total > 0:
+            return max(1, min(total, round(os.cpu_count() * d_idle / d_total)))
+    try:
+        busy = int(os.getloadavg()[0])  # floor: an editor or a shell at load 0.3 takes no core
+    except (AttributeError, OSError):
+        return total
+    return max(1, min(total, total - busy))
 
 
 def choose_threads(n_params: int, device: str, threads: int | None = None) -> int | None:
     """Set torch's CPU thread count and return it: `threads` (--threads) if given, else
-    $OMP_NUM_THREADS if set, else 1 for small models, else torch's default. On GPUs nothing is
-    changed (None)."""
+    $OMP_NUM_THREADS if set, else for small models the cores the load average leaves idle, else
+    torch's default. On GPUs nothing is changed (None)."""
     if not device.startswith("cpu"):
         return None
     if threads is not None and threads < 1:
@@ -64,7 +112,7 @@ def choose_threads(n_params: int, device: str, threads: int | None = None) -> in
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     n = threads or (int(env) if env.isdigit() and int(env) > 0 else None)
     if n is None:
-        n = 1 if n_params < SMALL_MODEL_PARAMS else torch.get_num_threads()
+        n = idle_cores(torch.get_num_threads()) if n_params < SMALL_MODEL_PARAMS else torch.get_num_threads()
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
     return n

@@ -226,3 +226,28 @@ def test_mfu_needs_known_peak():
     m = tiny()
     assert m.estimate_mfu(1000.0, None) is None
     assert m.estimate_mfu(1000.0, 1e12) == pytest.approx(m.flops_per_token() * 1000 / 1e12)
+
+
+@pytest.mark.parametrize("option", [{}, {"rope": True, "qk_norm": True, "activation": "relu2"}])
+def test_cpu_bf16_autocast_matches_fp32_with_float32_attention(option, monkeypatch):
+    """CPU bf16 autocast (the record recipe's dtype): loss and gradients agree with float32, and the
+    attention kernel sees float32 inputs (its bf16 backward is ~10x slower on a CPU)."""
+    from glassgpt.runtime import autocast
+
+    torch.manual_seed(0)
+    m = tiny(**option)
+    x = torch.randint(0, 50, (4, 16))
+    _, ref = m(x, x)
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append(q.dtype) or sdpa(q, k, v, **kw))
+    with autocast("cpu", "bfloat16"):
+        logits, loss = m(x, x)
+    assert logits.dtype == torch.bfloat16 and seen == [torch.float32] * 2
+    loss.backward()
+    assert abs(loss.item() - ref.item()) < 0.02 * ref.item()
+    for g, r in zip((p.grad for p in m.parameters()), ref_grads):
+        assert F.cosine_similarity(g.flatten().float(), r.flatten(), dim=0) > 0.98

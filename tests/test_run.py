@@ -223,7 +223,23 @@ def test_choose_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     before = torch.get_num_threads()
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        assert choose_threads(1_000_000, "cpu") == 1
+        from glassgpt import runtime
+
+        def cpu_times(idle_share):  # /proc/stat readings: `idle_share` of 4 cores idle over the window
+            ticks = iter([(0, 0), (int(400 * idle_share), 400)])
+            return lambda: next(ticks)
+
+        monkeypatch.setattr(os, "cpu_count", lambda: 4)
+        for share, want in ((1.0, 4), (0.5, 2), (0.1, 1), (0.0, 1)):  # idle, half busy, busy, overloaded
+            torch.set_num_threads(4)  # torch's default on a 4-core machine
+            monkeypatch.setattr(runtime, "_cpu_times", cpu_times(share))
+            assert choose_threads(1_000_000, "cpu") == want
+        monkeypatch.setattr(runtime, "_cpu_times", lambda: None)  # no /proc/stat: the load average
+        monkeypatch.setattr(os, "getloadavg", lambda: (2.7, 0.0, 0.0))
+        torch.set_num_threads(4)
+        assert choose_threads(1_000_000, "cpu") == 2
+        torch.set_num_threads(4)
+        assert choose_threads(100_000_000, "cpu") == 4  # large models keep torch's default
         assert choose_threads(1_000_000, "cpu", threads=2) == 2 == torch.get_num_threads()
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
         assert choose_threads(1_000_000, "cpu") == 2
@@ -338,3 +354,14 @@ def test_untied_checkpoint_without_lm_head_is_refused():
     state = GPT(tied).state_dict()
     state.pop("lm_head.weight")
     model_from_checkpoint({"model": state, "model_args": tied.to_dict()})  # loads: wte is the head
+
+
+def test_cpu_bf16_support_from_cpuinfo(tmp_path: Path) -> None:
+    from glassgpt.runtime import cpu_has_native_bf16
+
+    (tmp_path / "amx").write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
+    (tmp_path / "avx2").write_text("processor\t: 0\nflags\t\t: fpu avx2 fma\n")
+    (tmp_path / "arm").write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
+    assert cpu_has_native_bf16(str(tmp_path / "amx")) and cpu_has_native_bf16(str(tmp_path / "arm"))
+    assert not cpu_has_native_bf16(str(tmp_path / "avx2"))
+    assert cpu_has_native_bf16(str(tmp_path / "missing"))  # cannot tell: no warning
