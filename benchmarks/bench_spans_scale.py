@@ -5,6 +5,9 @@ at 10 M, 100 M and >= 1 B GPT-2 tokens (issue 17).
         --max_memory=6G --num_proc=2          # make the corpora, build, query; prints a RESULTS.md table
     python benchmarks/bench_spans_scale.py --work=... --sizes=... --only=query   # query an existing build
     python benchmarks/bench_spans_scale.py --work=... --clean                    # delete the corpora and indexes
+    python benchmarks/bench_spans_scale.py --work=/work/scratch/spans12 --sizes=12M --shards_vs_one=8
+        # one corpus built as 1 shard and as 8: the trace latency of each, searched per shard (the code
+        # before issue 17's fix) and in one search over all shards (spans.Stack), with the ratios
 
 The corpora are written straight in glassgpt's prepared-data format (train.bin + train.docs.npy +
 documents.json + meta.json): the GPT-2 tokens of the shared English corpus (SOTU + Moby-Dick, 370
@@ -133,6 +136,80 @@ print(json.dumps({{"open_s": open_s, "p50_ms": 1e3 * float(np.percentile(times, 
 """
 
 
+SHARDS_CHILD = r"""
+import json, sys, time, numpy as np
+sys.path.insert(0, {repo!r})
+from glassgpt.trace import spans as S
+from glassgpt.trace.shards import SpanIndex
+
+def per_shard(index):
+    # the reference: one whole search per shard, as before issue 17's fix (the same answers, checked)
+    def ms(ids, first=0):
+        per = [S.matching_statistics(s.arrays, ids, first) for s in index.shards]
+        return np.max([m for m, _ in per], axis=0), tuple(np.stack(x) for x in zip(*per))
+    def ranges(seqs, starts, per):
+        out = [[] for _ in seqs]
+        for j, (m, lb) in enumerate(zip(*per)):
+            rows = [r for r, (q, s) in enumerate(zip(seqs, starts)) if m[s] >= len(q)]
+            if rows:
+                lo, hi = S.sa_range_near(index.shards[j].arrays, [seqs[r] for r in rows], lb[[starts[r] for r in rows]])
+                for r, a, b in zip(rows, lo.tolist(), hi.tolist()):
+                    out[r].append((j, a, b))
+        return out
+    index.matching_statistics, index.ranges = ms, ranges
+    return index
+
+engines = {{}}
+for name in {dirs!r}:
+    for how in ("per shard", "one search"):
+        index = SpanIndex({data!r}, {data!r} + "/" + name)
+        engines[(name, how)] = per_shard(index) if how == "per shard" else index
+toks = next(iter(engines.values())).tokens; rng = np.random.default_rng(1)
+times = {{k: [] for k in engines}}; answers = {{k: [] for k in engines}}
+for q in range({n_queries}):
+    ids = np.concatenate([toks[p:p + 40] for p in rng.integers(0, len(toks) - 40, 5)]).tolist()
+    text, offsets = S.token_offsets(next(iter(engines.values())).tokenizer, ids)
+    for k, index in engines.items():  # interleaved: the machine's load hits all four alike
+        t = time.perf_counter()
+        tr = S.trace_text(index, ids, 0, False, 4, 1, 0.05, 10, 32, None, text, offsets)
+        times[k].append(time.perf_counter() - t); answers[k].append(tr.to_dict())
+first = next(iter(answers.values()))
+print(json.dumps({{"same_answers": all(a == first for a in answers.values()),
+                  "rows": [[k[0], len(engines[k].shards), k[1], 1e3 * float(np.percentile(t, 50)),
+                            1e3 * float(np.percentile(t, 95))] for k, t in times.items()]}}))
+"""
+
+
+def shards_vs_one(work: Path, size: str, n_shards: int, num_proc: int, n_queries: int) -> None:
+    """Build one corpus as 1 shard and as about n_shards, and time 200-token traces on both, per-shard
+    search vs one search over all shards, in one process; print the figures and the ratios."""
+    d = work / f"c{size}"
+    if not (d / "meta.json").exists():
+        make_corpus(d, parse_size(size), *base_documents())
+    n = int(json.loads((d / "meta.json").read_text())["train_tokens"]) + len(np.load(d / "train.docs.npy"))
+    # the build sizes shards as max_memory // (num_proc * 24 bytes); 3% slack for whole documents
+    for name, tokens in (("spans-1", n), (f"spans-{n_shards}", int(n * 1.03 / n_shards))):
+        cmd = [sys.executable, "-m", "glassgpt.cli", "trace-spans", "--build", f"--data_dir={d}",
+               f"--index_dir={d / name}", f"--max_memory={(tokens + 1) * 24 * num_proc}", f"--num_proc={num_proc}"]
+        build_s, peak, rc = run_measured(cmd, work / f"build-{size}-{name}.log")
+        if rc:
+            raise SystemExit(f"build of {d / name} failed; see {work}/build-{size}-{name}.log")
+    load0 = open("/proc/loadavg").read().strip()
+    out = subprocess.run([sys.executable, "-c", SHARDS_CHILD.format(repo=str(REPO), data=str(d), n_queries=n_queries,
+                                                                   dirs=["spans-1", f"spans-{n_shards}"])],
+                         check=True, capture_output=True, text=True).stdout
+    load1 = open("/proc/loadavg").read().strip()
+    r = json.loads(out.strip().splitlines()[-1])
+    p50 = {(row[1], row[2]): row[3] for row in r["rows"]}
+    print(f"{n:,} tokens, {n_queries} traces of 200 tokens; loadavg {load0} -> {load1}; "
+          f"same answers in all four: {r['same_answers']}")
+    print("| shards | search | p50 | p95 | p50 vs 1 shard |\n|---|---|---|---|---|")
+    for _, shards, how, a, b in r["rows"]:
+        print(f"| {shards} | {how} | {a:.1f} ms | {b:.1f} ms | {a / p50[(1, how)]:.2f}x |")
+    many = max(row[1] for row in r["rows"])
+    print(f"one search over {many} shards vs per shard: {p50[(many, 'per shard')] / p50[(many, 'one search')]:.2f}x faster")
+
+
 def bench_infini_gram(d: Path, n_queries: int) -> str:
     """infini-gram 2.6 side by side on the same tokens (u16, 0xffff before each document): its Rust
     indexer's build time and its `attribute()` (spans + counts, no sources) on the same 200-token
@@ -192,12 +269,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", choices=["data", "build", "query"], default=None)
     p.add_argument("--clean", action="store_true")
     p.add_argument("--infini_gram", default=None, help="size whose corpus to compare with infini-gram, e.g. 10M")
+    p.add_argument("--shards_vs_one", type=int, default=0, metavar="S",
+                   help="build the first --sizes corpus as 1 and as S shards; time per-shard vs one search")
     a = p.parse_args(argv)
     work = Path(a.work)
     if a.clean:
         shutil.rmtree(work, ignore_errors=True)
         return
     work.mkdir(parents=True, exist_ok=True)
+    if a.shards_vs_one:
+        shards_vs_one(work, a.sizes.split(",")[0], a.shards_vs_one, a.num_proc, a.queries)
+        return
     if a.infini_gram:
         print(bench_infini_gram(work / f"c{a.infini_gram}", a.queries))
         return

@@ -399,6 +399,28 @@ def test_sa_range_near_equals_full_search(random_index):
     assert widest > 10  # some ranges are wide enough to gallop
 
 
+def test_one_search_over_all_shards_equals_a_search_per_shard(random_index):
+    """spans.Stack (every shard in one vectorised search) against the plain one-shard search, shard by shard."""
+    index, docs, rng = random_index
+    ids = index.tokenizer.encode("".join(docs))
+    text = ids[5:60] + ids[200:230] + ids[::7][:40]
+    ms, lb = S.matching_statistics(index.stack, text, first=3)
+    seqs = [ids[i:i + L] for i in range(0, len(ids) - 10, 5) for L in (0, 1, 3, 7)]
+    lo, hi = S.sa_range(index.stack, seqs)
+    for j, shard in enumerate(index.shards):
+        ms_j, lb_j = S.matching_statistics(shard.arrays, text, first=3)
+        assert ms[j].tolist() == ms_j.tolist() and lb[j].tolist() == lb_j.tolist(), f"shard {j}"
+        lo_j, hi_j = S.sa_range(shard.arrays, seqs)
+        assert lo[j].tolist() == lo_j.tolist() and hi[j].tolist() == hi_j.tolist(), f"shard {j}"
+    assert ms.max() > 10 and (hi - lo).max() > 10  # long matches and wide ranges were searched
+    # ranges from the anchors of every shard at once, as find_spans asks for them
+    starts = list(range(3, len(text) - 4, 4))
+    near = index.ranges([text[s:s + 4] for s in starts], starts, (ms, lb))
+    for s, got in zip(starts, near):
+        lo_s, hi_s = S.sa_range(index.stack, [text[s:s + 4]])
+        assert got == [(j, int(a), int(b)) for j, (a, b) in enumerate(zip(lo_s[:, 0], hi_s[:, 0])) if b > a]
+
+
 def test_bucket_table_matches_the_suffix_array(random_index):
     index, _, _ = random_index
     for a in (shard.arrays for shard in index.shards):
@@ -450,7 +472,7 @@ def test_sharded_answer_equals_single_index(tmp_path, bpe_docs):
     corpus = Corpus(bpe_docs)
     rng = random.Random(0)
     toks = np.asarray(corpus.tokens("train"))
-    sampled = 0
+    sampled = spread = 0
     for trial in range(6):
         pieces = [toks[p:p + rng.randint(5, 40)].tolist() for p in rng.sample(range(len(toks) - 50), 6)]
         text = corpus.tokenizer.decode(sum(pieces, [])) + " and so on"
@@ -459,7 +481,11 @@ def test_sharded_answer_equals_single_index(tmp_path, bpe_docs):
             b = S.explain(many, text, max_sources=3, density=1.0, seed=seed)
             assert a == b  # spans, counts, the sampled sources, coverage: the same dict
         sampled += sum(s["count"] > 3 for s in a["spans"])
+        ids = corpus.tokenizer.encode(text)
+        _, ranges = S.find_spans(many, ids, *S.token_offsets(many.tokenizer, ids))
+        spread += sum(len({j for j, _, _ in r}) > 1 for r in ranges)
     assert sampled > 5  # the sample of 3 sources was a real choice
+    assert spread > 5  # and spans were found in several shards by the one search over all of them
     for seq in (toks[100:104].tolist(), toks[5000:5002].tolist()):
         assert one.locate(seq, 5, seed=7) == many.locate(seq, 5, seed=7)
         assert one.count(seq) == many.count(seq) == len(brute_count(corpus, seq))

@@ -237,6 +237,7 @@ class SpanIndex:
         _check(len(self.tokens) == self.meta["n_tokens"] and len(self.segments) == self.meta["n_segments"],
                f"{split}.bin or {split}.docs.npy differ from the index sidecar", fix)
         self.shards = [load_shard(self.index_dir / e["dir"], e, self.meta, fix) for e in self.meta["shards"]]
+        self.stack = S.Stack([s.arrays for s in self.shards])
         self.separator = int(self.meta["separator"])
         self.token_counts = _load_npy(self.index_dir / f"{split}.token_counts.npy", (self.separator, 2), fix)
         unigram = sum((s.arrays.unigram for s in self.shards), np.zeros(self.separator, dtype=np.int64))
@@ -248,32 +249,37 @@ class SpanIndex:
     def tokenizer(self):
         return self.corpus.tokenizer
 
-    # -- queries across shards
-    def matching_statistics(self, ids: Sequence[int], first: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(ms, per-shard (ms, lb)): the longest occurring prefix of each ids[i:] is the longest over
+    # -- queries across shards: one search over all of them (spans.Stack), not one per shard
+    def matching_statistics(self, ids: Sequence[int], first: int = 0) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """(ms, (ms, lb) per shard): the longest occurring prefix of each ids[i:] is the longest over
         shards, because no match crosses a document and shards end at documents."""
-        per = [S.matching_statistics(s.arrays, ids, first) for s in self.shards]
-        ms = np.max([m for m, _ in per], axis=0) if per else np.zeros(len(ids), dtype=np.int64)
-        return ms, per
+        if not self.shards:
+            return np.zeros(len(ids), dtype=np.int64), (np.zeros((0, len(ids)), np.int64),) * 2
+        per = S.matching_statistics(self.stack, ids, first)
+        return per[0].max(axis=0), per
 
-    def ranges(self, seqs: list[list[int]], starts: Sequence[int], per: list) -> list[list[tuple[int, int, int]]]:
-        """Per sequence (= ids[start:start+len]), its (shard, lo, hi) suffix-array ranges where it occurs."""
+    def ranges(self, seqs: list[list[int]], starts: Sequence[int], per: tuple) -> list[list[tuple[int, int, int]]]:
+        """Per sequence (= ids[start:start+len]), its (shard, lo, hi) suffix-array ranges where it occurs,
+        galloping out from matching_statistics' insertion points, in every shard at once."""
         out: list[list[tuple[int, int, int]]] = [[] for _ in seqs]
-        lengths = np.array([len(q) for q in seqs])
-        for j, (shard, (ms, lb)) in enumerate(zip(self.shards, per)):
-            rows = np.flatnonzero(ms[np.asarray(starts, dtype=np.int64)] >= lengths)
-            if rows.size:
-                lo, hi = S.sa_range_near(shard.arrays, [seqs[r] for r in rows], lb[np.asarray(starts)[rows]])
-                for r, a, b in zip(rows, lo, hi):
-                    out[r].append((j, int(a), int(b)))
+        ms, lb = per
+        at = np.asarray(starts, dtype=np.int64)
+        shard, rows = np.nonzero(ms[:, at] >= np.array([len(q) for q in seqs], dtype=np.int64))  # shard-major
+        if rows.size:
+            lo, hi = S.sa_range_near(self.stack, [seqs[r] for r in rows], lb[shard, at[rows]], shard)
+            for r, j, a, b in zip(rows.tolist(), shard.tolist(), lo.tolist(), hi.tolist()):
+                out[r].append((j, a, b))
         return out
 
     def count(self, seq: Sequence[int]) -> int:
         return sum(hi - lo for _, lo, hi in self.full_ranges(seq))
 
     def full_ranges(self, seq: Sequence[int]) -> list[tuple[int, int, int]]:
-        return [(j, int(lo[0]), int(hi[0])) for j, s in enumerate(self.shards)
-                for lo, hi in [S.sa_range(s.arrays, [list(seq)])] if hi[0] > lo[0]]
+        """(shard, lo, hi) of every shard where seq occurs: one search over all shards."""
+        if not self.shards:
+            return []
+        lo, hi = S.sa_range(self.stack, [list(seq)])
+        return [(j, int(a), int(b)) for j, (a, b) in enumerate(zip(lo[:, 0], hi[:, 0])) if b > a]
 
     def sample_positions(self, ranges: list[tuple[int, int, int]], k: int, seed: int = 0) -> np.ndarray:
         """Split positions of up to k occurrences, ascending: the k with the smallest seeded hash of

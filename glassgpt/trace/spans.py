@@ -1,9 +1,9 @@
 """Verbatim spans of a generation found in the training data, OLMoTrace-style, exact and fast.
 
 The pure parts: suffix arrays of a token stream (`build_span_arrays`, pydivsufsort), vectorised searches
-over them (`sa_bound`, `sa_range`, `matching_statistics`), OLMoTrace's span rules (`token_rules`,
-`maximal_spans`, `select_spans`), and `trace_text` / `explain` over an index; the on-disk sharded index
-is glassgpt/trace/shards.py. Run it:
+over one shard or all shards at once (`sa_bound`, `sa_range`, `matching_statistics` over a `Stack`),
+OLMoTrace's span rules (`token_rules`, `maximal_spans`, `select_spans`), and `trace_text` / `explain`
+over an index; the on-disk sharded index is glassgpt/trace/shards.py. Run it:
 
     glassgpt trace-spans --build --data_dir=data/shakespeare_char          (once)
     glassgpt trace-spans --out_dir=out-shakespeare-char --start="ROMEO:" [--json]
@@ -154,9 +154,6 @@ class Queries:
         flat[:n] = np.where(ids >= separator, NO_MATCH, ids)
         return cls(flat, np.arange(n, dtype=np.int64), n + 1)
 
-    def row(self, r: int) -> np.ndarray:
-        return self.flat[self.offset[r]:self.offset[r] + self.width]
-
 
 def count_checkpoints(tokens: np.ndarray, per_token: np.ndarray, stride: int = COUNT_STRIDE) -> np.ndarray:
     """(ceil(n / stride) + 1, 2): characters and newlines in tokens[:k * stride], for every k."""
@@ -175,9 +172,36 @@ def prefix_counts(tokens: np.ndarray, per_token: np.ndarray, checkpoints: np.nda
     return checkpoints[k] + per_token[np.asarray(tokens[k * stride:pos])].sum(axis=0)
 
 
-def _compare(text: np.ndarray, starts: np.ndarray, queries: Queries, rows: np.ndarray, last: int,
+class Stack:
+    """One or more shards searched as one (issue 17): search row r reads shard shard[r], rows sorted by
+    shard, so a round's numpy calls are paid once and only the reads go shard by shard."""
+
+    def __init__(self, parts: Sequence[SpanArrays]):
+        self.text, self.sa, self.buckets = [a.text for a in parts], [a.sa for a in parts], [a.buckets for a in parts]
+        self.n = np.array([len(a.sa) for a in parts], dtype=np.int64)
+        self.last = self.n - 1  # every shard's text ends in a separator, so reads stop by then
+        self.separator, self.bucket_k = (parts[0].separator, parts[0].bucket_k) if parts else (0, 0)  # one vocabulary
+        self.edges = np.arange(len(parts) + 1)
+
+    @classmethod
+    def of(cls, arrays: SpanArrays | Sequence[SpanArrays] | Stack) -> Stack:
+        return arrays if isinstance(arrays, Stack) else cls([arrays] if isinstance(arrays, SpanArrays) else arrays)
+
+    def take(self, parts: list[np.ndarray], shard: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """parts[shard[r]][idx[r]] for every row r (shard sorted), one gather per shard."""
+        if len(parts) == 1:
+            return parts[0][idx]
+        cut = np.searchsorted(shard, self.edges).tolist()
+        got = [p[idx[a:b]] for p, a, b in zip(parts, cut, cut[1:]) if b > a]
+        return np.concatenate(got) if got else parts[0][idx[:0]]
+
+    def pairs(self, n_rows: int) -> tuple[np.ndarray, np.ndarray]:  # (rows, shard): each row in each shard
+        return np.tile(np.arange(n_rows), len(self.sa)), np.repeat(np.arange(len(self.sa)), n_rows)
+
+
+def _compare(stack: Stack, shard: np.ndarray, starts: np.ndarray, queries: Queries, rows: np.ndarray,
              skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Compare query rows with the suffixes of `text` at `starts`.
+    """Compare query rows with the suffixes at `starts` of their shards' texts.
 
     Returns (sign of query - suffix at the first difference, length of the common prefix). The first
     `skip[r]` tokens of row r are known to match and are not read again. Every query row ends in a pad
@@ -189,13 +213,13 @@ def _compare(text: np.ndarray, starts: np.ndarray, queries: Queries, rows: np.nd
     lcp = np.zeros(n_rows, dtype=np.int64)
     todo = np.arange(n_rows)
     base = np.zeros(n_rows, dtype=np.int64) if skip is None else np.asarray(skip, dtype=np.int64)
-    qoff, c0, chunk = queries.offset[rows], 0, 8
+    qoff, last, c0, chunk = queries.offset[rows], stack.last[shard], 0, 8
     while todo.size:
         cols = base[todo, None] + np.arange(c0, c0 + chunk)
         np.minimum(cols, queries.width - 1, out=cols)  # the last column is a pad for every row
         idx = starts[todo, None] + cols
-        np.minimum(idx, last, out=idx)  # past the end reads the final separator
-        s = text[idx]
+        np.minimum(idx, last[todo, None], out=idx)  # past the end reads the final separator
+        s = stack.take(stack.text, shard[todo], idx)
         q = queries.flat[qoff[todo, None] + cols]
         neq = q != s
         hit = neq.any(axis=1)
@@ -210,28 +234,29 @@ def _compare(text: np.ndarray, starts: np.ndarray, queries: Queries, rows: np.nd
     return sign, lcp
 
 
-def bucket_range(arrays: SpanArrays, queries: Queries, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def bucket_range(stack: Stack, shard: np.ndarray, queries: Queries, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(lo, hi, known lcp): the suffix-array range of the suffixes that share the first k tokens of each
-    query row (k = arrays.bucket_k), read from the bucket table; the whole array (known lcp 0) for
+    query row (k = bucket_k), read from its shard's bucket table; the whole array (known lcp 0) for
     rows shorter than k or holding an id the index cannot contain."""
-    k, n = arrays.bucket_k, len(arrays.sa)
+    k = stack.bucket_k
     lo = np.zeros(len(rows), dtype=np.int64)
-    hi = np.full(len(rows), n, dtype=np.int64)
+    hi = stack.n[shard]
     known = np.zeros(len(rows), dtype=np.int64)
-    if k == 0 or not len(rows):
+    if k == 0 or not len(rows) or queries.width < k:
         return lo, hi, known
-    head = queries.flat[queries.offset[rows, None] + np.arange(min(k, queries.width))].astype(np.int64)
-    if head.shape[1] < k:
-        return lo, hi, known
-    ok = ((head >= 0) & (head < arrays.separator)).all(axis=1)
-    key = ((head[ok] + 1) * (arrays.separator + 2) ** np.arange(k - 1, -1, -1)).sum(axis=1)
-    lo[ok], hi[ok], known[ok] = arrays.buckets[key], arrays.buckets[key + 1], k
+    head = queries.flat[queries.offset[rows, None] + np.arange(k)].astype(np.int64)
+    ok = ((head >= 0) & (head < stack.separator)).all(axis=1)
+    key = ((head[ok] + 1) * (stack.separator + 2) ** np.arange(k - 1, -1, -1)).sum(axis=1)
+    bounds = stack.take(stack.buckets, shard[ok], np.stack([key, key + 1], axis=1))
+    lo[ok], hi[ok], known[ok] = bounds[:, 0], bounds[:, 1], k
     return lo, hi, known
 
 
-def sa_bound(arrays: SpanArrays, queries: Queries, rows: np.ndarray | None = None,
-             lo: np.ndarray | None = None, hi: np.ndarray | None = None, with_lcp: bool = False):
-    """For each query row, the first suffix-array index whose suffix sorts after the padded query.
+def sa_bound(arrays: SpanArrays | Stack, queries: Queries, rows: np.ndarray | None = None,
+             lo: np.ndarray | None = None, hi: np.ndarray | None = None, with_lcp: bool = False,
+             shard: np.ndarray | None = None):
+    """For each query row (in shard shard[r], default the one shard), the first suffix-array index
+    whose suffix sorts after the padded query.
 
     With PAD_LOW padding that is the lower bound of the query's occurrences, with PAD_HIGH the upper
     bound. All rows advance together, ~log2(hi - lo) vectorised rounds, searching [lo, hi] (the answer
@@ -240,16 +265,16 @@ def sa_bound(arrays: SpanArrays, queries: Queries, rows: np.ndarray | None = Non
     & Myers 1993), so a long match is read about once rather than once per round. `with_lcp` also
     returns lower bounds of the common prefix with the suffixes just below and at the answer.
     """
-    text, sa = arrays.text, arrays.sa
+    stack = Stack.of(arrays)
     rows = np.arange(len(queries.offset)) if rows is None else rows
+    shard = np.zeros(len(rows), dtype=np.int64) if shard is None else shard
     if lo is None or hi is None:
-        lo, hi, known = bucket_range(arrays, queries, rows)
+        lo, hi, known = bucket_range(stack, shard, queries, rows)
         lcp_lo, lcp_hi = known, known.copy()  # every suffix inside the bucket shares its k tokens
     else:
         lo, hi = np.array(lo, dtype=np.int64), np.array(hi, dtype=np.int64)
         lcp_lo, lcp_hi = np.zeros(len(rows), dtype=np.int64), np.zeros(len(rows), dtype=np.int64)
     moved_lo, moved_hi = np.zeros(len(rows), dtype=bool), np.zeros(len(rows), dtype=bool)
-    last = len(text) - 1
     while True:
         act = np.flatnonzero(lo < hi)
         if not act.size:
@@ -257,34 +282,39 @@ def sa_bound(arrays: SpanArrays, queries: Queries, rows: np.ndarray | None = Non
                 return lo
             # a bound that never moved may sit outside the bucket: nothing is known about its suffix
             return lo, np.where(moved_lo, lcp_lo, 0), np.where(moved_hi, lcp_hi, 0)
-        mid = (lo[act] + hi[act]) // 2
+        mid, sh = (lo[act] + hi[act]) // 2, shard[act]
         skip = np.minimum(lcp_lo[act], lcp_hi[act])
-        sign, lcp = _compare(text, sa[mid].astype(np.int64), queries, rows[act], last, skip)
+        sign, lcp = _compare(stack, sh, stack.take(stack.sa, sh, mid).astype(np.int64), queries, rows[act], skip)
         after = sign > 0  # query sorts after the suffix: the bound is to the right
         lo[act[after]], lcp_lo[act[after]], moved_lo[act[after]] = mid[after] + 1, lcp[after], True
         hi[act[~after]], lcp_hi[act[~after]], moved_hi[act[~after]] = mid[~after], lcp[~after], True
 
 
-def sa_range(arrays: SpanArrays, seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """[lo, hi) suffix-array ranges of the occurrences of each token sequence (hi - lo = count)."""
-    if not len(seqs):
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    lo = sa_bound(arrays, Queries.from_seqs(seqs, PAD_LOW, arrays.separator))
-    hi = sa_bound(arrays, Queries.from_seqs(seqs, PAD_HIGH, arrays.separator))
-    empty = np.array([len(q) == 0 for q in seqs])
-    hi[empty], lo[empty] = len(arrays.sa), 0  # the empty sequence occurs everywhere
-    return lo, hi
+def sa_range(arrays: SpanArrays | Sequence[SpanArrays], seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """[lo, hi) suffix-array ranges of the occurrences of each token sequence (hi - lo = count): of
+    shape (len(seqs),) for one SpanArrays, (shards, len(seqs)) for a list of shards."""
+    stack = Stack.of(arrays)
+    rows, shard = stack.pairs(len(seqs))
+    lo = sa_bound(stack, Queries.from_seqs(seqs, PAD_LOW, stack.separator), rows, shard=shard)
+    hi = sa_bound(stack, Queries.from_seqs(seqs, PAD_HIGH, stack.separator), rows, shard=shard)
+    empty = np.array([len(q) == 0 for q in seqs], dtype=bool)[rows]
+    hi[empty], lo[empty] = stack.n[shard[empty]], 0  # the empty sequence occurs everywhere
+    lo, hi = lo.reshape(len(stack.sa), len(seqs)), hi.reshape(len(stack.sa), len(seqs))
+    return (lo[0], hi[0]) if isinstance(arrays, SpanArrays) else (lo, hi)
 
 
-def sa_range_near(arrays: SpanArrays, seqs: Sequence[Sequence[int]], anchors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """sa_range, given for each sequence an `anchor` index inside or at the edge of its range (the
-    insertion point of any longer query it prefixes, as `matching_statistics` returns). Gallops out from
-    the anchor, then binary-searches: ~2 log2(count) rounds instead of 2 log2(len(sa))."""
-    low = Queries.from_seqs(seqs, PAD_LOW, arrays.separator)
+def sa_range_near(arrays: SpanArrays | Stack, seqs: Sequence[Sequence[int]], anchors: np.ndarray,
+                  shard: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """sa_range, given for each sequence (in shard shard[r], sorted) an `anchor` index inside or at
+    the edge of its range (the insertion point of any longer query it prefixes, as
+    `matching_statistics` returns). Gallops out from the anchor, then binary-searches: ~2 log2(count)
+    rounds instead of 2 log2(len(sa))."""
+    stack = Stack.of(arrays)
+    low = Queries.from_seqs(seqs, PAD_LOW, stack.separator)
     lengths = np.array([len(q) for q in seqs], dtype=np.int64)
     rows = np.arange(len(seqs))
-    anchors = np.asarray(anchors, dtype=np.int64)
-    n, last = len(arrays.sa), len(arrays.text) - 1
+    shard = np.zeros(len(seqs), dtype=np.int64) if shard is None else np.asarray(shard, dtype=np.int64)
+    anchors, n = np.asarray(anchors, dtype=np.int64), stack.n[shard]
 
     def gallop(direction: int) -> np.ndarray:
         """Per row, the first step 2^k whose probe anchor + direction * step (- 1 going up) lacks the prefix."""
@@ -292,46 +322,52 @@ def sa_range_near(arrays: SpanArrays, seqs: Sequence[Sequence[int]], anchors: np
         todo = rows
         while todo.size:
             j = anchors[todo] + (step[todo] - 1 if direction > 0 else -step[todo])
-            inside = (j >= 0) & (j < n)
+            inside = (j >= 0) & (j < n[todo])
             has = np.zeros(len(todo), dtype=bool)
             if inside.any():
-                _, lcp = _compare(arrays.text, arrays.sa[j[inside]].astype(np.int64), low, todo[inside], last)
+                sh = shard[todo[inside]]
+                _, lcp = _compare(stack, sh, stack.take(stack.sa, sh, j[inside]).astype(np.int64), low, todo[inside])
                 has[inside] = lcp >= lengths[todo[inside]]
             step[todo[has]] *= 2
             todo = todo[has]
         return step
 
     down, up = gallop(-1), gallop(+1)
-    lo = sa_bound(arrays, low, rows, np.maximum(anchors - down, 0), anchors - down // 2)
-    high = Queries.from_seqs(seqs, PAD_HIGH, arrays.separator)
-    hi = sa_bound(arrays, high, rows, anchors + up // 2, np.minimum(anchors + up - 1, n))
+    lo = sa_bound(stack, low, rows, np.maximum(anchors - down, 0), anchors - down // 2, shard=shard)
+    high = Queries.from_seqs(seqs, PAD_HIGH, stack.separator)
+    hi = sa_bound(stack, high, rows, anchors + up // 2, np.minimum(anchors + up - 1, n), shard=shard)
     return lo, hi
 
 
-def matching_statistics(arrays: SpanArrays, ids: Sequence[int], first: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def matching_statistics(arrays: SpanArrays | Sequence[SpanArrays], ids: Sequence[int],
+                        first: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(ms, lb): ms[i] = length of the longest prefix of ids[i:] that occurs in the index, lb[i] = the
-    suffix-array index where ids[i:] would be inserted (both 0 for i < first).
+    suffix-array index where ids[i:] would be inserted (both 0 for i < first); for a list of shards,
+    one row of each per shard.
 
-    One vectorised binary search for all suffixes of `ids`; the longest match of a query is shared with
-    one of the two suffixes next to its insertion point.
+    One vectorised binary search for all suffixes of `ids` in all shards; the longest match of a query
+    is shared with one of the two suffixes next to its insertion point.
     """
+    stack = Stack.of(arrays)
     ids = np.asarray(ids, dtype=np.int64)
     n = len(ids)
-    ms = np.zeros(n, dtype=np.int64)
-    lbs = np.zeros(n, dtype=np.int64)
-    if n - first <= 0 or len(arrays.sa) == 0:
-        return ms, lbs
-    queries = Queries.suffixes(ids, arrays.separator)
-    rows = np.arange(first, n)
-    lb, lcp_below, lcp_at = sa_bound(arrays, queries, rows, with_lcp=True)
-    last = len(arrays.text) - 1
-    best = np.zeros(len(rows), dtype=np.int64)
-    for neighbour, known in ((lb - 1, lcp_below), (lb, lcp_at)):
-        ok = (neighbour >= 0) & (neighbour < len(arrays.sa))
-        _, lcp = _compare(arrays.text, arrays.sa[neighbour[ok]].astype(np.int64), queries, rows[ok], last, known[ok])
-        best[ok] = np.maximum(best[ok], lcp)
-    ms[first:], lbs[first:] = best, lb
-    return ms, lbs
+    ms = np.zeros((len(stack.sa), n), dtype=np.int64)
+    lbs = np.zeros((len(stack.sa), n), dtype=np.int64)
+    if n - first > 0 and len(stack.sa):
+        queries = Queries.suffixes(ids, stack.separator)
+        rows, shard = stack.pairs(n - first)
+        rows += first
+        lb, lcp_below, lcp_at = sa_bound(stack, queries, rows, with_lcp=True, shard=shard)
+        # both neighbours of every row in one comparison, interleaved so the shards stay sorted
+        near = np.stack([lb - 1, lb], axis=1).ravel()
+        known = np.stack([lcp_below, lcp_at], axis=1).ravel()
+        sh, r2 = np.repeat(shard, 2), np.repeat(rows, 2)
+        ok = (near >= 0) & (near < stack.n[sh])
+        lcp = np.zeros(len(near), dtype=np.int64)
+        _, lcp[ok] = _compare(stack, sh[ok], stack.take(stack.sa, sh[ok], near[ok]).astype(np.int64), queries,
+                              r2[ok], known[ok])
+        ms[:, first:], lbs[:, first:] = lcp.reshape(-1, 2).max(axis=1).reshape(len(stack.sa), -1), lb.reshape(len(stack.sa), -1)
+    return (ms[0], lbs[0]) if isinstance(arrays, SpanArrays) else (ms, lbs)
 
 
 # ---------------------------------------------------------------- spans: pure functions over a text
