@@ -253,10 +253,8 @@ class SpanIndex:
     def matching_statistics(self, ids: Sequence[int], first: int = 0) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
         """(ms, (ms, lb) per shard): the longest occurring prefix of each ids[i:] is the longest over
         shards, because no match crosses a document and shards end at documents."""
-        if not self.shards:
-            return np.zeros(len(ids), dtype=np.int64), (np.zeros((0, len(ids)), np.int64),) * 2
         per = S.matching_statistics(self.stack, ids, first)
-        return per[0].max(axis=0), per
+        return per[0].max(axis=0, initial=0), per
 
     def ranges(self, seqs: list[list[int]], starts: Sequence[int], per: tuple) -> list[list[tuple[int, int, int]]]:
         """Per sequence (= ids[start:start+len]), its (shard, lo, hi) suffix-array ranges where it occurs,
@@ -276,8 +274,6 @@ class SpanIndex:
 
     def full_ranges(self, seq: Sequence[int]) -> list[tuple[int, int, int]]:
         """(shard, lo, hi) of every shard where seq occurs: one search over all shards."""
-        if not self.shards:
-            return []
         lo, hi = S.sa_range(self.stack, [list(seq)])
         return [(j, int(a), int(b)) for j, (a, b) in enumerate(zip(lo[:, 0], hi[:, 0])) if b > a]
 

@@ -199,15 +199,13 @@ class Stack:
         return np.tile(np.arange(n_rows), len(self.sa)), np.repeat(np.arange(len(self.sa)), n_rows)
 
 
-def _compare(stack: Stack, shard: np.ndarray, starts: np.ndarray, queries: Queries, rows: np.ndarray,
+def _compare(stack: Stack, shard: np.ndarray, at: np.ndarray, queries: Queries, rows: np.ndarray,
              skip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Compare query rows with the suffixes at `starts` of their shards' texts.
-
-    Returns (sign of query - suffix at the first difference, length of the common prefix). The first
-    `skip[r]` tokens of row r are known to match and are not read again. Every query row ends in a pad
-    value no text token equals, so every row is decided. Columns are read in chunks of doubling
-    width: most comparisons end in the first few tokens, long matches cost log(length) rounds.
-    """
+    """(sign of query - suffix at the first difference, common prefix length) of each query row and
+    the suffix at suffix-array index at[r] of shard shard[r]. The first skip[r] tokens are known to
+    match. Every row ends in a pad no token equals, so every row is decided; columns are read in
+    chunks of doubling width (most comparisons end in a few tokens)."""
+    starts = stack.take(stack.sa, shard, at).astype(np.int64)
     n_rows = len(rows)
     sign = np.zeros(n_rows, dtype=np.int8)
     lcp = np.zeros(n_rows, dtype=np.int64)
@@ -252,22 +250,14 @@ def bucket_range(stack: Stack, shard: np.ndarray, queries: Queries, rows: np.nda
     return lo, hi, known
 
 
-def sa_bound(arrays: SpanArrays | Stack, queries: Queries, rows: np.ndarray | None = None,
-             lo: np.ndarray | None = None, hi: np.ndarray | None = None, with_lcp: bool = False,
-             shard: np.ndarray | None = None):
-    """For each query row (in shard shard[r], default the one shard), the first suffix-array index
-    whose suffix sorts after the padded query.
-
-    With PAD_LOW padding that is the lower bound of the query's occurrences, with PAD_HIGH the upper
-    bound. All rows advance together, ~log2(hi - lo) vectorised rounds, searching [lo, hi] (the answer
-    must lie in it; default: the row's k-gram bucket). Each round skips the min(lcp with the suffix
-    below lo, lcp with the suffix at hi) tokens every suffix in between shares with the query (Manber
-    & Myers 1993), so a long match is read about once rather than once per round. `with_lcp` also
-    returns lower bounds of the common prefix with the suffixes just below and at the answer.
-    """
-    stack = Stack.of(arrays)
-    rows = np.arange(len(queries.offset)) if rows is None else rows
-    shard = np.zeros(len(rows), dtype=np.int64) if shard is None else shard
+def sa_bound(stack: Stack, queries: Queries, rows: np.ndarray, shard: np.ndarray, lo: np.ndarray | None = None,
+             hi: np.ndarray | None = None, with_lcp: bool = False):
+    """For each query row r in shard shard[r], the first suffix-array index in [lo, hi] (default: the
+    row's k-gram bucket) whose suffix sorts after the padded query: with PAD_LOW padding the lower bound
+    of its occurrences, with PAD_HIGH the upper. All rows advance together, one vectorised round per
+    halving; each round skips the tokens every suffix between the bounds shares with the query (Manber
+    & Myers 1993). `with_lcp` also returns lower bounds of the common prefix with the suffixes just
+    below and at the answer."""
     if lo is None or hi is None:
         lo, hi, known = bucket_range(stack, shard, queries, rows)
         lcp_lo, lcp_hi = known, known.copy()  # every suffix inside the bucket shares its k tokens
@@ -284,10 +274,20 @@ def sa_bound(arrays: SpanArrays | Stack, queries: Queries, rows: np.ndarray | No
             return lo, np.where(moved_lo, lcp_lo, 0), np.where(moved_hi, lcp_hi, 0)
         mid, sh = (lo[act] + hi[act]) // 2, shard[act]
         skip = np.minimum(lcp_lo[act], lcp_hi[act])
-        sign, lcp = _compare(stack, sh, stack.take(stack.sa, sh, mid).astype(np.int64), queries, rows[act], skip)
+        sign, lcp = _compare(stack, sh, mid, queries, rows[act], skip)
         after = sign > 0  # query sorts after the suffix: the bound is to the right
         lo[act[after]], lcp_lo[act[after]], moved_lo[act[after]] = mid[after] + 1, lcp[after], True
         hi[act[~after]], lcp_hi[act[~after]], moved_hi[act[~after]] = mid[~after], lcp[~after], True
+
+
+def _both(lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """Interleaved (row 2r: a lower bound, 2r + 1: the upper), so both take one search, shards sorted."""
+    return np.stack([lower, upper], axis=1).ravel()
+
+
+def _bound_queries(seqs: Sequence[Sequence[int]], separator: int) -> Queries:
+    pads = np.tile([[PAD_LOW], [PAD_HIGH]], (len(seqs), 1))
+    return Queries.from_seqs([q for q in seqs for _ in (0, 1)], pads, separator)
 
 
 def sa_range(arrays: SpanArrays | Sequence[SpanArrays], seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -295,8 +295,8 @@ def sa_range(arrays: SpanArrays | Sequence[SpanArrays], seqs: Sequence[Sequence[
     shape (len(seqs),) for one SpanArrays, (shards, len(seqs)) for a list of shards."""
     stack = Stack.of(arrays)
     rows, shard = stack.pairs(len(seqs))
-    lo = sa_bound(stack, Queries.from_seqs(seqs, PAD_LOW, stack.separator), rows, shard=shard)
-    hi = sa_bound(stack, Queries.from_seqs(seqs, PAD_HIGH, stack.separator), rows, shard=shard)
+    b = sa_bound(stack, _bound_queries(seqs, stack.separator), _both(2 * rows, 2 * rows + 1), np.repeat(shard, 2))
+    lo, hi = b[0::2], b[1::2]
     empty = np.array([len(q) == 0 for q in seqs], dtype=bool)[rows]
     hi[empty], lo[empty] = stack.n[shard[empty]], 0  # the empty sequence occurs everywhere
     lo, hi = lo.reshape(len(stack.sa), len(seqs)), hi.reshape(len(stack.sa), len(seqs))
@@ -310,7 +310,7 @@ def sa_range_near(arrays: SpanArrays | Stack, seqs: Sequence[Sequence[int]], anc
     `matching_statistics` returns). Gallops out from the anchor, then binary-searches: ~2 log2(count)
     rounds instead of 2 log2(len(sa))."""
     stack = Stack.of(arrays)
-    low = Queries.from_seqs(seqs, PAD_LOW, stack.separator)
+    queries = _bound_queries(seqs, stack.separator)  # row 2r: seqs[r] padded low, which a probe compares
     lengths = np.array([len(q) for q in seqs], dtype=np.int64)
     rows = np.arange(len(seqs))
     shard = np.zeros(len(seqs), dtype=np.int64) if shard is None else np.asarray(shard, dtype=np.int64)
@@ -325,47 +325,41 @@ def sa_range_near(arrays: SpanArrays | Stack, seqs: Sequence[Sequence[int]], anc
             inside = (j >= 0) & (j < n[todo])
             has = np.zeros(len(todo), dtype=bool)
             if inside.any():
-                sh = shard[todo[inside]]
-                _, lcp = _compare(stack, sh, stack.take(stack.sa, sh, j[inside]).astype(np.int64), low, todo[inside])
-                has[inside] = lcp >= lengths[todo[inside]]
+                r, sh = todo[inside], shard[todo[inside]]
+                _, lcp = _compare(stack, sh, j[inside], queries, 2 * r)
+                has[inside] = lcp >= lengths[r]
             step[todo[has]] *= 2
             todo = todo[has]
         return step
 
     down, up = gallop(-1), gallop(+1)
-    lo = sa_bound(stack, low, rows, np.maximum(anchors - down, 0), anchors - down // 2, shard=shard)
-    high = Queries.from_seqs(seqs, PAD_HIGH, stack.separator)
-    hi = sa_bound(stack, high, rows, anchors + up // 2, np.minimum(anchors + up - 1, n), shard=shard)
-    return lo, hi
+    b = sa_bound(stack, queries, _both(2 * rows, 2 * rows + 1), np.repeat(shard, 2),
+                 _both(np.maximum(anchors - down, 0), anchors + up // 2), _both(anchors - down // 2, np.minimum(anchors + up - 1, n)))
+    return b[0::2], b[1::2]
 
 
 def matching_statistics(arrays: SpanArrays | Sequence[SpanArrays], ids: Sequence[int],
                         first: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(ms, lb): ms[i] = length of the longest prefix of ids[i:] that occurs in the index, lb[i] = the
     suffix-array index where ids[i:] would be inserted (both 0 for i < first); for a list of shards,
-    one row of each per shard.
-
-    One vectorised binary search for all suffixes of `ids` in all shards; the longest match of a query
-    is shared with one of the two suffixes next to its insertion point.
-    """
+    one row of each per shard. One search for all suffixes in all shards; the longest match of a
+    query is shared with one of the two suffixes next to its insertion point."""
     stack = Stack.of(arrays)
     ids = np.asarray(ids, dtype=np.int64)
     n = len(ids)
-    ms = np.zeros((len(stack.sa), n), dtype=np.int64)
-    lbs = np.zeros((len(stack.sa), n), dtype=np.int64)
+    ms, lbs = np.zeros((2, len(stack.sa), n), dtype=np.int64)
     if n - first > 0 and len(stack.sa):
         queries = Queries.suffixes(ids, stack.separator)
         rows, shard = stack.pairs(n - first)
         rows += first
-        lb, lcp_below, lcp_at = sa_bound(stack, queries, rows, with_lcp=True, shard=shard)
+        lb, lcp_below, lcp_at = sa_bound(stack, queries, rows, shard, with_lcp=True)
         # both neighbours of every row in one comparison, interleaved so the shards stay sorted
         near = np.stack([lb - 1, lb], axis=1).ravel()
         known = np.stack([lcp_below, lcp_at], axis=1).ravel()
         sh, r2 = np.repeat(shard, 2), np.repeat(rows, 2)
         ok = (near >= 0) & (near < stack.n[sh])
         lcp = np.zeros(len(near), dtype=np.int64)
-        _, lcp[ok] = _compare(stack, sh[ok], stack.take(stack.sa, sh[ok], near[ok]).astype(np.int64), queries,
-                              r2[ok], known[ok])
+        _, lcp[ok] = _compare(stack, sh[ok], near[ok], queries, r2[ok], known[ok])
         ms[:, first:], lbs[:, first:] = lcp.reshape(-1, 2).max(axis=1).reshape(len(stack.sa), -1), lb.reshape(len(stack.sa), -1)
     return (ms[0], lbs[0]) if isinstance(arrays, SpanArrays) else (ms, lbs)
 
@@ -493,11 +487,9 @@ def encode_text(index: "SpanIndex", text: str) -> tuple[list[int], str, list[int
 
 
 def trim(text: str, a: int, b: int) -> tuple[int, int]:
-    while a < b and text[a].isspace():
-        a += 1
-    while b > a and text[b - 1].isspace():
-        b -= 1
-    return a, b
+    """[a, b) without the whitespace at its edges (all whitespace: empty at b)."""
+    a += len(text[a:b]) - len(text[a:b].lstrip())
+    return a, max(a, a + len(text[a:b].rstrip()))
 
 
 def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -695,14 +687,6 @@ def open_index(data_dir: str | Path, index_dir: str | Path | None = None, split:
     return SpanIndex(data_dir, index_dir, split)
 
 
-def write_span_index(data_dir: str | Path, index_dir: str | Path | None = None, split: str = "train",
-                     log=print, max_memory: str | int = "4G", num_proc: int = 1) -> Path:
-    """Build the (sharded) span index of a prepared split: glassgpt.trace.shards.build_index."""
-    from glassgpt.trace.shards import build_index
-
-    return build_index(data_dir, index_dir, split, max_memory, num_proc, log)
-
-
 def trace_dict(index: SpanIndex, ids: Sequence[int], prompt_len: int, text: str, offsets: Sequence[int], *,
                include_prompt: bool = False, min_len: int | None = None, min_words: int = 1, density: float = 0.05,
                max_sources: int = 10, context: int = 32, coverage_n: int | None = None, seed: int = 0) -> dict[str, Any]:
@@ -734,8 +718,9 @@ def main(argv: list[str] | None = None) -> dict | None:
             raise UserError(f"the checkpoint in {cfg.out_dir} does not name its training data; pass --data_dir=...")
     data_dir = Path(cfg.data_dir) if cfg.data_dir else run.data_dir
     if cfg.build:
-        write_span_index(data_dir, cfg.index_dir, cfg.split, lambda m: print(m, file=sys.stderr),
-                         cfg.max_memory, cfg.num_proc)
+        from glassgpt.trace.shards import build_index
+
+        build_index(data_dir, cfg.index_dir, cfg.split, cfg.max_memory, cfg.num_proc, lambda m: print(m, file=sys.stderr))
         if cfg.start is None and cfg.text is None and cfg.locate is None:
             return None
     index = open_index(data_dir, cfg.index_dir, cfg.split)
@@ -760,10 +745,11 @@ if __name__ == "__main__":
 
 
 def __getattr__(name: str) -> Any:
-    """`spans.SpanIndex`, `spans.INDEX_DIRNAME`: the on-disk index lives in glassgpt.trace.shards, imported
-    on first use (it imports this module)."""
-    if name in ("SpanIndex", "INDEX_DIRNAME", "INDEX_FORMAT", "build_command", "default_index_dir"):
+    """`spans.SpanIndex`, `spans.write_span_index` (= shards.build_index, which builds the sharded index of
+    a prepared split), ...: the on-disk index lives in glassgpt.trace.shards, imported on first use (it
+    imports this module)."""
+    if name in ("SpanIndex", "INDEX_DIRNAME", "INDEX_FORMAT", "build_command", "default_index_dir", "write_span_index"):
         from glassgpt.trace import shards
 
-        return getattr(shards, name)
+        return getattr(shards, "build_index" if name == "write_span_index" else name)
     raise AttributeError(name)
