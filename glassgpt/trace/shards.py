@@ -263,10 +263,9 @@ class SpanIndex:
         ms, lb = per
         at = np.asarray(starts, dtype=np.int64)
         shard, rows = np.nonzero(ms[:, at] >= np.array([len(q) for q in seqs], dtype=np.int64))  # shard-major
-        if rows.size:
-            lo, hi = S.sa_range_near(self.stack, [seqs[r] for r in rows], lb[shard, at[rows]], shard)
-            for r, j, a, b in zip(rows.tolist(), shard.tolist(), lo.tolist(), hi.tolist()):
-                out[r].append((j, a, b))
+        lo, hi = S.sa_range_near(self.stack, [seqs[r] for r in rows], lb[shard, at[rows]], shard)
+        for r, j, a, b in zip(rows.tolist(), shard.tolist(), lo.tolist(), hi.tolist()):
+            out[r].append((j, a, b))
         return out
 
     def count(self, seq: Sequence[int]) -> int:

@@ -72,10 +72,9 @@ def build_buckets(text: np.ndarray, separator: int, k: int) -> np.ndarray:
         b = min(n, a + CHUNK)
         key = np.zeros(b - a, dtype=np.int64)
         for j in range(k):
-            digit = np.zeros(b - a, dtype=np.int64)
-            part = text[a + j:b + j].astype(np.int64) + 1
-            digit[:len(part)] = part
-            key = key * base + digit
+            key *= base
+            part = text[a + j:b + j]  # shorter near the end: digit 0 there
+            key[:len(part)] += part.astype(np.int64) + 1
         counts += np.bincount(key, minlength=base ** k)
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
