@@ -231,7 +231,7 @@ def _compare(stack: Stack, shard: np.ndarray, at: np.ndarray, queries: Queries, 
     return sign, lcp
 
 
-def bucket_range(stack: Stack, shard: np.ndarray, queries: Queries, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def bucket_range(stack: Stack, shard: np.ndarray, queries: Queries, rows: np.ndarray) -> tuple[np.ndarray, ...]:
     """(lo, hi, known lcp): the suffix-array range of the suffixes that share the first k tokens of each
     query row (k = bucket_k), read from its shard's bucket table; the whole array (known lcp 0) for
     rows shorter than k or holding an id the index cannot contain."""
@@ -279,9 +279,10 @@ def sa_bound(stack: Stack, queries: Queries, rows: np.ndarray, shard: np.ndarray
         hi[act[~after]], lcp_hi[act[~after]], moved_hi[act[~after]] = mid[~after], lcp[~after], True
 
 
-def _both(lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
-    """Interleaved (row 2r: a lower bound, 2r + 1: the upper), so both take one search, shards sorted."""
-    return np.stack([lower, upper], axis=1).ravel()
+def _pair(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a[0], b[0], a[1], b[1], ...: two search rows per row (both bounds, both neighbours) in one search,
+    and rows sorted by shard stay sorted."""
+    return np.stack([a, b], axis=1).ravel()
 
 
 def _bound_queries(seqs: Sequence[Sequence[int]], separator: int) -> Queries:
@@ -294,7 +295,7 @@ def sa_range(arrays: SpanArrays | Sequence[SpanArrays], seqs: Sequence[Sequence[
     shape (len(seqs),) for one SpanArrays, (shards, len(seqs)) for a list of shards."""
     stack = Stack.of(arrays)
     rows, shard = stack.pairs(len(seqs))
-    b = sa_bound(stack, _bound_queries(seqs, stack.separator), _both(2 * rows, 2 * rows + 1), np.repeat(shard, 2))
+    b = sa_bound(stack, _bound_queries(seqs, stack.separator), _pair(2 * rows, 2 * rows + 1), np.repeat(shard, 2))
     lo, hi = b[0::2], b[1::2]
     empty = np.array([len(q) == 0 for q in seqs], dtype=bool)[rows]
     hi[empty], lo[empty] = stack.n[shard[empty]], 0  # the empty sequence occurs everywhere
@@ -332,8 +333,9 @@ def sa_range_near(arrays: SpanArrays | Stack, seqs: Sequence[Sequence[int]], anc
         return step
 
     down, up = gallop(-1), gallop(+1)
-    b = sa_bound(stack, queries, _both(2 * rows, 2 * rows + 1), np.repeat(shard, 2),
-                 _both(np.maximum(anchors - down, 0), anchors + up // 2), _both(anchors - down // 2, np.minimum(anchors + up - 1, n)))
+    lo = _pair(np.maximum(anchors - down, 0), anchors + up // 2)  # [lo, hi] of the lower, then the upper bound
+    hi = _pair(anchors - down // 2, np.minimum(anchors + up - 1, n))
+    b = sa_bound(stack, queries, _pair(2 * rows, 2 * rows + 1), np.repeat(shard, 2), lo, hi)
     return b[0::2], b[1::2]
 
 
@@ -352,14 +354,13 @@ def matching_statistics(arrays: SpanArrays | Sequence[SpanArrays], ids: Sequence
         rows, shard = stack.pairs(n - first)
         rows += first
         lb, lcp_below, lcp_at = sa_bound(stack, queries, rows, shard, with_lcp=True)
-        # both neighbours of every row in one comparison, interleaved so the shards stay sorted
-        near = np.stack([lb - 1, lb], axis=1).ravel()
-        known = np.stack([lcp_below, lcp_at], axis=1).ravel()
-        sh, r2 = np.repeat(shard, 2), np.repeat(rows, 2)
+        # both neighbours of every row in one comparison
+        near, known, sh, r2 = _pair(lb - 1, lb), _pair(lcp_below, lcp_at), np.repeat(shard, 2), np.repeat(rows, 2)
         ok = (near >= 0) & (near < stack.n[sh])
         lcp = np.zeros(len(near), dtype=np.int64)
         _, lcp[ok] = _compare(stack, sh[ok], near[ok], queries, r2[ok], known[ok])
-        ms[:, first:], lbs[:, first:] = lcp.reshape(-1, 2).max(axis=1).reshape(len(stack.sa), -1), lb.reshape(len(stack.sa), -1)
+        ms[:, first:] = lcp.reshape(-1, 2).max(axis=1).reshape(len(stack.sa), -1)
+        lbs[:, first:] = lb.reshape(len(stack.sa), -1)
     return (ms[0], lbs[0]) if isinstance(arrays, SpanArrays) else (ms, lbs)
 
 
