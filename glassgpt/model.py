@@ -138,6 +138,11 @@ class CausalSelfAttention(nn.Module):
                 ve: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # On a CPU attention runs in float32 under bf16 autocast (the flash kernel's bf16 backward is
+        # ~10x slower there); casting here, once, also spares QK-norm and rotary their own casts.
+        dt, cpu_fp32 = q.dtype, q.device.type == "cpu" and q.dtype != torch.float32
+        if cpu_fp32:
+            q, k, v = q.float(), k.float(), v.float()
         if ve is not None:  # (B, T, C) value embedding of the tokens
             v = v + ve.to(v.dtype)  # embeddings stay float32 under autocast
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
@@ -151,12 +156,8 @@ class CausalSelfAttention(nn.Module):
             # the cache holds this layer's earlier keys/values and says which ones each query may see
             k, v = kv_cache.write(self.layer_idx, k, v)  # (B, nh, S, hs), S = cached + T
             mask = kv_cache.mask  # (B, 1, T, S) bool, or None when plain causal is right
-        # Flash / memory-efficient kernels where the device has them; exact math otherwise. On a CPU
-        # attention runs in float32 under bf16 autocast: its bf16 backward is ~10x slower there.
-        dt, cpu_fp32 = q.dtype, q.device.type == "cpu" and q.dtype != torch.float32
+        # Flash / memory-efficient kernels where the device has them; exact math otherwise.
         with torch.autocast("cpu", enabled=False) if cpu_fp32 else contextlib.nullcontext():
-            if cpu_fp32:
-                q, k, v = q.float(), k.float(), v.float()
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.to(dt)
