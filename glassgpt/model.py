@@ -140,7 +140,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # On a CPU attention runs in float32 under bf16 autocast (the flash kernel's bf16 backward is
         # ~10x slower there); casting here, once, also spares QK-norm and rotary their own casts.
-        dt, cpu_fp32 = q.dtype, q.device.type == "cpu" and q.dtype != torch.float32
+        dt, cpu_fp32 = q.dtype, q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
         if cpu_fp32:
             q, k, v = q.float(), k.float(), v.float()
         if ve is not None:  # (B, T, C) value embedding of the tokens
