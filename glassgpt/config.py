@@ -76,8 +76,8 @@ class TrainConfig:
     decay_frac: float = 0.2
     """wsd only: the share of lr_decay_iters spent decaying."""
     optimizer: str = "adamw"
-    """'adamw' (nanoGPT's) or 'muon' (torch.optim.Muon for the blocks' 2-D matrices, AdamW at
-    learning_rate for embeddings, head, gains and biases; glassgpt/optim.py)."""
+    """'adamw' (nanoGPT's) or 'muon' (torch.optim.Muon, as optim.GroupedMuon, for the blocks' 2-D
+    matrices, AdamW at learning_rate for embeddings, head, gains and biases; glassgpt/optim.py)."""
     muon_lr: float = 0.02
     """Muon's peak learning rate (the schedule scales it like learning_rate)."""
     muon_momentum: float = 0.95
@@ -89,7 +89,8 @@ class TrainConfig:
     """'cpu', 'cuda', 'cuda:1', 'mps', or 'auto' (cuda > mps > cpu)."""
     dtype: str = "auto"
     """'float32', 'bfloat16' or 'float16' (GradScaler); 'auto' = bfloat16 where supported on CUDA, else
-    float16 on CUDA, float32 elsewhere."""
+    float16 on CUDA, float32 elsewhere. On a CPU 'bfloat16' autocasts the matmuls (fast with AMX /
+    AVX512-BF16), 'float16' is float32."""
     compile: bool = True
     """torch.compile the model (PyTorch 2.0+)."""
     # glassgpt
