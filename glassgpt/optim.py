@@ -46,18 +46,21 @@ class GroupedMuon(torch.optim.Muon):
             grads: list[torch.Tensor] = []
             bufs: list[torch.Tensor] = []
             self._init_group(group, params, grads, bufs)
-            lr, momentum = float(group["lr"]), group["momentum"]
+            if not params:
+                continue
+            lr, momentum, wd = float(group["lr"]), group["momentum"], group["weight_decay"]
+            torch._foreach_lerp_(bufs, grads, 1 - momentum)  # one kernel launch for all the buffers
+            updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+            if wd:
+                torch._foreach_mul_(params, 1 - lr * wd)
             by_shape: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
-            for p, g, buf in zip(params, grads, bufs):
-                buf.lerp_(g, 1 - momentum)
-                update = g.lerp(buf, momentum) if group["nesterov"] else buf
+            for p, u in zip(params, updates):
                 # orthogonalise wide: a tall matrix goes in transposed, as torch's Newton-Schulz does
-                by_shape[(min(p.shape), max(p.shape))].append((p, update.T if p.size(0) > p.size(1) else update))
+                by_shape[(min(p.shape), max(p.shape))].append((p, u.T if p.size(0) > p.size(1) else u))
             for items in by_shape.values():
                 ortho = newton_schulz(torch.stack([u for _, u in items]), group["ns_coefficients"],
                                       group["ns_steps"], group["eps"])
                 for (p, _), o in zip(items, ortho):
-                    p.mul_(1 - lr * group["weight_decay"])
                     p.add_(o.T if p.size(0) > p.size(1) else o, alpha=-torch.optim._muon._adjust_lr(
                         lr, group["adjust_lr_fn"], p.shape))
         return loss
