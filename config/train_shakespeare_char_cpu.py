@@ -3,7 +3,7 @@
 # Muon on the blocks' matrices, rotary positions, QK-norm, ReLU^2, value embeddings, a
 # warmup-stable-decay schedule, and bf16 autocast where the CPU has native bf16 (AMX / AVX512-BF16).
 # benchmarks/bench_record.py runs it and nanoGPT's own train.py back to back; the table and the
-# search that led here are in benchmarks/RESULTS.md ("CPU record, wave 3").
+# search that led here are in benchmarks/RESULTS.md ("Issue 15, wave 3").
 #   python train.py config/train_shakespeare_char_cpu.py
 
 out_dir = 'out-shakespeare-char'
