@@ -118,8 +118,8 @@ def per_iter_table(a, ref: tuple[str, list[str], Path]) -> None:
             "glassgpt, dtype=bfloat16": (NANOGPT_CPU + n + ["--dtype=bfloat16"], REPO)}
     steps: dict[str, list[float]] = {name: [] for name in runs}
     for pair in range(a.pairs):
-        for name, (args, cwd) in runs.items():
-            steps[name] += finish(*start(args, f"{a.work}/iter-{len(steps[name])}-{pair}", cwd, a.threads), name)[2]
+        for i, (name, (args, cwd)) in enumerate(runs.items()):
+            steps[name] += finish(*start(args, f"{a.work}/iter-{i}-{pair}", cwd, a.threads), name)[2]
     ref_ms = median(steps[ref[0]])
     print(f"| run ({a.iters} iterations x {a.pairs}) | median ms/iter | vs {ref[0]} |")
     print("|---|---|---|")

@@ -120,8 +120,8 @@ class TrainConfig:
     value_embed: bool = False
     """Every block adds a learned embedding of the token to its attention values."""
     threads: int | None = None
-    """CPU threads for torch; None: $OMP_NUM_THREADS if set, else 1 for models under 30M parameters
-    (runtime.choose_threads)."""
+    """CPU threads for torch; None: $OMP_NUM_THREADS if set, else for models under 30M parameters the
+    cores other processes leave idle (runtime.choose_threads)."""
 
 
 @dataclass
@@ -159,8 +159,8 @@ class SampleConfig:
     """Past block_size: 'chunked' (restart from the last block_size//2 tokens when the window is
     full; fast) or 'sliding' (nanoGPT's: always the last block_size tokens; slow). docs/generation.md"""
     threads: int | None = None
-    """CPU threads for torch; None: $OMP_NUM_THREADS if set, else 1 for models under 30M parameters
-    (runtime.choose_threads)."""
+    """CPU threads for torch; None: $OMP_NUM_THREADS if set, else for models under 30M parameters the
+    cores other processes leave idle (runtime.choose_threads)."""
 
 
 @dataclass

@@ -80,8 +80,8 @@ class EvalConfig:
     json_out: str | None = None
     """Also write the results as JSON to this file."""
     threads: int | None = None
-    """CPU threads for torch; None: $OMP_NUM_THREADS if set, else 1 for models under 30M parameters
-    (runtime.choose_threads)."""
+    """CPU threads for torch; None: $OMP_NUM_THREADS if set, else for models under 30M parameters the
+    cores other processes leave idle (runtime.choose_threads)."""
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -4,10 +4,11 @@
 "optimizer" entry is AdamW's own state dict, as nanoGPT writes it). `optimizer='muon'` puts the 2-D
 matrices inside the transformer blocks under PyTorch's `torch.optim.Muon` (momentum orthogonalised by
 Newton-Schulz, https://kellerjordan.github.io/posts/muon/) and everything else (embeddings, the head,
-norm gains, biases) under AdamW, as modded-nanogpt and nanochat do. `GroupedMuon` is torch.optim.Muon with one change:
-the Newton-Schulz iterations of same-shape matrices run batched (3 bmm per iteration for all of them
-instead of 3 mm per matrix), which is what a small model's step spends its time on; its state dict,
-hyper-parameters and updates are torch.optim.Muon's (tests/test_optim.py checks it against it).
+norm gains, biases) under AdamW, as modded-nanogpt and nanochat do. `GroupedMuon` is
+torch.optim.Muon with one change: the Newton-Schulz iterations of same-shape matrices run batched
+(3 bmm per iteration for all of them instead of 3 mm per matrix), which is what a small model's
+Muon step spends its time on; its state dict, hyper-parameters and updates are torch.optim.Muon's
+(tests/test_optim.py checks it against it).
 
 Schedules: 'cosine' (nanoGPT's: linear warmup, cosine to min_lr at lr_decay_iters) and 'wsd'
 (warmup-stable-decay: warmup, flat at the peak, linear decay to min_lr over the last `decay_frac` of

@@ -93,7 +93,7 @@ def idle_cores(total: int, window: float = 0.05) -> int:
         after = _cpu_times()
         d_idle, d_total = after[0] - before[0], after[1] - before[1]
         if d_total > 0:
-            return max(1, min(total, round(os.cpu_count() * d_idle / d_total)))
+            return max(1, min(total, round((os.cpu_count() or total) * d_idle / d_total)))
     try:
         busy = int(os.getloadavg()[0])  # floor: an editor or a shell at load 0.3 takes no core
     except (AttributeError, OSError):
@@ -103,8 +103,8 @@ def idle_cores(total: int, window: float = 0.05) -> int:
 
 def choose_threads(n_params: int, device: str, threads: int | None = None) -> int | None:
     """Set torch's CPU thread count and return it: `threads` (--threads) if given, else
-    $OMP_NUM_THREADS if set, else for small models the cores the load average leaves idle, else
-    torch's default. On GPUs nothing is changed (None)."""
+    $OMP_NUM_THREADS if set, else for small models the cores other processes leave idle
+    (`idle_cores`), else torch's default. On GPUs nothing is changed (None)."""
     if not device.startswith("cpu"):
         return None
     if threads is not None and threads < 1:
