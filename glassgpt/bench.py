@@ -19,8 +19,8 @@ import torch
 from glassgpt.config import BenchConfig, load_config, wants_help
 from glassgpt.data import BatchSampler, data_dir_for
 from glassgpt.errors import run_main
-from glassgpt.model import GPT, GPTConfig, device_peak_flops
-from glassgpt.runtime import autocast, resolve_device, resolve_dtype
+from glassgpt.model import GPT, GPTConfig
+from glassgpt.runtime import autocast, device_peak_flops, resolve_device, resolve_dtype
 from glassgpt.tokenizer import read_meta
 
 

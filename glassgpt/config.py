@@ -119,6 +119,10 @@ class TrainConfig:
     """logits = cap * tanh(logits / cap); None leaves them raw."""
     value_embed: bool = False
     """Every block adds a learned embedding of the token to its attention values."""
+    smear: bool = False
+    """Each position adds a gated copy of the previous token's embedding before the first block."""
+    attn_gate: bool = False
+    """A sigmoid gate per head and position on the attention output."""
     threads: int | None = None
     """CPU threads for torch; None: $OMP_NUM_THREADS if set, else for models under 30M parameters the
     cores other processes leave idle (runtime.choose_threads)."""

@@ -150,6 +150,7 @@ class KVCache:
         self.filled = 0  # slots in use, shared by all rows (the padded length)
         self.pad = pad if pad is not None and bool(pad.any()) else None
         self.mask: torch.Tensor | None = None
+        self.prev_embed: torch.Tensor | None = None  # (B, 1, C): the last token's embedding, for smear
 
     def prepare(self, T: int, device: torch.device) -> torch.Tensor:
         """Position ids (B or 1, T) of the next T tokens; sets `mask` for this pass: (B, 1, T, S) bool
@@ -194,6 +195,8 @@ class KVCache:
             self.v = self.v.index_select(1, rows)
         if self.pad is not None:
             self.pad = self.pad.index_select(0, rows)
+        if self.prev_embed is not None:
+            self.prev_embed = self.prev_embed.index_select(0, rows)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

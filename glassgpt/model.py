@@ -17,6 +17,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 from dataclasses import asdict, dataclass, fields
@@ -26,6 +27,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 ACTIVATIONS = ("gelu", "gelu_new", "relu2")
+GATE_INPUT = 12  # channels the smear and attention gates read (modded-nanogpt's choice)
 
 
 @dataclass
@@ -63,6 +65,14 @@ class GPTConfig:
     value_embed: bool = False
     """Value embeddings (modded-nanogpt, ResFormer https://arxiv.org/abs/2410.17897): every block adds
     a learned embedding of the current token (`transformer.ve.{i}`, vocab x n_embd) to its values."""
+    smear: bool = False
+    """Each position adds a gated copy of the previous token's embedding before the first block
+    (modded-nanogpt's smear): a bigram path that costs no attention. The gate
+    (`transformer.smear_gate`) reads the first GATE_INPUT channels of the current embedding."""
+    attn_gate: bool = False
+    """Scale each head's attention output by a sigmoid gate computed from the first GATE_INPUT
+    channels of the block's normalised input (`h.{i}.attn.gate`; gated attention,
+    https://arxiv.org/abs/2505.06708, as in modded-nanogpt): a head can switch itself off."""
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head != 0:
@@ -73,6 +83,8 @@ class GPTConfig:
             raise ValueError(f"rope needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}")
         if self.rope_base <= 0 or self.rope_scale <= 0:
             raise ValueError("rope_base and rope_scale must be > 0")
+        if (self.smear or self.attn_gate) and self.n_embd < GATE_INPUT:
+            raise ValueError(f"smear and attn_gate read {GATE_INPUT} channels; n_embd={self.n_embd} is smaller")
         if self.logit_softcap is not None and self.logit_softcap <= 0:
             raise ValueError(f"logit_softcap must be > 0 or None, got {self.logit_softcap}")
 
@@ -122,6 +134,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
+@functools.lru_cache(maxsize=8)
+def _causal(T: int, device: torch.device) -> torch.Tensor:
+    """(T, T) bool, True above the diagonal: the future a position may not attend to."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int = 0):
         super().__init__()
@@ -133,36 +151,54 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         self.qk_norm = config.qk_norm
         self.layer_idx = layer_idx  # which layer of a KVCache this attention reads and writes
+        self.gate = nn.Linear(GATE_INPUT, config.n_head, bias=False) if config.attn_gate else None
 
     def forward(self, x: torch.Tensor, rotary: tuple | None = None, kv_cache=None,
                 ve: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # On a CPU attention runs in float32 under bf16 autocast (the flash kernel's bf16 backward is
-        # ~10x slower there); casting here, once, also spares QK-norm and rotary their own casts.
-        dt, cpu_fp32 = q.dtype, q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
-        if cpu_fp32:
-            q, k, v = q.float(), k.float(), v.float()
+        nh, hs = self.n_head, C // self.n_head
+        qkv = self.c_attn(x)
+        # On a CPU under bf16 autocast, QK-norm and rotary run in float32 (the flash kernel's bf16
+        # backward is ~10x slower there, so its inputs are cast here once, sparing QK-norm and
+        # rotary their own casts). q and k go through both as one tensor: half the kernel launches.
+        dt, cpu_half = qkv.dtype, qkv.device.type == "cpu" and qkv.dtype in (torch.bfloat16, torch.float16)
+        qk, v = qkv[..., : 2 * C], qkv[..., 2 * C :]
+        if cpu_half:
+            qk, v = qk.float(), v.float()
         if ve is not None:  # (B, T, C) value embedding of the tokens
             v = v + ve.to(v.dtype)  # embeddings stay float32 under autocast
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        qk = qk.view(B, T, 2 * nh, hs).transpose(1, 2)  # (B, 2nh, T, hs): q's heads, then k's
+        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         if self.qk_norm:
-            # type_as: autocast may run rms_norm in float32; q, k and v keep one dtype for SDPA and the cache
-            q, k = (F.rms_norm(t, (t.size(-1),), eps=1e-6).type_as(t) for t in (q, k))
+            qk = F.rms_norm(qk, (hs,), eps=1e-6).type_as(qk)  # type_as: autocast may run it in float32
         if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            qk = apply_rotary(qk, *rotary)
+        q, k = qk[:, :nh], qk[:, nh:]
         mask = None
         if kv_cache is not None:
             # the cache holds this layer's earlier keys/values and says which ones each query may see
             k, v = kv_cache.write(self.layer_idx, k, v)  # (B, nh, S, hs), S = cached + T
             mask = kv_cache.mask  # (B, 1, T, S) bool, or None when plain causal is right
-        # Flash / memory-efficient kernels where the device has them; exact math otherwise.
-        with torch.autocast("cpu", enabled=False) if cpu_fp32 else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        y = y.to(dt)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = self._attend(q, k, v, mask, dt if cpu_half else None)  # (B, nh, T, hs)
+        if self.gate is not None:  # one gate per head and position: (B, T, nh) -> (B, nh, T, 1)
+            y = y * torch.sigmoid(self.gate(x[..., :GATE_INPUT])).transpose(1, 2).unsqueeze(-1).to(y.dtype)
+        y = y.to(dt).transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def _attend(self, q, k, v, mask, cpu_half: torch.dtype | None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hs)) v over the allowed keys. Flash / memory-efficient kernels where
+        the device has them, exact math otherwise. On a CPU under bf16 autocast, short causal
+        training contexts take explicit bf16 matmuls with a float32 softmax instead (faster there than
+        either SDPA kernel: benchmarks/RESULTS.md); longer ones, the cache and dropout take SDPA in
+        float32."""
+        T, drop = q.size(2), self.dropout if self.training else 0.0
+        if cpu_half is not None and mask is None and T <= 256 and not drop:
+            att = (q.to(cpu_half) @ k.to(cpu_half).transpose(-2, -1)).float() * q.size(-1) ** -0.5  # (B, nh, T, T)
+            att = att.masked_fill(_causal(T, q.device), float("-inf")).softmax(-1)
+            return att.to(cpu_half) @ v.to(cpu_half)
+        with torch.autocast("cpu", enabled=False) if cpu_half is not None else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.size(2) > 1,
+                                                  dropout_p=drop)
 
 
 class ReLU2(nn.Module):
@@ -213,6 +249,8 @@ class GPT(nn.Module):
         modules.update(drop=nn.Dropout(config.dropout),
                        h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
                        ln_f=LayerNorm(config.n_embd, bias=config.bias))
+        if config.smear:
+            modules["smear_gate"] = nn.Linear(GATE_INPUT, 1, bias=False)
         if config.value_embed:
             modules["ve"] = nn.ModuleList([nn.Embedding(config.vocab_size, config.n_embd) for _ in range(config.n_layer)])
         self.transformer = nn.ModuleDict(modules)
@@ -273,6 +311,8 @@ class GPT(nn.Module):
         else:
             x = x + tr.wpe(pos)
         x = tr.drop(x)
+        if cfg.smear:
+            x = self.smear(x, pos, kv_cache)
         for i, block in enumerate(tr.h[:n_blocks]):
             ve = tr.ve[i](idx) if cfg.value_embed else None
             x = block(x, rotary=rotary, kv_cache=kv_cache, ve=ve)
@@ -289,6 +329,17 @@ class GPT(nn.Module):
         else:
             logits, loss = self.head(x[:, [-1], :]), None  # list index keeps the time dim
         return logits, loss
+
+    def smear(self, x: torch.Tensor, pos: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        """x[t] + sigmoid(smear_gate(x[t, :GATE_INPUT])) * x[t-1] for embeddings x (B, T, C) at
+        positions pos (B or 1, T); a row's first token (position 0) has no previous one. With a cache,
+        the previous token of this pass's first one is the cache's `prev_embed`."""
+        first = kv_cache.prev_embed if kv_cache is not None and kv_cache.prev_embed is not None else x[:, :1]
+        if kv_cache is not None:
+            kv_cache.prev_embed = x[:, -1:]
+        prev = torch.cat([first.to(x.dtype), x[:, :-1]], dim=1)  # (B, T, C)
+        gate = torch.sigmoid(self.transformer.smear_gate(x[..., :GATE_INPUT])) * (pos > 0).unsqueeze(-1)
+        return x + gate.to(x.dtype) * prev
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for final hidden states x (..., n_embd): lm_head, soft-capped if configured."""
@@ -363,33 +414,3 @@ class GPT(nn.Module):
                 idx_next = torch.multinomial(probs, num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
-
-
-# Dense peak FLOP/s per device for MFU, from the vendors' datasheets (bf16/fp16 tensor cores, dense;
-# fp32 rows for dtype=float32). Matched against torch.cuda.get_device_name(). Unlisted -> None.
-PEAK_FLOPS = {
-    # name substring: (bf16/fp16, fp32 incl. tf32 where used by matmuls)
-    "H200": (989e12, 494e12),
-    "H100": (989e12, 494e12),  # SXM; PCIe is lower, named "H100 PCIe"
-    "H100 PCIe": (756e12, 378e12),
-    "A100": (312e12, 156e12),
-    "A10G": (125e12, 62.5e12),
-    "L4": (121e12, 60e12),
-    "V100": (125e12, 15.7e12),
-    "RTX 4090": (165e12, 82.6e12),
-    "RTX 3090": (71e12, 35.6e12),
-    "T4": (65e12, 8.1e12),
-}
-
-
-def device_peak_flops(device: str | torch.device, dtype: str = "bfloat16") -> float | None:
-    """Peak FLOP/s of the actual device, or None where no honest figure is known (CPU, MPS)."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(device)
-    best = None
-    for key, (half, single) in PEAK_FLOPS.items():
-        if key in name and (best is None or len(key) > len(best[0])):
-            best = (key, half if dtype in ("bfloat16", "float16") else single)
-    return best[1] if best else None

@@ -117,3 +117,32 @@ def choose_threads(n_params: int, device: str, threads: int | None = None) -> in
         torch.set_num_threads(n)
     return n
 
+
+# Dense peak FLOP/s per device for MFU, from the vendors' datasheets (bf16/fp16 tensor cores, dense;
+# fp32 rows for dtype=float32). Matched against torch.cuda.get_device_name(). Unlisted -> None.
+PEAK_FLOPS = {
+    # name substring: (bf16/fp16, fp32 incl. tf32 where used by matmuls)
+    "H200": (989e12, 494e12),
+    "H100": (989e12, 494e12),  # SXM; PCIe is lower, named "H100 PCIe"
+    "H100 PCIe": (756e12, 378e12),
+    "A100": (312e12, 156e12),
+    "A10G": (125e12, 62.5e12),
+    "L4": (121e12, 60e12),
+    "V100": (125e12, 15.7e12),
+    "RTX 4090": (165e12, 82.6e12),
+    "RTX 3090": (71e12, 35.6e12),
+    "T4": (65e12, 8.1e12),
+}
+
+
+def device_peak_flops(device: str | torch.device, dtype: str = "bfloat16") -> float | None:
+    """Peak FLOP/s of the actual device, or None where no honest figure is known (CPU, MPS)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    best = None
+    for key, (half, single) in PEAK_FLOPS.items():
+        if key in name and (best is None or len(key) > len(best[0])):
+            best = (key, half if dtype in ("bfloat16", "float16") else single)
+    return best[1] if best else None

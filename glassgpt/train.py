@@ -29,9 +29,9 @@ from glassgpt.checkpoint import ckpt_path, clean_state_dict, load_checkpoint, mo
 from glassgpt.config import TrainConfig, config_to_dict, load_config, wants_help
 from glassgpt.data import BatchSampler, data_dir_for, require_prepared
 from glassgpt.errors import UserError, run_main
-from glassgpt.model import GPT, GPTConfig, device_peak_flops
+from glassgpt.model import GPT, GPTConfig
 from glassgpt.optim import Optimizers, build_optimizers, check_choices, get_lr, group_norms, snapshot
-from glassgpt.runtime import autocast, choose_threads, resolve_device, resolve_dtype
+from glassgpt.runtime import autocast, choose_threads, device_peak_flops, resolve_device, resolve_dtype
 from glassgpt.tokenizer import read_meta
 
 LOG_NAME = "log.jsonl"
@@ -160,7 +160,8 @@ def build_model(cfg: TrainConfig, meta: dict | None) -> tuple[GPT, dict | None, 
     return model, ckpt, args
 
 
-ARCH_OPTIONS = ("rope", "rope_base", "qk_norm", "tie_embeddings", "zero_init_proj", "logit_softcap", "value_embed")
+ARCH_OPTIONS = ("rope", "rope_base", "qk_norm", "tie_embeddings", "zero_init_proj", "logit_softcap", "value_embed",
+                "smear", "attn_gate")
 
 
 def arch_options(cfg: TrainConfig) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Every command on a checkpoint trained the way the CPU record recipe trains (issue 15's "every trace
-command works on a record checkpoint"): Muon, rotary, QK-norm, ReLU², value embeddings, bf16 autocast."""
+command works on a record checkpoint"): Muon, rotary, QK-norm, ReLU², value embeddings, smear, gated
+attention, an untied head, bf16 autocast."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def recipe_options() -> dict:
     """The architecture, optimizer and dtype keys of config/train_shakespeare_char_cpu.py, read from the file."""
-    keys = {"rope", "qk_norm", "activation", "value_embed", "bias", "optimizer", "muon_lr", "lr_schedule",
-            "decay_frac", "dtype"}
+    keys = {"rope", "qk_norm", "activation", "value_embed", "smear", "attn_gate", "tie_embeddings", "bias",
+            "optimizer", "muon_lr", "lr_schedule", "decay_frac", "dtype"}
     tree = ast.parse((REPO / "config" / "train_shakespeare_char_cpu.py").read_text())
     return {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body
             if isinstance(n, ast.Assign) and n.targets[0].id in keys}
