@@ -6,7 +6,8 @@
 Default: `--pairs` back-to-back pairs (nanoGPT's recipe, then the record recipe, each `train.py` in a
 process of its own with its own default threads), reporting per recipe the median process wall-clock,
 train.py's final val (eval_iters=20, noisy) and a fixed val over --eval_batches batches of 12 x 64
-windows drawn with one seed (the same windows for every model), computed after training, not timed.
+windows drawn with one seed (the same windows for every model) and a full val (every val token
+scored from up to block_size earlier ones, sliding windows), both computed after training, not timed.
 With --nanogpt the reference is nanoGPT's own train.py in that checkout (its data/shakespeare_char is
 prepared from the mirror's tiny-shakespeare if missing); without, nanoGPT's recipe run by glassgpt.
 
@@ -53,6 +54,22 @@ def fixed_val(out_dir: str, data_dir: Path, batches: int) -> float:
     return total / batches
 
 
+def full_val(out_dir: str, data_dir: Path) -> float:
+    """Mean loss over every token of val.bin, each predicted from up to block_size earlier tokens
+    (sliding windows with stride block_size // 2, glassgpt.evaluate.token_nlls: what `glassgpt eval`
+    reports); not random windows, so it has no sampling noise."""
+    import numpy as np
+    import torch
+
+    from glassgpt.checkpoint import load_checkpoint, model_from_checkpoint
+    from glassgpt.evaluate import token_nlls
+
+    model = model_from_checkpoint(load_checkpoint(out_dir)).eval()
+    ids = torch.from_numpy(np.fromfile(data_dir / "val.bin", dtype=np.uint16).astype(np.int64))
+    block = model.config.block_size
+    return float(token_nlls(model, ids, block, block // 2, batch_size=32).mean())
+
+
 def start(args: list[str], out_dir: str, cwd: Path = REPO, threads: int | None = None):
     env = dict(os.environ)
     if threads:
@@ -97,16 +114,18 @@ def record_table(a, data_dir: Path, ref: tuple[str, list[str], Path]) -> None:
         for name, (args, cwd) in runs.items():
             out = f"{a.work}/{name.split()[0]}-{pair}"
             results[name].append((*finish(*start(args, out, cwd, a.threads), name), out))
-    print("| recipe | wall-clock, median of %d (each) | ms/iter | train.py val | fixed val (%d batches) |"
+    print("| recipe | wall-clock, median of %d (each) | ms/iter | train.py val | fixed val (%d batches) | full val |"
           % (a.pairs, a.eval_batches))
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     walls = {}
     for name, rs in results.items():
         fixed = [fixed_val(out, data_dir, a.eval_batches) for _, _, _, out in rs]
+        full = [full_val(out, data_dir) for _, _, _, out in rs]
         walls[name] = median([w for w, _, _, _ in rs])
         print(f"| {name} | {walls[name]:.1f} s ({', '.join(f'{w:.1f}' for w, _, _, _ in rs)}) | "
-              f"{median([m for _, _, st, _ in rs for m in st]):.1f} | {median([v for _, v, _, _ in rs]):.4f} | "
-              f"{median(fixed):.4f} ({', '.join(f'{v:.4f}' for v in fixed)}) |")
+              f"{median([m for _, _, st, _ in rs for m in st]):.1f} | {median([v for _, v, _, _ in rs]):.4f} "
+              f"({', '.join(f'{v:.4f}' for _, v, _, _ in rs)}) | "
+              f"{median(fixed):.4f} ({', '.join(f'{v:.4f}' for v in fixed)}) | {median(full):.4f} |")
     ref_wall, rec_wall = walls.values()
     print(f"wall-clock ratio record / reference: {rec_wall / ref_wall:.2f}x")
 
