@@ -158,9 +158,9 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         nh, hs = self.n_head, C // self.n_head
         qkv = self.c_attn(x)
-        # On a CPU under bf16 autocast, QK-norm and rotary run in float32 (the flash kernel's bf16
-        # backward is ~10x slower there, so its inputs are cast here once, sparing QK-norm and
-        # rotary their own casts). q and k go through both as one tensor: half the kernel launches.
+        # On a CPU under bf16 autocast, QK-norm, rotary and SDPA run in float32 (SDPA's bf16 backward
+        # is ~10x slower there): cast here once, sparing QK-norm and rotary their own casts. q and k
+        # go through both as one tensor: half the kernel launches.
         dt, cpu_half = qkv.dtype, qkv.device.type == "cpu" and qkv.dtype in (torch.bfloat16, torch.float16)
         qk, v = qkv[..., : 2 * C], qkv[..., 2 * C :]
         if cpu_half:
@@ -187,12 +187,12 @@ class CausalSelfAttention(nn.Module):
 
     def _attend(self, q, k, v, mask, cpu_half: torch.dtype | None) -> torch.Tensor:
         """softmax(q k^T / sqrt(hs)) v over the allowed keys. Flash / memory-efficient kernels where
-        the device has them, exact math otherwise. On a CPU under bf16 autocast, short causal
-        training contexts take explicit bf16 matmuls with a float32 softmax instead (faster there than
-        either SDPA kernel: benchmarks/RESULTS.md); longer ones, the cache and dropout take SDPA in
-        float32."""
+        the device has them, exact math otherwise. On a CPU under bf16 autocast, a square causal
+        context of at most 256 positions (training, a fresh prefill) takes explicit bf16 matmuls with
+        a float32 softmax instead (faster there than either SDPA kernel: benchmarks/RESULTS.md);
+        longer ones, cached decoding and dropout take SDPA in float32."""
         T, drop = q.size(2), self.dropout if self.training else 0.0
-        if cpu_half is not None and mask is None and T <= 256 and not drop:
+        if cpu_half is not None and mask is None and k.size(2) == T <= 256 and not drop:
             att = (q.to(cpu_half) @ k.to(cpu_half).transpose(-2, -1)).float() * q.size(-1) ** -0.5  # (B, nh, T, T)
             att = att.masked_fill(_causal(T, q.device), float("-inf")).softmax(-1)
             return att.to(cpu_half) @ v.to(cpu_half)
