@@ -35,12 +35,18 @@ NANOGPT_CPU = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=Fa
 RECORD = ["config/train_shakespeare_char_cpu.py"]
 
 
-def fixed_val(out_dir: str, data_dir: Path, batches: int) -> float:
-    """Mean val loss over `batches` seeded windows of 12 x 64 (the same for every model)."""
+def final_vals(out_dir: str, data_dir: Path, batches: int) -> tuple[float, float]:
+    """(fixed val, full val) of a run's checkpoint, loaded once with val.bin.
+
+    fixed: mean val loss over `batches` seeded windows of 12 x 64 (the same for every model).
+    full: mean loss over every token of val.bin, each predicted from up to block_size earlier tokens
+    (sliding windows with stride block_size // 2, glassgpt.evaluate.token_nlls: what `glassgpt eval`
+    reports); not random windows, so it has no sampling noise."""
     import numpy as np
     import torch
 
     from glassgpt.checkpoint import load_checkpoint, model_from_checkpoint
+    from glassgpt.evaluate import token_nlls
 
     model = model_from_checkpoint(load_checkpoint(out_dir)).eval()
     data = torch.from_numpy(np.fromfile(data_dir / "val.bin", dtype=np.uint16).astype(np.int64))
@@ -51,23 +57,8 @@ def fixed_val(out_dir: str, data_dir: Path, batches: int) -> float:
             ix = torch.randint(len(data) - 65, (12,), generator=gen)
             w = data[ix[:, None] + torch.arange(65)]
             total += model(w[:, :-1], w[:, 1:].contiguous())[1].item()
-    return total / batches
-
-
-def full_val(out_dir: str, data_dir: Path) -> float:
-    """Mean loss over every token of val.bin, each predicted from up to block_size earlier tokens
-    (sliding windows with stride block_size // 2, glassgpt.evaluate.token_nlls: what `glassgpt eval`
-    reports); not random windows, so it has no sampling noise."""
-    import numpy as np
-    import torch
-
-    from glassgpt.checkpoint import load_checkpoint, model_from_checkpoint
-    from glassgpt.evaluate import token_nlls
-
-    model = model_from_checkpoint(load_checkpoint(out_dir)).eval()
-    ids = torch.from_numpy(np.fromfile(data_dir / "val.bin", dtype=np.uint16).astype(np.int64))
     block = model.config.block_size
-    return float(token_nlls(model, ids, block, block // 2, batch_size=32).mean())
+    return total / batches, float(token_nlls(model, data, block, block // 2, batch_size=32).mean())
 
 
 def start(args: list[str], out_dir: str, cwd: Path = REPO, threads: int | None = None):
@@ -119,8 +110,7 @@ def record_table(a, data_dir: Path, ref: tuple[str, list[str], Path]) -> None:
     print("|---|---|---|---|---|---|")
     walls = {}
     for name, rs in results.items():
-        fixed = [fixed_val(out, data_dir, a.eval_batches) for _, _, _, out in rs]
-        full = [full_val(out, data_dir) for _, _, _, out in rs]
+        fixed, full = zip(*(final_vals(out, data_dir, a.eval_batches) for _, _, _, out in rs))
         walls[name] = median([w for w, _, _, _ in rs])
         print(f"| {name} | {walls[name]:.1f} s ({', '.join(f'{w:.1f}' for w, _, _, _ in rs)}) | "
               f"{median([m for _, _, st, _ in rs for m in st]):.1f} | {median([v for _, v, _, _ in rs]):.4f} "
