@@ -18,7 +18,14 @@ from typing import Any
 
 import torch
 
-from glassgpt.artifacts import cached_fingerprint, clean_leftovers, fingerprint_tensors, read_json, write_file_atomic, write_json_atomic
+from glassgpt.artifacts import (
+    cached_fingerprint,
+    clean_leftovers,
+    fingerprint_tensors,
+    read_json,
+    write_file_atomic,
+    write_json_atomic,
+)
 from glassgpt.errors import UserError
 from glassgpt.model import GPT, GPTConfig
 

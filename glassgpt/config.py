@@ -388,7 +388,7 @@ def field_docs(cls: type) -> dict[str, str]:
         return {}
     docs: dict[str, str] = {}
     body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in zip(body, body[1:], strict=False):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
     return docs
@@ -426,7 +426,7 @@ def help_from_source(module: str, class_name: str, prog: str) -> str:
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
     lines = [f"usage: {prog} [config_file.py ...] [--key=value ...]", "", "keys (default):"]
     body = cls.body
-    for node, nxt in zip(body, body[1:] + [None]):
+    for node, nxt in zip(body, body[1:] + [None], strict=False):
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
         default = _constant(node.value) if node.value is not None else None

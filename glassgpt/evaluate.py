@@ -279,7 +279,7 @@ def continuation_logprobs(model: GPT, pairs: list[tuple[list[int], list[int]]]) 
         y[i, : len(r) - 1] = torch.tensor(r[1:])
     h = model.hidden_states(x.to(device))
     r_idx = torch.cat([torch.full((n,), i) for i, n in enumerate(spans)])
-    c_idx = torch.cat([torch.arange(len(r) - 1 - n, len(r) - 1) for r, n in zip(rows, spans)])
+    c_idx = torch.cat([torch.arange(len(r) - 1 - n, len(r) - 1) for r, n in zip(rows, spans, strict=False)])
     logp = F.log_softmax(model.head(h[r_idx, c_idx]).float(), dim=-1)
     picked = logp.gather(1, y.to(device)[r_idx, c_idx][:, None])[:, 0].double().cpu()
     return [float(s.sum()) for s in picked.split(spans)]

@@ -114,7 +114,7 @@ def _wpe_optimizer_index(ckpt: dict[str, Any], adam: dict[str, Any]) -> int | No
     saved_ids = [i for g in saved for i in g["params"]]
     if len(ids) != 1 or len(saved_ids) != len(flat):
         return None
-    for p, i in zip(flat, saved_ids):  # a wrong order would hand wpe's new shape to another tensor
+    for p, i in zip(flat, saved_ids, strict=False):  # a wrong order would hand wpe's new shape to another tensor
         st = adam.get("state", {}).get(i)
         if st is not None and "exp_avg" in st and tuple(st["exp_avg"].shape) != tuple(p.shape):
             return None
@@ -130,7 +130,8 @@ def extend_optimizer(ckpt: dict[str, Any], new_rows: int, method: str, mode: str
     if not adam or "state" not in adam:
         return copy.deepcopy(opt)  # nothing saved (e.g. an inference-only checkpoint): nothing to adapt
     if mode == "reset":
-        fresh = lambda o: {"state": {}, "param_groups": copy.deepcopy(o["param_groups"])}
+        def fresh(o):
+            return {"state": {}, "param_groups": copy.deepcopy(o["param_groups"])}
         return {k: fresh(v) for k, v in opt.items()} if muon else fresh(opt)
     if mode != "adapt":
         raise UserError(f"optimizer={mode!r} is not one of adapt, reset")

@@ -258,7 +258,6 @@ class _StopCheck:
 
 
 @torch.no_grad()
-
 def _run_window(model: GPT, seqs: list[list[int]], active: list[int], want: list[int], cache: KVCache,
                 prefill: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass of `generate`: (hidden (B, T, n_embd), token_index (B, T) of each position in
@@ -268,7 +267,7 @@ def _run_window(model: GPT, seqs: list[list[int]], active: list[int], want: list
     if prefill:
         W = max(want)
         pad = torch.tensor([W - w for w in want], device=device)
-        idx = torch.tensor([[0] * (W - w) + seqs[r][-w:] for r, w in zip(active, want)], device=device)
+        idx = torch.tensor([[0] * (W - w) + seqs[r][-w:] for r, w in zip(active, want, strict=False)], device=device)
         cache.reset(pad)
         hidden = model(idx, kv_cache=cache, stop_at_layer=model.config.n_layer)  # (B, W, n_embd)
         j = torch.arange(W, device=device)
@@ -284,7 +283,7 @@ def _record_tokens(tokens: list[int], active: list[int], seqs: list[list[int]], 
                    stops: list[_StopCheck] | None) -> list[int]:
     """Append each row's new token (and stream it); returns the batch rows that go on."""
     keep = []
-    for row, (r, tok) in enumerate(zip(active, tokens)):
+    for row, (r, tok) in enumerate(zip(active, tokens, strict=False)):
         seqs[r].append(tok)
         outputs[r].append(tok)
         if on_token is not None:
@@ -349,7 +348,7 @@ def generate(
             if not active:
                 break
             want = [window_length(len(seqs[r]), bs, window) for r in active]
-            prefill = t == 0 or cache.filled >= capacity or any(w != c + 1 for w, c in zip(want, cur))
+            prefill = t == 0 or cache.filled >= capacity or any(w != c + 1 for w, c in zip(want, cur, strict=False))
             hidden, token_index = _run_window(model, seqs, active, want, cache, prefill)
             cur = want
             logits = model.head(hidden[:, -1]).float()  # (B, vocab)

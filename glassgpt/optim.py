@@ -55,13 +55,13 @@ class GroupedMuon(torch.optim.Muon):
             if wd:
                 torch._foreach_mul_(params, 1 - lr * wd)
             by_shape: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
-            for p, u in zip(params, updates):
+            for p, u in zip(params, updates, strict=False):
                 # orthogonalise wide: a tall matrix goes in transposed, as torch's Newton-Schulz does
                 by_shape[(min(p.shape), max(p.shape))].append((p, u.T if p.size(0) > p.size(1) else u))
             for items in by_shape.values():
                 ortho = newton_schulz(torch.stack([u for _, u in items]), group["ns_coefficients"],
                                       group["ns_steps"], group["eps"])
-                for (p, _), o in zip(items, ortho):
+                for (p, _), o in zip(items, ortho, strict=False):
                     p.add_(o.T if p.size(0) > p.size(1) else o, alpha=-torch.optim._muon._adjust_lr(
                         lr, group["adjust_lr_fn"], p.shape))
         return loss
@@ -182,7 +182,7 @@ class Optimizers:
                 raise UserError("the checkpoint was trained with optimizer='adamw'; resume with --optimizer=adamw")
             for name, opt in self.by_name.items():
                 opt.load_state_dict(state[name])
-        for g, (base_lr, name) in zip(self.param_groups, mine):  # nanoGPT's groups have no names
+        for g, (base_lr, name) in zip(self.param_groups, mine, strict=False):  # nanoGPT's groups have no names
             g["base_lr"], g["name"] = base_lr, name
 
 

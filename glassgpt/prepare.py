@@ -364,7 +364,7 @@ def tokenize_in_order(batches: Iterable[list[tuple[str, Document]]], spec: tuple
     if num_proc == 1:
         _init_worker(spec)
         for batch in batches:
-            yield from ((s, d, ids) for (s, d), ids in zip(batch, _encode_batch([d.text for _, d in batch])))
+            yield from ((s, d, ids) for (s, d), ids in zip(batch, _encode_batch([d.text for _, d in batch]), strict=False))
         return
     with multiprocessing.get_context().Pool(num_proc, _init_worker, (spec,)) as pool:
         pending: deque = deque()
@@ -372,10 +372,10 @@ def tokenize_in_order(batches: Iterable[list[tuple[str, Document]]], spec: tuple
             pending.append((batch, pool.apply_async(_encode_batch, ([d.text for _, d in batch],))))
             while len(pending) > 2 * num_proc or (pending and pending[0][1].ready()):
                 done, result = pending.popleft()
-                yield from ((s, d, ids) for (s, d), ids in zip(done, result.get()))
+                yield from ((s, d, ids) for (s, d), ids in zip(done, result.get(), strict=False))
         while pending:
             done, result = pending.popleft()
-            yield from ((s, d, ids) for (s, d), ids in zip(done, result.get()))
+            yield from ((s, d, ids) for (s, d), ids in zip(done, result.get(), strict=False))
 
 
 class SplitWriter:

@@ -6,7 +6,6 @@ import contextlib
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 

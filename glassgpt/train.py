@@ -191,9 +191,9 @@ def plot_losses(records: list[dict], path: Path) -> None:
     evals = [(r["iter"], r["train_loss"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if steps:
-        ax.plot(*zip(*steps), lw=0.8, alpha=0.6, label="train (batch)")
+        ax.plot(*zip(*steps, strict=False), lw=0.8, alpha=0.6, label="train (batch)")
     if evals:
-        it, tr, va = zip(*evals)
+        it, tr, va = zip(*evals, strict=False)
         ax.plot(it, tr, "o-", label="train (eval)")
         ax.plot(it, va, "o-", label="val (eval)")
     ax.set_xlabel("iteration")

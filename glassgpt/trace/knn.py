@@ -557,14 +557,14 @@ def fuse(signals: dict[str, Signal], k: int, how: str = FUSION, by: str | None =
     above the average window; a confident signal dominates), or 'rrf', reciprocal-rank fusion
     sum(1 / (RRF_K + rank)). docs/knn.md compares them."""
     cand = list(dict.fromkeys(int(i) for s in signals.values() for i in s.ids))
-    per = {i: {name: dict(zip(("rank", "score"), s.rank_score(i))) for name, s in signals.items()} for i in cand}
+    per = {i: {name: dict(zip(("rank", "score"), s.rank_score(i), strict=False)) for name, s in signals.items()} for i in cand}
     by = next(iter(signals)) if len(signals) == 1 else by if by in signals else None
     if by is not None:  # a window outside faiss's candidates has no embedding score: last
         fused = {i: -math.inf if per[i][by]["score"] is None else per[i][by]["score"] for i in cand}
     elif how == "rrf":
         fused = {i: sum(1 / (RRF_K + v["rank"]) for v in per[i].values() if v["rank"] is not None) for i in cand}
     else:  # a window outside faiss's candidates counts as average (z = 0) for the embedding
-        fused = {i: sum((v["score"] - s.mean) / s.std for s, v in zip(signals.values(), per[i].values())
+        fused = {i: sum((v["score"] - s.mean) / s.std for s, v in zip(signals.values(), per[i].values(), strict=False)
                         if v["score"] is not None) for i in cand}
     best = sorted(cand, key=lambda i: (-fused[i], i))[:k]
     return [(i, fused[i], per[i]) for i in best]
@@ -699,7 +699,8 @@ def _signals_line(nb: dict) -> str:
 
 def format_result(r: dict[str, Any], show_chars: int = 240) -> str:
     """The readable report: traced text, then each neighbour with its scores and location."""
-    clip = (lambda s: s if not show_chars or len(s) <= show_chars else s[:show_chars] + " ...")
+    def clip(s):
+        return (s if not show_chars or len(s) <= show_chars else s[:show_chars] + " ...")
     lines = [f"prompt: {r['prompt']!r}", f"generated: {r['generated']!r}"] if r["generated"] is not None \
         else [f"text: {clip(r['text'])!r}"]
     ref = r["score_reference"]

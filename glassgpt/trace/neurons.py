@@ -417,7 +417,7 @@ def build_baseline(model: GPT, tokens: np.ndarray, source: str = "generated", n_
         if source == "generated":  # rows seeded seed+b+i: a batch size does not change the samples
             outs = generate(model, [s[:prompt_len] for s in seqs], new_tokens, temperature=temperature,
                             seed=1_000_000 + seed + b)
-            seqs = [s[:prompt_len] + o for s, o in zip(seqs, outs)]
+            seqs = [s[:prompt_len] + o for s, o in zip(seqs, outs, strict=False)]
         x = torch.tensor(seqs, device=model.lm_head.weight.device)[:, :-1]
         acts = record_activations(model, x)[:, prompt_len - 1:].double().cpu().reshape(-1, L, N)
         s1, s2, n_on = s1 + acts.sum(0).numpy(), s2 + (acts**2).sum(0).numpy(), n_on + (acts > 0).sum(0).numpy()
@@ -650,7 +650,7 @@ def _example(run, start: int, acts: np.ndarray, pos: int, context: int) -> dict[
             "token": corpus.decode("train", pos, pos + 1), "after": corpus.decode("train", pos + 1, hi),
             "location": corpus.locate("train", lo, hi).to_dict(),
             "tokens": [[run.tokenizer.decode([t]), round(float(a), 4)]
-                       for t, a in zip(ids, acts[lo - start:hi - start])]}
+                       for t, a in zip(ids, acts[lo - start:hi - start], strict=False)]}
 
 
 def _window_acts(model: GPT, tokens: np.ndarray, starts: list[int], window: int, layer: int,
@@ -673,10 +673,10 @@ def neuron_card(run, layer: int, index: int, *, top: int = 10, context: int = 40
     windows = scan_windows(len(tokens), W)
     W = min(W, len(tokens))
     froms = [f for _, f in windows]
-    hits = [int(p) for v, p in zip(values[:top, layer, index], positions[:top, layer, index]) if np.isfinite(v)]
+    hits = [int(p) for v, p in zip(values[:top, layer, index], positions[:top, layer, index], strict=False) if np.isfinite(v)]
     owner = [windows[bisect.bisect_right(froms, p) - 1][0] for p in hits]  # the scan window that scored p
     acts = _window_acts(model, tokens, owner, W, layer, index) if hits else []
-    examples = [_example(run, s, a, p, context) for s, a, p in zip(owner, acts, hits)]
+    examples = [_example(run, s, a, p, context) for s, a, p in zip(owner, acts, hits, strict=False)]
     pick = np.random.default_rng(0).choice(len(windows), min(sample_windows, len(windows)), replace=False)
     starts = [windows[k][0] for k in np.sort(pick)]
     sacts = np.concatenate([_window_acts(model, tokens, starts[b:b + batch_size], W, layer, index)
@@ -718,7 +718,7 @@ def format_card(c: dict[str, Any]) -> str:
                  f"({100 * h['frac_positive']:.0f}% > 0):")
     peak = max(h["counts"]) or 1
     lines += [f"  [{lo:>8.3f}, {hi:>8.3f}) {n:>7} {'#' * round(40 * n / peak)}"
-              for lo, hi, n in zip(h["edges"], h["edges"][1:], h["counts"])]
+              for lo, hi, n in zip(h["edges"], h["edges"][1:], h["counts"], strict=False)]
     for key in ("promotes", "suppresses"):
         lines.append(f"{key}: " + ", ".join(f"{t['token']!r} {t['logit']:+.2f}" for t in c[key]))
     return "\n".join(lines)

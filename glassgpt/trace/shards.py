@@ -9,7 +9,6 @@ sources are a seeded sample of all occurrences. docs/spans.md has the layout and
 
 from __future__ import annotations
 
-import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -135,12 +134,12 @@ def build_index(data_dir: str | Path, index_dir: str | Path | None = None, split
     bar = tqdm(total=sum(size.values()), unit="tok", unit_scale=True, desc="span shards", disable=None, file=sys.stderr)
     args = [(str(data_dir), split, specs[i], str(index_dir / names[i]), per_token) for i in todo]
     if num_proc == 1 or len(todo) <= 1:
-        for i, a in zip(todo, args):
+        for i, a in zip(todo, args, strict=False):
             build_shard(*a)
             bar.update(size[i])
     else:  # fork: workers share the parent's numpy state and never import torch
         with ProcessPoolExecutor(min(num_proc, len(todo)), mp_context=get_context("fork")) as pool:
-            for i, _ in zip(todo, pool.map(build_shard, *zip(*args))):
+            for i, _ in zip(todo, pool.map(build_shard, *zip(*args, strict=False)), strict=False):
                 bar.update(size[i])
     bar.close()
     for old in index_dir.glob(f"{split}.shard-*"):  # shards of an earlier, longer plan
@@ -151,7 +150,7 @@ def build_index(data_dir: str | Path, index_dir: str | Path | None = None, split
     write_json_atomic(index_dir / f"{split}.index.json", {
         "format": INDEX_FORMAT, "split": split, "built_from": {"data": fp}, "tokenizer": corpus.meta.get("tokenizer", "gpt2"),
         "vocab_size": vocab, "separator": vocab, "eot_token": eot, "n_tokens": n_tokens, "n_segments": len(segments),
-        "shards": [{"dir": n, **{k: s[k] for k in ("seg_lo", "seg_hi", "tok_lo", "tok_hi")}} for n, s in zip(names, specs)],
+        "shards": [{"dir": n, **{k: s[k] for k in ("seg_lo", "seg_hi", "tok_lo", "tok_hi")}} for n, s in zip(names, specs, strict=False)],
         "max_memory": str(max_memory), "num_proc": num_proc})
     log(f"span index built: {len(specs)} shard(s), {len(todo)} built now")
     return index_dir
@@ -264,7 +263,7 @@ class SpanIndex:
         at = np.asarray(starts, dtype=np.int64)
         shard, rows = np.nonzero(ms[:, at] >= np.array([len(q) for q in seqs], dtype=np.int64))  # shard-major
         lo, hi = S.sa_range_near(self.stack, [seqs[r] for r in rows], lb[shard, at[rows]], shard)
-        for r, j, a, b in zip(rows.tolist(), shard.tolist(), lo.tolist(), hi.tolist()):
+        for r, j, a, b in zip(rows.tolist(), shard.tolist(), lo.tolist(), hi.tolist(), strict=False):
             out[r].append((j, a, b))
         return out
 
@@ -274,7 +273,7 @@ class SpanIndex:
     def full_ranges(self, seq: Sequence[int]) -> list[tuple[int, int, int]]:
         """(shard, lo, hi) of every shard where seq occurs: one search over all shards."""
         lo, hi = S.sa_range(self.stack, [list(seq)])
-        return [(j, int(a), int(b)) for j, (a, b) in enumerate(zip(lo[:, 0], hi[:, 0])) if b > a]
+        return [(j, int(a), int(b)) for j, (a, b) in enumerate(zip(lo[:, 0], hi[:, 0], strict=False)) if b > a]
 
     def sample_positions(self, ranges: list[tuple[int, int, int]], k: int, seed: int = 0) -> np.ndarray:
         """Split positions of up to k occurrences, ascending: the k with the smallest seeded hash of

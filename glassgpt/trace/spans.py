@@ -95,7 +95,7 @@ def separated_text(tokens: np.ndarray, segments: np.ndarray, separator: int) -> 
     seps = np.cumsum(lengths + 1) - 1
     text = np.full(int(lengths.sum()) + len(seg), separator, dtype=np.uint16)
     at = 0
-    for (_, s, e, _, _), sep in zip(seg.tolist(), seps.tolist()):
+    for (_, s, e, _, _), sep in zip(seg.tolist(), seps.tolist(), strict=False):
         text[at:sep] = tokens[s:e]
         at = sep + 1
     return text, seps.astype(np.int64)
@@ -191,7 +191,7 @@ class Stack:
         if len(parts) == 1:
             return parts[0][idx]
         cut = np.searchsorted(shard, self.edges).tolist()
-        got = [p[idx[a:b]] for p, a, b in zip(parts, cut, cut[1:]) if b > a]
+        got = [p[idx[a:b]] for p, a, b in zip(parts, cut, cut[1:], strict=False) if b > a]
         return np.concatenate(got) if got else parts[0][idx[:0]]
 
     def pairs(self, n_rows: int) -> tuple[np.ndarray, np.ndarray]:  # (rows, shard): each row in each shard
@@ -515,7 +515,7 @@ def find_spans(index: SpanIndex, ids: Sequence[int], text: str, offsets: Sequenc
         if e - a >= min_len and count_words(text[ca:cb]) >= min_words:
             spans.append(Span(a, e, ca, cb, text[ca:cb], logprob=float(index.logp[np.asarray(ids[a:e])].sum())))
     ranges = index.ranges([list(ids[s.start:s.end]) for s in spans], [s.start for s in spans], per_shard)
-    for s, r in zip(spans, ranges):
+    for s, r in zip(spans, ranges, strict=False):
         s.count = sum(hi - lo for _, lo, hi in r)
     return spans, ranges
 
