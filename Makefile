@@ -31,12 +31,12 @@ TRAIN_ARGS ?= config/train_shakespeare_char.py --out_dir=$(OUT) --device=cpu --c
 	--lr_decay_iters=2000 --dropout=0.0
 endif
 
-.PHONY: demo test env clean-env
+.PHONY: demo test lint lock env clean-env
 
 # The stamp file is rewritten when pyproject.toml changes, so a new dependency is installed next time.
 env: $(VENV)/.glassgpt-installed
 
-$(VENV)/.glassgpt-installed: pyproject.toml
+$(VENV)/.glassgpt-installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "glassgpt needs Python >= 3.10, this is " + sys.version.split()[0]'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@if $(PY) -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "$(TORCH_VERSION)")' 2>/dev/null; then \
@@ -47,7 +47,7 @@ $(VENV)/.glassgpt-installed: pyproject.toml
 		$(PY) -m pip install -q torch==$(TORCH_VERSION)+cpu 2>/dev/null \
 		|| $(PY) -m pip install -q torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX); \
 	fi
-	$(PY) -m pip install -q -e ".[test,view]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,view]"
 	@touch $@
 
 demo: env
@@ -62,8 +62,26 @@ demo: env
 
 # pytest exits 5 when it collected no tests: make fails on any non-zero status, so that is a failure too.
 # The venv's bin/ goes first on PATH: commands the tests start by name (glassgpt) are the venv's.
-test: env
+test: env lint
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q
+
+# The guard rails `make test` runs first: lint (ruff: pyflakes, pycodestyle incl. E304, bugbear, import
+# order) and types (mypy), both configured in pyproject.toml.
+lint: env
+	$(VENV)/bin/ruff check glassgpt
+	$(VENV)/bin/mypy
+
+# constraints.txt pins every package the test environment installs except torch (pinned by TORCH_VERSION,
+# whose build depends on the machine). Refresh it after changing dependencies: a fresh venv, unpinned
+# install, freeze. Commit the result once `make test` passes with it.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q torch==$(TORCH_VERSION)+cpu 2>/dev/null \
+		|| .venv-lock/bin/python -m pip install -q torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX)
+	.venv-lock/bin/python -m pip install -q -e ".[test,view]"
+	( echo "# pip constraints for the test environment (make installs with -c constraints.txt); refresh: make lock"; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|nvidia-|triton)' ) > constraints.txt
+	rm -rf .venv-lock
 
 clean-env:
 	rm -rf $(VENV)

@@ -2,6 +2,11 @@
 
 __version__ = "0.1.0"
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from glassgpt.model import GPT, GPTConfig
+
 __all__ = ["GPT", "GPTConfig", "__version__"]
 
 

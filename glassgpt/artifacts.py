@@ -62,19 +62,19 @@ def fingerprint_file(path: str | Path, *, cache: bool = True) -> str:
 def fingerprint_files(paths: Iterable[str | Path], *, cache: bool = True) -> str:
     """One fingerprint over several files (their names and bytes, in the order given); cached like
     `fingerprint_file`."""
-    paths = [Path(p) for p in paths]
-    if not paths:
+    files = [Path(p) for p in paths]
+    if not files:
         raise ValueError("fingerprint_files needs at least one path")
 
     def compute() -> str:
         h = hashlib.new(HASH)
-        for p in paths:
-            if len(paths) > 1:
+        for p in files:
+            if len(files) > 1:
                 h.update(p.name.encode() + b"\0")
             _hash_file_into(h, p)
         return _digest(h)
 
-    return cached_fingerprint(paths, compute) if cache else compute()
+    return cached_fingerprint(files, compute) if cache else compute()
 
 
 def cached_fingerprint(paths: list[Path], compute: Callable[[], str]) -> str:
@@ -108,7 +108,7 @@ def fingerprint_tensors(state_dict: dict[str, Any]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\0".encode())
         # view as bytes: numpy has no bfloat16, and this is the exact storage either way
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)  # the buffer itself, no copy
     return _digest(h)
 
 

@@ -47,7 +47,7 @@ def bench(cfg: BenchConfig) -> dict:
     optimizer = model.configure_optimizers(1e-2, 1e-4, (0.9, 0.95), device_type)
     if cfg.compile:
         print("compiling model...")
-        model = torch.compile(model)
+        model = torch.compile(model)  # type: ignore[assignment]
     ctx = autocast(device, dtype)
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
     print(f"{source}; {model.get_num_params() / 1e6 if hasattr(model, 'get_num_params') else 0:.2f}M params; "
@@ -65,7 +65,8 @@ def bench(cfg: BenchConfig) -> dict:
     if cfg.profile:
         out = Path("bench_log")
         with torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device_type == "cuda" else []),
+            activities=[torch.profiler.ProfilerActivity.CPU]
+            + ([torch.profiler.ProfilerActivity.CUDA] if device_type == "cuda" else []),
             schedule=torch.profiler.schedule(wait=5, warmup=5, active=5, repeat=1),
             on_trace_ready=torch.profiler.tensorboard_trace_handler(str(out)),
             record_shapes=False, profile_memory=False, with_stack=False,
@@ -82,7 +83,7 @@ def bench(cfg: BenchConfig) -> dict:
         step()
     sync()
     times = []
-    for k in range(cfg.num_steps):
+    for _ in range(cfg.num_steps):
         t0 = time.perf_counter()
         loss = step()
         sync()
@@ -92,7 +93,8 @@ def bench(cfg: BenchConfig) -> dict:
     tok_s = cfg.batch_size * cfg.block_size / (ms / 1000)
     mfu = raw.estimate_mfu(tok_s, device_peak_flops(device, dtype))
     mfu_s = f", MFU {mfu * 100:.2f}%" if mfu is not None else " (MFU: no known peak FLOP/s for this device)"
-    print(f"time per iteration: {ms:.2f} ms (median of {cfg.num_steps}), {tok_s:,.0f} tokens/s{mfu_s}; last loss {loss.item():.4f}")
+    print(f"time per iteration: {ms:.2f} ms (median of {cfg.num_steps}), {tok_s:,.0f} tokens/s{mfu_s}; "
+          f"last loss {loss.item():.4f}")
     return {"ms_per_iter": ms, "tokens_per_s": tok_s, "mfu": mfu}
 
 

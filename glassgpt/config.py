@@ -320,7 +320,7 @@ def parse_value(text: str) -> Any:
 
 def load_config(cls: type[C], argv: list[str] | None = None, base: C | None = None) -> C:
     """Build a `cls` dataclass from config files and --key=value overrides, nanoGPT style."""
-    cfg = dataclasses.replace(base) if base is not None else cls()
+    cfg = dataclasses.replace(base) if base is not None else cls()  # type: ignore[type-var]
     hints = _field_types(cls)
     valid = list(hints)
     set_by: dict[str, str] = {}  # key -> where its final value came from, for the range check
@@ -390,7 +390,7 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body  # type: ignore[attr-defined]
     for node, nxt in zip(body, body[1:], strict=False):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 
 
@@ -446,4 +446,5 @@ def help_text(cls: type, prog: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TrainConfig", "SampleConfig", "BenchConfig", "RANGES", "Range", "check_range", "load_config", "config_to_dict", "help_text", "help_from_source", "read_text_arg", "wants_help"]
+__all__ = ["TrainConfig", "SampleConfig", "BenchConfig", "RANGES", "Range", "check_range", "load_config",
+           "config_to_dict", "help_text", "help_from_source", "read_text_arg", "wants_help"]

@@ -160,9 +160,9 @@ def wrap_model(model: nn.Module, info: DistInfo, dtype: str, compile: bool = Fal
         for block in model.transformer.h:
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
-        return torch.compile(model) if compile else model
+        return torch.compile(model) if compile else model  # type: ignore[return-value]
     if compile:
-        model = torch.compile(model)
+        model = torch.compile(model)  # type: ignore[assignment]
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -276,7 +276,7 @@ def gather_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer,
         if id(p) in first and name in model_sd:
             model_sd[name] = model_sd[first[id(p)]]
         first.setdefault(id(p), name)
-    return model_sd, optim_state_names_to_ids(optim_sd)
+    return model_sd, optim_state_names_to_ids(optim_sd)  # type: ignore[return-value]
 
 
 def optim_state_names_to_ids(named: dict[str, Any]) -> dict[str, Any]:
@@ -303,7 +303,7 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     named = {"state": {index_to_name[int(i)]: s for i, s in state["state"].items()},
              "param_groups": [{**g, "params": [index_to_name[int(i)] for i in g["params"]]}
                               for g in state["param_groups"]]}
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=named,
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=named,  # type: ignore[arg-type]
                              options=StateDictOptions(full_state_dict=True))
 
 

@@ -65,7 +65,8 @@ def fetch(remote: RemoteFile, dest: str | Path) -> Path:
     if mirror is not None:
         src = mirror / remote.mirror_path
         if not src.exists():
-            raise UserError(f"{MIRROR_ENV}={mirror} has no {remote.mirror_path}; put the file there or unset {MIRROR_ENV} to download {remote.url}")
+            raise UserError(f"{MIRROR_ENV}={mirror} has no {remote.mirror_path}; put the file there or unset "
+                            f"{MIRROR_ENV} to download {remote.url}")
         tmp.write_bytes(src.read_bytes())
     else:
         try:
@@ -75,7 +76,8 @@ def fetch(remote: RemoteFile, dest: str | Path) -> Path:
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise UserError(
-                f"could not download {remote.url} ({e}); offline, set {MIRROR_ENV} to a directory holding {remote.mirror_path}"
+                f"could not download {remote.url} ({e}); offline, set {MIRROR_ENV} to a directory holding "
+                f"{remote.mirror_path}"
             ) from None
     got = sha256_file(tmp)
     if got != remote.sha256:

@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from glassgpt.config import load_config, wants_help
 from glassgpt.errors import UserError
 from glassgpt.model import GPT
-from glassgpt.tokenizer import Tokenizer
+from glassgpt.tokenizer import GPT2Tokenizer, Tokenizer
 
 
 @dataclass
@@ -132,7 +132,7 @@ def token_nlls(model: GPT, seq: torch.Tensor, block_size: int, stride: int, batc
 def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
     """UTF-8 bytes each token id stands for (GPT-2 BPE tokens are byte sequences; a character's are
     its UTF-8 encoding). `<|endoftext|>` separates documents and stands for no text: 0 bytes."""
-    if tok.name == "gpt2":
+    if isinstance(tok, GPT2Tokenizer):
         lengths = np.array([len(tok.token_bytes(i)) for i in range(tok.vocab_size)], dtype=np.int64)
     else:
         lengths = np.array([len(tok.decode([i]).encode("utf-8")) for i in range(tok.vocab_size)], dtype=np.int64)
@@ -319,11 +319,11 @@ def multiple_choice(model: GPT, tok: Tokenizer, examples: list[MCExample], batch
         bar.update(len(chunk))
     bar.close()
     n = len(examples)
-    result: dict = {"examples": n, "seconds": time.perf_counter() - t0}
+    result: dict[str, Any] = {"examples": n, "seconds": time.perf_counter() - t0}
     for name, c in correct.items():
-        p = c / n
-        result[name] = p
-        result[name + "_stderr"] = math.sqrt(p * (1 - p) / max(n - 1, 1))  # the harness's sample stderr
+        acc = c / n
+        result[name] = acc
+        result[name + "_stderr"] = math.sqrt(acc * (1 - acc) / max(n - 1, 1))  # the harness's sample stderr
     result["per_example"] = per_example
     return result
 

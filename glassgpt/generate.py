@@ -19,7 +19,8 @@ text; for one row its draws are those of nanoGPT's `torch.manual_seed(seed); mod
 
 Beyond block_size. The model knows positions 0..block_size-1 only (learned `wpe` rows, or rotary
 angles it was trained on): once a sequence is longer, the tokens kept must be re-embedded at new
-positions, and a rolling cache (drop the oldest key, keep the rest) would be inexact for `wpe`. The engine therefore never shifts cached keys; each step
+positions, and a rolling cache (drop the oldest key, keep the rest) would be inexact for `wpe`. The engine
+therefore never shifts cached keys; each step
 conditions on a *window* of the latest tokens, given by `window_length(n)` for a sequence of n
 tokens, with positions 0.. from the window's first token, and every step's logits are exactly those
 of a full forward pass over that window (the oracle `full_recompute_generate` checks this). Two rules:
@@ -257,7 +258,6 @@ class _StopCheck:
         return any(s in self.text[start:] for s in self.stop)
 
 
-@torch.no_grad()
 def _run_window(model: GPT, seqs: list[list[int]], active: list[int], want: list[int], cache: KVCache,
                 prefill: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass of `generate`: (hidden (B, T, n_embd), token_index (B, T) of each position in
@@ -296,6 +296,7 @@ def _record_tokens(tokens: list[int], active: list[int], seqs: list[list[int]], 
     return keep
 
 
+@torch.no_grad()  # no autograd graph: neither the steps nor the tensors handed to callbacks require grad
 def generate(
     model: GPT,
     prompts: list[list[int]],
@@ -328,7 +329,7 @@ def generate(
     stop = [s for s in (stop or []) if s]
     if stop and tokenizer is None:
         raise ValueError("stop strings need the tokenizer (tokenizer=...) to read the generated text")
-    stop_ids = set(stop_ids or [])
+    stop_set = set(stop_ids or [])
     device = model.lm_head.weight.device
     bs = model.config.block_size
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -355,7 +356,7 @@ def generate(
             tokens = sample_next(logits, temperature, top_k, top_p, [gens[r] for r in active])
             if on_step is not None:
                 on_step(Step(t, list(active), tokens, logits, hidden, token_index, prefill))
-            keep = _record_tokens(tokens.tolist(), active, seqs, outputs, on_token, stop_ids, stops)
+            keep = _record_tokens(tokens.tolist(), active, seqs, outputs, on_token, stop_set, stops)
             if len(keep) < len(active):
                 rows = torch.tensor(keep, dtype=torch.long, device=device)
                 cache.keep_rows(rows)

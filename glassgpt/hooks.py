@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
+from typing import Any
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -71,7 +72,7 @@ def mlp_post(layer: int) -> str:
 def hook_names(model: nn.Module) -> list[str]:
     """Every hook point name this model has, blocks expanded."""
     model = _uncompiled(model)
-    n_layer = len(model.transformer.h)
+    n_layer = len(model.transformer.h)  # type: ignore[arg-type]
     names: list[str] = []
     for pattern, (path, _) in HOOK_POINTS.items():
         if "{i}" in pattern:
@@ -81,7 +82,7 @@ def hook_names(model: nn.Module) -> list[str]:
     return names
 
 
-def _uncompiled(model: nn.Module) -> nn.Module:
+def _uncompiled(model: nn.Module) -> Any:
     if hasattr(model, "_orig_mod"):
         raise ValueError("hooks need the uncompiled model: pass model._orig_mod (torch.compile'd graphs "
                          "do not reliably call Python hooks)")
@@ -106,7 +107,7 @@ def _point(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     tl = canonical(name)
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", tl)
     pattern, layer = (f"blocks.{{i}}.{m.group(2)}", int(m.group(1))) if m else (tl, None)
-    n_layer = len(model.transformer.h)
+    n_layer = len(model.transformer.h)  # type: ignore[arg-type]
     if pattern not in HOOK_POINTS or (layer is None and tl not in hook_names(model)):
         close = difflib.get_close_matches(name, hook_names(model), n=1)
         raise UserError(f"{name!r} is not a hook point of this model" + (

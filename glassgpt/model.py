@@ -243,7 +243,7 @@ class GPT(nn.Module):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
         self.config = config
-        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        modules: dict[str, nn.Module] = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         if not config.rope:  # rotary models have no position table
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         modules.update(drop=nn.Dropout(config.dropout),
@@ -252,7 +252,8 @@ class GPT(nn.Module):
         if config.smear:
             modules["smear_gate"] = nn.Linear(GATE_INPUT, 1, bias=False)
         if config.value_embed:
-            modules["ve"] = nn.ModuleList([nn.Embedding(config.vocab_size, config.n_embd) for _ in range(config.n_layer)])
+            modules["ve"] = nn.ModuleList(
+                [nn.Embedding(config.vocab_size, config.n_embd) for _ in range(config.n_layer)])
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:

@@ -104,7 +104,8 @@ def check_choices(cfg: TrainConfig) -> None:
     if cfg.lr_schedule not in SCHEDULES:
         raise UserError(f"lr_schedule={cfg.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
     if not 0.0 <= cfg.decay_frac <= 1.0:
-        raise UserError(f"decay_frac={cfg.decay_frac} must be between 0 and 1 (the share of lr_decay_iters spent decaying)")
+        raise UserError(f"decay_frac={cfg.decay_frac} must be between 0 and 1 "
+                        "(the share of lr_decay_iters spent decaying)")
     if cfg.optimizer == "muon" and cfg.parallel == "fsdp":
         raise UserError("optimizer='muon' is not supported with parallel='fsdp' (Muon needs whole matrices); "
                         "use --parallel=ddp or --optimizer=adamw")
@@ -124,8 +125,10 @@ def split_params(model: nn.Module, muon: bool) -> dict[str, list[nn.Parameter]]:
             groups["hidden"].append(p)
         else:
             groups["embed"].append(p)
-    if not muon:  # nanoGPT's order (model order, all 2-D weights): nanoGPT checkpoints' AdamW state maps by position
-        return {"decay": [p for p in model.parameters() if p.requires_grad and p.dim() >= 2], "vector": groups["vector"]}
+    # nanoGPT's order (model order, all 2-D weights): nanoGPT checkpoints' AdamW state maps by position
+    if not muon:
+        decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+        return {"decay": decay, "vector": groups["vector"]}
     return groups
 
 

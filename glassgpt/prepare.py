@@ -204,7 +204,8 @@ def prepare_shakespeare(cfg: ShakespeareConfig, name: str = "shakespeare_char") 
         write_meta(tmp, meta)
     print(f"{name}: vocab {tok.vocab_size}, train {sizes['train']['tokens']:,} tokens, "
           f"val {sizes['val']['tokens']:,} tokens -> {out_dir} ({time.time() - t0:.1f}s)")
-    return {"out_dir": str(out_dir), "vocab_size": tok.vocab_size, **{f"{s}_tokens": v["tokens"] for s, v in sizes.items()}}
+    return {"out_dir": str(out_dir), "vocab_size": tok.vocab_size,
+            **{f"{s}_tokens": v["tokens"] for s, v in sizes.items()}}
 
 
 # ---------------------------------------------------------------- corpus sources
@@ -364,7 +365,8 @@ def tokenize_in_order(batches: Iterable[list[tuple[str, Document]]], spec: tuple
     if num_proc == 1:
         _init_worker(spec)
         for batch in batches:
-            yield from ((s, d, ids) for (s, d), ids in zip(batch, _encode_batch([d.text for _, d in batch]), strict=False))
+            encoded = _encode_batch([d.text for _, d in batch])
+            yield from ((s, d, ids) for (s, d), ids in zip(batch, encoded, strict=True))
         return
     with multiprocessing.get_context().Pool(num_proc, _init_worker, (spec,)) as pool:
         pending: deque = deque()
@@ -412,7 +414,8 @@ def choose_val(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
 
 def check_corpus_config(cfg: CorpusConfig) -> int:
     if not cfg.input:
-        raise UserError("give the corpus with --input=PATH (a .txt/.jsonl file or directory) or a Hugging Face dataset name")
+        raise UserError("give the corpus with --input=PATH (a .txt/.jsonl file or directory) "
+                        "or a Hugging Face dataset name")
     if cfg.tokenizer not in ("gpt2", "char"):
         raise UserError(f"--tokenizer must be 'gpt2' or 'char', got {cfg.tokenizer!r}")
     if cfg.on_bad_line not in ("stop", "skip"):

@@ -122,7 +122,7 @@ def download_pretrained(name: str) -> Path:
                         "(or pass init_from=<local HF GPT-2 directory>)") from None
     offline = _hf_offline()
     # Read at call time (huggingface_hub reads its env once, at import) so HF_HUB_CACHE can move.
-    kw = dict(repo_id=repo, local_files_only=offline, cache_dir=os.environ.get("HF_HUB_CACHE") or None)
+    kw: dict[str, Any] = dict(repo_id=repo, local_files_only=offline, cache_dir=os.environ.get("HF_HUB_CACHE") or None)
     not_cached = (f"HF_HUB_OFFLINE is set and {name} ({repo}) is not in the Hugging Face cache; download it "
                   "once with a network, or pass init_from=<local HF GPT-2 directory>")
     try:
@@ -297,7 +297,8 @@ def check_vocab(model_vocab: int, data_meta: dict | None, model_tokenizer: dict 
                         "prepare the data with the model's tokenizer or pick a model with a large enough vocab_size")
     if kind == "char" and model_vocab >= 50257 and model_tokenizer is None:
         raise UserError(f"the data is character-level ({data_vocab} symbols) but the model has a {model_vocab}-token "
-                        "GPT-2 BPE vocabulary; prepare the data with GPT-2 BPE (e.g. data/shakespeare, not shakespeare_char)")
+                        "GPT-2 BPE vocabulary; prepare the data with GPT-2 BPE "
+                        "(e.g. data/shakespeare, not shakespeare_char)")
     if model_tokenizer:
         mkind = model_tokenizer.get("tokenizer", "gpt2")
         if mkind != kind or (kind == "char" and model_tokenizer.get("stoi") != meta.get("stoi")):

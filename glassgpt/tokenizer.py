@@ -39,7 +39,7 @@ class CharTokenizer:
     """One token per character, over the characters seen in the training text."""
 
     name = "char"
-    eot_token = None
+    eot_token: int | None = None
 
     def __init__(self, stoi: dict[str, int], itos: dict[int, str] | list[str]):
         self.stoi = dict(stoi)
@@ -90,7 +90,7 @@ class GPT2Tokenizer:
     """GPT-2 BPE via tiktoken; `<|endoftext|>` (50256) separates documents."""
 
     name = "gpt2"
-    eot_token = GPT2_EOT
+    eot_token: int | None = GPT2_EOT
     vocab_size = 50257
 
     def __init__(self, vocab_dir: str | Path | None = None):
@@ -167,7 +167,8 @@ def read_meta(data_dir: str | Path) -> dict | None:
         try:
             meta = _PlainUnpickler(io.BytesIO((data_dir / "meta.pkl").read_bytes())).load()
         except Exception as e:
-            raise UserError(f"{data_dir / 'meta.pkl'} is not plain metadata ({e}); re-run the dataset's prepare.py") from None
+            raise UserError(f"{data_dir / 'meta.pkl'} is not plain metadata ({e}); "
+                            "re-run the dataset's prepare.py") from None
         if not isinstance(meta, dict):
             raise UserError(f"{data_dir / 'meta.pkl'} holds a {type(meta).__name__}, expected a dict")
         meta.setdefault("tokenizer", "char" if "stoi" in meta else "gpt2")

@@ -134,7 +134,8 @@ def build_model(cfg: TrainConfig, meta: dict | None) -> tuple[GPT, dict | None, 
         trained_block = int(ckpt["model_args"]["block_size"])
         if cfg.block_size > trained_block:
             raise UserError(f"block_size={cfg.block_size} is larger than the checkpoint's {trained_block}; grow it "
-                            f"first with `glassgpt extend-context --out_dir={cfg.out_dir} --block_size={cfg.block_size}`")
+                            "first with `glassgpt extend-context "
+                            f"--out_dir={cfg.out_dir} --block_size={cfg.block_size}`")
         # nanoGPT: the architecture comes from the checkpoint, only dropout may change
         model = model_from_checkpoint(ckpt, dropout=cfg.dropout, activation=cfg.activation)
         if cfg.block_size < trained_block:
@@ -342,8 +343,9 @@ def _save(job: Job, at_iter: int) -> None:
 
 def _nonfinite(job: Job, what: str, value: float) -> UserError:
     path = ckpt_path(job.cfg.out_dir)
-    kept = (f"the last good checkpoint {path} (iter {json.loads(path.with_suffix('.json').read_text())['iter_num']}) is kept"
-            if path.with_suffix(".json").exists() else "no checkpoint had been saved")
+    side = path.with_suffix(".json")
+    kept = (f"the last good checkpoint {path} (iter {json.loads(side.read_text())['iter_num']}) is kept"
+            if side.exists() else "no checkpoint had been saved")
     return UserError(f"{what} became {value} at iteration {job.iter_num}; training stopped and {kept}. "
                      "Try a lower learning_rate, grad_clip=1.0, or dtype=bfloat16")
 
@@ -425,7 +427,8 @@ def _log_step(job: Job, loss: torch.Tensor, grad_norm: torch.Tensor | None, heal
     peak = device_peak_flops(job.device, job.dtype)
     mfu = job.raw_model.estimate_mfu(tok_s / job.dist.world_size, peak) if local_iter >= 5 else None
     mfu_s = f", mfu {mfu * 100:.1f}%" if mfu is not None else ""
-    print(f"iter {job.iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, {job.tokens_per_iter / dt:,.0f} tok/s"
+    print(f"iter {job.iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
+          f"{job.tokens_per_iter / dt:,.0f} tok/s"
           f"{mfu_s}, |g| {gn:.2f}{' (clipped)' if clipped else ''}")
     job.run_log.write(iter=job.iter_num, loss=lossf, lr=lr, ms=dt * 1000, tok_s=tok_s, grad_norm=gn, clipped=clipped,
                       **({"mfu": mfu} if mfu is not None else {}), **health)
@@ -439,7 +442,8 @@ def _start_wandb(job: Job) -> Any:
     try:
         import wandb
     except ImportError:
-        raise UserError("wandb_log=True but wandb is not installed; `pip install wandb` or pass --wandb_log=False") from None
+        raise UserError("wandb_log=True but wandb is not installed; "
+                        "`pip install wandb` or pass --wandb_log=False") from None
     wandb.init(project=job.cfg.wandb_project, name=job.cfg.wandb_run_name, config=job.config_dict)
     return wandb
 

@@ -281,3 +281,22 @@ def test_cache_keeps_one_dtype_under_autocast(arch):
         out = generate(m, [[1, 2, 3], [4]], 20, temperature=0)
     assert cache.k.dtype == cache.v.dtype == torch.float32  # a CPU attends in float32 (model.py)
     assert [len(o) for o in out] == [20, 20]
+
+
+def test_generate_builds_no_autograd_graph():
+    """No tensor generate() computes, returns or hands to a callback requires grad, on every path
+    (prefill, decode, a window refill past block_size), even when the caller has grad enabled."""
+    model = tiny(block_size=8)
+    seen: list[torch.Tensor] = []
+    grad_inside: list[bool] = []
+
+    def on_step(step: Step) -> None:
+        seen.extend(t for t in (step.logits, step.hidden, step.tokens) if isinstance(t, torch.Tensor))
+        grad_inside.append(torch.is_grad_enabled())
+
+    assert torch.is_grad_enabled()
+    generate(model, [[1, 2, 3], [4]], 12, temperature=1.0, seed=0, on_step=on_step)
+    assert seen and grad_inside
+    assert not any(grad_inside), "callbacks ran with autograd on"
+    assert [t.shape for t in seen if t.requires_grad] == []
+    assert torch.is_grad_enabled(), "generate() must not leave grad disabled for its caller"
