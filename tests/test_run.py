@@ -289,7 +289,7 @@ def test_make_env_installs_cpu_torch_without_a_gpu(tmp_path: Path, gpu: bool) ->
     calls = (tmp_path / "calls.log").read_text().splitlines()
     torch_installs = [c for c in calls if "install" in c and "torch==" in c]
     assert torch_installs == [f"-m pip install -q torch==2.13.0{'' if gpu else '+cpu'}"], calls
-    assert calls[-1] == "-m pip install -q -e .[test,view]"
+    assert calls[-1] == "-m pip install -q -c constraints.txt -e .[test,view]"  # the pinned versions
     assert (venv / ".glassgpt-installed").exists()
     again = subprocess.run(["make", "-s", "env", f"VENV={venv}"], cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=60)
