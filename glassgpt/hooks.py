@@ -32,8 +32,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
-from typing import Any
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
