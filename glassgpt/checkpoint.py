@@ -1,9 +1,15 @@
 """Checkpoints: nanoGPT's `ckpt.pt` layout, written atomically, read safely.
 
 `ckpt.pt` holds nanoGPT's keys (model_args with nanoGPT's GPTConfig fields only, so its sample.py
-loads our files) plus glassgpt's (glassgpt_model_args, glassgpt_fingerprint, tokenizer, rng). Beside
-it, `ckpt.json` names the same iteration and weights fingerprint as JSON. Both are written by tmp +
-fsync + rename; reads use `torch.load(weights_only=True)`. docs/FORMATS.md has the details.
+loads our files) plus glassgpt's (glassgpt_model_args, glassgpt_fingerprint, tokenizer, rng). The
+optimizer state is not in it: it goes to `ckpt.optim.<id>.pt` beside it, which ckpt.pt names
+(`optimizer_file`), so sampling, eval and the traces read only the weights. The pair is one checkpoint:
+the optimizer file is written first under a name of its own, then ckpt.pt (the commit point) by one
+rename, and only then are older optimizer files removed — a kill at any moment leaves a ckpt.pt whose
+optimizer file exists and belongs to it. nanoGPT's single-file checkpoints (`optimizer` inside) load
+and resume as before. Beside them, `ckpt.json` names the same iteration and weights fingerprint as
+JSON. Every file is written by tmp + fsync + rename; reads use `torch.load(weights_only=True)`.
+docs/FORMATS.md has the details.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 NANOGPT_MODEL_ARGS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
 EXTRA_ARGS_KEY = "glassgpt_model_args"  # the other GPTConfig options; nanoGPT ignores the key
 FINGERPRINT_KEY = "glassgpt_fingerprint"
+OPTIM_FILE_KEY = "optimizer_file"  # ckpt.pt -> the name of its optimizer-state file beside it
 SIDECAR_KEYS = ("model_args", EXTRA_ARGS_KEY, "iter_num", "best_val_loss", "config", "tokenizer", "data")
 # messages of torch's zip reader for damaged files (other RuntimeErrors are bugs and propagate)
 CORRUPT_MARKERS = ("PytorchStreamReader", "inline_container", "zip archive", "invalid header")
@@ -90,20 +97,40 @@ def model_args_of(ckpt: dict[str, Any]) -> dict[str, Any]:
     return {**(ckpt.get(EXTRA_ARGS_KEY) or {}), **ckpt["model_args"]}
 
 
+def optim_path(path: str | Path, name: str) -> Path:
+    return ckpt_path(path).parent / name
+
+
+def _optim_files(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f"{path.stem}.optim.*.pt"))
+
+
 def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> Path:
-    """Atomically write `ckpt` (torch) and then its JSON sidecar ckpt.json, each by tmp + fsync +
-    rename. The weights' fingerprint is computed here, once, and stored in both files."""
+    """Atomically write `ckpt`: its optimizer state (if any) to `<stem>.optim.<id>.pt`, then the
+    weights and the rest to `path` naming that file, then the JSON sidecar ckpt.json, each by tmp +
+    fsync + rename; then the optimizer files of earlier saves go. The weights' fingerprint is computed
+    here, once, and stored in ckpt.pt and ckpt.json; the optimizer file's <id> is the same
+    fingerprint's start and the iteration, so each save's pair is named apart."""
     path = Path(path)
     ckpt = dict(ckpt)
     ckpt["model_args"], ckpt[EXTRA_ARGS_KEY] = split_model_args(model_args_of(ckpt))
     ckpt[FINGERPRINT_KEY] = fingerprint_tensors(ckpt["model"])
-    write_file_atomic(path, lambda f: torch.save(ckpt, f))
+    optim = ckpt.pop("optimizer", None)
+    ckpt.pop(OPTIM_FILE_KEY, None)
+    if optim:
+        name = f"{path.stem}.optim.{ckpt.get('iter_num', 0)}-{ckpt[FINGERPRINT_KEY].split(':')[-1][:12]}.pt"
+        write_file_atomic(optim_path(path, name), lambda f: torch.save(optim, f))
+        ckpt[OPTIM_FILE_KEY] = name
+    write_file_atomic(path, lambda f: torch.save(ckpt, f))  # the commit point of the pair
     side = {k: _jsonable(v) for k, v in ckpt.items() if k in SIDECAR_KEYS}
     side.update(format=FORMAT, checkpoint=path.name, fingerprint=ckpt[FINGERPRINT_KEY],
                 saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 n_params=sum(v.numel() for k, v in ckpt["model"].items()
                              if k != "lm_head.weight" or not model_args_of(ckpt).get("tie_embeddings", True)))
     write_json_atomic(sidecar_path(path), side)
+    for old in _optim_files(path):  # earlier saves' optimizer files: ckpt.pt no longer names them
+        if old.name != ckpt.get(OPTIM_FILE_KEY):
+            old.unlink(missing_ok=True)
     return path
 
 
@@ -137,17 +164,40 @@ def checkpoint_fingerprint(ckpt: dict[str, Any], path: str | Path) -> str:
     return str(fp)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a glassgpt or nanoGPT checkpoint with weights_only=True; one clear line if it is not one."""
-    path = ckpt_path(path)
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *,
+                    with_optimizer: bool = False) -> dict[str, Any]:
+    """Load a glassgpt or nanoGPT checkpoint with weights_only=True; one clear line if it is not one.
+    Only the weights and metadata are read unless `with_optimizer` (resuming, extending): then
+    ckpt["optimizer"] holds the optimizer state, from its own file or (a single-file checkpoint) from
+    ckpt.pt (which is then read whole, as before the split)."""
+    ckpt = _load_torch_file(ckpt_path(path), map_location, what="checkpoint")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        keys = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"{ckpt_path(path)} is not a glassgpt/nanoGPT checkpoint (it has {keys}, expected model "
+                        "and model_args); for a Hugging Face GPT-2 directory use init_from=<dir>")
+    if not with_optimizer:
+        ckpt.pop("optimizer", None)
+    elif ckpt.get(OPTIM_FILE_KEY) and "optimizer" not in ckpt:
+        opath = optim_path(path, str(ckpt[OPTIM_FILE_KEY]))
+        if not opath.exists():
+            raise UserError(f"{opath} is missing: {ckpt_path(path).name} keeps its optimizer state there, so the "
+                            "run cannot resume exactly; restore the file (the weights in "
+                            f"{ckpt_path(path).name} still sample, evaluate and trace)")
+        ckpt["optimizer"] = _load_torch_file(opath, map_location, what="optimizer state")
+    return ckpt
+
+
+def _load_torch_file(path: Path, map_location: str | torch.device, what: str) -> Any:
+    """torch.load(weights_only=True) with one clear line for a missing, damaged or unsafe file. (Not
+    mmap=True: a file that another program rewrites in place would crash this one with SIGBUS.)"""
     clean_leftovers(path)  # the temporary of a save that was killed
     if not path.exists():
-        raise UserError(f"no checkpoint at {path}; train one first (python train.py ... --out_dir={path.parent})")
+        raise UserError(f"no {what} at {path}; train one first (python train.py ... --out_dir={path.parent})")
     if not zipfile.is_zipfile(path):
         raise UserError(f"{path} is not a PyTorch checkpoint (corrupt or truncated, or another format); "
                         "restore it from a backup or retrain")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         # torch's own message ends in advice to load unsafely; the plain fact is what the user needs
         raise UserError(f"{path} holds Python objects that a safe load (weights_only=True) refuses to "
@@ -160,11 +210,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             raise  # an internal error, not a bad file
         raise UserError(f"{path} is corrupt or truncated ({str(e).splitlines()[0][:120]}); restore it or "
                         "retrain") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        keys = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UserError(f"{path} is not a glassgpt/nanoGPT checkpoint (it has {keys}, expected model and "
-                        "model_args); for a Hugging Face GPT-2 directory use init_from=<dir>")
-    return ckpt
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], **overrides: Any) -> GPT:

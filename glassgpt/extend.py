@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> Path:
     if cfg.block_size <= 0:
         raise UserError("give the new context length, e.g. --block_size=512")
     src = ckpt_path(cfg.out_dir)
-    ckpt = load_checkpoint(src)
+    ckpt = load_checkpoint(src, with_optimizer=True)
     new_dir = Path(cfg.new_out_dir or f"{cfg.out_dir.rstrip('/')}-ctx{cfg.block_size}")
     dst = new_dir / src.name
     if dst.exists() and not cfg.overwrite:

@@ -130,7 +130,7 @@ def build_model(cfg: TrainConfig, meta: dict | None) -> tuple[GPT, dict | None, 
         except ValueError as e:
             raise UserError(str(e)) from None
     elif cfg.init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path(cfg.out_dir), map_location="cpu")
+        ckpt = load_checkpoint(ckpt_path(cfg.out_dir), map_location="cpu", with_optimizer=True)
         trained_block = int(ckpt["model_args"]["block_size"])
         if cfg.block_size > trained_block:
             raise UserError(f"block_size={cfg.block_size} is larger than the checkpoint's {trained_block}; grow it "

@@ -138,7 +138,7 @@ def test_two_processes_match_one_process_with_twice_the_accumulation(runs, refer
 def test_fsdp_checkpoint_is_the_single_device_checkpoint(runs):
     """FSDP's gathered checkpoint holds the same tensors as DDP's (which are plain state dicts),
     in the same layout, with the tied embedding stored once."""
-    a, b = load_checkpoint(runs["ddp"]), load_checkpoint(runs["fsdp"])
+    a, b = load_checkpoint(runs["ddp"], with_optimizer=True), load_checkpoint(runs["fsdp"], with_optimizer=True)
     assert a["iter_num"] == b["iter_num"] == 4
     assert sorted(a["model"]) == sorted(b["model"])
     assert b["model"]["lm_head.weight"].data_ptr() == b["model"]["transformer.wte.weight"].data_ptr()

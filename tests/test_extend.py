@@ -85,14 +85,14 @@ def test_interpolate_changes_the_first_positions(trained, tmp_path):
 def test_optimizer_state_loads_and_training_steps_run(trained, tmp_path, char_dataset, method, mode):
     dst = main([f"--out_dir={trained}", "--block_size=64", f"--method={method}", f"--optimizer={mode}",
                 f"--new_out_dir={tmp_path / 'e'}"])
-    ckpt = load_checkpoint(dst)
+    ckpt = load_checkpoint(dst, with_optimizer=True)
     model = model_from_checkpoint(ckpt)
     opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
     opt.load_state_dict(ckpt["optimizer"])  # what init_from=resume does
     wpe_state = opt.state.get(model.transformer.wpe.weight, {})
     if mode == "adapt":
         assert wpe_state["exp_avg_sq"].shape == (64, 32) and (wpe_state["exp_avg_sq"] >= 0).all()
-        old = load_checkpoint(trained)["optimizer"]["state"][1]
+        old = load_checkpoint(trained, with_optimizer=True)["optimizer"]["state"][1]
         keep = 32 if method == "copy" else 1
         torch.testing.assert_close(wpe_state["exp_avg"][:keep], old["exp_avg"][:keep])
         assert wpe_state["exp_avg"][keep:].abs().max().item() == 0
@@ -189,7 +189,7 @@ def test_rotary_extension_changes_the_rotation_not_the_weights(tmp_path, char_da
     rotary_checkpoint(tmp_path / "rot", char_dataset)
     dst = main([f"--out_dir={tmp_path / 'rot'}", "--block_size=96", f"--method={method}",
                 f"--new_out_dir={tmp_path / method}"])
-    src_ckpt, new_ckpt = load_checkpoint(tmp_path / "rot"), load_checkpoint(dst)
+    src_ckpt, new_ckpt = load_checkpoint(tmp_path / "rot", with_optimizer=True), load_checkpoint(dst, with_optimizer=True)
     old, new = model_from_checkpoint(src_ckpt).eval(), model_from_checkpoint(new_ckpt).eval()
     assert new.config.block_size == 96 and new.config.rope
     for k, v in src_ckpt["model"].items():
