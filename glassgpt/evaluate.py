@@ -3,6 +3,7 @@
     glassgpt eval --out_dir=out-shakespeare --text=heldout.txt            # a trained checkpoint
     glassgpt eval --init_from=gpt2 --dataset=openwebtext --split=val        # OpenAI's weights
     glassgpt eval --init_from=gpt2 --mc=hellaswag_val.jsonl                 # HellaSwag-style JSONL
+    glassgpt eval --init_from=gpt2 --lambada=download                       # LAMBADA (glassgpt/lambada.py)
 
 Perplexity slides windows of `block_size` tokens over the text with step `stride`: every token is
 scored exactly once, each window scoring only the tokens it adds, so each of them sees at least
@@ -43,7 +44,7 @@ from glassgpt.tokenizer import GPT2Tokenizer, Tokenizer
 
 @dataclass
 class EvalConfig:
-    """`glassgpt eval` keys. Give at least one of text, dataset/data_dir, mc."""
+    """`glassgpt eval` keys. Give at least one of text, dataset/data_dir, mc, lambada."""
 
     init_from: str = "resume"
     """'resume' (the checkpoint in out_dir), a GPT-2 name (gpt2, gpt2-medium, ...) or a local HF GPT-2 dir."""
@@ -63,6 +64,12 @@ class EvalConfig:
     """Score only the first N tokens (a quick look at a big split)."""
     mc: str | None = None
     """Multiple-choice JSON Lines in HellaSwag's format: ctx (or ctx_a + ctx_b), endings, label."""
+    lambada: str | None = None
+    """LAMBADA last-word prediction: a JSON Lines file of {"text": ...} (OpenAI's lambada_test.jsonl
+    format), or 'download' for that file from its canonical URL (sha256-checked; GLASSGPT_MIRROR's
+    lambada/lambada_test.jsonl when set)."""
+    lambada_limit: int | None = None
+    """Score only the first N LAMBADA passages."""
     mc_style: str = "harness"
     """'harness': lm-eval's HellaSwag preprocessing (activity_label prefix, [title] cleanup);
     'plain': ctx and endings as written (build-nanogpt's hellaswag.py)."""
@@ -257,10 +264,16 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[i
     return ctx_ids, whole[len(ctx_ids):]
 
 
-@torch.no_grad()
 def continuation_logprobs(model: GPT, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
-    """Sum of log p(continuation tokens | context) for each (context ids, continuation ids) pair, in one
-    right-padded batch (causal attention: padding after a row never changes its scores)."""
+    """Sum of log p(continuation tokens | context) for each (context ids, continuation ids) pair."""
+    return [ll for ll, _ in continuation_scores(model, pairs)]
+
+
+@torch.no_grad()
+def continuation_scores(model: GPT, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    """(sum of log p(continuation tokens | context), whether every continuation token is the model's
+    argmax) for each (context ids, continuation ids) pair, in one right-padded batch (causal attention:
+    padding after a row never changes its scores)."""
     T = model.config.block_size
     rows, spans = [], []
     for ctx, cont in pairs:
@@ -281,8 +294,10 @@ def continuation_logprobs(model: GPT, pairs: list[tuple[list[int], list[int]]]) 
     r_idx = torch.cat([torch.full((n,), i) for i, n in enumerate(spans)])
     c_idx = torch.cat([torch.arange(len(r) - 1 - n, len(r) - 1) for r, n in zip(rows, spans, strict=False)])
     logp = F.log_softmax(model.head(h[r_idx, c_idx]).float(), dim=-1)
-    picked = logp.gather(1, y.to(device)[r_idx, c_idx][:, None])[:, 0].double().cpu()
-    return [float(s.sum()) for s in picked.split(spans)]
+    target = y.to(device)[r_idx, c_idx]
+    picked = logp.gather(1, target[:, None])[:, 0].double().cpu()
+    greedy = (logp.argmax(dim=-1) == target).cpu()
+    return [(float(s.sum()), bool(g.all())) for s, g in zip(picked.split(spans), greedy.split(spans), strict=True)]
 
 
 def multiple_choice(model: GPT, tok: Tokenizer, examples: list[MCExample], batch_size: int = 8,
@@ -353,8 +368,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Run the evaluations `cfg` asks for; returns (and prints) their results."""
     from glassgpt.runtime import autocast, resolve_device, resolve_dtype
 
-    if not (cfg.text or cfg.dataset or cfg.data_dir or cfg.mc):
-        raise UserError("nothing to evaluate: give --text=FILE, --dataset=NAME (or --data_dir=DIR), or --mc=FILE.jsonl")
+    if not (cfg.text or cfg.dataset or cfg.data_dir or cfg.mc or cfg.lambada):
+        raise UserError("nothing to evaluate: give --text=FILE, --dataset=NAME (or --data_dir=DIR), "
+                        "--mc=FILE.jsonl or --lambada=FILE.jsonl|download")
     if cfg.text and (cfg.dataset or (cfg.data_dir and cfg.init_from != "resume")):
         raise UserError("give either --text or --dataset/--data_dir to score, not both")
     torch.manual_seed(cfg.seed)
@@ -402,6 +418,10 @@ def evaluate(cfg: EvalConfig) -> dict:
             print(f"{name} on {cfg.mc}: {r['examples']} examples, acc {r['acc']:.4f} ± {r['acc_stderr']:.4f}, "
                   f"acc_norm {r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}, "
                   f"acc_token_norm {r['acc_token_norm']:.4f} ({r['examples'] / r['seconds']:.1f} examples/s)")
+        if cfg.lambada:
+            from glassgpt.lambada import run_lambada
+
+            results["lambada"] = run_lambada(model, tok, cfg.lambada, cfg.lambada_limit, cfg.batch_size, name)
     if cfg.json_out:
         Path(cfg.json_out).write_text(json.dumps({"config": asdict(cfg), **results}, indent=1) + "\n")
     return results
