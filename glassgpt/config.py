@@ -16,9 +16,10 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from glassgpt.errors import UserError
+from glassgpt.sampling import SamplingSettings
 
 C = TypeVar("C")
 
@@ -71,11 +72,11 @@ class TrainConfig:
     lr_decay_iters: int = 600000
     """Cosine decay ends here (~= max_iters per Chinchilla)."""
     min_lr: float = 6e-5
-    lr_schedule: str = "cosine"
+    lr_schedule: Literal["cosine", "wsd"] = "cosine"
     """'cosine' (nanoGPT's) or 'wsd' (warmup, flat, linear decay to min_lr over the last decay_frac)."""
     decay_frac: float = 0.2
     """wsd only: the share of lr_decay_iters spent decaying."""
-    optimizer: str = "adamw"
+    optimizer: Literal["adamw", "muon"] = "adamw"
     """'adamw' (nanoGPT's) or 'muon' (torch.optim.Muon, as optim.GroupedMuon, for the blocks' 2-D
     matrices, AdamW at learning_rate for embeddings, head, gains and biases; glassgpt/optim.py)."""
     muon_lr: float = 0.02
@@ -87,7 +88,7 @@ class TrainConfig:
     """torch.distributed backend for DDP: 'nccl' on GPUs, 'gloo' on CPUs."""
     device: str = "auto"
     """'cpu', 'cuda', 'cuda:1', 'mps', or 'auto' (cuda > mps > cpu)."""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """'float32', 'bfloat16' or 'float16' (GradScaler); 'auto' = bfloat16 where supported on CUDA, else
     float16 on CUDA, float32 elsewhere. On a CPU 'bfloat16' autocasts the matmuls (fast with AMX /
     AVX512-BF16), 'float16' is float32."""
@@ -99,11 +100,11 @@ class TrainConfig:
     """Prepared data directory; default data/<dataset>."""
     vocab_dir: str | None = None
     """Directory with GPT-2's encoder.json + vocab.bpe when offline (else GLASSGPT_MIRROR / tiktoken)."""
-    parallel: str = "ddp"
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     """Multi-process strategy under torchrun: 'ddp' or 'fsdp' (sharded parameters)."""
     plot: bool = True
     """Write out_dir/loss.png at the end."""
-    activation: str | None = None
+    activation: Literal["gelu", "gelu_new", "relu2"] | None = None
     """Override the MLP activation ('gelu', 'gelu_new' or 'relu2'); None keeps the checkpoint's / 'gelu'."""
     # architecture options (glassgpt.model.GPTConfig, docs/architecture.md); defaults are GPT-2's
     rope: bool = False
@@ -129,8 +130,10 @@ class TrainConfig:
 
 
 @dataclass
-class SampleConfig:
-    """nanoGPT sample.py's keys, plus glassgpt's engine controls."""
+class SampleConfig(SamplingSettings):
+    """nanoGPT sample.py's keys, plus glassgpt's engine controls; the sampling settings
+    (max_new_tokens, temperature, top_k, top_p, seed, window_rule) are glassgpt.sampling's block,
+    shared with every command that generates."""
 
     init_from: str = "resume"
     """'resume' (from out_dir) or a GPT-2 variant / local HF directory."""
@@ -139,13 +142,9 @@ class SampleConfig:
     """Prompt text, or FILE:path to read it from a file."""
     num_samples: int = 10
     max_new_tokens: int = 500
-    temperature: float = 0.8
-    """0 = greedy; 1.0 = the model's distribution; higher = more random."""
-    top_k: int | None = 200
-    top_p: float | None = None
-    seed: int = 1337
+    """Tokens to generate (nanoGPT's sample.py default)."""
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = False
     stop: str | None = None
     """Stop a sample when this string appears (it is kept)."""
@@ -159,9 +158,6 @@ class SampleConfig:
     data_dir: str | None = None
     """Dataset directory whose meta.json / meta.pkl holds the tokenizer, when the checkpoint lacks it
     (nanoGPT checkpoints: default data/<dataset>)."""
-    window: str = "chunked"
-    """Past block_size: 'chunked' (restart from the last block_size//2 tokens when the window is
-    full; fast) or 'sliding' (nanoGPT's: always the last block_size tokens; slow). docs/generation.md"""
     threads: int | None = None
     """CPU threads for torch; None: $OMP_NUM_THREADS if set, else for models under 30M parameters the
     cores other processes leave idle (runtime.choose_threads)."""
@@ -183,7 +179,7 @@ class BenchConfig:
     dropout: float = 0.0
     seed: int = 1337
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     compile: bool = True
     profile: bool = False
     """Write a torch profiler trace to bench_log/ instead of timing."""
@@ -229,10 +225,10 @@ RANGES: dict[str, Range] = {
         "eval_iters", "n_layer", "n_head", "n_embd", "num_samples", "max_new_tokens", "k", "stride",
         "query_stride", "num_steps", "baseline_windows", "max_sources", "keep", "top", "threads",
         "num_proc", "ef_search", "nprobe", "batch_chars", "max_windows", "max_tokens", "mc_limit",
-        "coverage_n", "min_len"], AT_LEAST_1),
+        "coverage_n", "min_len", "n_neurons"], AT_LEAST_1),
     **dict.fromkeys([
         "max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr", "window",
-        "context", "n_random", "show_chars", "min_words", "seed"], AT_LEAST_0),
+        "context", "n_random", "show_chars", "min_words", "seed", "floor", "n_controls"], AT_LEAST_0),
     "top_k": Range(lo=1, none_hint="use --top_k=None to sample from every token"),
     "temperature": Range(lo=0, hint="0 is greedy decoding"),
     "top_p": Range(lo=0, hi=1, lo_open=True),
@@ -261,13 +257,37 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def choices(tp: Any) -> tuple[Any, ...]:
+    """The values a `Literal[...]` field annotation allows (also inside `Literal[...] | None`); () for
+    any other type."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return tuple(v for a in typing.get_args(tp) for v in choices(a))
+    return ()
+
+
 def _allowed(tp: Any) -> tuple[tuple[type, ...], bool]:
-    """(concrete types, allows None) for a field annotation like `int | None`."""
+    """(concrete types, allows None) for a field annotation like `int | None` (a Literal's values
+    count as their types: `Literal['a', 'b']` is a str)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        return tuple(a for a in args if a is not type(None)), type(None) in args
+        kinds = tuple(k for a in args if a is not type(None) for k in _allowed(a)[0])
+        return tuple(dict.fromkeys(kinds)), type(None) in args
+    if origin is Literal:
+        return tuple(dict.fromkeys(type(v) for v in typing.get_args(tp))), False
     return (tp,), False
+
+
+def check_choice(key: str, value: Any, tp: Any, where: str) -> None:
+    """Raise one UserError line when a Literal-typed field gets a value outside its choices (the one
+    check for every command's choices: declare them as `Literal[...]` on the config field)."""
+    allowed = choices(tp)
+    if allowed and value is not None and value not in allowed:
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.6)
+        raise UserError(f"{where}: {key}={value!r} is not one of {', '.join(map(str, allowed))}"
+                        + (f"; did you mean {close[0]}?" if close else ""))
 
 
 def coerce(key: str, value: Any, tp: Any, where: str) -> Any:
@@ -341,12 +361,14 @@ def load_config(cls: type[C], argv: list[str] | None = None, base: C | None = No
             if str in _allowed(hints[key])[0] and not isinstance(value, str) and value is not None:
                 value = raw  # e.g. --start=123 or --out_dir=2024 stay strings
             setattr(cfg, key, coerce(key, value, hints[key], where))
+            check_choice(key, getattr(cfg, key), hints[key], where)
             set_by[key] = where
         else:
             for key, value in read_config_file(arg).items():
                 if key not in hints:
                     _reject_unknown(key, valid, f"config file {arg}")
                 setattr(cfg, key, coerce(key, value, hints[key], f"config file {arg}"))
+                check_choice(key, getattr(cfg, key), hints[key], f"config file {arg}")
                 set_by[key] = f"config file {arg}"
     # Only values the user set are checked: a default outside the table (extend-context's
     # block_size=0, "required") is the command's own sentinel, explained by the command.
@@ -414,17 +436,31 @@ class _Source(str):
         return str(self)
 
 
-def help_from_source(module: str, class_name: str, prog: str) -> str:
-    """help_text for `module.class_name` read from the module's source, without importing it: the
-    command modules import torch at the top, and `glassgpt CMD --help` should take milliseconds."""
+def _class_def(module: str, name: str) -> tuple[ast.ClassDef, str]:
+    """(the ClassDef `name`, the module defining it), read from `module`'s source and followed through
+    `from X import name`, without importing anything."""
     import importlib.util
 
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.origin:
         raise UserError(f"cannot find module {module}")
     tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
-    lines = [f"usage: {prog} [config_file.py ...] [--key=value ...]", "", "keys (default):"]
+    for n in tree.body:
+        if isinstance(n, ast.ClassDef) and n.name == name:
+            return n, module
+        if isinstance(n, ast.ImportFrom) and n.module and any(a.name == name for a in n.names):
+            return _class_def(n.module, name)
+    raise UserError(f"cannot find class {name} in {module}")
+
+
+def _source_fields(module: str, name: str) -> dict[str, tuple[Any, str, tuple]]:
+    """field -> (default, doc, choices) of a dataclass and its bases, read from source (a subclass
+    redeclaring a field keeps its place and takes the new default, as dataclasses do)."""
+    cls, where = _class_def(module, name)
+    out: dict[str, tuple[Any, str, tuple]] = {}
+    for base in cls.bases:
+        if isinstance(base, ast.Name):
+            out.update(_source_fields(where, base.id))
     body = cls.body
     for node, nxt in zip(body, body[1:] + [None], strict=False):
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
@@ -432,19 +468,49 @@ def help_from_source(module: str, class_name: str, prog: str) -> str:
         default = _constant(node.value) if node.value is not None else None
         doc = ""
         if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-            doc = "  " + " ".join(nxt.value.value.split())
-        lines.append(f"  --{node.target.id}={default!r}{doc}")
+            doc = " ".join(nxt.value.value.split())
+        key = node.target.id
+        if not doc and key in out:  # a redeclared default keeps the base's description
+            doc = out[key][1]
+        out[key] = (default, doc, _literal_values(node.annotation))
+    return out
+
+
+def _literal_values(node: ast.expr) -> tuple:
+    """The values of `Literal[...]` in an annotation's source (also `Literal[...] | None`)."""
+    out: list[Any] = []
+    for n in ast.walk(node):
+        if isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name) and n.value.id == "Literal":
+            elts = n.slice.elts if isinstance(n.slice, ast.Tuple) else [n.slice]
+            out += [e.value for e in elts if isinstance(e, ast.Constant)]
+    return tuple(out)
+
+
+def _help_line(key: str, default: Any, doc: str, allowed: tuple) -> str:
+    one_of = f"  [one of: {', '.join(map(str, allowed))}]" if allowed else ""
+    return f"  --{key}={default!r}" + (f"  {doc}" if doc else "") + one_of
+
+
+def help_from_source(module: str, class_name: str, prog: str) -> str:
+    """help_text for `module.class_name` read from the module's source, without importing it: the
+    command modules import torch at the top, and `glassgpt CMD --help` should take milliseconds."""
+    lines = [f"usage: {prog} [config_file.py ...] [--key=value ...]", "", "keys (default):"]
+    lines += [_help_line(k, *v) for k, v in _source_fields(module, class_name).items()]
     return "\n".join(lines)
 
 
 def help_text(cls: type, prog: str) -> str:
-    docs = field_docs(cls)
+    docs: dict[str, str] = {}
+    for c in reversed(cls.__mro__):  # a mixed-in settings block documents its own fields
+        if dataclasses.is_dataclass(c):
+            docs.update(field_docs(c))
+    hints = _field_types(cls)
     lines = [f"usage: {prog} [config_file.py ...] [--key=value ...]", "", "keys (default):"]
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else None
-        lines.append(f"  --{f.name}={default!r}" + (f"  {docs[f.name]}" if f.name in docs else ""))
+        lines.append(_help_line(f.name, default, docs.get(f.name, ""), choices(hints[f.name])))
     return "\n".join(lines)
 
 
-__all__ = ["TrainConfig", "SampleConfig", "BenchConfig", "RANGES", "Range", "check_range", "load_config",
-           "config_to_dict", "help_text", "help_from_source", "read_text_arg", "wants_help"]
+__all__ = ["TrainConfig", "SampleConfig", "BenchConfig", "RANGES", "Range", "check_range", "check_choice", "choices",
+           "load_config", "config_to_dict", "help_text", "help_from_source", "read_text_arg", "wants_help"]

@@ -51,7 +51,6 @@ from typing import Callable, Sequence
 import torch
 from torch.nn import functional as F
 
-from glassgpt.errors import UserError
 from glassgpt.model import GPT
 
 WINDOWS = ("chunked", "sliding")
@@ -383,15 +382,12 @@ def complete(
 ) -> Completion:
     """Generate from one text prompt (greedy by default) and return text and ids.
 
-    An empty prompt starts after GPT-2's <|endoftext|> where the tokenizer has one (else UserError).
-    A prompt longer than block_size is not cropped: the window rule applies from the start."""
-    ids = tokenizer.encode(prompt)
-    if not ids:
-        eot = getattr(tokenizer, "eot_token", None)
-        if eot is None:
-            raise UserError("the prompt is empty and this tokenizer has no <|endoftext|> to start from; "
-                            "give at least one character")
-        ids = [eot]
+    The prompt goes through the commands' rules (glassgpt.sampling.prompt_ids): an empty prompt starts
+    after GPT-2's <|endoftext|> where the tokenizer has one (else UserError), a prompt longer than
+    block_size is cropped to its last block_size tokens."""
+    from glassgpt.sampling import prompt_ids
+
+    ids = prompt_ids(tokenizer, prompt, model.config.block_size)
     out = generate(model, [ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                    stop=stop, tokenizer=tokenizer, on_step=on_step, window=window)[0]
     text = tokenizer.decode(out)

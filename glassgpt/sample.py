@@ -20,27 +20,13 @@ import torch
 
 from glassgpt.config import SampleConfig, load_config, read_text_arg, wants_help
 from glassgpt.errors import UserError
-from glassgpt.generate import WINDOWS, TextStream, generate
+from glassgpt.generate import TextStream
 from glassgpt.model import GPT
 from glassgpt.runtime import autocast, resolve_device, resolve_dtype
+from glassgpt.sampling import generate_from
 from glassgpt.tokenizer import Tokenizer
 
 SEPARATOR = "---------------"
-
-
-def check_config(cfg: SampleConfig) -> None:
-    if cfg.num_samples < 1:
-        raise UserError(f"num_samples must be >= 1, got {cfg.num_samples}")
-    if cfg.max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be >= 0, got {cfg.max_new_tokens}")
-    if cfg.temperature < 0:
-        raise UserError(f"temperature must be >= 0 (0 = greedy), got {cfg.temperature}")
-    if cfg.top_k is not None and cfg.top_k < 1:
-        raise UserError(f"top_k must be >= 1 or None, got {cfg.top_k}")
-    if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1] or None, got {cfg.top_p}")
-    if cfg.window not in WINDOWS:
-        raise UserError(f"window must be one of {', '.join(WINDOWS)}, got {cfg.window!r}")
 
 
 def load_model(cfg: SampleConfig, device: str) -> tuple[GPT, Tokenizer]:
@@ -55,20 +41,6 @@ def load_model(cfg: SampleConfig, device: str) -> tuple[GPT, Tokenizer]:
     run = open_run(source, device=device, data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir,
                    threads=getattr(cfg, "threads", None))
     return run.model, run.tokenizer
-
-
-def encode_prompt(tok: Tokenizer, text: str, block_size: int) -> list[int]:
-    """Token ids of the prompt, cropped from the left to block_size (with a note on stderr)."""
-    ids = tok.encode(text)  # a char tokenizer names characters it never saw (UserError)
-    if not ids:
-        if tok.eot_token is None:
-            raise UserError("the prompt is empty; give one with --start=TEXT or --start=FILE:path")
-        ids = [tok.eot_token]  # GPT-2 convention: generate as if a new document starts
-    if len(ids) > block_size:
-        print(f"note: the prompt is {len(ids)} tokens, longer than the model's block_size={block_size}; "
-              f"using its last {block_size} tokens", file=sys.stderr)
-        ids = ids[-block_size:]
-    return ids
 
 
 def cut_at_stop(text: str, stop: str | None) -> str:
@@ -105,15 +77,14 @@ def sample_prompt(cfg: SampleConfig, model: GPT, tok: Tokenizer, prompt: str,
                   ctx: AbstractContextManager) -> list[str]:
     """Generate cfg.num_samples continuations of `prompt` in one batch and print them nanoGPT-style."""
     out = sys.stdout
-    ids = encode_prompt(tok, prompt, model.config.block_size)
     streamer = _Streamer(tok, cfg.stop, out) if cfg.stream and cfg.num_samples == 1 else None
     if streamer:
+        tok.encode(prompt)  # a char model's unseen characters fail before the prompt is echoed
         out.write(prompt)
         out.flush()
     with ctx:
-        new = generate(model, [ids] * cfg.num_samples, cfg.max_new_tokens, temperature=cfg.temperature,
-                       top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, stop=cfg.stop, tokenizer=tok,
-                       on_token=streamer.on_token if streamer else None, window=cfg.window)
+        new = generate_from(model, tok, prompt, cfg, num_samples=cfg.num_samples, stop=cfg.stop,
+                            on_token=streamer.on_token if streamer else None).outputs
     texts = []
     for ids_out in new:
         text = prompt + cut_at_stop(tok.decode(ids_out), cfg.stop)
@@ -150,7 +121,6 @@ def main(argv: list[str] | None = None) -> list[str]:
     if wants_help(SampleConfig, argv, "sample.py"):
         return []
     cfg = load_config(SampleConfig, argv)
-    check_config(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)

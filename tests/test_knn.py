@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,7 @@ def test_windows_never_cross_segments_and_cover_every_token(tmp_path, context, s
 
 
 def test_stride_larger_than_context_is_refused(tmp_path):
-    with pytest.raises(UserError, match=r"stride=20 must be between 1 and context=16: .*4 of every 20 tokens in no window"):
+    with pytest.raises(UserError, match=r"stride=20 must be between 1 and window=16: .*4 of every 20 tokens in no window"):
         knn.window_spans(np.array([[0, 0, 100, 0, 1]]), 16, 20)
 
 
@@ -222,7 +223,7 @@ def test_build_then_trace_finds_an_exact_window(char_checkpoint, capsys):
     corpus = Corpus(store.meta["built_from"].get("data_dir") or char_checkpoint.parent / "data" / "tiny_char")
     _, s, e, _, _ = store.windows[7]
     text = corpus.decode("train", int(s), int(e))
-    for rank in knn.RANKS:
+    for rank in typing.get_args(typing.get_type_hints(knn.TraceKnnConfig)["rank"]):
         capsys.readouterr()
         r = knn.main([f"--out_dir={char_checkpoint}", f"--text={text}", "--k=3", "--json", f"--rank={rank}"])
         out = json.loads(capsys.readouterr().out)
@@ -295,11 +296,11 @@ def test_stale_store_is_refused_then_used_only_when_asked(char_checkpoint, char_
 
 
 def test_store_built_with_other_settings_is_not_mixed(char_checkpoint):
-    build(char_checkpoint, "--pooling=last", "--layer=1", "--context=16", "--stride=4", "--calibration=center")
+    build(char_checkpoint, "--pooling=last", "--layer=1", "--window=16", "--stride=4", "--calibration=center")
     m = knn.load_store(char_checkpoint / "knn_train").meta
     assert (m["pooling"], m["layer"], m["context"], m["stride"], m["calibration"]) == ("last", 1, 16, 4, "center")
-    with pytest.raises(UserError, match="built with context=16, not 32"):
-        knn.main([f"--out_dir={char_checkpoint}", "--text=Speak", "--context=32"])
+    with pytest.raises(UserError, match="built with window=16, not 32"):
+        knn.main([f"--out_dir={char_checkpoint}", "--text=Speak", "--window=32"])
     assert knn.main([f"--out_dir={char_checkpoint}", "--text=Speak"])["neighbours"]  # uses the store's own
 
 
@@ -392,5 +393,5 @@ def test_other_mistakes_are_one_line(char_checkpoint, capsys):
     one_line_error(capsys, [o, "--build", "--pooling=max"], "pooling='max'")
     one_line_error(capsys, [o, "--build", "--calibration=pca"], "calibration='pca'")
     one_line_error(capsys, [o, "--build", "--layer=7"], "layer=7 is out of range")
-    one_line_error(capsys, [o, "--build", "--stride=40"], "stride=40 must be between 1 and context=32")
+    one_line_error(capsys, [o, "--build", "--stride=40"], "stride=40 must be between 1 and window=32")
     one_line_error(capsys, [o, "--build", "--whiten_dim=33"], "whiten_dim=33 must be between 1 and the model's width 32")

@@ -49,8 +49,8 @@ def test_prints_samples_nanogpt_style(char_checkpoint, capsys):
 
 
 def test_greedy_sample_equals_full_recompute_reference(char_checkpoint, capsys):
-    # 80 new tokens: well past the checkpoint's block_size of 32, so --window=sliding matters
-    for extra, n in (([], 20), (["--window=sliding"], 80)):
+    # 80 new tokens: well past the checkpoint's block_size of 32, so --window_rule=sliding matters
+    for extra, n in (([], 20), (["--window_rule=sliding"], 80)):
         out = main([f"--out_dir={char_checkpoint}", CPU, "--start=Speak", "--num_samples=1", "--temperature=0",
                     f"--max_new_tokens={n}"] + extra)
         assert out == [reference_greedy(char_checkpoint, "Speak", n)]
@@ -122,7 +122,7 @@ def test_bad_checkpoints_are_one_line_errors(char_checkpoint, tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("arg", ["--top_p=1.5", "--top_k=0", "--num_samples=0", "--temperature=-1",
-                                 "--window=rolling", "--tempreature=1", "--init_from=scratch"])
+                                 "--window_rule=rolling", "--tempreature=1", "--init_from=scratch"])
 def test_bad_settings_are_one_line_errors(char_checkpoint, capsys, arg):
     one_line_error(*run([f"--out_dir={char_checkpoint}", CPU, arg], capsys)[::2])
 

@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -26,12 +26,9 @@ from glassgpt.artifacts import check_writable, read_json, write_artifact, write_
 from glassgpt.config import load_config, read_text_arg, wants_help
 from glassgpt.corpus import Corpus
 from glassgpt.errors import UserError
+from glassgpt.sampling import SamplingSettings
 
 STORE_FORMAT = "glassgpt-knn/2"
-POOLINGS = ("mean", "last")
-CALIBRATIONS = ("none", "center", "standardize", "whiten")
-RANKS = ("embedding", "bm25", "hybrid")
-SEARCHES = ("auto", "exact", "faiss")
 EXACT_MAX = 1_000_000  # `search=auto` is exact up to this many windows, faiss beyond
 CHUNK_ROWS = 65_536  # store rows scored per matmul: 65536 x 768 float32 = 200 MB at GPT-2 small's width
 CALIB_SAMPLE = 100_000  # rows the calibration statistics are fitted on (a random sample of the store)
@@ -42,7 +39,7 @@ _CACHE: dict[tuple[str, Any], dict[str, Any]] = {}
 
 
 @dataclass
-class TraceKnnConfig:
+class TraceKnnConfig(SamplingSettings):
     """`glassgpt trace-knn`: build a window store, then trace a generation (or a given text) to it."""
 
     out_dir: str = "out"
@@ -51,14 +48,9 @@ class TraceKnnConfig:
     """Prompt to generate from (or FILE:path); the traced text is prompt + output."""
     text: str | None = None
     """Trace this text (or FILE:path) instead of generating."""
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int | None = 200
-    top_p: float | None = None
-    seed: int = 1337
     k: int = 5
     """Neighbours to return."""
-    rank: str = "bm25"
+    rank: Literal["bm25", "embedding", "hybrid"] = "bm25"
     """Order by 'bm25' (the words; measured best on planted canaries, docs/knn.md), 'embedding' (the
     model's view), or 'hybrid' (both, fused by z-scores). Every neighbour shows both signals."""
     per_window: bool = False
@@ -70,29 +62,29 @@ class TraceKnnConfig:
     allow_stale: bool = False
     """Use a store built from other weights or data anyway, with a warning (never silently)."""
     store_dir: str | None = None
-    split: str = "train"
-    context: int | None = None
+    split: Literal["train", "val"] = "train"
+    window: int | None = None
     """Window length in tokens when building; default the model's block_size."""
     stride: int | None = None
-    """Step between window starts when building; default context // 2; at most context."""
+    """Step between window starts when building; default window // 2; at most window."""
     query_stride: int | None = None
     """Step between the sliding windows of a long traced text; default the store's stride."""
     layer: int | None = None
     """Blocks run before pooling: n_layer (default; -1 also) = final layer-normed, i = residual after i."""
-    pooling: str = "mean"
+    pooling: Literal["mean", "last"] = "mean"
     """'mean' over positions or 'last' position. Build only."""
-    calibration: str = "whiten"
+    calibration: Literal["none", "center", "standardize", "whiten"] = "whiten"
     """'none', 'center', 'standardize' or 'whiten', fitted on the store's own windows. Build only."""
     whiten_dim: int | None = None
     """Keep this many principal directions when whitening (default all)."""
-    embed_dtype: str = "float32"
+    embed_dtype: Literal["float32", "bfloat16"] = "float32"
     """Model precision while embedding: 'float32' or 'bfloat16' (faster where the CPU/GPU has it)."""
     batch_size: int = 32
-    search: str = "auto"
+    search: Literal["auto", "exact", "faiss"] = "auto"
     """'exact' (chunked matmul over the memory-mapped store), 'faiss' (IVF-PQ + exact re-rank), 'auto'."""
     nprobe: int = 64
     """IVF lists searched per query."""
-    device: str = "cpu"
+    device: str = "auto"
     threads: int | None = None
     """CPU threads (open_run picks one per core by default); on a CPU shared with other jobs 1 can be faster."""
     data_dir: str | None = None
@@ -100,11 +92,6 @@ class TraceKnnConfig:
     show_chars: int = 240
     """Characters of each neighbour shown in the readable output (0: all)."""
     progress: bool = True
-
-
-def check_choice(name: str, value: Any, options: tuple) -> None:
-    if value not in options:
-        raise UserError(f"{name}={value!r} is not one of {', '.join(options)}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,7 +104,7 @@ def window_spans(segments: np.ndarray, context: int, stride: int) -> np.ndarray:
     would only repeat the tail of the previous one is not made. stride <= context, so every token is
     in at least one window."""
     if context < 1 or not 1 <= stride <= context:
-        raise UserError(f"stride={stride} must be between 1 and context={context}: a larger stride leaves "
+        raise UserError(f"stride={stride} must be between 1 and window={context}: a larger stride leaves "
                         f"{max(0, stride - context)} of every {stride} tokens in no window")
     rows = []
     for doc, start, end, *_ in np.asarray(segments, dtype=np.int64):
@@ -165,7 +152,6 @@ def pool(states: torch.Tensor, pooling: str) -> torch.Tensor:
     """(B, T, C) -> (B, C)."""
     if pooling == "mean":
         return states.mean(dim=1)
-    check_choice("pooling", pooling, POOLINGS)
     return states[:, -1, :]
 
 
@@ -352,13 +338,11 @@ def build_store(model: torch.nn.Module, corpus: Corpus, split: str, store_dir: s
     share of the windows and rank 0 gathers them and writes (the same store as one process)."""
     from glassgpt.distributed import gather_objects
 
-    check_choice("pooling", pooling, POOLINGS)
-    check_choice("calibration", calibration, CALIBRATIONS)
     layer = resolve_layer(model, layer)
     if whiten_dim is not None and not 1 <= whiten_dim <= model.config.n_embd:
         raise UserError(f"whiten_dim={whiten_dim} must be between 1 and the model's width {model.config.n_embd}")
     if context > model.config.block_size:
-        raise UserError(f"context={context} exceeds the model's block_size {model.config.block_size}")
+        raise UserError(f"window={context} exceeds the model's block_size {model.config.block_size}")
     check_writable(store_dir)
     t0 = time.perf_counter()
     spans = window_spans(corpus.segments(split), context, stride)
@@ -604,8 +588,6 @@ def explain(run: Any, store: KnnStore, text: str, *, k: int = 5, rank: str = "bm
             query_stride: int | None = None, search: str = "auto", nprobe: int = 64, prompt: str | None = None,
             generated: str | None = None) -> dict[str, Any]:
     """Trace `text` to its k nearest windows of `store`: exactly the dict `--json` prints."""
-    check_choice("rank", rank, RANKS)
-    check_choice("search", search, SEARCHES)
     if not 1 <= k <= len(store):
         raise UserError(f"k={k} but the store has {len(store)} windows; pass --k between 1 and {len(store)}")
     t0 = time.perf_counter()
@@ -639,9 +621,9 @@ def _build(cfg: TraceKnnConfig, run: Any) -> None:
     from glassgpt import distributed
 
     model = run.model
-    info = distributed.setup("gloo", cfg.device)
+    info = distributed.setup("gloo", run.device)
     try:
-        context = cfg.context or model.config.block_size
+        context = cfg.window or model.config.block_size
         model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.embed_dtype])
         store = build_store(model, run.corpus, cfg.split, cfg.store_dir or Path(run.out_dir) / f"knn_{cfg.split}",
                             context=context, stride=cfg.stride or max(1, context // 2), layer=cfg.layer,
@@ -661,12 +643,11 @@ def _build(cfg: TraceKnnConfig, run: Any) -> None:
 
 def trace_knn(cfg: TraceKnnConfig) -> dict[str, Any] | None:
     """Build the store if asked, then trace `start` + its generation (or `text`): explain()'s dict."""
-    from glassgpt.generate import complete
     from glassgpt.run import open_run
+    from glassgpt.sampling import generate_from
 
     if cfg.start is not None and cfg.text is not None:
         raise UserError("pass either --start (generate, then trace) or --text (trace as is), not both")
-    check_choice("embed_dtype", cfg.embed_dtype, ("float32", "bfloat16"))
     run = open_run(cfg.out_dir, device=cfg.device, data_dir=cfg.data_dir, threads=cfg.threads)
     if cfg.build:
         _build(cfg, run)
@@ -675,18 +656,17 @@ def trace_knn(cfg: TraceKnnConfig) -> dict[str, Any] | None:
     elif cfg.start is None and cfg.text is None:
         raise UserError("nothing to trace: pass --start=PROMPT or --text=TEXT (or --build to build the store)")
     store = open_store(run, split=cfg.split, store_dir=cfg.store_dir, allow_stale=cfg.allow_stale)
-    for key in ("layer", "context", "stride"):  # a store is never mixed with other settings
+    for key, meta_key in (("layer", "layer"), ("window", "context"), ("stride", "stride")):  # never mixed
         want = resolve_layer(run.model, cfg.layer) if key == "layer" and cfg.layer is not None else getattr(cfg, key)
-        if want is not None and not cfg.build and want != store.meta[key]:
-            raise UserError(f"the store in {store.path} was built with {key}={store.meta[key]}, not {want}; "
+        if want is not None and not cfg.build and want != store.meta[meta_key]:
+            raise UserError(f"the store in {store.path} was built with {key}={store.meta[meta_key]}, not {want}; "
                             f"rebuild with `{build_command(run, cfg.store_dir)} --{key}={want}` or drop --{key}")
     if not 1 <= cfg.k <= len(store):  # checked before generating, which can take a while
         raise UserError(f"k={cfg.k} but the store has {len(store)} windows; pass --k between 1 and {len(store)}")
     prompt = generated = None
     if cfg.start is not None:
         prompt = read_text_arg(cfg.start, "start")
-        generated = complete(run.model, run.tokenizer, prompt, cfg.max_new_tokens, temperature=cfg.temperature,
-                             top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed).text
+        generated = run.tokenizer.decode(generate_from(run.model, run.tokenizer, prompt, cfg).outputs[0])
     text = prompt + generated if prompt is not None else read_text_arg(cfg.text)
     return explain(run, store, text, k=cfg.k, rank=cfg.rank, per_window=cfg.per_window, query_stride=cfg.query_stride,
                    search=cfg.search, nprobe=cfg.nprobe, prompt=prompt, generated=generated)

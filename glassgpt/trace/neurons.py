@@ -18,7 +18,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -31,18 +31,19 @@ from glassgpt.errors import UserError
 from glassgpt.evaluate import sliding_windows, token_nlls
 from glassgpt.hooks import hooks, mlp_post, record
 from glassgpt.model import GPT
+from glassgpt.sampling import SamplingSettings, generate_from, prompt_ids, sampling_settings
 
 FORMAT = "glassgpt-neurons/2"
 BASELINE_DIR, EXAMPLES_DIR = "neurons_baseline", "neurons_examples"
-RANKS = ("raw", "z", "prob", "attribution")
-ABLATIONS = ("mean", "zero", "resample")
-SOURCES = ("generated", "train")
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 HIGHLIGHT = ("\u27e6", "\u27e7")  # ⟦max token⟧
 
 
 @dataclass
-class TraceNeuronsConfig:
+class TraceNeuronsConfig(SamplingSettings):
+    """`glassgpt trace-neurons`: the MLP neurons behind a generation (sampled with glassgpt.sampling's
+    settings, as sample.py samples)."""
+
     out_dir: str = "out"
     start: str = "\n"
     """Prompt text, or FILE:path to read it from a file."""
@@ -51,12 +52,10 @@ class TraceNeuronsConfig:
     prompts: str | None = None
     """A file with one prompt per line: trace each, report top-K overlap (and specificity with --ablate)."""
     max_new_tokens: int = 64
-    temperature: float = 0.8
-    """As sample.py; sampling is seeded, so a trace is reproducible; 0 = greedy."""
-    seed: int = 1337
-    top_k: int = 10
+    """Tokens to generate (and trace)."""
+    n_neurons: int = 10
     """How many neurons to report (overall, and per layer) and to ablate."""
-    rank: str = "attribution"
+    rank: Literal["attribution", "z", "prob", "raw"] = "attribution"
     """'attribution' ((activation - baseline mean) x gradient of the output's log-prob), 'z' or 'prob'
     (contrast with the baseline), 'raw' (mean activation). docs/neurons.md compares them."""
     contrastive: bool = False
@@ -67,14 +66,14 @@ class TraceNeuronsConfig:
     """Standardise the scores within each layer, so no layer wins by its scale alone (False: attribution in nats)."""
     ablate: bool = False
     """Causal check: ablate the top-K, K activation-matched neurons and the raw top-K; log-prob drops."""
-    ablation: str = "mean"
+    ablation: Literal["mean", "zero", "resample"] = "mean"
     """'mean' (the baseline mean), 'zero', or 'resample' (values of random baseline tokens)."""
     n_controls: int = 5
     """Draws of the activation-matched control."""
     json: bool = False
     build_baseline: bool = False
     """Build (or rebuild) the baseline and exit."""
-    baseline_source: str = "generated"
+    baseline_source: Literal["generated", "train"] = "generated"
     """'generated': the model's own samples at --temperature; 'train': teacher-forced training text."""
     baseline_windows: int = 128
     """Baseline sequences: a training-text prompt of --baseline_prompt tokens and up to 64 after it."""
@@ -163,7 +162,7 @@ def contrast(acts: np.ndarray, baseline: Baseline, score: str = "z", floor: floa
     elif score == "prob":
         s = (acts > 0).mean(axis=0) - baseline.prob
     else:
-        raise UserError(f"score={score!r} is not one of z, prob")
+        raise ValueError(f"contrast scores are 'z' or 'prob', got {score!r}")
     return per_layer(s) if layer_norm else s
 
 
@@ -235,14 +234,14 @@ def scan_windows(n_tokens: int, window: int) -> list[tuple[int, int]]:
 # Recording and ablating with a model
 
 
-def n_neurons(model: GPT) -> int:
+def mlp_width(model: GPT) -> int:
     """MLP neurons per layer (4 * n_embd in GPT-2)."""
     return model.transformer.h[0].mlp.c_fc.out_features
 
 
 def check_neuron(model: GPT, layer: int, index: int) -> None:
     """UserError saying the valid range when (layer, index) is not a neuron of this model."""
-    L, N = model.config.n_layer, n_neurons(model)
+    L, N = model.config.n_layer, mlp_width(model)
     if not 0 <= layer < L:
         raise UserError(f"--layer={layer} is out of range: this model has layers 0..{L - 1}")
     if not 0 <= index < N:
@@ -269,7 +268,7 @@ def record_text(model: GPT, ids: list[int], pos0: int, grad: bool = False):
     the first-order change of that log-prob when the neuron is set to ref everywhere."""
     T, block = len(ids), model.config.block_size
     names = [mlp_post(i) for i in range(model.config.n_layer)]
-    acts = np.zeros((T, len(names), n_neurons(model)), dtype=np.float32)
+    acts = np.zeros((T, len(names), mlp_width(model)), dtype=np.float32)
     ag, gs = np.zeros(acts.shape[1:]), np.zeros(acts.shape[1:])
     seq = torch.tensor(list(ids) + [0], device=model.lm_head.weight.device)  # a dummy target at the end
     for b, e, s in sliding_windows(T, block, max(1, block // 2)):
@@ -410,7 +409,7 @@ def build_baseline(model: GPT, tokens: np.ndarray, source: str = "generated", n_
     rng = np.random.default_rng(seed)
     starts = np.sort(rng.integers(0, len(tokens) - span + 1, size=n_seqs))
     keep = np.sort(rng.choice(n_seqs * new_tokens, size=min(n_sample, n_seqs * new_tokens), replace=False))
-    L, N = model.config.n_layer, n_neurons(model)
+    L, N = model.config.n_layer, mlp_width(model)
     s1, s2, n_on, sample = np.zeros((L, N)), np.zeros((L, N)), np.zeros((L, N)), []
     for b in tqdm(range(0, n_seqs, batch_size), desc="neuron baseline", unit="batch", disable=not progress):
         seqs = [tokens[s:s + span].astype(np.int64).tolist() for s in starts[b:b + batch_size]]
@@ -455,7 +454,7 @@ def build_neuron_examples(model: GPT, tokens: np.ndarray, window: int, keep: int
     if not windows:
         raise UserError(f"the training split has {len(tokens)} tokens: too few to scan")
     window = min(window, len(tokens))
-    L, N = model.config.n_layer, n_neurons(model)
+    L, N = model.config.n_layer, mlp_width(model)
     values, positions = torch.full((0, L * N), -float("inf")), torch.zeros((0, L * N), dtype=torch.long)
     for b in tqdm(range(0, len(windows), batch_size), desc="neuron examples", unit="batch", disable=not progress):
         chunk = windows[b:b + batch_size]
@@ -497,31 +496,23 @@ def open_examples(run, window: int = 0, keep: int = 32, max_windows: int | None 
 # What the commands and the viewer return
 
 
-def _check_options(rank: str, ablation: str, source: str = "generated") -> None:
-    for key, value, allowed in (("rank", rank, RANKS), ("ablation", ablation, ABLATIONS),
-                                ("baseline_source", source, SOURCES)):
-        if value not in allowed:
-            raise UserError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-
-
-def explain(run, text: str, *, output: str | None = None, max_new_tokens: int = 64, temperature: float = 0.8,
-            seed: int = 1337, top_k: int = 10, rank: str = "attribution", floor: float = 0.1, layer_norm: bool = True,
+def explain(run, text: str, *, output: str | None = None, sampling: SamplingSettings | None = None,
+            n_neurons: int = 10, rank: str = "attribution", floor: float = 0.1, layer_norm: bool = True,
             ablate: bool = False, ablation: str = "mean", n_controls: int = 5,
             baseline: Baseline | None = None) -> dict[str, Any]:
-    """Trace the neurons of `text` + a continuation: `output` if given, else one generated at
-    `temperature`. Ranked by `rank`; with `ablate` the causal check. Every rank but raw, and mean /
-    resample ablation, use `baseline` (default: open_baseline(run)). JSON-able; what trace-neurons --json prints."""
-    _check_options(rank, ablation)
+    """Trace the neurons of `text` + a continuation: `output` if given, else one generated with
+    `sampling` (default: the command's, 64 tokens), exactly as sample.py generates. Ranked by `rank`;
+    with `ablate` the causal check (its controls drawn with sampling.seed). Every rank but raw, and
+    mean / resample ablation, use `baseline` (default: open_baseline(run)). JSON-able; what
+    trace-neurons --json prints."""
     model, tok = run.model, run.tokenizer
-    ids = tok.encode(text) or ([tok.eot_token] if getattr(tok, "eot_token", None) is not None else [])
-    if not ids:
-        raise UserError("the prompt is empty and this tokenizer has no <|endoftext|> to start from; give --start")
+    sampling = sampling if sampling is not None else SamplingSettings(max_new_tokens=64)
+    seed = sampling.seed
     if output is None:
-        from glassgpt.generate import generate
-
-        out_ids = generate(model, [ids], max_new_tokens, temperature=temperature, seed=seed)[0]
+        g = generate_from(model, tok, text, sampling)
+        ids, out_ids = g.prompt_ids, g.outputs[0]
     else:
-        out_ids = tok.encode(output)
+        ids, out_ids = prompt_ids(tok, text, model.config.block_size), tok.encode(output)
     seq, pos0 = ids + out_ids, max(len(ids) - 1, 1)  # position 0 (nothing to attend to) is never traced
     if len(seq) - 1 <= pos0:
         raise UserError("no token to trace (a one-token prompt's first token is computed at position 0, "
@@ -536,7 +527,7 @@ def explain(run, text: str, *, output: str | None = None, max_new_tokens: int = 
         scores = per_layer(rec[1] - baseline.mean * rec[2]) if layer_norm else rec[1] - baseline.mean * rec[2]
     else:
         scores = raw if rank == "raw" else contrast(traced, baseline, rank, floor, layer_norm)
-    top = top_neurons(scores, top_k)
+    top = top_neurons(scores, n_neurons)
     r: dict[str, Any] = {
         "prompt": text, "output": tok.decode(out_ids), "generated": output is None, "token_ids": seq,
         "tokens": [tok.decode([t]) for t in seq], "first_traced_position": pos0, "n_traced_tokens": len(traced),
@@ -544,8 +535,8 @@ def explain(run, text: str, *, output: str | None = None, max_new_tokens: int = 
         "top": [{"layer": l, "index": i, "score": s, "mean_activation": float(raw[l, i]),
                  "token_activations": [round(float(a), 4) for a in acts[:, l, i]]} for l, i, s in top],
         "layer_counts": np.bincount([l for l, _, _ in top], minlength=model.config.n_layer).tolist(),
-        "per_layer": [[{"index": i, "score": s} for i, s in row] for row in top_per_layer(scores, top_k)],
-        "top_raw": [[l, i] for l, i, _ in top_neurons(raw, top_k)],
+        "per_layer": [[{"index": i, "score": s} for i, s in row] for row in top_per_layer(scores, n_neurons)],
+        "top_raw": [[l, i] for l, i, _ in top_neurons(raw, n_neurons)],
     }
     if ablate:
         r["ablation"] = causal_check(model, seq, pos0, [(l, i) for l, i, _ in top], raw, ablation, baseline,
@@ -587,9 +578,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         return None
     cfg = load_config(TraceNeuronsConfig, argv)
     rank = "z" if cfg.contrastive else cfg.rank
-    _check_options(rank, cfg.ablation, cfg.baseline_source)
-    if cfg.floor < 0 or cfg.n_controls < 0:
-        raise UserError("--floor and --n_controls must be >= 0")
     from glassgpt.run import open_run
 
     run = open_run(cfg.out_dir, device=cfg.device, data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir)
@@ -602,8 +590,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         baseline = get_baseline(run, cfg, log, rebuild=cfg.build_baseline)
         if cfg.build_baseline:
             return {"baseline": baseline.params, "n_tokens": baseline.n_tokens}
-    opts = dict(output=output, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
-                top_k=cfg.top_k, rank=rank, floor=cfg.floor, layer_norm=cfg.layer_norm, ablate=cfg.ablate,
+    opts = dict(output=output, sampling=sampling_settings(cfg), n_neurons=cfg.n_neurons, rank=rank, floor=cfg.floor, layer_norm=cfg.layer_norm, ablate=cfg.ablate,
                 ablation=cfg.ablation, n_controls=cfg.n_controls, baseline=baseline)
     results = [explain(run, p, **opts) for p in prompts]
     out: dict[str, Any] = results[0] if len(results) == 1 else {"traces": results, "overlap": {
@@ -619,7 +606,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     print("\n\n".join(format_trace(r) for r in results))
     if len(results) > 1:
         o = out["overlap"]
-        print(f"\nmean pairwise Jaccard overlap of the top-{cfg.top_k} sets over {len(results)} prompts: "
+        print(f"\nmean pairwise Jaccard overlap of the top-{cfg.n_neurons} sets over {len(results)} prompts: "
               f"raw {o['raw']:.2f}, {rank} {o['ranked']:.2f}")
     if "specificity" in out:
         s = out["specificity"]

@@ -19,12 +19,13 @@ import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import numpy as np
 
 from glassgpt.config import load_config, read_text_arg, wants_help
 from glassgpt.errors import UserError
+from glassgpt.sampling import SamplingSettings
 
 if TYPE_CHECKING:
     from glassgpt.trace.shards import SpanIndex
@@ -567,7 +568,7 @@ def select_spans(spans: list[Span], n_tokens: int, density: float) -> list[Span]
 
 
 @dataclass
-class TraceSpansConfig:
+class TraceSpansConfig(SamplingSettings):
     """`glassgpt trace-spans`: verbatim spans of a generation in the training data."""
 
     out_dir: str = "out"
@@ -576,7 +577,7 @@ class TraceSpansConfig:
     """Prepared training data; default: the checkpoint's own (its config's data_dir or data/<dataset>)."""
     index_dir: str | None = None
     """Where the span index lives; default <data_dir>/spans."""
-    split: str = "train"
+    split: Literal["train", "val"] = "train"
     build: bool = False
     """(Re)build the span index first (shards already built from the same data are kept); with no
     --start/--text, only build."""
@@ -591,13 +592,7 @@ class TraceSpansConfig:
     locate: str | None = None
     """Only count this exact text in the data and list up to max_sources of its locations (FILE:path reads a
     file). BPE matches tokens: ' the state' (leading space) is the mid-sentence form, 'the state' is not."""
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    """As sample.py: 0.8 with top_k=200 (greedy decoding of a small model tends to loop); 0 = greedy.
-    Sampling is seeded, so the same command traces the same text."""
-    top_k: int | None = 200
-    seed: int = 1337
-    device: str = "cpu"
+    device: str = "auto"
     include_prompt: bool = False
     """Trace the prompt too."""
     min_len: int | None = None
@@ -621,8 +616,8 @@ class TraceSpansConfig:
 
 def generate_ids(cfg: TraceSpansConfig, prompt: str, index: SpanIndex, run=None) -> tuple[list[int], int]:
     """(prompt + generated ids, prompt length) from the checkpoint in cfg.out_dir (glassgpt.generate)."""
-    from glassgpt.generate import complete
     from glassgpt.run import open_run
+    from glassgpt.sampling import generate_from
 
     run = run or open_run(cfg.out_dir, device=cfg.device, data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir)
     model, tok = run.model, run.tokenizer
@@ -630,10 +625,8 @@ def generate_ids(cfg: TraceSpansConfig, prompt: str, index: SpanIndex, run=None)
     if getattr(tok, "name", "") != getattr(data_tok, "name", "") or getattr(tok, "stoi", None) != getattr(data_tok, "stoi", None):
         raise UserError(f"the checkpoint in {cfg.out_dir} and the data in {index.data_dir} use different tokenizers; "
                         "point --data_dir at the data the model was trained on")
-    if not prompt and getattr(tok, "eot_token", None) is None:
-        raise UserError("--start is empty and a char-level model has no <|endoftext|> to start from; give a prompt")
-    c = complete(model, tok, prompt, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
-    return list(c.prompt_ids) + list(c.output_ids), len(c.prompt_ids)
+    g = generate_from(model, tok, prompt, cfg)
+    return g.prompt_ids + g.outputs[0], len(g.prompt_ids)
 
 
 def render(trace: dict[str, Any], color: bool) -> str:

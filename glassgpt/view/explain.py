@@ -10,6 +10,7 @@ Torch work holds `Session.lock`: one model serves every request, and hooks are g
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -20,34 +21,25 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from glassgpt.errors import UserError
+from glassgpt.sampling import SamplingSettings
 
 KINDS = ("spans", "knn", "neurons", "examples")
-NEURON_TOP_K = 10  # neurons listed; their per-token activations travel with the explanation
+N_NEURONS = 10  # neurons listed; their per-token activations travel with the explanation
 
 
-@dataclass
-class Settings:
-    """Sampling settings of one generation; ranges checked as the CLI checks them."""
-
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int | None = 200
-    seed: int = 1337
+SETTING_KEYS = tuple(f.name for f in dataclasses.fields(SamplingSettings))
 
 
-def check_settings(raw: dict[str, Any], max_new_tokens_limit: int) -> Settings:
-    """Settings from a request, through glassgpt.config.load_config (the CLI's parser and ranges)."""
+def check_settings(raw: dict[str, Any], max_new_tokens_limit: int) -> SamplingSettings:
+    """Sampling settings from a request, through glassgpt.config.load_config (the CLI's parser, ranges
+    and choices); keys left out keep the CLI's defaults."""
     from glassgpt.config import load_config
 
     argv = [f"--{k}={'None' if v is None else v}" for k, v in raw.items()]
-    s = load_config(Settings, argv)
-    if not 1 <= s.max_new_tokens <= max_new_tokens_limit:
+    s = load_config(SamplingSettings, argv)
+    if s.max_new_tokens > max_new_tokens_limit:
         raise UserError(f"max_new_tokens={s.max_new_tokens} is out of range: this viewer allows 1..{max_new_tokens_limit} "
                         "(start it with --max_new_tokens_limit=N for more)")
-    if s.temperature < 0:
-        raise UserError(f"temperature={s.temperature} must be >= 0 (0 = greedy)")
-    if s.top_k is not None and s.top_k < 1:
-        raise UserError(f"top_k={s.top_k} must be >= 1 or None")
     return s
 
 
@@ -185,18 +177,13 @@ class Session:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text)  # a char model's unseen characters: the CLI's UserError
 
-    def generate(self, prompt: str, s: Settings, on_piece: Callable[[str], None] | None = None) -> dict[str, Any]:
-        """Generate from `prompt` as sample.py does (glassgpt.generate, seeded), calling `on_piece` with
-        each new piece of text as its token is chosen. Returns {prompt, generated, text}."""
-        from glassgpt.generate import TextStream, generate
+    def generate(self, prompt: str, s: SamplingSettings,
+                 on_piece: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Generate from `prompt` as sample.py does (glassgpt.sampling.generate_from), calling `on_piece`
+        with each new piece of text as its token is chosen. Returns {prompt, generated, text}."""
+        from glassgpt.generate import TextStream
+        from glassgpt.sampling import generate_from
 
-        ids = self.encode(prompt)
-        if not ids:
-            eot = getattr(self.tok, "eot_token", None)
-            if eot is None:
-                raise UserError("the prompt is empty and this tokenizer has no <|endoftext|> to start from; "
-                                "give at least one character")
-            ids = [eot]
         stream = TextStream(self.tok)
 
         def on_token(row: int, token: int) -> None:
@@ -205,8 +192,7 @@ class Session:
                 on_piece(piece)
 
         with self.lock:
-            out = generate(self.model, [ids], s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                           seed=s.seed, tokenizer=self.tok, on_token=on_token)[0]
+            out = generate_from(self.model, self.tok, prompt, s, on_token=on_token).outputs[0]
         tail = stream.flush()
         if tail and on_piece:
             on_piece(tail)
@@ -235,7 +221,7 @@ class Session:
         with self.lock:
             return knn.explain(self.run, store, text, k=k)
 
-    def neurons(self, text: str, prompt_chars: int = 0, top_k: int = NEURON_TOP_K) -> dict[str, Any]:
+    def neurons(self, text: str, prompt_chars: int = 0, n_neurons: int = N_NEURONS) -> dict[str, Any]:
         """`trace-neurons --start=PROMPT --output=REST --ablate --json`: the text split at prompt_chars
         (a pasted text: after its first character), so only the continuation is traced."""
         from glassgpt.trace import neurons
@@ -243,7 +229,7 @@ class Session:
         baseline = self.require("neurons")
         cut = prompt_chars if prompt_chars > 0 else 1
         with self.lock:
-            return neurons.explain(self.run, text[:cut], output=text[cut:], top_k=top_k, ablate=True,
+            return neurons.explain(self.run, text[:cut], output=text[cut:], n_neurons=n_neurons, ablate=True,
                                    baseline=baseline)
 
     def neuron_card(self, layer: int, index: int, top: int = 10) -> dict[str, Any]:

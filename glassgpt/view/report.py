@@ -11,6 +11,7 @@ escaped so that no corpus text can close it. No server, no network: it opens fro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -19,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from glassgpt.errors import UserError
+from glassgpt.sampling import SamplingSettings, sampling_settings
 
 STATIC = Path(__file__).resolve().parent / "static"
 CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:")
 
 
 @dataclass
-class ReportConfig:
+class ReportConfig(SamplingSettings):
     """`glassgpt report`: one generation (or a given text) and what explains it, as one HTML file."""
 
     out_dir: str = "out"
@@ -38,17 +40,13 @@ class ReportConfig:
     """Explain this text (FILE:path reads a file) instead of generating."""
     out: str = "report.html"
     """Where to write the page."""
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int | None = 200
-    seed: int = 1337
     k: int = 5
     """Nearest training windows shown."""
     cards: int = 10
     """Top neurons whose training windows are included (each selectable in the page)."""
     build: bool = False
     """Build every missing or stale index first (spans, kNN store, neuron baseline and examples)."""
-    device: str = "cpu"
+    device: str = "auto"
 
 
 def json_for_script(obj: Any) -> str:
@@ -100,7 +98,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     cfg = load_config(ReportConfig, argv)
     if cfg.start is not None and cfg.text is not None:
         raise UserError("pass either --start (generate, then explain) or --text (explain as is), not both")
-    from glassgpt.view.explain import Session, check_settings
+    from glassgpt.view.explain import Session
 
     session = Session(cfg.out_dir, cfg.data_dir, cfg.device)
     if cfg.build:
@@ -114,11 +112,9 @@ def main(argv: list[str] | None = None) -> Path | None:
         what = f"text given with --text ({len(text)} characters)"
     else:
         prompt = read_text_arg(cfg.start if cfg.start is not None else "\n", "start")
-        s = check_settings({"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                            "top_k": cfg.top_k, "seed": cfg.seed}, max(cfg.max_new_tokens, 1))
+        s = sampling_settings(cfg)
         text = session.generate(prompt, s)["text"]
-        what = (f"generated from {prompt!r}: max_new_tokens={s.max_new_tokens}, temperature={s.temperature}, "
-                f"top_k={s.top_k}, seed={s.seed}")
+        what = f"generated from {prompt!r}: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(s).items())
     data = report_data(session, text, prompt, what, cfg.k, cfg.cards)
     from glassgpt.artifacts import write_file_atomic
 

@@ -41,7 +41,7 @@ class ViewConfig:
     """Port; 0 picks a free one."""
     no_browser: bool = False
     """Do not open a browser (none is opened anyway without a display)."""
-    device: str = "cpu"
+    device: str = "auto"
     max_new_tokens_limit: int = 1000
     """Largest max_new_tokens a request may ask for."""
     max_prompt_chars: int = 20_000
@@ -205,14 +205,13 @@ def _generate_route(app, session, cfg: ViewConfig, body, text_of) -> None:
     from fastapi import Request
     from fastapi.responses import StreamingResponse
 
-    from glassgpt.view.explain import check_settings, iter_pieces
+    from glassgpt.view.explain import SETTING_KEYS, check_settings, iter_pieces
 
     @app.post("/api/generate")
     async def generate(request: Request):
         data = await body(request)
         prompt = text_of(data, "prompt")
-        settings = check_settings({k: data[k] for k in ("max_new_tokens", "temperature", "top_k", "seed") if k in data},
-                                  cfg.max_new_tokens_limit)
+        settings = check_settings({k: data[k] for k in SETTING_KEYS if k in data}, cfg.max_new_tokens_limit)
         session.encode(prompt)  # unseen characters: a 400 now, before the stream starts
 
         def events():
