@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from glassgpt.config import field_choices
 from glassgpt.generate import generate
 from glassgpt.run import open_run
 from glassgpt.trace import neurons as nz
@@ -51,7 +52,7 @@ def measure(out_dir: str, k: int, temperature: float, causal: list[str]) -> None
     model, tok, tokens = run.model, run.tokenizer, run.corpus.tokens("train")
     t = time.time()
     bases = {src: nz.build_baseline(model, tokens, source=src, temperature=temperature, progress=False)
-             for src in nz.SOURCES}
+             for src in field_choices(nz.TraceNeuronsConfig, "baseline_source")}
     t_base = time.time() - t
     traces, t = [], time.time()
     for i, prompt in enumerate(PROMPTS.values()):
@@ -62,7 +63,7 @@ def measure(out_dir: str, k: int, temperature: float, causal: list[str]) -> None
         traces.append((seq, pos0, rankings(acts[pos0:-1], ag, gs, bases), acts[pos0:-1].mean(0, dtype=np.float64)))
     t_trace = (time.time() - t) / len(traces)
     L = model.config.n_layer
-    print(f"\n#### {out_dir}: {L} layers x {nz.n_neurons(model)} neurons, iter {run.iter_num}; "
+    print(f"\n#### {out_dir}: {L} layers x {nz.mlp_width(model)} neurons, iter {run.iter_num}; "
           f"{len(traces)} prompts, 64 sampled tokens each at temperature {temperature}")
     print(f"baselines: 128 sequences, {bases['train'].n_tokens} continuation tokens in all, both sources, "
           f"{t_base:.1f} s; trace with gradients "

@@ -267,6 +267,11 @@ def choices(tp: Any) -> tuple[Any, ...]:
     return ()
 
 
+def field_choices(cls: type, name: str) -> tuple[Any, ...]:
+    """The choices of a config field declared `Literal[...]` (e.g. to loop over every ranking)."""
+    return choices(_field_types(cls)[name])
+
+
 def _allowed(tp: Any) -> tuple[tuple[type, ...], bool]:
     """(concrete types, allows None) for a field annotation like `int | None` (a Literal's values
     count as their types: `Literal['a', 'b']` is a str)."""
@@ -512,5 +517,5 @@ def help_text(cls: type, prog: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TrainConfig", "SampleConfig", "BenchConfig", "RANGES", "Range", "check_range", "check_choice", "choices",
+__all__ = ["TrainConfig", "SampleConfig", "BenchConfig", "RANGES", "Range", "check_range", "check_choice", "choices", "field_choices",
            "load_config", "config_to_dict", "help_text", "help_from_source", "read_text_arg", "wants_help"]

@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from glassgpt.checkpoint import load_checkpoint, save_checkpoint
+from glassgpt.config import field_choices
 from glassgpt.errors import UserError, run_main
 from glassgpt.generate import generate
 from glassgpt.hooks import hooks, record
 from glassgpt.run import open_run
+from glassgpt.sampling import SamplingSettings
 from glassgpt.trace import neurons as nz
 
 
@@ -74,7 +76,7 @@ def test_attribution_sums_match_finite_differences(run):
         assert abs(ag[layer, i] - d_scale) < 1e-6 * max(1, abs(d_scale)), (ag[layer, i], d_scale)
 
 
-@pytest.mark.parametrize("source", nz.SOURCES)
+@pytest.mark.parametrize("source", field_choices(nz.TraceNeuronsConfig, "baseline_source"))
 def test_baseline_matches_a_one_sequence_at_a_time_reference(run, source):
     model, tokens = run.model, run.corpus.tokens("train")
     base = nz.build_baseline(model, tokens, source=source, n_seqs=5, prompt_len=4, new_tokens=12, seed=3,
@@ -120,7 +122,7 @@ def test_contrast_matches_an_explicit_loop():
             np.testing.assert_allclose(normed[l], [(x - m) / sd for x in ref[l]], rtol=1e-9, atol=1e-12)
     assert abs(nz.contrast(acts, base, "z", 0.1, False)[0, 1]) == 0.0  # silent neuron: 0, not inf
     np.testing.assert_allclose(nz.contrast(acts, base, "prob", layer_norm=False), (acts > 0).mean(0) - base.prob)
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         nz.contrast(acts, base, "rank")
 
 
@@ -143,9 +145,9 @@ def test_matched_controls_match_a_brute_force_selection():
 def test_ablation_modes_write_the_right_values(run):
     model = run.model
     rng = np.random.default_rng(0)
-    base = fake_baseline(rng, L=2, N=nz.n_neurons(model))
+    base = fake_baseline(rng, L=2, N=nz.mlp_width(model))
     x = torch.randint(0, 30, (2, 8))
-    for mode in nz.ABLATIONS:
+    for mode in field_choices(nz.TraceNeuronsConfig, "ablation"):
         with hooks(model, nz.ablation_hooks([(1, 3), (1, 7)], mode, base, seed=5)):
             with record(model, ["blocks.1.mlp.hook_post"]) as cache:
                 model(x)
@@ -249,14 +251,15 @@ def test_neuron_examples_match_brute_force(run):
 
 
 def test_trace_cli_json_is_explain_and_the_baseline_artifact(char_checkpoint, capsys):
-    argv = [f"--out_dir={char_checkpoint}", "--start=First", "--max_new_tokens=12", "--top_k=4", "--rank=z",
+    argv = [f"--out_dir={char_checkpoint}", "--start=First", "--max_new_tokens=12", "--n_neurons=4", "--rank=z",
             "--ablate", "--n_controls=2", "--baseline_windows=4", "--device=cpu", "--json"]
     out = nz.main(argv)
     cap = capsys.readouterr()
     assert "building the neuron baseline" in cap.err and json.loads(cap.out) == json.loads(json.dumps(out))
     run = open_run(char_checkpoint)
     base = nz.open_baseline(run)
-    again = nz.explain(run, "First", max_new_tokens=12, top_k=4, rank="z", ablate=True, n_controls=2, baseline=base)
+    again = nz.explain(run, "First", sampling=SamplingSettings(max_new_tokens=12), n_neurons=4, rank="z", ablate=True,
+                       n_controls=2, baseline=base)
     assert json.loads(json.dumps(again)) == json.loads(cap.out)
     assert len(out["top"]) == 4 and out["ranking"] == "z" and out["baseline"]["source"] == "generated"
     assert [x["score"] for x in out["top"]] == sorted((x["score"] for x in out["top"]), reverse=True)
@@ -284,13 +287,13 @@ def test_explain_a_given_output_and_attribution(run):
     with pytest.raises(UserError, match="--build_baseline"):
         nz.explain(run, "All:\n", output="Speak, speak.")  # attribution is relative to the baseline mean
     base = nz.build_baseline(run.model, run.corpus.tokens("train"), n_seqs=4, progress=False)
-    r = nz.explain(run, "All:\n", output="Speak, speak.", top_k=3, baseline=base)
+    r = nz.explain(run, "All:\n", output="Speak, speak.", n_neurons=3, baseline=base)
     assert not r["generated"] and r["output"] == "Speak, speak." and r["n_traced_tokens"] == 13
     acts, ag, gs = nz.record_text(run.model, r["token_ids"], r["first_traced_position"], grad=True)
     a = ag - base.mean * gs
     ref = [(l, i) for l, i, _ in nz.top_neurons((a - a.mean(1, keepdims=True)) / a.std(1, keepdims=True), 3)]
     assert r["ranking"] == "attribution" and [(t["layer"], t["index"]) for t in r["top"]] == ref
-    nats = nz.explain(run, "All:\n", output="Speak, speak.", top_k=3, baseline=base, layer_norm=False)
+    nats = nz.explain(run, "All:\n", output="Speak, speak.", n_neurons=3, baseline=base, layer_norm=False)
     assert [(t["layer"], t["index"], t["score"]) for t in nats["top"]] == nz.top_neurons(a, 3)
     t = r["top"][0]
     assert t["token_activations"] == [round(float(a), 4) for a in acts[:, t["layer"], t["index"]]]
@@ -299,7 +302,7 @@ def test_explain_a_given_output_and_attribution(run):
 def test_trace_cli_overlap_and_specificity_over_prompts(char_checkpoint, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("First Citizen:\nAll:\nYou are\n")
-    out = nz.main([f"--out_dir={char_checkpoint}", f"--prompts={prompts}", "--max_new_tokens=8", "--top_k=5",
+    out = nz.main([f"--out_dir={char_checkpoint}", f"--prompts={prompts}", "--max_new_tokens=8", "--n_neurons=5",
                    "--device=cpu", "--baseline_windows=4", "--contrastive", "--ablate", "--n_controls=1"])
     text = capsys.readouterr().out
     assert len(out["traces"]) == 3 and "mean pairwise Jaccard overlap" in text and "specificity" in text
