@@ -347,7 +347,7 @@ def test_neuron_out_of_range_is_one_line(char_checkpoint, capsys, argv, needle):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--ablation=half"], "mean, zero, resample"),
-    (["--rank=rank"], "raw, z, prob, attribution"),
+    (["--rank=rank"], "attribution, z, prob, raw"),
     (["--baseline_source=web"], "generated, train"),
     (["--floor=-1"], "--floor"),
     (["--start=A", "--max_new_tokens=1"], "position 0"),
