@@ -41,7 +41,6 @@ from glassgpt.errors import UserError
 
 TIMEOUT_ENV = "GLASSGPT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0  # long enough for rank 0 to write a large checkpoint while the others wait
-PARALLEL_MODES = ("ddp", "fsdp")
 PARAM_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -77,8 +76,6 @@ def timeout_seconds() -> float:
 
 def setup(backend: str, device: str, parallel: str = "ddp") -> DistInfo:
     """Join the process group if launched by torchrun; pick this rank's device (one per local rank)."""
-    if parallel not in PARALLEL_MODES:
-        raise UserError(f"parallel={parallel!r} is not one of {', '.join(PARALLEL_MODES)}")
     if int(os.environ.get("RANK", -1)) == -1:
         return DistInfo(enabled=False, device=device, parallel=parallel)
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])

@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ class EvalConfig:
     dataset: str | None = None
     """Prepared dataset to score (data/<dataset>, or data_dir)."""
     data_dir: str | None = None
-    split: str = "val"
+    split: Literal["train", "val"] = "val"
     """Split of the prepared dataset to score."""
     block_size: int | None = None
     """Window length; default (None) the model's context."""
@@ -70,17 +70,17 @@ class EvalConfig:
     lambada/lambada_test.jsonl when set)."""
     lambada_limit: int | None = None
     """Score only the first N LAMBADA passages."""
-    mc_style: str = "harness"
+    mc_style: Literal["harness", "plain"] = "harness"
     """'harness': lm-eval's HellaSwag preprocessing (activity_label prefix, [title] cleanup);
     'plain': ctx and endings as written (build-nanogpt's hellaswag.py)."""
     mc_limit: int | None = None
     """Score only the first N examples."""
-    on_bad_line: str = "stop"
+    on_bad_line: Literal["stop", "skip"] = "stop"
     """A malformed JSONL line: 'stop' with file:line, or 'skip' it with a warning."""
     batch_size: int = 8
     """Windows (perplexity) or examples (multiple choice) per forward pass."""
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     seed: int = 1337
     vocab_dir: str | None = None
     """Directory with GPT-2's encoder.json + vocab.bpe when offline (else GLASSGPT_MIRROR / tiktoken)."""
@@ -225,10 +225,6 @@ def parse_mc_example(doc: object, style: str = "harness") -> tuple[str, list[str
 
 def read_mc_jsonl(path: str | Path, on_bad_line: str = "stop", style: str = "harness",
                   limit: int | None = None) -> list[MCExample]:
-    if on_bad_line not in ("stop", "skip"):
-        raise UserError(f"on_bad_line={on_bad_line!r} must be 'stop' or 'skip'")
-    if style not in ("harness", "plain"):
-        raise UserError(f"mc_style={style!r} must be 'harness' or 'plain'")
     path = Path(path)
     if not path.is_file():
         raise UserError(f"multiple-choice file {path} does not exist")

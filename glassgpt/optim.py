@@ -29,8 +29,6 @@ from torch import nn
 from glassgpt.config import TrainConfig
 from glassgpt.errors import UserError
 
-OPTIMIZERS = ("adamw", "muon")
-SCHEDULES = ("cosine", "wsd")
 
 
 class GroupedMuon(torch.optim.Muon):
@@ -97,12 +95,9 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
-def check_choices(cfg: TrainConfig) -> None:
-    """One line for an unknown optimizer or schedule, before anything is built."""
-    if cfg.optimizer not in OPTIMIZERS:
-        raise UserError(f"optimizer={cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    if cfg.lr_schedule not in SCHEDULES:
-        raise UserError(f"lr_schedule={cfg.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
+def check_options(cfg: TrainConfig) -> None:
+    """One line for optimizer settings that do not go together, before anything is built (the
+    choices themselves are TrainConfig's Literal fields, checked by load_config)."""
     if not 0.0 <= cfg.decay_frac <= 1.0:
         raise UserError(f"decay_frac={cfg.decay_frac} must be between 0 and 1 "
                         "(the share of lr_decay_iters spent decaying)")
@@ -191,7 +186,7 @@ class Optimizers:
 
 def build_optimizers(model: nn.Module, cfg: TrainConfig, device_type: str) -> Optimizers:
     """AdamW (nanoGPT's groups) or Muon for the hidden matrices + AdamW for the rest."""
-    check_choices(cfg)
+    check_options(cfg)
     muon = cfg.optimizer == "muon"
     groups = split_params(model, muon)
     # fused AdamW runs on CUDA and (torch >= 2.4) CPU, ~10x faster than the per-tensor loop here

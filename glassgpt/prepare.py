@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -79,7 +79,7 @@ class CorpusConfig:
     {"text": ..., "id": ...} document a line), or directories of them; several separated by commas."""
     out_dir: str | None = None
     """Where to write; default data/<name>."""
-    tokenizer: str = "gpt2"
+    tokenizer: Literal["gpt2", "char"] = "gpt2"
     """'gpt2' (BPE, <|endoftext|> after each document) or 'char' (the corpus's characters, sorted)."""
     vocab_dir: str | None = None
     """Directory with GPT-2's encoder.json + vocab.bpe when offline (else $GLASSGPT_MIRROR/gpt2, else
@@ -94,7 +94,7 @@ class CorpusConfig:
     """JSONL / Hugging Face field holding a document's text."""
     id_key: str = "id"
     """JSONL / Hugging Face field holding a document's id (else file:line or name:split:index)."""
-    on_bad_line: str = "stop"
+    on_bad_line: Literal["stop", "skip"] = "stop"
     """A JSONL line that is not a JSON object with a string text field: 'stop' with an error naming
     file and line, or 'skip' it (and count the skipped lines)."""
     hf_split: str = "train"
@@ -416,10 +416,6 @@ def check_corpus_config(cfg: CorpusConfig) -> int:
     if not cfg.input:
         raise UserError("give the corpus with --input=PATH (a .txt/.jsonl file or directory) "
                         "or a Hugging Face dataset name")
-    if cfg.tokenizer not in ("gpt2", "char"):
-        raise UserError(f"--tokenizer must be 'gpt2' or 'char', got {cfg.tokenizer!r}")
-    if cfg.on_bad_line not in ("stop", "skip"):
-        raise UserError(f"--on_bad_line must be 'stop' or 'skip', got {cfg.on_bad_line!r}")
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1, got {cfg.val_fraction}")
     num_proc = cfg.num_proc if cfg.num_proc is not None else min(8, os.cpu_count() or 1)

@@ -22,7 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -418,7 +418,7 @@ class ExportConfig:
 
     out_dir: str = "out"
     """Checkpoint directory (ckpt.pt) to export."""
-    to: str = "hf"
+    to: Literal["hf"] = "hf"
     """Target format; 'hf' (Hugging Face GPT-2 directory) is the only one."""
     dest: str | None = None
     """Where to write; also given as the bare DIR argument."""
@@ -443,8 +443,6 @@ def main(argv: list[str] | None = None) -> None:
     if len(dests) > 1 or (dests and cfg.dest and dests[0] != cfg.dest):
         raise UserError(f"give one destination directory, got {dests + ([cfg.dest] if cfg.dest else [])}")
     dest = dests[0] if dests else cfg.dest
-    if cfg.to != "hf":
-        raise UserError(f"--to={cfg.to} is not supported; the only export format is --to=hf")
     if not dest:
         raise UserError("say where to write: glassgpt export --out_dir=CKPT_DIR --to=hf DEST_DIR")
     target = Path(dest)

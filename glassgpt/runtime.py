@@ -36,8 +36,8 @@ def resolve_dtype(dtype: str, device: str) -> str:
         if device.startswith("cuda"):
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         return "float32"
-    if dtype not in DTYPES:
-        raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)} or auto")
+    if dtype not in DTYPES:  # the commands' dtype fields are Literal[...]: a bad one never gets here
+        raise ValueError(f"resolve_dtype: unknown dtype {dtype!r}")
     if dtype == "bfloat16" and device.startswith("cpu") and not cpu_has_native_bf16():
         print("warning: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so dtype=bfloat16 is "
               "emulated and slower than float32; pass --dtype=float32", file=sys.stderr)

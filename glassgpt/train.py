@@ -30,7 +30,7 @@ from glassgpt.config import TrainConfig, config_to_dict, load_config, wants_help
 from glassgpt.data import BatchSampler, data_dir_for, require_prepared
 from glassgpt.errors import UserError, run_main
 from glassgpt.model import GPT, GPTConfig
-from glassgpt.optim import Optimizers, build_optimizers, check_choices, get_lr, group_norms, snapshot
+from glassgpt.optim import Optimizers, build_optimizers, check_options, get_lr, group_norms, snapshot
 from glassgpt.runtime import autocast, choose_threads, device_peak_flops, resolve_device, resolve_dtype
 from glassgpt.tokenizer import read_meta
 
@@ -209,7 +209,7 @@ def plot_losses(records: list[dict], path: Path) -> None:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run a training job; returns {'iter_num', 'best_val_loss', 'last_eval', 'log': [records], 'elapsed'}."""
-    check_choices(cfg)
+    check_options(cfg)
     dist_info = distributed.setup(cfg.backend, resolve_device(cfg.device), cfg.parallel)
     finished = False
     try:

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from glassgpt.checkpoint import load_checkpoint
-from glassgpt.config import TrainConfig
+from glassgpt.config import TrainConfig, load_config
 from glassgpt.errors import UserError
 from glassgpt.model import GPT, GPTConfig
-from glassgpt.optim import build_optimizers, check_choices, get_lr, split_params
+from glassgpt.optim import build_optimizers, check_options, get_lr, split_params
 from glassgpt.train import train
 from tests.test_train import losses, tiny_cfg
 
@@ -50,10 +50,13 @@ def test_wsd_schedule_shape():
 
 
 def test_bad_choices_are_one_line():
-    for kw, msg in [({"optimizer": "sgd"}, "optimizer='sgd'"), ({"lr_schedule": "step"}, "lr_schedule"),
-                    ({"decay_frac": 1.5}, "decay_frac"), ({"optimizer": "muon", "parallel": "fsdp"}, "fsdp")]:
+    for argv, msg in [(["--optimizer=sgd"], "optimizer='sgd' is not one of adamw, muon"),
+                      (["--lr_schedule=step"], "lr_schedule='step' is not one of cosine, wsd")]:
         with pytest.raises(UserError, match=msg):
-            check_choices(TrainConfig(**kw))
+            load_config(TrainConfig, argv)
+    for kw, msg in [({"decay_frac": 1.5}, "decay_frac"), ({"optimizer": "muon", "parallel": "fsdp"}, "fsdp")]:
+        with pytest.raises(UserError, match=msg):
+            check_options(TrainConfig(**kw))
 
 
 def test_muon_resume_is_exact(char_dataset, tmp_path):
