@@ -517,5 +517,6 @@ def help_text(cls: type, prog: str) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TrainConfig", "SampleConfig", "BenchConfig", "RANGES", "Range", "check_range", "check_choice", "choices", "field_choices",
-           "load_config", "config_to_dict", "help_text", "help_from_source", "read_text_arg", "wants_help"]
+__all__ = ["TrainConfig", "SampleConfig", "BenchConfig", "RANGES", "Range", "check_range", "check_choice", "choices",
+           "field_choices", "load_config", "config_to_dict", "help_text", "help_from_source", "read_text_arg",
+           "wants_help"]

@@ -30,7 +30,6 @@ from glassgpt.config import TrainConfig
 from glassgpt.errors import UserError
 
 
-
 class GroupedMuon(torch.optim.Muon):
     """torch.optim.Muon, stepping same-shape matrices together (see the module docstring)."""
 
