@@ -590,8 +590,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         baseline = get_baseline(run, cfg, log, rebuild=cfg.build_baseline)
         if cfg.build_baseline:
             return {"baseline": baseline.params, "n_tokens": baseline.n_tokens}
-    opts: dict[str, Any] = dict(output=output, sampling=sampling_settings(cfg), n_neurons=cfg.n_neurons, rank=rank, floor=cfg.floor, layer_norm=cfg.layer_norm, ablate=cfg.ablate,
-                ablation=cfg.ablation, n_controls=cfg.n_controls, baseline=baseline)
+    opts: dict[str, Any] = dict(output=output, sampling=sampling_settings(cfg), n_neurons=cfg.n_neurons, rank=rank,
+                                floor=cfg.floor, layer_norm=cfg.layer_norm, ablate=cfg.ablate, ablation=cfg.ablation,
+                                n_controls=cfg.n_controls, baseline=baseline)
     results = [explain(run, p, **opts) for p in prompts]
     out: dict[str, Any] = results[0] if len(results) == 1 else {"traces": results, "overlap": {
         "raw": mean_pairwise_jaccard([{tuple(x) for x in r["top_raw"]} for r in results]),
