@@ -117,6 +117,7 @@ NEURON = ["neuron", "--out_dir={out}", "--device=cpu", "--layer=0", "--index=0",
 EXTEND = ["extend-context", "--out_dir={out}", "--block_size=64", "--new_out_dir={root}/extended"]
 PREP_CORPUS = ["prepare", "corpus", "--input={data}/../../blank.txt", "--tokenizer=char", "--out_dir={root}/prep"]
 PREP_SHAKE = ["prepare", "shakespeare_char", "--out_dir={root}/prep_shake"]
+REPORT = ["report", "--out_dir={out}", "--device=cpu", "--start=First", "--max_new_tokens=4", "--out={root}/report.html"]
 
 
 def _config_classes() -> dict[str, tuple[type, list[str]]]:
@@ -128,8 +129,9 @@ def _config_classes() -> dict[str, tuple[type, list[str]]]:
     from glassgpt.trace.knn import TraceKnnConfig
     from glassgpt.trace.neurons import NeuronConfig, TraceNeuronsConfig
     from glassgpt.trace.spans import TraceSpansConfig
+    from glassgpt.view.report import ReportConfig
 
-    return {"train": (TrainConfig, TRAIN), "sample": (SampleConfig, SAMPLE), "bench": (BenchConfig, BENCH),
+    return {"report": (ReportConfig, REPORT), "train": (TrainConfig, TRAIN), "sample": (SampleConfig, SAMPLE), "bench": (BenchConfig, BENCH),
             "eval": (EvalConfig, EVAL), "export": (ExportConfig, EXPORT), "trace-knn": (TraceKnnConfig, KNN),
             "trace-spans": (TraceSpansConfig, SPANS), "trace-neurons": (TraceNeuronsConfig, NEURONS),
             "neuron": (NeuronConfig, NEURON), "extend-context": (ExtendConfig, EXTEND),
@@ -159,6 +161,20 @@ def range_cases() -> list[Case]:
                 continue
             for v in _outside(f.name, kinds[0]):
                 cases.append(Case(f"range-{cmd}-{f.name}={v}", [*base, f"--{f.name}={v}"], must=(f.name, "range")))
+    return cases
+
+
+def choice_cases() -> list[Case]:
+    """Every Literal[...] field of every command: a value outside its choices is the same one line,
+    naming the key, the value and every choice."""
+    from glassgpt.config import choices
+
+    cases = []
+    for cmd, (cls, base) in _config_classes().items():
+        for key, tp in typing.get_type_hints(cls).items():
+            if choices(tp):
+                cases.append(Case(f"choice-{cmd}-{key}", [*base, f"--{key}=bogus"],
+                                  must=(f"{key}='bogus' is not one of {', '.join(map(str, choices(tp)))}",)))
     return cases
 
 
@@ -220,6 +236,9 @@ def _unknown_and_type_cases() -> list[Case]:
         c("type-spans-max_new_tokens", [*SPANS_GEN, "--max_new_tokens=x"], must=("max_new_tokens",)),
         c("type-knn-k", [*KNN, "--k=many"], must=("k",)),
         c("type-neurons-top_k", [*NEURONS, "--top_k=x"], must=("top_k",)),
+        c("type-neurons-n_neurons", [*NEURONS, "--n_neurons=x"], must=("n_neurons",)),
+        c("renamed-sample-window", [*SAMPLE, "--window=sliding"], must=("window_rule",)),
+        c("renamed-knn-context", [*KNN, "--context=16"], must=("unknown", "context")),
         c("type-neuron-layer", [*NEURON, "--layer=a"], must=("layer",)),
         c("type-eval-stride", [*EVAL, "--stride=x"], must=("stride",)),
         c("type-extend-block_size", [*EXTEND, "--block_size=big"], must=("block_size",)),
@@ -305,7 +324,7 @@ def _input_cases() -> list[Case]:
         c("eval-stride-over-block", [*EVAL, "--stride=1000"], must=("stride",)),
         c("sample-device", [*SAMPLE, "--device=tpu"], must=("tpu",)),
         c("sample-dtype", [*SAMPLE, "--dtype=int8"], must=("int8",)),
-        c("sample-window", [*SAMPLE, "--window=bogus"], must=("bogus",)),
+        c("sample-window", [*SAMPLE, "--window_rule=bogus"], must=("bogus", "chunked, sliding")),
         c("train-device", [*TRAIN, "--device=tpu"], must=("tpu",)),
         c("knn-search", [*KNN, "--search=bogus"], must=("bogus",)),
         c("neurons-score", [*NEURONS, "--score=bogus"], must=("bogus",)),
@@ -322,7 +341,7 @@ def _input_cases() -> list[Case]:
     ]
 
 
-CASES = range_cases() + checkpoint_cases() + _unknown_and_type_cases() + _input_cases()
+CASES = range_cases() + choice_cases() + checkpoint_cases() + _unknown_and_type_cases() + _input_cases()
 
 
 def snapshot(root: Path, caches: bool = False) -> dict[str, str]:

@@ -55,6 +55,25 @@ def test_help_from_source_matches_the_classes_help():
         assert help_from_source(module, cls_name, f"glassgpt {name}") == help_text(cls, f"glassgpt {name}"), name
 
 
+def test_help_lists_the_choices_of_every_literal_field():
+    """Every `Literal[...]` field of every command's config shows its choices in `--help`."""
+    import importlib
+    import typing
+
+    from glassgpt.config import choices, help_from_source
+
+    seen = 0
+    for name, (module, cls_name, _) in cli.HELP_FROM_SOURCE.items():
+        cls = getattr(importlib.import_module(module), cls_name)
+        lines = help_from_source(module, cls_name, f"glassgpt {name}").splitlines()
+        for key, tp in typing.get_type_hints(cls).items():
+            if choices(tp):
+                line = next(line for line in lines if line.startswith(f"  --{key}="))
+                assert line.endswith(f"[one of: {', '.join(map(str, choices(tp)))}]"), (name, line)
+                seen += 1
+    assert seen >= 20, seen
+
+
 def test_span_query_over_prepared_data_does_not_import_torch(tmp_path):
     data = make_char_dataset(tmp_path / "data" / "tiny_char")
     assert cli.main(["trace-spans", f"--data_dir={data}", "--build"]) == 0
