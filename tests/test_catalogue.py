@@ -117,7 +117,8 @@ NEURON = ["neuron", "--out_dir={out}", "--device=cpu", "--layer=0", "--index=0",
 EXTEND = ["extend-context", "--out_dir={out}", "--block_size=64", "--new_out_dir={root}/extended"]
 PREP_CORPUS = ["prepare", "corpus", "--input={data}/../../blank.txt", "--tokenizer=char", "--out_dir={root}/prep"]
 PREP_SHAKE = ["prepare", "shakespeare_char", "--out_dir={root}/prep_shake"]
-REPORT = ["report", "--out_dir={out}", "--device=cpu", "--start=First", "--max_new_tokens=4", "--out={root}/report.html"]
+REPORT = ["report", "--out_dir={out}", "--device=cpu", "--start=First", "--max_new_tokens=4",
+          "--out={root}/report.html"]
 
 
 def _config_classes() -> dict[str, tuple[type, list[str]]]:
@@ -131,8 +132,8 @@ def _config_classes() -> dict[str, tuple[type, list[str]]]:
     from glassgpt.trace.spans import TraceSpansConfig
     from glassgpt.view.report import ReportConfig
 
-    return {"report": (ReportConfig, REPORT), "train": (TrainConfig, TRAIN), "sample": (SampleConfig, SAMPLE), "bench": (BenchConfig, BENCH),
-            "eval": (EvalConfig, EVAL), "export": (ExportConfig, EXPORT), "trace-knn": (TraceKnnConfig, KNN),
+    return {"train": (TrainConfig, TRAIN), "sample": (SampleConfig, SAMPLE), "bench": (BenchConfig, BENCH),
+            "report": (ReportConfig, REPORT), "eval": (EvalConfig, EVAL), "export": (ExportConfig, EXPORT), "trace-knn": (TraceKnnConfig, KNN),
             "trace-spans": (TraceSpansConfig, SPANS), "trace-neurons": (TraceNeuronsConfig, NEURONS),
             "neuron": (NeuronConfig, NEURON), "extend-context": (ExtendConfig, EXTEND),
             "prepare-corpus": (CorpusConfig, PREP_CORPUS)}
