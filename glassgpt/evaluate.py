@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from glassgpt.config import load_config, wants_help
 from glassgpt.errors import UserError
 from glassgpt.model import GPT
 from glassgpt.tokenizer import GPT2Tokenizer, Tokenizer
+from glassgpt.windows import sliding_windows
 
 
 @dataclass
@@ -93,21 +94,6 @@ class EvalConfig:
 
 # ---------------------------------------------------------------------------------------------------
 # Perplexity and bits per byte
-
-
-def sliding_windows(n_targets: int, block_size: int, stride: int) -> Iterator[tuple[int, int, int]]:
-    """(begin, end, first_scored) windows over a sequence with `n_targets` next-token targets.
-
-    Window inputs are seq[begin:end] (at most block_size); it scores targets j in [first_scored, end),
-    target j being seq[j + 1] predicted from seq[:j + 1]. Windows tile [0, n_targets) exactly once.
-    """
-    if not 1 <= stride <= block_size:
-        raise UserError(f"stride={stride} must be between 1 and block_size={block_size}")
-    done = 0
-    while done < n_targets:
-        end = min(block_size if done == 0 else done + stride, n_targets)
-        yield max(0, end - block_size), end, done
-        done = end
 
 
 @torch.no_grad()

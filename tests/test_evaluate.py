@@ -21,11 +21,11 @@ from glassgpt.evaluate import (
     parse_mc_example,
     perplexity,
     read_mc_jsonl,
-    sliding_windows,
     token_nlls,
 )
 from glassgpt.model import GPT, GPTConfig
 from glassgpt.tokenizer import CharTokenizer, GPT2Tokenizer
+from glassgpt.windows import sliding_windows
 
 TEXT = "the cat sat on the mat. the dog sat on the log. a cat and a dog met on a mat by a log.\n" * 6
 

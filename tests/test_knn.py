@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_checkpoint
+
 from glassgpt import cli
 from glassgpt.corpus import Corpus, write_json, write_segments
 from glassgpt.errors import UserError
 from glassgpt.model import GPT, GPTConfig
 from glassgpt.tokenizer import CharTokenizer
 from glassgpt.trace import knn
+from glassgpt.windows import window_starts
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [
@@ -118,7 +119,7 @@ def test_embed_windows_equal_per_window_reference_forward(tmp_path, layer, pooli
 def test_query_windows_equal_manual_computation():
     model = tiny_model(block_size=16)
     ids = torch.randint(0, 40, (45,)).tolist()
-    starts = knn.query_window_starts(len(ids), 16, 7)
+    starts = window_starts(len(ids), 16, 7)
     assert starts == [0, 7, 14, 21, 28, 29]  # the last window ends exactly at the end of the text
     with torch.no_grad():
         manual = torch.stack([reference_states(model, torch.tensor([ids[s:s + 16]]), 2)[0].mean(0) for s in starts])
@@ -249,7 +250,7 @@ def test_explain_is_what_json_prints_and_per_window_covers_the_text(char_checkpo
     got = knn.explain(run, knn.open_store(run), text, per_window=True)
     assert {**printed, "query_ms": 0} == json.loads(json.dumps({**got, "query_ms": 0}))
     w = got["per_window"]
-    assert len(w) == got["n_query_windows"] == len(knn.query_window_starts(len(text), 32, 16)) > 2 and w[0]["char_start"] == 0 and w[-1]["char_end"] == len(text)
+    assert len(w) == got["n_query_windows"] == len(window_starts(len(text), 32, 16)) > 2 and w[0]["char_start"] == 0 and w[-1]["char_end"] == len(text)
     for part in w:
         assert part["neighbours"] and text[part["char_start"]:part["char_end"]]
     assert "query chars 0:32 ->" in knn.format_result(got)
@@ -270,7 +271,7 @@ def test_start_generates_then_traces_prompt_plus_output(char_checkpoint, capsys)
     assert r["n_tokens"] == 44 and r["n_query_windows"] == 2  # 44 tokens > block_size 32: slid and pooled
     assert "#1  tiny line" in capsys.readouterr().out
     fine = knn.main([f"--out_dir={char_checkpoint}", f"--text={r['text']}", "--query_stride=4"])
-    assert fine["n_query_windows"] == len(knn.query_window_starts(44, 32, 4)) == 4
+    assert fine["n_query_windows"] == len(window_starts(44, 32, 4)) == 4
 
 
 def test_faiss_search_through_the_command(char_checkpoint):

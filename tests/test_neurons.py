@@ -16,6 +16,7 @@ from glassgpt.hooks import hooks, record
 from glassgpt.run import open_run
 from glassgpt.sampling import SamplingSettings
 from glassgpt.trace import neurons as nz
+from glassgpt.windows import sliding_windows
 
 
 def n_hooks(model: torch.nn.Module) -> int:
@@ -47,7 +48,6 @@ def test_record_text_matches_full_forward_and_windowed_reference(run):
     short = nz.record_text(model, ids[:B], 3)
     np.testing.assert_allclose(short, full_acts(model, ids[:B]), rtol=1e-5, atol=1e-6)
     long = nz.record_text(model, ids, 3)
-    from glassgpt.evaluate import sliding_windows
 
     for b, e, s in sliding_windows(len(ids), B, B // 2):  # each position from the window that scores it
         np.testing.assert_allclose(long[s:e], full_acts(model, ids[b:e])[s - b:], rtol=1e-5, atol=1e-6)
@@ -229,7 +229,7 @@ def test_quantile_examples_and_logit_effect_match_references(run):
 @pytest.mark.parametrize("n,window", [(100, 16), (17, 16), (16, 16), (10, 16), (101, 7), (2, 4)])
 def test_scan_windows_score_every_token_but_the_first_once(n, window):
     seen = np.zeros(n, dtype=int)
-    for start, score_from in nz.scan_windows(n, window):
+    for start, score_from in [(b, f) for b, _, f in sliding_windows(n, window, skip=1)]:
         w = min(window, n)
         assert 0 <= start <= score_from and start + w <= n
         assert score_from == 1 or score_from - start >= w // 2
@@ -242,7 +242,7 @@ def test_neuron_examples_match_brute_force(run):
     values, positions = nz.build_neuron_examples(model, tokens, window=16, keep=5, batch_size=7, progress=False)
     for layer, idx in ((0, 0), (1, 77)):
         cands = []
-        for start, score_from in nz.scan_windows(len(tokens), 16):
+        for start, score_from in [(b, f) for b, _, f in sliding_windows(len(tokens), 16, skip=1)]:
             col = full_acts(model, tokens[start:start + 16].astype(np.int64).tolist())[score_from - start:, layer, idx]
             cands.append((col.max(), score_from + int(col.argmax())))
         cands.sort(key=lambda c: -c[0])
@@ -363,7 +363,6 @@ def test_traced_logprob_beyond_block_size_matches_windowed_reference(run):
     model = run.model
     B = model.config.block_size
     seq = torch.randint(0, model.config.vocab_size, (3 * B,), generator=torch.Generator().manual_seed(0)).tolist()
-    from glassgpt.evaluate import sliding_windows
 
     ref = np.empty(len(seq) - 1)
     with torch.no_grad():

@@ -27,6 +27,7 @@ from glassgpt.config import load_config, read_text_arg, wants_help
 from glassgpt.corpus import Corpus
 from glassgpt.errors import UserError
 from glassgpt.sampling import SamplingSettings
+from glassgpt.windows import window_starts
 
 STORE_FORMAT = "glassgpt-knn/2"
 EXACT_MAX = 1_000_000  # `search=auto` is exact up to this many windows, faiss beyond
@@ -218,17 +219,6 @@ def calibrate(raw: np.ndarray, calib: dict[str, np.ndarray]) -> np.ndarray:
     return normalize(x)
 
 
-def query_window_starts(n_tokens: int, context: int, stride: int) -> list[int]:
-    """Starts of the sliding windows over a text of n_tokens: every `stride`, plus one ending exactly at
-    the end so that the tail is covered."""
-    if n_tokens <= context:
-        return [0]
-    starts = list(range(0, n_tokens - context + 1, stride))
-    if starts[-1] != n_tokens - context:
-        starts.append(n_tokens - context)
-    return starts
-
-
 @torch.inference_mode()
 def embed_query(model: torch.nn.Module, ids: list[int], context: int, stride: int, layer: int,
                 pooling: str) -> np.ndarray:
@@ -236,7 +226,7 @@ def embed_query(model: torch.nn.Module, ids: list[int], context: int, stride: in
     last one may overlap the one before it; a text shorter than the context is one window)."""
     if not ids:
         raise UserError("the text to trace is empty; pass --text=... or --start=...")
-    starts = query_window_starts(len(ids), context, stride)
+    starts = window_starts(len(ids), context, stride)
     x = torch.tensor([ids[s:s + context] for s in starts], dtype=torch.long, device=next(model.parameters()).device)
     return pool(model(x, stop_at_layer=layer), pooling).float().cpu().numpy()
 
@@ -598,7 +588,7 @@ def explain(run: Any, store: KnnStore, text: str, *, k: int = 5, rank: str = "bm
     nbs, disagree = _ranked(run, store, raw, text, k, rank, search, nprobe)
     windows = []
     if per_window and len(raw) > 1:  # each query window alone: the part of the text each source matches
-        for j, s in enumerate(query_window_starts(len(ids), m["context"], stride)):
+        for j, s in enumerate(window_starts(len(ids), m["context"], stride)):
             part = ids[s:s + m["context"]]
             c0 = len(tok.decode(ids[:s]))
             w_nbs, w_dis = _ranked(run, store, raw[j:j + 1], tok.decode(part), min(k, 3), rank, search, nprobe)

@@ -28,10 +28,11 @@ from tqdm import tqdm
 from glassgpt.artifacts import read_json, write_artifact
 from glassgpt.config import load_config, read_text_arg, wants_help
 from glassgpt.errors import UserError
-from glassgpt.evaluate import sliding_windows, token_nlls
+from glassgpt.evaluate import token_nlls
 from glassgpt.hooks import hooks, mlp_post, record
 from glassgpt.model import GPT
 from glassgpt.sampling import SamplingSettings, generate_from, prompt_ids, sampling_settings
+from glassgpt.windows import sliding_windows
 
 FORMAT = "glassgpt-neurons/2"
 BASELINE_DIR, EXAMPLES_DIR = "neurons_baseline", "neurons_examples"
@@ -213,23 +214,6 @@ def quantile_examples(values: np.ndarray, quantiles=QUANTILES, per: int = 2) -> 
     return out
 
 
-def scan_windows(n_tokens: int, window: int) -> list[tuple[int, int]]:
-    """(start, score_from) of windows of `window` tokens over a stream, overlapping by half, such that
-    scoring positions [score_from, start + window) of each window scores every token but the very
-    first exactly once, always with at least window // 2 tokens (or all before it) of context."""
-    if n_tokens < 2:
-        return []
-    window = min(window, n_tokens)
-    stride = max(window // 2, 1)
-    out, covered, start = [], 1, 0  # token 0 has no context at all: never scored
-    while covered < n_tokens:
-        start = min(start, n_tokens - window)
-        out.append((start, covered))
-        covered = start + window
-        start += stride
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Recording and ablating with a model
 
@@ -261,7 +245,7 @@ def record_activations(model: GPT, idx: torch.Tensor, layers: list[int] | None =
 
 def record_text(model: GPT, ids: list[int], pos0: int, grad: bool = False):
     """Every position's MLP activations over `ids`, (T, n_layer, n_neurons) float32, read in
-    half-overlapping windows (evaluate.sliding_windows: each position once, >= block_size/2 context).
+    half-overlapping windows (glassgpt.windows: each position once, >= block_size/2 context).
 
     With grad also (sum a*g, sum g), each (n_layer, n_neurons), where g = d/da of the log-prob of the
     traced tokens ids[pos0+1:], summed over every position of every window: sum (a - ref) * g is then
@@ -450,7 +434,7 @@ def build_neuron_examples(model: GPT, tokens: np.ndarray, window: int, keep: int
     """For every neuron, the `keep` windows where it fires most: (values, positions), each
     (keep, n_layer, n_neurons), best first; positions index the split. At most one example per scan
     window per neuron, so one long burst does not fill the list."""
-    windows = scan_windows(len(tokens), window)[:max_windows]
+    windows = [(b, f) for b, _, f in sliding_windows(len(tokens), window, skip=1)][:max_windows]
     if not windows:
         raise UserError(f"the training split has {len(tokens)} tokens: too few to scan")
     window = min(window, len(tokens))
@@ -658,7 +642,7 @@ def neuron_card(run, layer: int, index: int, *, top: int = 10, context: int = 40
     check_neuron(model, layer, index)
     values, positions = open_examples(run, window, keep, max_windows, build, batch_size, log)
     W = _window(window, model)
-    windows = scan_windows(len(tokens), W)
+    windows = [(b, f) for b, _, f in sliding_windows(len(tokens), W, skip=1)]
     W = min(W, len(tokens))
     froms = [f for _, f in windows]
     hits = [int(p) for v, p in zip(values[:top, layer, index], positions[:top, layer, index], strict=False) if np.isfinite(v)]
