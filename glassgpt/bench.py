@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from glassgpt.config import BenchConfig, load_config, wants_help
+from glassgpt.config import BenchConfig, TrainConfig, load_config, wants_help
 from glassgpt.data import BatchSampler, data_dir_for
 from glassgpt.errors import run_main
 from glassgpt.model import GPT, GPTConfig
+from glassgpt.optim import build_optimizers
 from glassgpt.runtime import autocast, device_peak_flops, resolve_device, resolve_dtype
 from glassgpt.tokenizer import read_meta
 
@@ -44,7 +45,9 @@ def bench(cfg: BenchConfig) -> dict:
     get_batch, vocab, source = make_batches(cfg, device)
     model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                           dropout=cfg.dropout, bias=cfg.bias, vocab_size=vocab)).to(device)
-    optimizer = model.configure_optimizers(1e-2, 1e-4, (0.9, 0.95), device_type)
+    # nanoGPT bench.py's AdamW (weight decay 1e-2, lr 1e-4), with train's parameter groups
+    optimizer = build_optimizers(model, TrainConfig(weight_decay=1e-2, learning_rate=1e-4, beta1=0.9, beta2=0.95),
+                                 device_type)
     if cfg.compile:
         print("compiling model...")
         model = torch.compile(model)  # type: ignore[assignment]

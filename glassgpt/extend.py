@@ -96,18 +96,17 @@ def unchanged_rows(old_rows: int, new_rows: int, method: str) -> int:
 
 def _wpe_optimizer_index(ckpt: dict[str, Any], adam: dict[str, Any]) -> int | None:
     """Which AdamW state index belongs to wpe. Rebuild the model and the parameter order its
-    optimizer was built with: glassgpt.optim names its groups ('decay' or 'embed', 'vector', in
-    split_params' order); nanoGPT's (and older glassgpt's) unnamed groups follow
-    GPT.configure_optimizers. Every saved moment must then have its parameter's shape."""
+    optimizer was built with (glassgpt.optim.adamw_groups, the builder train uses): named groups ('decay'
+    or 'embed', 'vector') are matched by name; nanoGPT's unnamed ones are in the same order (2-D
+    weights, then the rest). Every saved moment must then have its parameter's shape."""
+    from glassgpt.optim import adamw_groups
+
     model = model_from_checkpoint(ckpt)
     saved = adam.get("param_groups", [])
-    if saved and all("name" in g for g in saved):
-        from glassgpt.optim import split_params
-
-        groups = split_params(model, muon=any(g["name"] == "embed" for g in saved))
-        flat = [p for g in saved for p in groups.get(g["name"], [])]
-    else:
-        flat = [p for g in model.configure_optimizers(0.0, 1e-3, (0.9, 0.95), "cpu").param_groups for p in g["params"]]
+    named = bool(saved) and all("name" in g for g in saved)
+    groups = adamw_groups(model, 0.0, muon=named and any(g["name"] == "embed" for g in saved))
+    by_name = {g["name"]: g["params"] for g in groups}
+    flat = [p for g in saved for p in by_name.get(g["name"], [])] if named else [p for g in groups for p in g["params"]]
     wpe = model.transformer.wpe.weight
     ids = [i for i, p in enumerate(flat) if p is wpe]
     saved_ids = [i for g in saved for i in g["params"]]

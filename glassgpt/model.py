@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -366,19 +365,11 @@ class GPT(nn.Module):
     def configure_optimizers(
         self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
     ) -> torch.optim.Optimizer:
-        # Decay the 2-D weights (matmuls, embeddings), not biases and LayerNorm gains.
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        # The fused kernel runs on CUDA and (torch >= 2.4) CPU: on this project's 2-core CPU it
-        # steps ~10x faster than the per-tensor loop.
-        fused_ok = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
-        extra = {"fused": True} if fused_ok else {}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        """nanoGPT's AdamW: the 2-D weights (matmuls, embeddings) decayed, biases and gains not; the
+        groups come from glassgpt.optim, the one parameter-group builder."""
+        from glassgpt.optim import adamw, adamw_groups
+
+        return adamw(adamw_groups(self, weight_decay), learning_rate, betas, device_type)
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token, PaLM appendix B: 6N + 12 L H Q T."""

@@ -28,7 +28,8 @@ def sliding_windows(n: int, window: int, stride: int | None = None, skip: int = 
     stride = max(1, window // 2) if stride is None else stride
     if not 1 <= stride <= window:
         raise UserError(f"stride={stride} must be between 1 and the window length {window}")
-    out, done = [], skip
+    out: list[tuple[int, int, int]] = []
+    done = skip
     while done < n:
         end = min(window if not out else done + stride, n)
         out.append((max(0, end - window), end, done))
