@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from glassgpt.corpus import write_dataset
+
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {
     # a model a 2-core CPU trains at a few iterations per second
@@ -38,13 +40,11 @@ PRESETS = {
 
 def make_dataset(root: Path, vocab_size: int, n_tokens: int = 1_000_000) -> Path:
     """Random tokens: throughput does not depend on what the text says."""
-    data = root / "random_tokens"
-    data.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    for split, n in (("train", n_tokens), ("val", n_tokens // 10)):
-        rng.integers(0, vocab_size, n, dtype=np.uint16).tofile(data / f"{split}.bin")
-    (data / "meta.json").write_text(json.dumps({"vocab_size": vocab_size, "tokenizer": "random"}))
-    return data
+    ids = {split: rng.integers(0, vocab_size, n, dtype=np.uint16) for split, n in (("train", n_tokens),
+                                                                                ("val", n_tokens // 10))}
+    return write_dataset(root / "random_tokens", {"vocab_size": vocab_size, "tokenizer": "random"}, ids,
+                         [{"id": "random", "source": "numpy.random", "char_offset": 0, "line": 1}])
 
 
 def run_job(mode: str, nproc: int, args: argparse.Namespace, data: Path, out: Path) -> dict:

@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from canaries import write_char_dataset  # noqa: E402
+
 from glassgpt.download import TINYSHAKESPEARE, local_or_fetch  # noqa: E402
 from glassgpt.trace import spans as S  # noqa: E402
 
@@ -136,19 +137,17 @@ def bench_tiny_shakespeare(work: Path, repeats: int) -> list[str]:
 
 def bench_bpe(work: Path, text: str, gens: dict[str, str], repeats: int) -> list[str]:
     """The same on tiny-shakespeare as GPT-2 BPE tokens (one document, 90% train as nanoGPT's prepare)."""
-    from glassgpt.corpus import DATA_FORMAT, write_json, write_segments
+    from glassgpt.corpus import write_dataset
     from glassgpt.tokenizer import GPT2Tokenizer
 
     tok = GPT2Tokenizer(MIRROR / "gpt2")
-    data_dir = work / "ts_bpe"
-    data_dir.mkdir(parents=True, exist_ok=True)
     n = int(len(text) * 0.9)
-    for split, part, start in (("train", text[:n], 0), ("val", text[n:], n)):
-        ids = np.array(tok.encode_ordinary(part), dtype=np.uint16)
-        ids.tofile(data_dir / f"{split}.bin")
-        write_segments(data_dir, split, [[0, 0, len(ids), start, 1 + text.count("\n", 0, start)]])
-    write_json(data_dir / "meta.json", {**tok.meta(), "format": DATA_FORMAT})
-    write_json(data_dir / "documents.json", [{"id": "tinyshakespeare", "source": "input.txt", "char_offset": 0, "line": 1}])
+    parts = {"train": (text[:n], 0), "val": (text[n:], n)}
+    ids = {s: tok.encode_ordinary(p) for s, (p, _) in parts.items()}
+    data_dir = write_dataset(work / "ts_bpe", tok.meta(), ids,
+                             [{"id": "tinyshakespeare", "source": "input.txt", "char_offset": 0, "line": 1}],
+                             segments={s: [[0, 0, len(ids[s]), c, 1 + text.count("\n", 0, c)]]
+                                       for s, (_, c) in parts.items()})
     t, _ = timed(lambda: S.write_span_index(data_dir, log=lambda m: None), repeats)
     n_tok = len(np.fromfile(data_dir / "train.bin", dtype=np.uint16))
     lines = [f"| index build, tiny-shakespeare GPT-2 BPE ({n_tok:,} tokens), incl. writing files | {t} | "

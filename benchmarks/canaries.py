@@ -30,13 +30,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from glassgpt.corpus import DATA_FORMAT, write_json, write_segments  # noqa: E402
+from glassgpt.corpus import write_dataset, write_json  # noqa: E402
 from glassgpt.download import TINYSHAKESPEARE, local_or_fetch  # noqa: E402
 from glassgpt.tokenizer import CharTokenizer  # noqa: E402
 
@@ -99,16 +97,13 @@ def plant_canaries(text: str, n: int, seed: int, repeats: int = 1,
 
 def write_char_dataset(data_dir: Path, text: str, doc_id: str, val_fraction: float = VAL_FRACTION) -> Path:
     """One document split train/val like nanoGPT's shakespeare_char, in glassgpt/corpus.py's layout."""
-    data_dir.mkdir(parents=True, exist_ok=True)
     tok = CharTokenizer.from_text(text)
     n = int(len(text) * (1 - val_fraction))
-    for split, part, char_start in (("train", text[:n], 0), ("val", text[n:], n)):
-        np.array(tok.encode(part), dtype=np.uint16).tofile(data_dir / f"{split}.bin")
-        write_segments(data_dir, split, [[0, 0, len(part), char_start, 1 + text.count("\n", 0, char_start)]])
-    write_json(data_dir / "meta.json", {**tok.meta(), "format": DATA_FORMAT,
-                                        "train_tokens": n, "val_tokens": len(text) - n})
-    write_json(data_dir / "documents.json", [{"id": doc_id, "source": f"{doc_id}.txt", "char_offset": 0, "line": 1}])
-    return data_dir
+    parts = {"train": (text[:n], 0), "val": (text[n:], n)}
+    return write_dataset(data_dir, tok.meta(), {s: tok.encode(p) for s, (p, _) in parts.items()},
+                         [{"id": doc_id, "source": f"{doc_id}.txt", "char_offset": 0, "line": 1}],
+                         segments={s: [[0, 0, len(p), c, 1 + text.count("\n", 0, c)]] for s, (p, c) in parts.items()},
+                         train_tokens=n, val_tokens=len(text) - n)
 
 
 def prepare_canary_dataset(out_dir: str | Path, n: int = 32, seed: int = 0, repeats: int = 1,

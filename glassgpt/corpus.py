@@ -25,6 +25,7 @@ import json
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,13 @@ from glassgpt.tokenizer import CharTokenizer, Tokenizer, read_meta, tokenizer_fr
 
 SEGMENT_COLUMNS = ("doc", "tok_start", "tok_end", "char_start", "line_start")
 DATA_FORMAT = "glassgpt-data/1"
+DATA_FILES = ("train.bin", "val.bin", "train.docs.npy", "val.docs.npy", "documents.json")
+"""The files a dataset's fingerprint covers (meta.json describes them and is left out)."""
+
+
+def data_files(data_dir: str | Path) -> list[Path]:
+    d = Path(data_dir)
+    return [d / n for n in DATA_FILES if (d / n).exists()]
 
 
 @dataclass
@@ -75,6 +83,45 @@ def check_uint16(ids: np.ndarray, where: str = "") -> np.ndarray:
         raise UserError(f"token id {int(ids.max())} does not fit uint16 storage{where}; "
                         "this tokenizer's vocabulary is too large for .bin files")
     return ids.astype(np.uint16)
+
+
+def write_dataset(data_dir: str | Path, tokenizer_meta: dict, tokens: dict[str, Any], documents: list[dict], *,
+                  segments: dict[str, Any] | None = None, fingerprint: bool = True, **meta: Any) -> Path:
+    """Write a prepared dataset in the layout above: each split's token ids (`tokens[split]`, as uint16
+    .bin) and segment table, documents.json, and meta.json (`tokenizer_meta` + format + `meta`). The one
+    writer that `prepare`, the tests and the benchmarks use. `segments[split]` defaults to one segment of document
+    0 from its first character. With `fingerprint`, meta.json records the data's fingerprint (as
+    prepare does); without, it is computed when first read, as for nanoGPT data."""
+    d = Path(data_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    for split, ids in tokens.items():
+        check_uint16(np.asarray(ids, dtype=np.int64), f" in split {split}").tofile(d / f"{split}.bin")
+        seg = (segments or {}).get(split)
+        write_segments(d, split, seg if seg is not None else [[0, 0, len(ids), 0, 1]])
+    finish_dataset(d, tokenizer_meta, documents, fingerprint=fingerprint, **meta)
+    return d
+
+
+def finish_dataset(data_dir: str | Path, tokenizer_meta: dict, documents: list[dict], *, fingerprint: bool = True,
+                   **meta: Any) -> None:
+    """documents.json and meta.json beside splits already written (prepare streams big corpora into
+    the .bin files itself); for char data also nanoGPT's meta.pkl, so nanoGPT's sample.py decodes it."""
+    import pickle
+
+    from glassgpt.artifacts import fingerprint_files
+
+    d = Path(data_dir)
+    write_json(d / "documents.json", documents)
+    meta = {**tokenizer_meta, "format": DATA_FORMAT, **meta}
+    if fingerprint:  # taken now, once: readers compare strings (and the sizes it covers)
+        files = data_files(d)
+        meta.update(fingerprint=fingerprint_files(files, cache=False), files={p.name: p.stat().st_size for p in files})
+    write_json(d / "meta.json", meta)
+    if meta.get("tokenizer") == "char":
+        itos = meta["itos"]
+        itos = dict(enumerate(itos)) if isinstance(itos, list) else {int(k): v for k, v in itos.items()}
+        plain = {"vocab_size": meta["vocab_size"], "stoi": meta["stoi"], "itos": itos}
+        write_file_atomic(d / "meta.pkl", pickle.dumps(plain))
 
 
 def count_lines(text: str) -> int:

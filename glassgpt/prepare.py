@@ -30,7 +30,6 @@ import json
 import math
 import multiprocessing
 import os
-import pickle
 import shutil
 import sys
 import time
@@ -43,12 +42,11 @@ from typing import Any, Literal
 import numpy as np
 from tqdm import tqdm
 
-from glassgpt.artifacts import fingerprint_files, write_artifact, write_file_atomic
+from glassgpt.artifacts import write_artifact
 from glassgpt.config import load_config, wants_help
-from glassgpt.corpus import DATA_FORMAT, check_uint16, write_json, write_segments
+from glassgpt.corpus import check_uint16, finish_dataset, write_dataset, write_segments
 from glassgpt.download import TINYSHAKESPEARE, fetch
 from glassgpt.errors import UserError
-from glassgpt.run import data_files
 from glassgpt.tokenizer import GPT2_EOT, CharTokenizer, GPT2Tokenizer
 
 UINT16_IDS = 1 << 16
@@ -130,20 +128,6 @@ def staging(out_dir: Path):
     return write_artifact(out_dir, keep_others=True)
 
 
-def write_meta(tmp: Path, meta: dict) -> None:
-    """meta.json with the dataset's fingerprint (taken now, once: readers compare strings) and the
-    file sizes it covers; plus nanoGPT's meta.pkl for char data, so nanoGPT's sample.py decodes it."""
-    files = data_files(tmp)
-    meta = {**meta, "fingerprint": fingerprint_files(files, cache=False),
-            "files": {p.name: p.stat().st_size for p in files}}
-    write_json(tmp / "meta.json", meta)
-    if meta.get("tokenizer") == "char":
-        itos = meta["itos"]
-        itos = dict(enumerate(itos)) if isinstance(itos, list) else {int(k): v for k, v in itos.items()}
-        plain = {"vocab_size": meta["vocab_size"], "stoi": meta["stoi"], "itos": itos}
-        write_file_atomic(tmp / "meta.pkl", pickle.dumps(plain))
-
-
 def read_text_file(path: str | Path) -> str:
     path = Path(path)
     try:
@@ -189,19 +173,17 @@ def prepare_shakespeare(cfg: ShakespeareConfig, name: str = "shakespeare_char") 
         cut = int(len(text) * 0.9)  # nanoGPT: data[:int(n*0.9)] / data[int(n*0.9):]
         if cut == 0 or cut == len(text):
             raise UserError(f"{src} has {len(text)} characters, too few to split 90/10 into train and val")
-        sizes = {}
+        ids, segments, sizes = {}, {}, {}
         for split, part, char_start in (("train", text[:cut], 0), ("val", text[cut:], cut)):
-            ids = np.asarray(tok.encode_ordinary(part) if bpe else tok.encode_array(part))
-            check_uint16(ids, f" in {src}").tofile(tmp / f"{split}.bin")
+            ids[split] = check_uint16(np.asarray(tok.encode_ordinary(part) if bpe else tok.encode_array(part)),
+                                      f" in {src}")
             # the val segment starts mid-document: record where, so locations point into the file
-            line = 1 + text.count("\n", 0, char_start)
-            write_segments(tmp, split, [[0, 0, len(ids), char_start, line]])
-            sizes[split] = split_record(len(ids), 1, 1)
-        write_json(tmp / "documents.json",
-                   [{"id": doc_id, "source": source, "char_offset": 0, "line": 1, "split": "train,val"}])
-        meta = {**tok.meta(), "format": DATA_FORMAT, "dataset": name, "source": source,
-                "train_tokens": sizes["train"]["tokens"], "val_tokens": sizes["val"]["tokens"], "splits": sizes}
-        write_meta(tmp, meta)
+            segments[split] = [[0, 0, len(ids[split]), char_start, 1 + text.count("\n", 0, char_start)]]
+            sizes[split] = split_record(len(ids[split]), 1, 1)
+        write_dataset(tmp, tok.meta(), ids, [{"id": doc_id, "source": source, "char_offset": 0, "line": 1,
+                                              "split": "train,val"}], segments=segments, dataset=name,
+                      source=source, train_tokens=sizes["train"]["tokens"], val_tokens=sizes["val"]["tokens"],
+                      splits=sizes)
     print(f"{name}: vocab {tok.vocab_size}, train {sizes['train']['tokens']:,} tokens, "
           f"val {sizes['val']['tokens']:,} tokens -> {out_dir} ({time.time() - t0:.1f}s)")
     return {"out_dir": str(out_dir), "vocab_size": tok.vocab_size,
@@ -510,12 +492,10 @@ def prepare_corpus(cfg: CorpusConfig, name: str = "corpus") -> dict:
             raise UserError(f"the corpus {cfg.input} gave an empty train or val split; add documents")
         for s, w in writers.items():
             write_segments(tmp, s, w.segments)
-        write_json(tmp / "documents.json", documents)
-        meta = {**tok.meta(), "format": DATA_FORMAT, "dataset": name, "source": cfg.input,
-                "train_tokens": sizes["train"]["tokens"], "val_tokens": sizes["val"]["tokens"], "splits": sizes,
-                "split": {"by": "document", "val_fraction": cfg.val_fraction, "seed": cfg.seed},
-                "skipped_bad_lines": bad.count}
-        write_meta(tmp, meta)
+        finish_dataset(tmp, tok.meta(), documents, dataset=name, source=cfg.input,
+                       train_tokens=sizes["train"]["tokens"], val_tokens=sizes["val"]["tokens"], splits=sizes,
+                       split={"by": "document", "val_fraction": cfg.val_fraction, "seed": cfg.seed},
+                       skipped_bad_lines=bad.count)
     seconds = time.time() - t0
     total = sizes["train"]["tokens"] + sizes["val"]["tokens"]
     if sizes["val"]["tokens"] <= 1024:

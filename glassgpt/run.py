@@ -17,12 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from glassgpt.artifacts import cached_fingerprint, read_json
-from glassgpt.corpus import Corpus
+from glassgpt.corpus import Corpus, data_files
 from glassgpt.errors import UserError
 from glassgpt.tokenizer import Tokenizer, read_meta, tokenizer_from_meta
-
-# What a prepared dataset's fingerprint covers (meta.json holds it, so it is not among them).
-DATA_FILES = ("train.bin", "val.bin", "train.docs.npy", "val.docs.npy", "documents.json")
 
 
 # ---------------------------------------------------------------- data
@@ -39,11 +36,6 @@ def resolve_data_dir(config: dict[str, Any] | None = None, data_dir: str | Path 
     if cfg.get("dataset"):
         return Path("data") / str(cfg["dataset"])
     return None
-
-
-def data_files(data_dir: str | Path) -> list[Path]:
-    d = Path(data_dir)
-    return [d / n for n in DATA_FILES if (d / n).exists()]
 
 
 def data_fingerprint_of(data_dir: str | Path, meta: dict | None = None) -> str:

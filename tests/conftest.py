@@ -9,12 +9,12 @@ from pathlib import Path
 # would otherwise oversubscribe the 2-core CI machine. Set before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pytest
+import torch
 
 from glassgpt.checkpoint import save_checkpoint
-from glassgpt.corpus import write_json, write_segments
+from glassgpt.corpus import write_dataset
 from glassgpt.model import GPT, GPTConfig
 from glassgpt.tokenizer import CharTokenizer
 
@@ -54,16 +54,15 @@ def mirror() -> Path:
 
 
 def make_char_dataset(data_dir: Path, text: str = TINY_TEXT, val_fraction: float = 0.1) -> Path:
-    """A prepared char-level dataset in glassgpt's layout (see glassgpt/corpus.py), one document."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    """A prepared char-level dataset in glassgpt's layout (see glassgpt/corpus.py), one document, written
+    by prepare's own writer. No fingerprint is recorded: tests that edit the files see them re-hashed."""
     tok = CharTokenizer.from_text(text)
     n = int(len(text) * (1 - val_fraction))
-    for split, part, char_start in (("train", text[:n], 0), ("val", text[n:], n)):
-        np.array(tok.encode(part), dtype=np.uint16).tofile(data_dir / f"{split}.bin")
-        write_segments(data_dir, split, [[0, 0, len(part), char_start, 1 + text[:char_start].count("\n")]])
-    write_json(data_dir / "meta.json", {**tok.meta(), "format": "glassgpt-data/1"})
-    write_json(data_dir / "documents.json", [{"id": "tiny", "source": "tiny.txt", "char_offset": 0, "line": 1}])
-    return data_dir
+    parts = {"train": (text[:n], 0), "val": (text[n:], n)}
+    return write_dataset(data_dir, tok.meta(), {s: tok.encode(p) for s, (p, _) in parts.items()},
+                         [{"id": "tiny", "source": "tiny.txt", "char_offset": 0, "line": 1}],
+                         segments={s: [[0, 0, len(p), c, 1 + text[:c].count("\n")]] for s, (p, c) in parts.items()},
+                         fingerprint=False)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import torch
 from conftest import make_checkpoint
 
 from glassgpt import cli
-from glassgpt.corpus import Corpus, write_json, write_segments
+from glassgpt.corpus import Corpus, write_dataset
 from glassgpt.errors import UserError
 from glassgpt.model import GPT, GPTConfig
 from glassgpt.tokenizer import CharTokenizer
@@ -33,7 +33,6 @@ DOCS = [
 
 def make_multidoc_dataset(data_dir: Path) -> Path:
     """Three documents; the third is cut into two segments (as a train/val split cuts a document)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
     tok = CharTokenizer.from_text("".join(DOCS))
     ids, segs = [], []
     for d, text in enumerate(DOCS):
@@ -41,12 +40,9 @@ def make_multidoc_dataset(data_dir: Path) -> Path:
         for a, b in zip(cuts, cuts[1:]):
             segs.append([d, len(ids), len(ids) + (b - a), a, 1 + text[:a].count("\n")])
             ids += tok.encode(text[a:b])
-    np.array(ids, dtype=np.uint16).tofile(data_dir / "train.bin")
-    write_segments(data_dir, "train", segs)
-    write_json(data_dir / "meta.json", {**tok.meta(), "format": "glassgpt-data/1"})
-    write_json(data_dir / "documents.json",
-               [{"id": f"doc{d}", "source": f"doc{d}.txt", "char_offset": 0, "line": 1} for d in range(len(DOCS))])
-    return data_dir
+    return write_dataset(data_dir, tok.meta(), {"train": ids},
+                         [{"id": f"doc{d}", "source": f"doc{d}.txt", "char_offset": 0, "line": 1}
+                          for d in range(len(DOCS))], segments={"train": segs}, fingerprint=False)
 
 
 def tiny_model(vocab: int = 40, block_size: int = 16, n_layer: int = 2) -> GPT:

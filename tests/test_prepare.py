@@ -336,12 +336,12 @@ def test_failure_after_tokenizing_keeps_older_dataset(tmp_path, monkeypatch):
     out = tmp_path / "out"
     prepare("corpus", f"--input={good}", f"--out_dir={out}", "--num_proc=1")
     before = files_bytes(out)
-    import glassgpt.prepare as gp
+    import glassgpt.corpus as gc
 
     def boom(*a, **k):
         raise UserError("simulated failure while writing meta.json")
 
-    monkeypatch.setattr(gp, "write_json", boom)
+    monkeypatch.setattr(gc, "write_json", boom)
     with pytest.raises(UserError, match="simulated"):
         prepare("corpus", f"--input={good}", f"--out_dir={out}", "--num_proc=1", "--seed=5")
     assert files_bytes(out) == before and not [p for p in out.iterdir() if p.name.startswith(".")]
@@ -463,7 +463,8 @@ def test_prepare_records_the_fingerprint_once(tmp_path, monkeypatch):
     """meta.json holds the dataset's fingerprint (taken at prepare); open_data reads it, never hashes."""
     import glassgpt.artifacts as artifacts
     from glassgpt.artifacts import fingerprint_files
-    from glassgpt.run import data_files, open_data
+    from glassgpt.corpus import data_files
+    from glassgpt.run import open_data
 
     out = tmp_path / "out"
     prepare("corpus", f"--input={write_jsonl(tmp_path / 'd.jsonl', DOCS)}", f"--out_dir={out}", "--num_proc=1",

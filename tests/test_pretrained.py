@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from glassgpt.checkpoint import save_checkpoint
 from glassgpt.cli import main as cli_main
@@ -20,9 +22,6 @@ from glassgpt.errors import UserError
 from glassgpt.generate import generate
 from glassgpt.model import GPT, GPTConfig
 from glassgpt.pretrained import PRETRAINED_NAMES, check_vocab, export_hf, from_pretrained, pretrained_tokenizer
-
-import transformers  # noqa: E402  (in pyproject's [test] extra: a missing one is a failure, not a skip)
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 # (n_layer, n_head, n_embd, n_positions, vocab_size, activation_function): odd shapes on purpose.
 SHAPES = [
@@ -176,7 +175,7 @@ def test_export_char_checkpoint_keeps_its_vocab(tmp_path, char_checkpoint):
 
 def test_export_bad_arguments(tmp_path, char_checkpoint, capsys):
     assert cli_main(["export", f"--out_dir={char_checkpoint}", "--to=onnx", str(tmp_path / "x")]) == 2
-    assert "--to=onnx is not supported" in capsys.readouterr().err
+    assert "to='onnx' is not one of hf" in capsys.readouterr().err
     assert cli_main(["export", f"--out_dir={char_checkpoint}"]) == 2
     assert "say where to write" in capsys.readouterr().err
     assert cli_main(["export", f"--out_dir={tmp_path / 'nothing'}", str(tmp_path / "x")]) == 2
@@ -296,15 +295,14 @@ def test_check_vocab():
 
 def make_bpe_dataset(data_dir: Path, text: str) -> Path:
     """A GPT-2 BPE dataset (train.bin/val.bin uint16 + meta.json) like data/shakespeare's."""
+    from glassgpt.corpus import write_dataset
     from glassgpt.tokenizer import GPT2Tokenizer
 
-    data_dir.mkdir(parents=True)
-    ids = GPT2Tokenizer().encode(text)
+    tok = GPT2Tokenizer()
+    ids = tok.encode(text)
     n = int(0.9 * len(ids))
-    np.array(ids[:n], dtype=np.uint16).tofile(data_dir / "train.bin")
-    np.array(ids[n:], dtype=np.uint16).tofile(data_dir / "val.bin")
-    (data_dir / "meta.json").write_text(json.dumps({"tokenizer": "gpt2", "vocab_size": 50257, "eot_token": 50256}))
-    return data_dir
+    return write_dataset(data_dir, tok.meta(), {"train": ids[:n], "val": ids[n:]},
+                         [{"id": "text", "source": "text.txt", "char_offset": 0, "line": 1}], fingerprint=False)
 
 
 def test_finetune_from_hf_dir_and_sample_bpe(tmp_path, mirror):

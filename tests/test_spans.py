@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_char_dataset
 
-from glassgpt.corpus import Corpus, write_json, write_segments
+from glassgpt.corpus import Corpus, write_dataset
 from glassgpt.errors import UserError, run_main
 from glassgpt.tokenizer import CharTokenizer, GPT2Tokenizer
 from glassgpt.trace import shards as SH
 from glassgpt.trace import spans as S
-from conftest import make_char_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,21 +26,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_docs_dataset(data_dir: Path, docs: list[str], tokenizer=None) -> Path:
     """A dataset whose train split is `docs`, one segment each (val: the last doc again)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
     tok = tokenizer or CharTokenizer.from_text("".join(docs) + "\n")
+    ids: dict[str, list[int]] = {}
+    segs: dict[str, list[list[int]]] = {}
     for split, part in (("train", docs), ("val", docs[-1:])):
-        ids, seg, pos = [], [], 0
+        ids[split], segs[split] = [], []
         for i, d in enumerate(part):
             t = tok.encode(d)
-            seg.append([i, pos, pos + len(t), 0, 1])
-            ids += t
-            pos += len(t)
-        np.array(ids, dtype=np.uint16).tofile(data_dir / f"{split}.bin")
-        write_segments(data_dir, split, seg)
-    write_json(data_dir / "meta.json", {**tok.meta(), "format": "glassgpt-data/1"})
-    write_json(data_dir / "documents.json",
-               [{"id": f"d{i}", "source": f"d{i}.txt", "char_offset": 0, "line": 1} for i in range(len(docs))])
-    return data_dir
+            segs[split].append([i, len(ids[split]), len(ids[split]) + len(t), 0, 1])
+            ids[split] += t
+    return write_dataset(data_dir, tok.meta(), ids, [{"id": f"d{i}", "source": f"d{i}.txt", "char_offset": 0,
+                                                      "line": 1} for i in range(len(docs))],
+                         segments=segs, fingerprint=False)
 
 
 def doc_strings(corpus: Corpus) -> list[str]:
@@ -437,7 +434,6 @@ def test_bucket_table_matches_the_suffix_array(random_index):
 def test_plant_canaries_offsets_and_lines():
     sys.path.insert(0, str(REPO / "benchmarks"))
     from canaries import plant_canaries
-
     from conftest import TINY_TEXT
 
     new, canaries = plant_canaries(TINY_TEXT, n=3, seed=1, repeats=2)
