@@ -21,7 +21,6 @@ from glassgpt.corpus import Corpus, data_files
 from glassgpt.errors import UserError
 from glassgpt.tokenizer import Tokenizer, read_meta, tokenizer_from_meta
 
-
 # ---------------------------------------------------------------- data
 
 
