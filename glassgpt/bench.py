@@ -9,6 +9,7 @@ glassgpt/model.py), never against a made-up CPU peak.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import time
@@ -43,8 +44,9 @@ def bench(cfg: BenchConfig) -> dict:
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
     torch.manual_seed(cfg.seed)
     get_batch, vocab, source = make_batches(cfg, device)
-    model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
-                          dropout=cfg.dropout, bias=cfg.bias, vocab_size=vocab)).to(device)
+    # every GPTConfig field bench has a key for (its sizes), named as GPTConfig names them
+    arch = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig) if hasattr(cfg, f.name)}
+    model = GPT(GPTConfig(**arch, vocab_size=vocab)).to(device)
     # nanoGPT bench.py's AdamW (weight decay 1e-2, lr 1e-4), with train's parameter groups
     optimizer = build_optimizers(model, TrainConfig(weight_decay=1e-2, learning_rate=1e-4, beta1=0.9, beta2=0.95),
                                  device_type)

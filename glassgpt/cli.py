@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if command in HELP_FROM_SOURCE and any(a in ("-h", "--help") for a in rest):
         module, cls, extra = HELP_FROM_SOURCE[command]
-        from glassgpt.config import help_from_source
+        from glassgpt.sourcefields import help_from_source
 
         print(help_from_source(module, cls, f"glassgpt {command}") + extra)
         return 0

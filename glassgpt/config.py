@@ -20,13 +20,23 @@ from typing import Any, Literal, TypeVar
 
 from glassgpt.errors import UserError
 from glassgpt.sampling import SamplingSettings
+from glassgpt.sourcefields import source_dataclass
 
 C = TypeVar("C")
 
 
+# The architecture options (rope, qk_norm, ...) are GPTConfig's own fields, read from glassgpt/model.py's
+# source (no torch import): an option added there, with its default and docstring, is a train.py key.
+# Left out: what train sets itself (the sizes, dropout, bias and activation, declared below with
+# nanoGPT's defaults; vocab_size from the data) and what only extend-context sets (rope_scale).
+GPTOptions: Any = source_dataclass("glassgpt.model", "GPTConfig", exclude=(
+    "block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "activation", "rope_scale"))
+
+
 @dataclass
-class TrainConfig:
-    """Every nanoGPT train.py key with its nanoGPT default, then glassgpt's own."""
+class TrainConfig(GPTOptions):
+    """Every nanoGPT train.py key with its nanoGPT default, then glassgpt's own, then the model's
+    architecture options (glassgpt.model.GPTConfig, docs/architecture.md; defaults are GPT-2's)."""
 
     # I/O
     out_dir: str = "out"
@@ -106,24 +116,6 @@ class TrainConfig:
     """Write out_dir/loss.png at the end."""
     activation: Literal["gelu", "gelu_new", "relu2"] | None = None
     """Override the MLP activation ('gelu', 'gelu_new' or 'relu2'); None keeps the checkpoint's / 'gelu'."""
-    # architecture options (glassgpt.model.GPTConfig, docs/architecture.md); defaults are GPT-2's
-    rope: bool = False
-    """Rotary position embeddings instead of the learned wpe table."""
-    rope_base: float = 10000.0
-    qk_norm: bool = False
-    """RMS-normalise queries and keys per head before attention."""
-    tie_embeddings: bool = True
-    """lm_head shares wte's matrix (GPT-2); False unties it."""
-    zero_init_proj: bool = False
-    """Initialise the residual output projections (c_proj) to zero."""
-    logit_softcap: float | None = None
-    """logits = cap * tanh(logits / cap); None leaves them raw."""
-    value_embed: bool = False
-    """Every block adds a learned embedding of the token to its attention values."""
-    smear: bool = False
-    """Each position adds a gated copy of the previous token's embedding before the first block."""
-    attn_gate: bool = False
-    """A sigmoid gate per head and position on the attention output."""
     threads: int | None = None
     """CPU threads for torch; None: $OMP_NUM_THREADS if set, else for models under 30M parameters the
     cores other processes leave idle (runtime.choose_threads)."""
@@ -421,102 +413,24 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _constant(node: ast.expr) -> Any:
-    """The value of a default written as a constant expression (`5 * 8`, `None`), else its source."""
-    try:
-        return ast.literal_eval(node)
-    except ValueError:
-        pass
-    names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
-    if not names:  # arithmetic on constants only: safe to evaluate without builtins
-        try:
-            return eval(compile(ast.Expression(node), "<default>", "eval"), {"__builtins__": {}})
-        except Exception:
-            pass
-    return _Source(ast.unparse(node))
-
-
-class _Source(str):
-    def __repr__(self) -> str:
-        return str(self)
-
-
-def _class_def(module: str, name: str) -> tuple[ast.ClassDef, str]:
-    """(the ClassDef `name`, the module defining it), read from `module`'s source and followed through
-    `from X import name`, without importing anything."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.origin:
-        raise UserError(f"cannot find module {module}")
-    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
-    for n in tree.body:
-        if isinstance(n, ast.ClassDef) and n.name == name:
-            return n, module
-        if isinstance(n, ast.ImportFrom) and n.module and any(a.name == name for a in n.names):
-            return _class_def(n.module, name)
-    raise UserError(f"cannot find class {name} in {module}")
-
-
-def _source_fields(module: str, name: str) -> dict[str, tuple[Any, str, tuple]]:
-    """field -> (default, doc, choices) of a dataclass and its bases, read from source (a subclass
-    redeclaring a field keeps its place and takes the new default, as dataclasses do)."""
-    cls, where = _class_def(module, name)
-    out: dict[str, tuple[Any, str, tuple]] = {}
-    for base in cls.bases:
-        if isinstance(base, ast.Name):
-            out.update(_source_fields(where, base.id))
-    body = cls.body
-    for node, nxt in zip(body, body[1:] + [None], strict=False):
-        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
-            continue
-        default = _constant(node.value) if node.value is not None else None
-        doc = ""
-        if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-            doc = " ".join(nxt.value.value.split())
-        key = node.target.id
-        if not doc and key in out:  # a redeclared default keeps the base's description
-            doc = out[key][1]
-        out[key] = (default, doc, _literal_values(node.annotation))
-    return out
-
-
-def _literal_values(node: ast.expr) -> tuple:
-    """The values of `Literal[...]` in an annotation's source (also `Literal[...] | None`)."""
-    out: list[Any] = []
-    for n in ast.walk(node):
-        if isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name) and n.value.id == "Literal":
-            elts = n.slice.elts if isinstance(n.slice, ast.Tuple) else [n.slice]
-            out += [e.value for e in elts if isinstance(e, ast.Constant)]
-    return tuple(out)
-
-
-def _help_line(key: str, default: Any, doc: str, allowed: tuple) -> str:
-    one_of = f"  [one of: {', '.join(map(str, allowed))}]" if allowed else ""
-    return f"  --{key}={default!r}" + (f"  {doc}" if doc else "") + one_of
-
-
-def help_from_source(module: str, class_name: str, prog: str) -> str:
-    """help_text for `module.class_name` read from the module's source, without importing it: the
-    command modules import torch at the top, and `glassgpt CMD --help` should take milliseconds."""
-    lines = [f"usage: {prog} [config_file.py ...] [--key=value ...]", "", "keys (default):"]
-    lines += [_help_line(k, *v) for k, v in _source_fields(module, class_name).items()]
-    return "\n".join(lines)
-
-
 def help_text(cls: type, prog: str) -> str:
+    """The keys of a config class with their defaults, docstrings and choices: the class's own keys
+    first, then those of the blocks it mixes in."""
+    from glassgpt.sourcefields import help_line
+
     docs: dict[str, str] = {}
     for c in reversed(cls.__mro__):  # a mixed-in settings block documents its own fields
         if dataclasses.is_dataclass(c):
-            docs.update(field_docs(c))
-    hints = _field_types(cls)
+            docs.update(c.__dict__.get("__field_docs__") or field_docs(c))
+    hints, own = _field_types(cls), cls.__dict__.get("__annotations__", {})
+    fields = sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)  # stable: own keys first
     lines = [f"usage: {prog} [config_file.py ...] [--key=value ...]", "", "keys (default):"]
-    for f in dataclasses.fields(cls):
+    for f in fields:
         default = f.default if f.default is not dataclasses.MISSING else None
-        lines.append(_help_line(f.name, default, docs.get(f.name, ""), choices(hints[f.name])))
+        lines.append(help_line(f.name, default, docs.get(f.name, ""), choices(hints[f.name])))
     return "\n".join(lines)
 
 
 __all__ = ["TrainConfig", "SampleConfig", "BenchConfig", "RANGES", "Range", "check_range", "check_choice", "choices",
-           "field_choices", "load_config", "config_to_dict", "help_text", "help_from_source", "read_text_arg",
-           "wants_help"]
+           "field_choices", "load_config", "config_to_dict", "help_text", "read_text_arg", "wants_help",
+           "GPTOptions"]

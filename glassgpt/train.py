@@ -13,6 +13,7 @@ docs/training.md walks through it in the order data flows. What the logged numbe
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import torch
 
 from glassgpt import distributed
 from glassgpt.checkpoint import ckpt_path, clean_state_dict, load_checkpoint, model_from_checkpoint, save_checkpoint
-from glassgpt.config import TrainConfig, config_to_dict, load_config, wants_help
+from glassgpt.config import GPTOptions, TrainConfig, config_to_dict, load_config, wants_help
 from glassgpt.data import BatchSampler, data_dir_for, require_prepared
 from glassgpt.errors import UserError, run_main
 from glassgpt.model import GPT, GPTConfig
@@ -161,8 +162,7 @@ def build_model(cfg: TrainConfig, meta: dict | None) -> tuple[GPT, dict | None, 
     return model, ckpt, args
 
 
-ARCH_OPTIONS = ("rope", "rope_base", "qk_norm", "tie_embeddings", "zero_init_proj", "logit_softcap", "value_embed",
-                "smear", "attn_gate")
+ARCH_OPTIONS = tuple(f.name for f in dataclasses.fields(GPTOptions))  # GPTConfig's options (glassgpt.config)
 
 
 def arch_options(cfg: TrainConfig) -> dict[str, Any]:

@@ -46,7 +46,7 @@ def test_help_does_not_import_torch(argv):
 
 def test_help_from_source_matches_the_classes_help():
     """`glassgpt CMD --help` reads the keys from source; it must say what the class's help says."""
-    from glassgpt.config import help_from_source
+    from glassgpt.sourcefields import help_from_source
 
     for name, (module, cls_name, _) in cli.HELP_FROM_SOURCE.items():
         import importlib
@@ -60,7 +60,8 @@ def test_help_lists_the_choices_of_every_literal_field():
     import importlib
     import typing
 
-    from glassgpt.config import choices, help_from_source
+    from glassgpt.config import choices
+    from glassgpt.sourcefields import help_from_source
 
     seen = 0
     for name, (module, cls_name, _) in cli.HELP_FROM_SOURCE.items():
