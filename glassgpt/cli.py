@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 # subcommand -> (module, config class, extra help text) for `--help` read from source: these modules
-# import torch at the top, and printing their keys should not wait for it (config.help_from_source).
+# import torch at the top, and printing their keys should not wait for it (sourcefields.help_from_source).
 HELP_FROM_SOURCE: dict[str, tuple[str, str, str]] = {
     "train": ("glassgpt.config", "TrainConfig", ""),
     "sample": ("glassgpt.config", "SampleConfig", ""),
