@@ -133,7 +133,8 @@ def _config_classes() -> dict[str, tuple[type, list[str]]]:
     from glassgpt.view.report import ReportConfig
 
     return {"train": (TrainConfig, TRAIN), "sample": (SampleConfig, SAMPLE), "bench": (BenchConfig, BENCH),
-            "report": (ReportConfig, REPORT), "eval": (EvalConfig, EVAL), "export": (ExportConfig, EXPORT), "trace-knn": (TraceKnnConfig, KNN),
+            "report": (ReportConfig, REPORT), "eval": (EvalConfig, EVAL), "export": (ExportConfig, EXPORT),
+            "trace-knn": (TraceKnnConfig, KNN),
             "trace-spans": (TraceSpansConfig, SPANS), "trace-neurons": (TraceNeuronsConfig, NEURONS),
             "neuron": (NeuronConfig, NEURON), "extend-context": (ExtendConfig, EXTEND),
             "prepare-corpus": (CorpusConfig, PREP_CORPUS)}

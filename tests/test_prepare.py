@@ -365,7 +365,8 @@ def test_corrupt_jsonl_lines(tmp_path, capsys):
     for line, needle in ((5, "a JSON list"), (7, "an object without a string 'text' field"), (9, "an object without a string 'text' field")):
         only = write_jsonl(tmp_path / f"only{line}.jsonl", DOCS[:3], {1: bad.read_text().splitlines()[line - 1]})
         expect_user_error(["corpus", f"--input={only}", f"--out_dir={tmp_path / 'o'}"], f"{only}:2: {needle}")
-    expect_user_error(["corpus", f"--input={bad}", "--on_bad_line=maybe"], "on_bad_line='maybe' is not one of stop, skip")
+    expect_user_error(["corpus", f"--input={bad}", "--on_bad_line=maybe"],
+                      "on_bad_line='maybe' is not one of stop, skip")
 
 
 def test_missing_input_file(tmp_path, capsys):
