@@ -615,7 +615,8 @@ class TraceSpansConfig(SamplingSettings):
 
 
 def generate_ids(cfg: TraceSpansConfig, prompt: str, index: SpanIndex, run=None) -> tuple[list[int], int]:
-    """(prompt + generated ids, prompt length) from the checkpoint in cfg.out_dir (glassgpt.generate)."""
+    """(prompt + generated ids, prompt length) from the checkpoint in cfg.out_dir, generated as sample.py
+    generates (glassgpt.sampling.generate_from)."""
     from glassgpt.run import open_run
     from glassgpt.sampling import generate_from
 
