@@ -119,9 +119,9 @@ def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> Path:
     ckpt.pop(OPTIM_FILE_KEY, None)
     if optim:
         name = f"{path.stem}.optim.{ckpt.get('iter_num', 0)}-{ckpt[FINGERPRINT_KEY].split(':')[-1][:12]}.pt"
-        write_file_atomic(optim_path(path, name), lambda f: torch.save(optim, f))
+        write_file_atomic(optim_path(path, name), lambda f: _torch_save(optim, f))
         ckpt[OPTIM_FILE_KEY] = name
-    write_file_atomic(path, lambda f: torch.save(ckpt, f))  # the commit point of the pair
+    write_file_atomic(path, lambda f: _torch_save(ckpt, f))  # the commit point of the pair
     side = {k: _jsonable(v) for k, v in ckpt.items() if k in SIDECAR_KEYS}
     side.update(format=FORMAT, checkpoint=path.name, fingerprint=ckpt[FINGERPRINT_KEY],
                 saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -132,6 +132,17 @@ def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> Path:
         if old.name != ckpt.get(OPTIM_FILE_KEY):
             old.unlink(missing_ok=True)
     return path
+
+
+def _torch_save(obj: Any, f: Any) -> None:
+    """torch.save, but a failed write surfaces as the OSError it was (a full disk: one line from
+    write_file_atomic), not as the zip writer's "RuntimeError: ... unexpected pos" that hides it."""
+    try:
+        torch.save(obj, f)
+    except RuntimeError as e:
+        if isinstance(e.__context__, OSError):
+            raise e.__context__ from None
+        raise
 
 
 def sidecar_path(path: str | Path) -> Path:

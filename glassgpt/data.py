@@ -16,9 +16,6 @@ import torch
 
 from glassgpt.errors import UserError
 
-# Token streams up to this size are held in memory as int64 (fast gathers); larger ones stay memmapped.
-IN_MEMORY_BYTES = 1 << 30
-
 
 def data_dir_for(dataset: str, data_dir: str | None) -> Path:
     """Training's view of glassgpt.run.resolve_data_dir (the one data-directory rule)."""
@@ -43,7 +40,7 @@ class BatchSampler:
         self.data_dir = Path(data_dir)
         self.block_size, self.batch_size, self.device = block_size, batch_size, device
         self.seed, self.rank = seed, rank
-        self.data: dict[str, np.ndarray | torch.Tensor] = {}
+        self.data: dict[str, np.memmap] = {}
         require_prepared(self.data_dir)
         for split in ("train", "val"):
             path = self.data_dir / f"{split}.bin"
@@ -51,7 +48,9 @@ class BatchSampler:
             if len(arr) <= block_size + 1:
                 raise UserError(f"{path} holds {len(arr)} tokens, too few for block_size={block_size}; "
                                 "use a smaller --block_size or more data")
-            self.data[split] = torch.from_numpy(arr.astype(np.int64)) if arr.nbytes * 4 <= IN_MEMORY_BYTES else arr
+            # uint16 on disk, memmapped: the page cache holds one copy for every rank and process, and
+            # only a batch is widened to int64 (an int64 copy of the split would be 4x the file, per rank)
+            self.data[split] = arr
         # distinct stream per DDP rank (nanoGPT's seed_offset)
         self.train_gen = torch.Generator().manual_seed(seed + rank)
         self._offsets = torch.arange(block_size + 1)
@@ -59,14 +58,17 @@ class BatchSampler:
     def max_token(self) -> int:
         return max(int(d.max()) for d in self.data.values())
 
-    def get_batch(self, split: str, gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        data = self.data[split]
+    def draw(self, split: str, gen: torch.Generator | None = None) -> torch.Tensor:
+        """The start positions of one batch (B,), advancing `gen` (the training stream by default)."""
         gen = gen if gen is not None else self.train_gen
-        ix = torch.randint(len(data) - self.block_size - 1, (self.batch_size,), generator=gen)
-        if isinstance(data, torch.Tensor):
-            xy = data[ix[:, None] + self._offsets]  # (B, T+1) gather
-        else:
-            xy = torch.from_numpy(data[(ix[:, None] + self._offsets).numpy()].astype(np.int64))
+        return torch.randint(len(self.data[split]) - self.block_size - 1, (self.batch_size,), generator=gen)
+
+    def get_batch(self, split: str, gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch_at(split, self.draw(split, gen))
+
+    def batch_at(self, split: str, ix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) (B, T) int64 on the device for the windows starting at `ix`."""
+        xy = torch.from_numpy(self.data[split][(ix[:, None] + self._offsets).numpy()].astype(np.int64))  # (B, T+1)
         x, y = xy[:, :-1], xy[:, 1:]
         if self.device.startswith("cuda"):
             # pinned memory lets the host->device copy overlap with compute

@@ -215,7 +215,20 @@ def _sharded_grad_scaler(device_type: str) -> torch.amp.GradScaler:
                 self.unscale_(optimizer)
             return super().step(optimizer, *args, **kwargs)
 
-    return FusedSafeShardedGradScaler(device_type, enabled=True)
+    scaler = FusedSafeShardedGradScaler(device_type, enabled=True)
+    check_scaler_internals(scaler)
+    return scaler
+
+
+def check_scaler_internals(scaler: torch.amp.GradScaler) -> None:
+    """FusedSafeShardedGradScaler reads GradScaler's private per-optimizer state (torch 2.9-2.13; pinned
+    by tests/test_torch_private_api.py): fail at start-up with the reason, not mid-run with a KeyError."""
+    from torch.amp.grad_scaler import OptState
+
+    if not isinstance(getattr(scaler, "_per_optimizer_states", None), dict) or "READY" not in OptState.__members__:
+        raise RuntimeError(f"torch {torch.__version__} changed GradScaler's private _per_optimizer_states / "
+                           "OptState.READY, which FusedSafeShardedGradScaler relies on; use a torch from 2.9 to 2.13 "
+                           "or --dtype=bfloat16 (no loss scaling)")
 
 
 # --- metrics ------------------------------------------------------------------------------------

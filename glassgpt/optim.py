@@ -18,8 +18,10 @@ learning rate follows the same shape scaled to `muon_lr`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+import sys
 from collections import defaultdict
 from typing import Any
 
@@ -62,6 +64,46 @@ class GroupedMuon(torch.optim.Muon):
                     p.add_(o.T if p.size(0) > p.size(1) else o, alpha=-torch.optim._muon._adjust_lr(
                         lr, group["adjust_lr_fn"], p.shape))
         return loss
+
+
+# The private torch pieces GroupedMuon.step relies on (torch 2.9-2.13 have them with these parameters;
+# tests/test_torch_private_api.py pins them, so a torch that changes them fails a test, not a training run).
+PRIVATE_MUON_API = {
+    "torch.optim.Muon._init_group": ("self", "group", "params_with_grad", "grads", "muon_momentum_bufs"),
+    "torch.optim._muon._adjust_lr": ("lr", "adjust_lr_fn", "param_shape"),
+}
+
+
+def _private_api_missing(api: dict[str, tuple[str, ...]]) -> str | None:
+    """None when every `dotted.name` exists with exactly these parameters; else what differs."""
+    import importlib
+
+    for dotted, params in api.items():
+        mod_name, *attrs = dotted.split(".")
+        obj: Any = importlib.import_module(mod_name)
+        for i, attr in enumerate(attrs):
+            nxt = getattr(obj, attr, None)
+            if nxt is None and inspect.ismodule(obj):  # torch.optim._muon: a submodule not imported yet
+                with contextlib.suppress(ImportError):
+                    nxt = importlib.import_module(".".join([mod_name, *attrs[:i + 1]]))
+            if nxt is None:
+                return f"{dotted} is missing"
+            obj = nxt
+        got = tuple(inspect.signature(obj).parameters)
+        if got != params:
+            return f"{dotted} takes {got}, expected {params}"
+    return None
+
+
+def muon_class() -> type[torch.optim.Muon]:
+    """GroupedMuon where this torch has the private API it uses, else torch.optim.Muon itself (the same
+    updates and state dict, one matrix at a time: slower, with a note saying why)."""
+    missing = _private_api_missing(PRIVATE_MUON_API)
+    if missing is None:
+        return GroupedMuon
+    print(f"note: torch {torch.__version__} changed a private API GroupedMuon uses ({missing}); "
+          "using torch.optim.Muon, which gives the same updates more slowly", file=sys.stderr)
+    return torch.optim.Muon
 
 
 def newton_schulz(G: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
@@ -209,8 +251,8 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device_type: str) -> Op
     muon = cfg.optimizer == "muon"
     opts: dict[str, torch.optim.Optimizer] = {}
     if muon:
-        opts["muon"] = GroupedMuon([{"params": split_params(model, muon)["hidden"], "name": "hidden"}],
-                                   lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay)
+        opts["muon"] = muon_class()([{"params": split_params(model, muon)["hidden"], "name": "hidden"}],
+                                     lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay)
     opts["adamw"] = adamw(adamw_groups(model, cfg.weight_decay, muon), cfg.learning_rate, (cfg.beta1, cfg.beta2),
                           device_type)
     for opt in opts.values():

@@ -56,8 +56,9 @@ def estimate_loss(model: torch.nn.Module, batches: BatchSampler, eval_iters: int
         total = torch.zeros(2, dtype=torch.float64, device=batches.device)  # (sum of losses, count)
         for k in range(-(-eval_iters // world) * world):
             if k < eval_iters:
-                x, y = batches.get_batch(split, gen)  # every rank draws every batch to stay in step
+                ix = batches.draw(split, gen)  # every rank draws every batch's positions to stay in step,
             if k % world == rank:
+                x, y = batches.batch_at(split, ix)  # but reads and copies only its own batches
                 with ctx:
                     _, loss = model(x, y)
                 total += torch.stack([loss.detach().double(), total.new_ones(())]) * float(k < eval_iters)
@@ -209,6 +210,7 @@ def plot_losses(records: list[dict], path: Path) -> None:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run a training job; returns {'iter_num', 'best_val_loss', 'last_eval', 'log': [records], 'elapsed'}."""
+    cfg = copy.deepcopy(cfg)  # the job settles some fields (block_size of a pretrained model): not the caller's
     check_options(cfg)
     dist_info = distributed.setup(cfg.backend, resolve_device(cfg.device), cfg.parallel)
     finished = False
@@ -246,6 +248,7 @@ class Job:
     iter_num: int = 0
     best_val_loss: float = 1e9
     resumed_at: int | None = None
+    saved_iter: int | None = None  # the iteration of out_dir's checkpoint, known alike on every rank
 
     @property
     def master(self) -> bool:
@@ -302,6 +305,7 @@ def _torch_optimizer(job: Job) -> Any:
 def _resume(job: Job, ckpt: dict) -> None:
     """Continue the interrupted run: counters, optimizer state, every random stream, the log."""
     job.iter_num, job.best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
+    job.saved_iter = job.iter_num
     if ckpt.get("optimizer"):
         distributed.load_optimizer_state(job.raw_model, _torch_optimizer(job), ckpt["optimizer"], job.dist)
     rng = ckpt.get("rng")
@@ -330,6 +334,7 @@ def _save(job: Job, at_iter: int) -> None:
     # every rank joins (FSDP gathers its shards, every rank's RNG state is kept); rank 0 writes
     model_sd, optim_sd = distributed.gather_checkpoint(job.raw_model, _torch_optimizer(job), job.dist)
     ranks = distributed.gather_objects(_rng_state(job), job.dist)
+    job.saved_iter = at_iter
     if not job.master:
         return
     save_checkpoint(ckpt_path(job.cfg.out_dir), {
@@ -342,10 +347,9 @@ def _save(job: Job, at_iter: int) -> None:
 
 
 def _nonfinite(job: Job, what: str, value: float) -> UserError:
-    path = ckpt_path(job.cfg.out_dir)
-    side = path.with_suffix(".json")
-    kept = (f"the last good checkpoint {path} (iter {json.loads(side.read_text())['iter_num']}) is kept"
-            if side.exists() else "no checkpoint had been saved")
+    # from the job, not from ckpt.json: only rank 0 writes it, and other nodes may not see the file
+    kept = (f"the last good checkpoint {ckpt_path(job.cfg.out_dir)} (iter {job.saved_iter}) is kept"
+            if job.saved_iter is not None else "no checkpoint had been saved")
     return UserError(f"{what} became {value} at iteration {job.iter_num}; training stopped and {kept}. "
                      "Try a lower learning_rate, grad_clip=1.0, or dtype=bfloat16")
 
