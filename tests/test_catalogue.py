@@ -406,3 +406,33 @@ def test_queries_do_not_rewrite_the_fingerprint_cache(tree: Path, capsys, monkey
     after = snapshot(tree, caches=True)
     changed = [k for k, v in before.items() if after.get(k) != v]
     assert not changed, f"rewritten by a query: {changed}"
+
+
+def test_disk_full_while_torch_save_writes_a_checkpoint(tmp_path: Path, capsys, monkeypatch):
+    """The disk fills inside torch.save's zip writer (which reports it as "RuntimeError: ... unexpected
+    pos"): one disk-full line, exit 2, and the checkpoint already in out_dir intact."""
+    import errno
+
+    data = make_char_dataset(tmp_path / "data" / "tiny_char")
+    out = tmp_path / "train_out"
+    argv = [a.format(root=tmp_path, data=data) for a in TRAIN]
+    assert cli.main(argv) == 0
+    before = snapshot(out)
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)  # most of the file reaches the disk, then the disk is full
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    capsys.readouterr()
+    code = cli.main([*argv, "--init_from=resume", "--max_iters=4", "--always_save_checkpoint=True"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    assert "disk is full" in lines[0] and "unexpected pos" not in lines[0], lines[0]
+    after = snapshot(out)
+    assert {k: v for k, v in after.items() if k != "log.jsonl"} == {k: v for k, v in before.items()
+                                                                     if k != "log.jsonl"}
