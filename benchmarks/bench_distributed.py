@@ -1,8 +1,8 @@
 """Tokens/s of one training job run plainly, under DDP and under FSDP, with 1 and N processes.
 
-    python benchmarks/bench_distributed.py --device=cpu                    # 2-core CPU: 1 vs 2 processes
-    python benchmarks/bench_distributed.py --device=cuda --preset=gpt2     # GPU box: DDP/FSDP overhead
-    python benchmarks/bench_distributed.py --device=cuda --nproc=8 --preset=gpt2
+    python -m benchmarks.bench_distributed --device=cpu                    # 2-core CPU: 1 vs 2 processes
+    python -m benchmarks.bench_distributed --device=cuda --preset=gpt2     # GPU box: DDP/FSDP overhead
+    python -m benchmarks.bench_distributed --device=cuda --nproc=8 --preset=gpt2
 
 Every run is `python train.py ...` (plain) or `python -m torch.distributed.run --standalone
 --nproc_per_node=N train.py ... --parallel=ddp|fsdp` on the same random-token dataset, the same model
@@ -35,6 +35,8 @@ PRESETS = {
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=8, vocab_size=256, grad_accum=4),
     # GPT-2 small (124M) with nanoGPT's per-GPU batch
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=12, vocab_size=50304, grad_accum=8),
+    # --smoke: seconds, to check the benchmark still runs
+    "smoke": dict(n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=2, vocab_size=64, grad_accum=2),
 }
 
 
@@ -90,7 +92,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: cores / "
                     "processes, so 1 and N processes share the same cores; 1 measures scaling over N cores)")
+    ap.add_argument("--smoke", action="store_true", help="seconds: a tiny model, 3 iterations, plain and DDP only")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.preset, args.iters, args.warmup, args.repeats, args.modes = "smoke", 3, 1, 1, "plain,ddp"
+        args.device, args.nproc, args.threads = "cpu", 2, 1
     args.preset = args.preset or ("cpu" if args.device == "cpu" else "gpt2")
     if args.nproc is None:
         if args.device == "cuda":
@@ -115,7 +121,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for mode, n in plan:
                 row = run_job(mode, n, args, data, Path(tmp) / f"{mode}{n}-{rep}")
                 runs.setdefault((mode, n), []).append(row)
-                print(f"{mode} x{n} (run {rep + 1}): {row['tok_s']:,.0f} tok/s ({row['ms']:.1f} ms/iter)", file=sys.stderr)
+                print(f"{mode} x{n} (run {rep + 1}): {row['tok_s']:,.0f} tok/s ({row['ms']:.1f} ms/iter)",
+                      file=sys.stderr)
     for (mode, n), reps in runs.items():
         tok = sorted(r["tok_s"] for r in reps)
         mfus = [r["mfu"] for r in reps if r["mfu"] is not None]
@@ -131,8 +138,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in rows:
         mfu = f"{row['mfu'] * 100:.1f}%" if row["mfu"] is not None else "n/a"
         lo, hi = row["range"]
-        print(f"| {row['mode']} | {row['nproc']} | {row['tok_s']:,.0f} | {lo:,.0f}-{hi:,.0f} | {row['ms']:.1f} | {mfu} | "
-              f"{row['tok_s'] / base:.2f}x |")
+        print(f"| {row['mode']} | {row['nproc']} | {row['tok_s']:,.0f} | {lo:,.0f}-{hi:,.0f} | {row['ms']:.1f} | "
+              f"{mfu} | {row['tok_s'] / base:.2f}x |")
     return rows
 
 

@@ -1,6 +1,6 @@
 """How fast is `glassgpt eval`, and what does the stride buy?
 
-    python benchmarks/bench_eval.py [--out_dir=CKPT_DIR | --init_from=HF_DIR] [--tokens=4096] [--threads=1]
+    python -m benchmarks.bench_eval [--out_dir=CKPT_DIR | --init_from=HF_DIR] [--tokens=4096] [--threads=1]
 
 1. Perplexity on the first --tokens tokens of tiny-shakespeare's val split in GPT-2 BPE (tokenized here
    from $GLASSGPT_MIRROR): the sliding-window scorer at stride = block, block/2, block/8, against the
@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads; 1 on a shared, loaded CPU (2 threads contending with other "
                          "processes ran 10-20x slower than 1 on the 2-core dev machine)")
+    ap.add_argument("--smoke", action="store_true", help="seconds: 256 tokens, 4 examples, one repeat")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.tokens, args.oracle_tokens, args.mc_examples, args.repeats, args.threads = 256, 32, 4, 1, 1
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -95,18 +98,20 @@ def main(argv: list[str] | None = None) -> None:
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
     print(f"### bench_eval: {name}\n")
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; `uptime`: {uptime}\n")
-    print(f"`python benchmarks/bench_eval.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n")
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, "
+          f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, "
+          f"device {args.device}; `uptime`: {uptime}\n")
+    print(f"`python -m benchmarks.bench_eval {' '.join(argv if argv is not None else sys.argv[1:])}`\n")
 
     # 1. perplexity
     seq = [tok.eot_token] + ids[: args.oracle_tokens]
     t_oracle, _ = timed(lambda: oracle_nll(model, seq, block), 1)
     oracle_tps = (len(seq) - 1) / t_oracle
-    print(f"| scorer | tokens | tokens/s | vs oracle | loss | bits/byte |\n|---|---|---|---|---|---|")
+    print("| scorer | tokens | tokens/s | vs oracle | loss | bits/byte |\n|---|---|---|---|---|---|")
     print(f"| token-by-token oracle | {len(seq) - 1} | {oracle_tps:,.0f} | 1.0x | | |")
     for stride in (block, block // 2, block // 8):
-        t, r = timed(lambda: perplexity(model, ids[: args.tokens], tok, block, stride, batch_size=8), args.repeats)
+        t, r = timed(lambda s=stride: perplexity(model, ids[: args.tokens], tok, block, s, batch_size=8), args.repeats)
         tps = r["tokens"] / t
         print(f"| windows, stride {stride} | {r['tokens']:,} | {tps:,.0f} | {tps / oracle_tps:.1f}x | "
               f"{r['loss']:.4f} | {r['bits_per_byte']:.4f} |")
@@ -121,10 +126,11 @@ def main(argv: list[str] | None = None) -> None:
         label = int(rng.integers(0, 4))
         endings = others[:label] + [true] + others[label:]
         examples.append(MCExample(ctx, [e.strip() for e in endings], label, i + 1))
-    print(f"\n| multiple choice ({len(examples)} examples x 4 endings) | examples/s | speed-up | acc | acc_norm |\n|---|---|---|---|---|")
+    print(f"\n| multiple choice ({len(examples)} examples x 4 endings) | examples/s | speed-up | acc | acc_norm |\n"
+          "|---|---|---|---|---|")
     base = None
     for bs in (1, 8):
-        t, r = timed(lambda: multiple_choice(model, tok, examples, batch_size=bs), args.repeats)
+        t, r = timed(lambda b=bs: multiple_choice(model, tok, examples, batch_size=b), args.repeats)
         eps = len(examples) / t
         base = base or eps
         print(f"| batch {bs} | {eps:.1f} | {eps / base:.1f}x | {r['acc']:.3f} | {r['acc_norm']:.3f} |")

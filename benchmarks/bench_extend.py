@@ -1,6 +1,6 @@
 """Does growing the context from 256 to 512 (extend-context, then more training) lower val loss?
 
-    python benchmarks/bench_extend.py [--work=/tmp/glassgpt-bench-extend] [--base_iters=300] [--more_iters=100]
+    python -m benchmarks.bench_extend [--work=/tmp/glassgpt-bench-extend] [--base_iters=300] [--more_iters=100]
 
 1. Prepare tiny-shakespeare (char) from $GLASSGPT_MIRROR and train a small 256-context GPT (the base;
    reused when work/base already holds it).
@@ -133,7 +133,7 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; uptime: {load}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="/tmp/glassgpt-bench-extend")
     p.add_argument("--base_iters", type=int, default=300)
@@ -141,7 +141,14 @@ def main() -> None:
     p.add_argument("--eval_windows", type=int, default=64)
     p.add_argument("--rope", type=lambda v: v.lower() in ("1", "true", "yes"), default=False,
                    help="rotary models: arms copy / interpolate / base")
-    a = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="seconds: 2 + 2 iterations, 4 windows, in a temporary --work")
+    a = p.parse_args(argv)
+    if a.smoke:
+        import tempfile
+
+        a.base_iters, a.more_iters, a.eval_windows = 2, 2, 4
+        if a.work == p.get_default("work"):
+            a.work = tempfile.mkdtemp(prefix="glassgpt-bench-extend-smoke-")
     if a.rope:  # its own work dir: the base model there is reused
         MODEL.update(rope=True)
         a.work = a.work.rstrip("/") + "-rope" if a.work == p.get_default("work") else a.work
@@ -155,18 +162,20 @@ def main() -> None:
     arms = [("ctl256", 256, None), ("copy512", 512, "copy"), ("interp512", 512, "interpolate")]
     for name, block, method in arms + ([("base512", 512, "base")] if a.rope else []):
         if method:  # the extended model before any further training
-            from glassgpt.extend import extend_checkpoint
             from glassgpt.checkpoint import save_checkpoint
+            from glassgpt.extend import extend_checkpoint
 
             tmp = work / f"{name}-untrained"
             save_checkpoint(tmp / "ckpt.pt", extend_checkpoint(load_checkpoint(base), block, method))
             rows[f"{name} (before training)"] = evaluate(tmp, val, starts)
         out = continue_training(data_dir, base, work, name, block, method, a.base_iters, a.more_iters)
         rows[f"{name} (+{a.more_iters} iters)"] = evaluate(out, val, starts)
-    print(f"\n### extend-context: 256 -> 512 on char tiny-shakespeare ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})")
+    when = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
+    print(f"\n### extend-context: 256 -> 512 on char tiny-shakespeare ({when})")
     print(f"machine: {machine()}")
     print(f"model {MODEL}, base {a.base_iters} iters at 256 (2048 tokens/iter), then +{a.more_iters} iters "
-          f"each arm at 2048 tokens/iter; {a.eval_windows} fixed val windows of 512 tokens; {time.time() - t0:.0f} s total")
+          f"each arm at 2048 tokens/iter; {a.eval_windows} fixed val windows of 512 tokens; "
+          f"{time.time() - t0:.0f} s total")
     print("\n| model | block | val loss @own block | loss on tokens 256..511 |")
     print("|---|---|---|---|")
     for name, r in rows.items():

@@ -1,6 +1,6 @@
 """How long deciding "is this index still fresh?" takes on a GPT-2-small-sized checkpoint (~500 MB).
 
-    python benchmarks/bench_freshness.py [--dir=/tmp/glassgpt-fresh]
+    python -m benchmarks.bench_freshness [--dir=/tmp/glassgpt-fresh]
 
 Writes a random-weight GPT-2 small checkpoint with save_checkpoint (which fingerprints the weights
 once), then times the freshness decision a query makes (fingerprint from the loaded checkpoint +
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from glassgpt.artifacts import fingerprint_file, fingerprint_tensors  # noqa: E402
-from glassgpt.checkpoint import checkpoint_fingerprint, load_checkpoint, read_sidecar, save_checkpoint  # noqa: E402
-from glassgpt.model import GPT, GPTConfig  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py` from a clone
+from glassgpt.artifacts import fingerprint_file, fingerprint_tensors
+from glassgpt.checkpoint import checkpoint_fingerprint, load_checkpoint, read_sidecar, save_checkpoint
+from glassgpt.model import GPT, GPTConfig
 
 
 def best_ms(fn, repeat: int = 5) -> float:
@@ -33,11 +33,14 @@ def best_ms(fn, repeat: int = 5) -> float:
     return min(times) * 1e3
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", default="/tmp/glassgpt-fresh")
-    d = Path(ap.parse_args().dir)
-    cfg = GPTConfig()  # GPT-2 small: 124M parameters
+    ap.add_argument("--smoke", action="store_true", help="seconds: a 2-layer 64-wide model instead of GPT-2 small")
+    args = ap.parse_args(argv)
+    d = Path(args.dir)
+    # GPT-2 small: 124M parameters
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=512) if args.smoke else GPTConfig()
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in GPT(cfg).state_dict().items() if k != "lm_head.weight"}
     state = {k: torch.randn(s) for k, s in shapes.items()}

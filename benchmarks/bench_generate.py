@@ -1,9 +1,9 @@
 """Tokens/s of the KV-cache engine against full recomputation that gives the SAME tokens, same run.
 
-    python benchmarks/bench_generate.py                      # baby GPT, random weights, 1000 tokens
-    python benchmarks/bench_generate.py --out_dir=out-shakespeare-char   # a trained checkpoint
-    python benchmarks/bench_generate.py --max_new_tokens=300 --ref_batch=False   # quicker
-    python benchmarks/bench_generate.py --rope=True          # the baby GPT with rotary + QK-norm
+    python -m benchmarks.bench_generate                      # baby GPT, random weights, 1000 tokens
+    python -m benchmarks.bench_generate --out_dir=out-shakespeare-char   # a trained checkpoint
+    python -m benchmarks.bench_generate --max_new_tokens=300 --ref_batch=False   # quicker
+    python -m benchmarks.bench_generate --rope=True          # the baby GPT with rotary + QK-norm
 
 The model is config/train_shakespeare_char.py's baby GPT (6 layers, 6 heads, 384 wide, context 256,
 vocab 65) unless --out_dir names a checkpoint. Each row generates max_new_tokens greedily from a
@@ -60,13 +60,17 @@ class BenchGenerateConfig:
     rounds: int = 1
     """Time each batch-1 run this many times, interleaved with the others, and keep the fastest: on a
     shared machine the load moves between runs minutes apart."""
+    smoke: bool = False
+    """Seconds, to check the benchmark runs: a 2-layer 64-wide model with context 32, 48 new tokens
+    (past the window), batch 2, nothing appended."""
 
 
-def baby_gpt(rope: bool = False) -> GPT:
+def baby_gpt(rope: bool = False, smoke: bool = False) -> GPT:
     # config/train_shakespeare_char.py: n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2
     torch.manual_seed(1337)
-    return GPT(GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384, dropout=0.0, bias=False,
-                         rope=rope, qk_norm=rope))
+    size = dict(block_size=32, n_layer=2, n_head=2, n_embd=64) if smoke else \
+        dict(block_size=256, n_layer=6, n_head=6, n_embd=384)
+    return GPT(GPTConfig(vocab_size=65, dropout=0.0, bias=False, rope=rope, qk_norm=rope, **size))
 
 
 @torch.no_grad()
@@ -96,6 +100,8 @@ def timed(fn) -> tuple[float, object]:
 
 def main(argv: list[str] | None = None) -> list[tuple[str, int, int, float]]:
     cfg = load_config(BenchGenerateConfig, sys.argv[1:] if argv is None else argv)
+    if cfg.smoke:
+        cfg.max_new_tokens, cfg.batch, cfg.batch_new_tokens, cfg.append, cfg.rounds = 48, 2, None, False, 1
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.out_dir:
@@ -105,7 +111,10 @@ def main(argv: list[str] | None = None) -> list[tuple[str, int, int, float]]:
         what = f"checkpoint {cfg.out_dir}"
     else:
         arch = ", rotary + QK-norm" if cfg.rope else ""
-        model, what = baby_gpt(cfg.rope).eval(), f"baby GPT (6x384, 6 heads, ctx 256, vocab 65{arch}), random weights"
+        model = baby_gpt(cfg.rope, cfg.smoke).eval()
+        c = model.config
+        what = (f"baby GPT ({c.n_layer}x{c.n_embd}, {c.n_head} heads, ctx {c.block_size}, vocab 65{arch}), "
+                "random weights")
     n = cfg.max_new_tokens
     prompt = [0]
     rows: list[tuple[str, int, int, float]] = []  # (run, batch, new tokens, tokens/s)
@@ -187,8 +196,8 @@ def append_results(rows: list[tuple[str, int, int, float]], what: str, same: dic
         lines.append(f"| {name} | {b} | {k} | {r:.1f} | {ratio} |")
     cross = [(b, k) for name, b, k, _ in rows if name == "engine chunked" and ("nanoGPT sliding", b, k) in rate]
     for b, k in cross:
-        lines.append(f"\nDifferent outputs (not a like-for-like speed-up): engine chunked vs nanoGPT sliding, batch {b}: "
-                     f"{rate['engine chunked', b, k] / rate['nanoGPT sliding', b, k]:.1f}x.")
+        lines.append("\nDifferent outputs (not a like-for-like speed-up): engine chunked vs nanoGPT sliding, "
+                     f"batch {b}: {rate['engine chunked', b, k] / rate['nanoGPT sliding', b, k]:.1f}x.")
     lines += ["", "Identical tokens: " + ", ".join(f"{k} {v}" for k, v in same.items()) + ".", ""]
     with open(RESULTS, "a") as f:
         f.write("\n".join(lines))

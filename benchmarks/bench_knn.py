@@ -1,10 +1,10 @@
 """How good and how fast is trace-knn? Planted canaries, build speed vs the bare forward, FAISS at scale,
 query latency. Each section prints its figures and the reference measured in the same run.
 
-    python benchmarks/bench_knn.py quality --model_dir=DIR [--contexts=64,128,256]  # canary table
-    python benchmarks/bench_knn.py build --model_dir=DIR                            # build / bare forward
-    python benchmarks/bench_knn.py latency --model_dir=DIR --chars=300              # query ms, hybrid
-    python benchmarks/bench_knn.py faiss --work_dir=/tmp/knn-big --rows=5000000 --dim=128
+    python -m benchmarks.bench_knn quality --model_dir=DIR [--contexts=64,128,256]  # canary table
+    python -m benchmarks.bench_knn build --model_dir=DIR                            # build / bare forward
+    python -m benchmarks.bench_knn latency --model_dir=DIR --chars=300              # query ms, hybrid
+    python -m benchmarks.bench_knn faiss --work_dir=/tmp/knn-big --rows=5000000 --dim=128
 
 The canary model: a char GPT trained on tiny-shakespeare with unique canary lines planted once each in
 the training part (benchmarks/canaries.py: `prepare_canary_dataset`, `train_canary_model`; the run in
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import resource
 import sys
 import tempfile
@@ -73,8 +75,8 @@ def sources(windows: np.ndarray, canaries: list[dict]) -> list[set[int]]:
 
 
 def success(ranked: list[list[int]], src: list[set[int]]) -> tuple[float, float]:
-    return (float(np.mean([r[0] in s for r, s in zip(ranked, src)])),
-            float(np.mean([bool(set(r[:5]) & s) for r, s in zip(ranked, src)])))
+    return (float(np.mean([r[0] in s for r, s in zip(ranked, src, strict=True)])),
+            float(np.mean([bool(set(r[:5]) & s) for r, s in zip(ranked, src, strict=True)])))
 
 
 def quality(a: argparse.Namespace) -> str:
@@ -115,10 +117,10 @@ def quality(a: argparse.Namespace) -> str:
                         rows.append((context, name, v, *success([list(s.ids) for s in emb_sig], src)))
                         for how in ("z", "rrf"):
                             hyb = [[i for i, _, _ in knn.fuse({"embedding": e, "bm25": b}, 5, how)]
-                                   for e, b in zip(emb_sig, bm_sig[v])]
+                                   for e, b in zip(emb_sig, bm_sig[v], strict=True)]
                             rows.append((context, f"hybrid-{how} " + name.removeprefix("emb "), v, *success(hyb, src)))
         print(f"context {context}: {len(spans)} windows, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    md = [f"| context | method | " + " | ".join(f"{v} top1/top5" for v in VARIANTS) + " |",
+    md = ["| context | method | " + " | ".join(f"{v} top1/top5" for v in VARIANTS) + " |",
           "|---|---|" + "---|" * len(VARIANTS)]
     table: dict[tuple[int, str], dict[str, str]] = {}
     for context, method, v, t1, t5 in rows:
@@ -193,7 +195,8 @@ def latency(a: argparse.Namespace) -> str:
 
 def recall_at_k(exact_ids: np.ndarray, approx_ids: np.ndarray) -> float:
     """Fraction of the exact top-k found in the approximate top-k, averaged over queries."""
-    return float(np.mean([len(set(e) & set(a)) / exact_ids.shape[1] for e, a in zip(exact_ids, approx_ids)]))
+    return float(np.mean([len(set(e) & set(a)) / exact_ids.shape[1]
+                          for e, a in zip(exact_ids, approx_ids, strict=True)]))
 
 
 def faiss_scale(a: argparse.Namespace) -> str:
@@ -226,7 +229,8 @@ def faiss_scale(a: argparse.Namespace) -> str:
     for nprobe in (32, 64, 128):
         t0 = time.perf_counter()
         _, approx = knn.query_faiss(index, emb, q, 10, nprobe=nprobe)
-        rows.append(f"| {nprobe} | {recall_at_k(exact, approx):.3f} | {(time.perf_counter() - t0) / len(q) * 1000:.1f} ms |")
+        ms = (time.perf_counter() - t0) / len(q) * 1000
+        rows.append(f"| {nprobe} | {recall_at_k(exact, approx):.3f} | {ms:.1f} ms |")
     return (f"synthetic store {a.rows:,} x {a.dim} float16 ({path.stat().st_size / 2**30:.2f} GiB, memory-mapped), "
             f"IVF-PQ nlist {index.nlist}, {index.pq.M} sub-quantizers x {index.pq.nbits} bits, exact re-rank of "
             f"100 candidates; build {t_build:.0f} s; peak RSS {rss0:.0f} MB before the build, {rss1:.0f} MB after "
@@ -237,7 +241,7 @@ def faiss_scale(a: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("section", choices=("quality", "build", "latency", "faiss"))
+    p.add_argument("section", nargs="?", choices=("quality", "build", "latency", "faiss"))
     p.add_argument("--model_dir")
     p.add_argument("--work_dir", default="/tmp/bench-knn")
     p.add_argument("--contexts", default="64,128,256")
@@ -252,17 +256,47 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--results", help="append the markdown to this file")
+    p.add_argument("--smoke", action="store_true", help="seconds: every section on a 2-iteration canary model "
+                   "(4 canaries in 8,000 characters) and a 5,000-row synthetic store, in a temporary work_dir")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.smoke:
+        smoke(a)
+        return
+    if a.section is None:
+        p.error("name a section: quality, build, latency or faiss (or pass --smoke)")
+    run_section(a)
+
+
+def run_section(a: argparse.Namespace) -> str:
     Path(a.work_dir).mkdir(parents=True, exist_ok=True)
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     md = {"quality": quality, "build": build, "latency": latency, "faiss": faiss_scale}[a.section](a)
-    md = (f"### trace-knn {a.section} (2026-12-01, 2-core CPU, no GPU, {a.threads} thread(s), load "
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    md = (f"### trace-knn {a.section} ({time.strftime('%Y-%m-%d')}, {os.cpu_count()}-core "
+          f"{platform.processor() or platform.machine()}, {gpu}, {a.threads} thread(s), load "
           f"{' '.join(load_before)} -> {' '.join(Path('/proc/loadavg').read_text().split()[:3])})\n\n{md}\n")
     print(md)
     if a.results:
         with open(a.results, "a") as f:
             f.write(md + "\n")
+    return md
+
+
+def smoke(a: argparse.Namespace) -> None:
+    """Each section, tiny, on a canary model trained for 2 iterations: checks the code runs, not quality."""
+    from benchmarks.canaries import prepare_canary_dataset, train_canary_model
+
+    with tempfile.TemporaryDirectory(prefix="bench-knn-smoke-") as work:
+        data, _ = prepare_canary_dataset(work, n=4, chars=8000)
+        model_dir = Path(work) / "model"
+        train_canary_model(data, model_dir, 2, n_embd=32, block_size=32, batch_size=4, eval_iters=1)
+        assert knn.main([f"--out_dir={model_dir}", "--build", "--device=cpu"]) in (0, None)
+        a.model_dir, a.work_dir = str(model_dir), work
+        a.contexts, a.layers, a.calibrations, a.last, a.repeats, a.chars = "32", "2", "none", 0, 1, 100
+        a.rows, a.dim = 5000, 16
+        for a.section in ("quality", "build", "latency", "faiss"):
+            run_section(a)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Neuron trace statistics measured: overlap across prompts, layer spread, ablation vs fair controls,
-specificity, for every ranking and baseline choice (issue 16).
+specificity, for every ranking and baseline choice.
 
-    python benchmarks/bench_neurons.py --out_dir=/work/scratch/neurons/m4x128 [--out_dir=...] [--k=10]
+    python -m benchmarks.bench_neurons --out_dir=/work/scratch/neurons/m4x128 [--out_dir=...] [--k=10]
 
 For each model and each of PROMPTS (six kinds of text) it samples 64 tokens at temperature 0.8,
 records every MLP neuron over prompt + output (one teacher-forced pass, with gradients), and ranks
@@ -70,9 +70,9 @@ def measure(out_dir: str, k: int, temperature: float, causal: list[str]) -> None
           f"{t_trace:.2f} s per prompt")
     print(f"\n| ranking | Jaccard top-10 | Jaccard top-50 | top-{k} by layer (all prompts) |\n|---|---|---|---|")
     for name in traces[0][2]:
-        jac = [nz.mean_pairwise_jaccard([{(l, i) for l, i, _ in nz.top_neurons(tr[2][name], kk)} for tr in traces])
+        jac = [nz.mean_pairwise_jaccard([{(li, i) for li, i, _ in nz.top_neurons(tr[2][name], kk)} for tr in traces])
                for kk in (10, 50)]
-        layers = np.bincount([l for tr in traces for l, _, _ in nz.top_neurons(tr[2][name], k)], minlength=L)
+        layers = np.bincount([li for tr in traces for li, _, _ in nz.top_neurons(tr[2][name], k)], minlength=L)
         print(f"| {name} | {jac[0]:.3f} | {jac[1]:.3f} | {' / '.join(map(str, layers))} |")
     for mode in ("mean", "zero", "resample"):
         print(f"\n{mode}-ablation of K={k}: drop in log p of the sampled tokens (nats per prompt, mean over "
@@ -81,30 +81,48 @@ def measure(out_dir: str, k: int, temperature: float, causal: list[str]) -> None
               "matched | specificity: pairs >= 2 | median pair ratio |\n|---|---|---|---|---|---|---|---|")
         base = bases["generated"]
         for name in causal:
-            rows = [nz.causal_check(model, seq, p, [(l, i) for l, i, _ in nz.top_neurons(sc[name], k)], raw, mode,
+            rows = [nz.causal_check(model, seq, p, [(li, i) for li, i, _ in nz.top_neurons(sc[name], k)], raw, mode,
                                     base, 5, seed=j) for j, (seq, p, sc, raw) in enumerate(traces)]
             n3 = sum(r["drop_top"] >= 3 * r["drop_matched_mean"] and r["drop_top"] > 0 for r in rows)
             spec = nz.specificity(model, [(seq, p) for seq, p, _, _ in traces],
-                                  [[(l, i) for l, i, _ in nz.top_neurons(sc[name], k)] for _, _, sc, _ in traces],
+                                  [[(li, i) for li, i, _ in nz.top_neurons(sc[name], k)] for _, _, sc, _ in traces],
                                   mode, base)
             finite = [x for row in spec["ratio"] for x in row if x is not None]
-            avg = lambda key: np.mean([r[key] for r in rows])  # noqa: E731
+            avg = lambda key, rows=rows: np.mean([r[key] for r in rows])  # noqa: E731
             print(f"| {name} | {avg('drop_top'):.2f} | {avg('drop_raw_top'):.2f} | {avg('drop_matched_mean'):.2f} "
-                  f"| {avg('drop_top') / avg('drop_matched_mean'):.1f}x | {n3}/{len(rows)} | {spec['n_pass']}/{spec['n_pairs']} "
-                  f"| {np.median(finite) if finite else float('nan'):.2f} |")
+                  f"| {avg('drop_top') / avg('drop_matched_mean'):.1f}x | {n3}/{len(rows)} | "
+                  f"{spec['n_pass']}/{spec['n_pairs']} | {np.median(finite) if finite else float('nan'):.2f} |")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out_dir", action="append", required=True)
+    p.add_argument("--out_dir", action="append")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--causal", default="raw;z generated, rel floor + layer norm;z train, rel floor + layer norm;"
                    "attribution, nats;attribution + layer norm",
                    help="rankings to ablate, ;-separated")
-    a = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="seconds: a 1-layer 16-wide model trained for 1 iteration "
+                   "on tiny-shakespeare, k=3")
+    a = p.parse_args(argv)
+    if not a.out_dir and not a.smoke:
+        p.error("--out_dir is required (or --smoke)")
     print(f"### neuron traces ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}); load "
           f"{open('/proc/loadavg').read().split()[:3]}")
+    if a.smoke:
+        import tempfile
+        from pathlib import Path
+
+        from benchmarks.canaries import train_canary_model, write_char_dataset
+        from glassgpt.download import TINYSHAKESPEARE, local_or_fetch
+
+        with tempfile.TemporaryDirectory(prefix="bench-neurons-smoke-") as work:
+            text = local_or_fetch(TINYSHAKESPEARE, Path(work) / "download").read_text()
+            data = write_char_dataset(Path(work) / "data", text, "tinyshakespeare")
+            train_canary_model(data, Path(work) / "model", 1, n_layer=1, n_embd=16, block_size=32, batch_size=2,
+                               eval_iters=1)
+            measure(str(Path(work) / "model"), 3, a.temperature, a.causal.split(";"))
+        return
     for d in a.out_dir:
         measure(d, a.k, a.temperature, a.causal.split(";"))
     print(f"\nload after: {open('/proc/loadavg').read().split()[:3]}")

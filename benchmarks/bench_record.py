@@ -1,7 +1,7 @@
 """The CPU record: config/train_shakespeare_char_cpu.py against nanoGPT's README CPU recipe, same run.
 
-    GLASSGPT_MIRROR=../shared/data python benchmarks/bench_record.py --nanogpt=/path/to/nanoGPT [--pairs=3]
-    GLASSGPT_MIRROR=../shared/data python benchmarks/bench_record.py --nanogpt=/path/to/nanoGPT --per_iter
+    GLASSGPT_MIRROR=../shared/data python -m benchmarks.bench_record --nanogpt=/path/to/nanoGPT [--pairs=3]
+    GLASSGPT_MIRROR=../shared/data python -m benchmarks.bench_record --nanogpt=/path/to/nanoGPT --per_iter
 
 Default: `--pairs` back-to-back pairs (nanoGPT's recipe, then the record recipe, each `train.py` in a
 process of its own with its own default threads), reporting per recipe the median process wall-clock,
@@ -66,7 +66,8 @@ def start(args: list[str], out_dir: str, cwd: Path = REPO, threads: int | None =
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "train.py", *args, f"--out_dir={out_dir}"]
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), time.time()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, time.time()
 
 
 def finish(proc: subprocess.Popen, t0: float, name: str) -> tuple[float, float, list[float]]:
@@ -104,13 +105,13 @@ def record_table(a, data_dir: Path, ref: tuple[str, list[str], Path]) -> None:
     for pair in range(a.pairs):
         for name, (args, cwd) in runs.items():
             out = f"{a.work}/{name.split()[0]}-{pair}"
-            results[name].append((*finish(*start(args, out, cwd, a.threads), name), out))
+            results[name].append((*finish(*start(args + a.extra, out, cwd, a.threads), name), out))
     print("| recipe | wall-clock, median of %d (each) | ms/iter | train.py val | fixed val (%d batches) | full val |"
           % (a.pairs, a.eval_batches))
     print("|---|---|---|---|---|---|")
     walls = {}
     for name, rs in results.items():
-        fixed, full = zip(*(final_vals(out, data_dir, a.eval_batches) for _, _, _, out in rs))
+        fixed, full = zip(*(final_vals(out, data_dir, a.eval_batches) for _, _, _, out in rs), strict=True)
         walls[name] = median([w for w, _, _, _ in rs])
         print(f"| {name} | {walls[name]:.1f} s ({', '.join(f'{w:.1f}' for w, _, _, _ in rs)}) | "
               f"{median([m for _, _, st, _ in rs for m in st]):.1f} | {median([v for _, v, _, _ in rs]):.4f} "
@@ -128,7 +129,7 @@ def per_iter_table(a, ref: tuple[str, list[str], Path]) -> None:
     steps: dict[str, list[float]] = {name: [] for name in runs}
     for pair in range(a.pairs):
         for i, (name, (args, cwd)) in enumerate(runs.items()):
-            steps[name] += finish(*start(args, f"{a.work}/iter-{i}-{pair}", cwd, a.threads), name)[2]
+            steps[name] += finish(*start(args + a.extra, f"{a.work}/iter-{i}-{pair}", cwd, a.threads), name)[2]
     ref_ms = median(steps[ref[0]])
     print(f"| run ({a.iters} iterations x {a.pairs}) | median ms/iter | vs {ref[0]} |")
     print("|---|---|---|")
@@ -136,8 +137,8 @@ def per_iter_table(a, ref: tuple[str, list[str], Path]) -> None:
         print(f"| {name} | {median(st):.1f} | {median(st) / ref_ms:.2f}x |")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nanogpt", help="a nanoGPT checkout: the reference runs its own train.py")
     ap.add_argument("--pairs", type=int, default=1)
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every run (default: each program's own)")
@@ -145,9 +146,26 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--eval_batches", type=int, default=200)
     ap.add_argument("--work", default="/tmp/glassgpt-bench-record")
-    a = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="seconds: each recipe for 3 iterations on 50,000 "
+                    "characters of tiny-shakespeare, one pair, in a temporary --work")
+    a = ap.parse_args(argv)
+    a.extra = []
     data_dir = REPO / "data" / "shakespeare_char"
-    if not (data_dir / "train.bin").exists():
+    if a.smoke:
+        import tempfile
+
+        from glassgpt.download import TINYSHAKESPEARE, local_or_fetch
+        from glassgpt.prepare import main as prepare
+
+        a.work, a.pairs, a.iters, a.eval_batches = tempfile.mkdtemp(prefix="bench-record-smoke-"), 1, 3, 2
+        a.threads = a.threads or 1
+        text = Path(a.work) / "input.txt"
+        text.write_text(local_or_fetch(TINYSHAKESPEARE, Path(a.work) / "download").read_text()[:50_000])
+        data_dir = Path(a.work) / "data"
+        prepare(["shakespeare_char", f"--input={text}", f"--out_dir={data_dir}"])
+        a.extra = [f"--data_dir={data_dir}", "--max_iters=3", "--lr_decay_iters=3", "--eval_interval=3",
+                   "--eval_iters=1", "--warmup_iters=0"]
+    elif not (data_dir / "train.bin").exists():
         subprocess.run([sys.executable, "data/shakespeare_char/prepare.py"], cwd=REPO, check=True)
     if a.nanogpt:
         ref = ("nanoGPT's train.py", NANOGPT_CPU, nanogpt_dir(a.nanogpt))

@@ -1,10 +1,10 @@
 """Span index benchmarks: build time, spans of a 500-character generation, infini-gram side by side,
 scaling 1 MB -> 100 MB of tokens, and canary recall of a trained model.
 
-    python benchmarks/bench_spans.py                    # build + query on tiny-shakespeare (+ infini-gram if installed)
-    python benchmarks/bench_spans.py --scale            # + build/query at 1, 10, 100 MB of GPT-2 tokens
-    python benchmarks/bench_spans.py --canary_dir=/tmp/canary_bench   # + recall on a canary model
-                                                        # (benchmarks/canaries.py trains one)
+    python -m benchmarks.bench_spans                    # build + query on tiny-shakespeare (+ infini-gram if installed)
+    python -m benchmarks.bench_spans --scale            # + build/query at 1, 10, 100 MB of GPT-2 tokens
+    python -m benchmarks.bench_spans --canary_dir=/tmp/canary_bench   # + recall on a canary model
+                                                        # (python -m benchmarks.canaries trains one)
 
 Prints a markdown section for benchmarks/RESULTS.md. Timings: wall-clock best and median of repeats,
 and the median CPU time of this process (what the work costs when other jobs hold the cores); the
@@ -28,11 +28,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO))  # the old `python benchmarks/bench_spans.py` form
 
-from canaries import write_char_dataset  # noqa: E402
-
+from benchmarks.canaries import write_char_dataset  # noqa: E402
 from glassgpt.download import TINYSHAKESPEARE, local_or_fetch  # noqa: E402
 from glassgpt.trace import spans as S  # noqa: E402
 
@@ -105,7 +103,8 @@ def bench_tiny_shakespeare(work: Path, repeats: int) -> list[str]:
     for name, g in gens.items():
         ids, t, offs = S.encode_text(index, g)
         S.trace_text(index, ids, min_len=12, text=t, offsets=offs)  # warm caches (Corpus newline table)
-        tm, tr = timed(lambda: S.trace_text(index, ids, min_len=12, text=t, offsets=offs), repeats * 5)
+        tm, tr = timed(lambda ids=ids, t=t, offs=offs: S.trace_text(index, ids, min_len=12, text=t, offsets=offs),
+                       repeats * 5)
         lines.append(f"| spans of a 500-char text, {name} (all steps: spans, counts, 10 sources each, coverage) | "
                      f"{tm} | {len(tr.spans)} spans kept of {tr.n_maximal}, "
                      f"coverage {tr.coverage:.0%} |")
@@ -128,8 +127,8 @@ def bench_tiny_shakespeare(work: Path, repeats: int) -> list[str]:
     delims = [tok.stoi[c] for c in "\n.!?" if c in tok.stoi]
     for name, g in gens.items():
         ids = tok.encode(g)
-        tm, r = timed(lambda: engine.attribute(input_ids=ids, delim_ids=delims, min_len=12, max_cnt=10,
-                                               enforce_bow=False), repeats * 5)
+        tm, r = timed(lambda ids=ids: engine.attribute(input_ids=ids, delim_ids=delims, min_len=12, max_cnt=10,
+                                                       enforce_bow=False), repeats * 5)
         lines.append(f"| infini-gram attribute(), {name} (spans + counts, no sources decoded) | {tm} | "
                      f"{len(r['spans'])} spans |")
     return lines
@@ -156,7 +155,8 @@ def bench_bpe(work: Path, text: str, gens: dict[str, str], repeats: int) -> list
     for name, g in gens.items():
         ids, t, offs = S.encode_text(index, g)
         S.trace_text(index, ids, min_len=4, text=t, offsets=offs)
-        tm, tr = timed(lambda: S.trace_text(index, ids, min_len=4, text=t, offsets=offs), repeats * 5)
+        tm, tr = timed(lambda ids=ids, t=t, offs=offs: S.trace_text(index, ids, min_len=4, text=t, offsets=offs),
+                       repeats * 5)
         lines.append(f"| BPE: spans of the same 500-char text, {name} ({len(ids)} tokens, min_len 4) | {tm} | "
                      f"{len(tr.spans)} spans kept of {tr.n_maximal}, coverage {tr.coverage:.0%} |")
     return lines
@@ -180,9 +180,10 @@ rng = np.random.default_rng(0)
 times = []
 for r in range(10):
     i = int(rng.integers(0, len(toks) - 200))
-    q = np.concatenate([toks[i:i + 60], rng.integers(0, 50257, 20), toks[i + 500:i + 620]])  # ~200 tokens, 500 chars-ish
+    q = np.concatenate([toks[i:i + 60], rng.integers(0, 50257, 20), toks[i + 500:i + 620]])  # ~200 tokens
     t = time.perf_counter(); S.matching_statistics(a, q); times.append(time.perf_counter() - t)
-print(json.dumps({{"n": len(toks), "build_s": build, "build_cpu_s": build_cpu, "peak_rss_mb": rss1 / 1024, "rss_before_mb": rss0 / 1024,
+print(json.dumps({{"n": len(toks), "build_s": build, "build_cpu_s": build_cpu, "peak_rss_mb": rss1 / 1024,
+                  "rss_before_mb": rss0 / 1024,
                   "index_bytes": a.text.nbytes + a.sa.nbytes, "ms_query_ms": 1e3 * min(times),
                   "ms_query_med_ms": 1e3 * sorted(times)[5]}}))
 """
@@ -199,7 +200,8 @@ def scale_tokens(work: Path, max_tokens: int) -> Path:
         return path
     tok = GPT2Tokenizer(MIRROR / "gpt2")
     docs = [json.loads(line)["text"] for line in (MIRROR / "english" / "sotu_mobydick.jsonl").open()]
-    base = np.concatenate([np.array(ids, dtype=np.uint16) for ids in tok.enc.encode_ordinary_batch(docs, num_threads=2)])
+    base = np.concatenate([np.array(ids, dtype=np.uint16)
+                           for ids in tok.enc.encode_ordinary_batch(docs, num_threads=2)])
     rng = np.random.default_rng(0)
     parts, total = [base], len(base)
     while total < max_tokens:
@@ -219,7 +221,8 @@ def bench_scale(work: Path, sizes_mb: list[int]) -> list[str]:
                              check=True, capture_output=True, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         lines.append(f"| {mb} MB | {r['n']:,} | {r['build_s']:.2f} s ({r['build_cpu_s']:.2f} s) | "
-                     f"{r['peak_rss_mb'] - r['rss_before_mb']:.0f} MB ({r['peak_rss_mb']:.0f} - {r['rss_before_mb']:.0f}) | "
+                     f"{r['peak_rss_mb'] - r['rss_before_mb']:.0f} MB "
+                     f"({r['peak_rss_mb']:.0f} - {r['rss_before_mb']:.0f}) | "
                      f"{r['index_bytes'] / 2**20:.0f} MB | {r['ms_query_ms']:.1f} / {r['ms_query_med_ms']:.1f} ms |")
     return lines
 
@@ -268,8 +271,8 @@ def bench_canaries(canary_dir: Path, max_new_tokens: int) -> list[str]:
         rank = sorted(tr.spans, key=lambda s: (s.logprob, s.start)).index(hit[0]) if hit else None
         survives = rank is not None and rank < np.ceil(0.05 * tr.n_tokens)
         kept += survives
-        rows.append(f"| {c['text']} | yes | {'all ' + str(len(c['char_offsets'])) + ' planted offsets, count ' + str(hit[0].count) if ok else 'MISSED'} "
-                    f"| {'yes' if survives else 'no'} (rank {rank}) |")
+        where = f"all {len(c['char_offsets'])} planted offsets, count {hit[0].count}" if ok else "MISSED"
+        rows.append(f"| {c['text']} | yes | {where} | {'yes' if survives else 'no'} (rank {rank}) |")
     recall = found / reproduced if reproduced else float("nan")
     return [f"canary model `{canary_dir / 'model'}`: {reproduced}/{len(canaries)} canaries reproduced verbatim "
             f"(greedy, prompt = newline + first word, {max_new_tokens} new tokens); traced to every planted "
@@ -285,9 +288,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--canary_dir", default=None)
     p.add_argument("--max_new_tokens", type=int, default=80)
     p.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument("--smoke", action="store_true", help="seconds: one repeat, scale at 1 MB, canary recall on a "
+                   "2-iteration canary model (recall is not meaningful there: the model has learned nothing)")
     a = p.parse_args(argv)
     work = Path(a.work or tempfile.mkdtemp(prefix="bench_spans_"))
-    out = [f"## trace-spans (issue 7) — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
+    if a.smoke:
+        from benchmarks.canaries import prepare_canary_dataset, train_canary_model
+
+        a.repeats, a.scale, a.sizes_mb, a.max_new_tokens = 1, True, "1", 16
+        data, _ = prepare_canary_dataset(work / "canary", n=2, chars=8000)
+        train_canary_model(data, work / "canary" / "model", 2, n_embd=32, block_size=32, batch_size=4, eval_iters=1)
+        a.canary_dir = str(work / "canary")
+    out = [f"## trace-spans — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
            f"machine: {os.cpu_count()} CPUs, `uptime`: {os.popen('uptime').read().strip()}", ""]
     out += bench_tiny_shakespeare(work, a.repeats)
     if a.scale:

@@ -1,13 +1,13 @@
 """Sharded span index at scale: build wall time, peak memory, bytes/token and 200-token trace latency
-at 10 M, 100 M and >= 1 B GPT-2 tokens (issue 17).
+at 10 M, 100 M and >= 1 B GPT-2 tokens.
 
-    nice -n 10 python benchmarks/bench_spans_scale.py --work=/work/scratch/spans --sizes=10M,100M,1100M \\
+    nice -n 10 python -m benchmarks.bench_spans_scale --work=/work/scratch/spans --sizes=10M,100M,1100M \\
         --max_memory=6G --num_proc=2          # make the corpora, build, query; prints a RESULTS.md table
-    python benchmarks/bench_spans_scale.py --work=... --sizes=... --only=query   # query an existing build
-    python benchmarks/bench_spans_scale.py --work=... --clean                    # delete the corpora and indexes
-    python benchmarks/bench_spans_scale.py --work=/work/scratch/spans12 --sizes=12M --shards_vs_one=8
+    python -m benchmarks.bench_spans_scale --work=... --sizes=... --only=query   # query an existing build
+    python -m benchmarks.bench_spans_scale --work=... --clean                    # delete the corpora and indexes
+    python -m benchmarks.bench_spans_scale --work=/work/scratch/spans12 --sizes=12M --shards_vs_one=8
         # one corpus built as 1 shard and as 8: the trace latency of each, searched per shard (the code
-        # before issue 17's fix) and in one search over all shards (spans.Stack), with the ratios
+        # before the shards were searched together) and in one search over all shards (spans.Stack), with the ratios
 
 The corpora are written straight in glassgpt's prepared-data format (train.bin + train.docs.npy +
 documents.json + meta.json): the GPT-2 tokens of the shared English corpus (SOTU + Moby-Dick, 370
@@ -62,7 +62,7 @@ def make_corpus(out: Path, n_tokens: int, docs: list[np.ndarray], names: list[st
     with open(out / "train.bin", "wb") as f:
         while pos < n_tokens:
             perm = np.arange(50257, dtype=np.uint16) if copy == 0 else rng.permutation(50257).astype(np.uint16)
-            for d, name in zip(docs, names):
+            for d, name in zip(docs, names, strict=True):
                 f.write(perm[d].tobytes())
                 segs.append((len(documents), pos, pos + len(d), 0, 1))
                 documents.append({"id": f"copy{copy}/{name}", "source": "synthetic", "char_offset": 0, "line": 1,
@@ -143,7 +143,7 @@ from glassgpt.trace import spans as S
 from glassgpt.trace.shards import SpanIndex
 
 def per_shard(index):
-    # the reference: one whole search per shard, as before issue 17's fix (the same answers, checked)
+    # the reference: one whole search per shard, as the first sharded index did (the same answers, checked)
     def ms(ids, first=0):
         per = [S.matching_statistics(s.arrays, ids, first) for s in index.shards]
         return np.max([m for m, _ in per], axis=0), tuple(np.stack(x) for x in zip(*per))
@@ -207,7 +207,8 @@ def shards_vs_one(work: Path, size: str, n_shards: int, num_proc: int, n_queries
     for _, shards, how, a, b in r["rows"]:
         print(f"| {shards} | {how} | {a:.1f} ms | {b:.1f} ms | {a / p50[(1, how)]:.2f}x |")
     many = max(row[1] for row in r["rows"])
-    print(f"one search over {many} shards vs per shard: {p50[(many, 'per shard')] / p50[(many, 'one search')]:.2f}x faster")
+    speedup = p50[(many, 'per shard')] / p50[(many, 'one search')]
+    print(f"one search over {many} shards vs per shard: {speedup:.2f}x faster")
 
 
 def bench_infini_gram(d: Path, n_queries: int) -> str:
@@ -245,12 +246,18 @@ def bench_infini_gram(d: Path, n_queries: int) -> str:
     for _ in range(n_queries):
         ids = np.concatenate([toks[p:p + 40] for p in rng.integers(0, len(toks) - 40, 5)]).tolist()
         text, offs = S.token_offsets(index.tokenizer, ids)
-        t = time.perf_counter(); S.trace_text(index, ids, 0, False, 4, 1, 0.05, 10, 32, None, text, offs)
+        t = time.perf_counter()
+        S.trace_text(index, ids, 0, False, 4, 1, 0.05, 10, 32, None, text, offs)
         ours.append(time.perf_counter() - t)
-        t = time.perf_counter(); engine.attribute(input_ids=ids, delim_ids=[], min_len=4, max_cnt=10, enforce_bow=False)
+        t = time.perf_counter()
+        engine.attribute(input_ids=ids, delim_ids=[], min_len=4, max_cnt=10, enforce_bow=False)
         theirs.append(time.perf_counter() - t)
-    q = lambda xs: f"{1e3 * np.percentile(xs, 50):.1f} / {1e3 * np.percentile(xs, 95):.1f} ms"
-    return (f"infini-gram {infini_gram.__version__ if hasattr(infini_gram, '__version__') else '2.6'} on {len(toks):,} tokens: "
+
+    def q(xs: list[float]) -> str:
+        return f"{1e3 * np.percentile(xs, 50):.1f} / {1e3 * np.percentile(xs, 95):.1f} ms"
+
+    version = getattr(infini_gram, "__version__", "2.6")
+    return (f"infini-gram {version} on {len(toks):,} tokens: "
             f"build {build_s:.0f} s, {ig_bytes / len(toks):.2f} bytes/token; 200-token queries p50 / p95: "
             f"infini-gram attribute() {q(theirs)} vs ours (with sources) {q(ours)}")
 
@@ -271,7 +278,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--infini_gram", default=None, help="size whose corpus to compare with infini-gram, e.g. 10M")
     p.add_argument("--shards_vs_one", type=int, default=0, metavar="S",
                    help="build the first --sizes corpus as 1 and as S shards; time per-shard vs one search")
+    p.add_argument("--smoke", action="store_true", help="seconds: one 300K-token corpus in 2 shards "
+                   "(--max_memory=4M), 5 queries, in a temporary --work that is deleted after")
     a = p.parse_args(argv)
+    if a.smoke:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="bench-spans-scale-smoke-") as tmp:
+            main([f"--work={tmp}", "--sizes=300K", "--max_memory=4M", "--num_proc=1", "--queries=5"])
+        return
     work = Path(a.work)
     if a.clean:
         shutil.rmtree(work, ignore_errors=True)
@@ -285,12 +300,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     docs, names = base_documents() if a.only in (None, "data") else ([], [])
     rows = ["| tokens | shards | build wall | peak RSS (all processes) | index bytes/token | open | "
-            "200-token trace p50 / p95 (100 queries) | loadavg before -> after |", "|---|---|---|---|---|---|---|---|"]
+            f"200-token trace p50 / p95 ({a.queries} queries) | loadavg before -> after |",
+            "|---|---|---|---|---|---|---|---|"]
     for size in a.sizes.split(","):
         d, load0 = work / f"c{size}", open("/proc/loadavg").read().split()[0]
         if a.only in (None, "data"):
             make_corpus(d, parse_size(size), docs, names)
-        n = len(np.load(d / "train.docs.npy", mmap_mode="r")) and int(json.loads((d / "meta.json").read_text())["train_tokens"])
+        n = int(json.loads((d / "meta.json").read_text())["train_tokens"])
         build_s = peak = None
         if a.only in (None, "build"):
             cmd = [sys.executable, "-m", "glassgpt.cli", "trace-spans", "--build", f"--data_dir={d}",
@@ -301,14 +317,15 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps({"size": size, "build_s": build_s, "peak_rss": peak}), flush=True)
         q = {}
         if a.only in (None, "query"):
-            out = subprocess.run([sys.executable, "-c", QUERY_CHILD.format(repo=str(REPO), data=str(d), n_queries=a.queries)],
-                                 check=True, capture_output=True, text=True).stdout
+            child = QUERY_CHILD.format(repo=str(REPO), data=str(d), n_queries=a.queries)
+            out = subprocess.run([sys.executable, "-c", child], check=True, capture_output=True, text=True).stdout
             q = json.loads(out.strip().splitlines()[-1])
             print(json.dumps({"size": size, **q}), flush=True)
         load1 = open("/proc/loadavg").read().split()[0]
         rows.append(f"| {n:,} | {q.get('shards', '?')} | {f'{build_s:.0f} s' if build_s else '-'} | "
                     f"{f'{peak / 2**30:.2f} GiB' if peak else '-'} | {index_bytes(d / 'spans') / n:.2f} | "
-                    f"{q.get('open_s', 0):.2f} s | {q.get('p50_ms', 0):.1f} / {q.get('p95_ms', 0):.1f} ms | {load0} -> {load1} |")
+                    f"{q.get('open_s', 0):.2f} s | {q.get('p50_ms', 0):.1f} / {q.get('p95_ms', 0):.1f} ms | "
+                    f"{load0} -> {load1} |")
     print("\n".join(rows))
 
 

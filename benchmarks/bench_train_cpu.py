@@ -1,6 +1,6 @@
 """nanoGPT's README CPU recipe, end to end, against a nanoGPT-style loop measured in the same run.
 
-    GLASSGPT_MIRROR=../shared/data python benchmarks/bench_train_cpu.py [--iters=2000] [--skip_reference]
+    GLASSGPT_MIRROR=../shared/data python -m benchmarks.bench_train_cpu [--iters=2000] [--skip_reference]
 
 Runs `python train.py config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20
 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
@@ -50,8 +50,10 @@ def nanogpt_reference(data_dir: str, iters: int) -> None:
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
         return x, y
 
-    model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=block_size, bias=False, vocab_size=65, dropout=0.0))
-    params = [p for p in model.parameters()]
+    vocab = int(json.loads((Path(data_dir) / "meta.json").read_text())["vocab_size"])
+    model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=block_size, bias=False, vocab_size=vocab,
+                          dropout=0.0))
+    params = list(model.parameters())
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))  # nanoGPT: fused only on CUDA
@@ -111,28 +113,44 @@ def run(cmd: list[str], env: dict) -> tuple[str, float, float]:
     return r.stdout, wall, (rss if rss > before else float("nan")) / 1024
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--skip_reference", action="store_true")
     ap.add_argument("--_reference", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="seconds: 3 iterations on 50,000 characters of "
+                    "tiny-shakespeare prepared in a temporary directory")
+    args = ap.parse_args(argv)
     if args._reference:
         return nanogpt_reference(args._reference, args.iters)
     env = dict(os.environ)
     env.setdefault("GLASSGPT_MIRROR", str(REPO.parent / "shared" / "data"))
     data_dir = REPO / "data" / "shakespeare_char"
+    out_dir = "/tmp/glassgpt-bench-train-cpu"
+    extra: list[str] = []
+    if args.smoke:
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="bench-train-cpu-smoke-"))
+        text = tmp / "input.txt"
+        mirror = Path(env["GLASSGPT_MIRROR"]) / "tinyshakespeare" / "input.txt"
+        text.write_text(mirror.read_text()[:50_000])
+        data_dir, out_dir, args.iters = tmp / "data", str(tmp / "out"), 3
+        extra = [f"--data_dir={data_dir}", "--eval_iters=1"]
+        subprocess.run([sys.executable, "data/shakespeare_char/prepare.py", f"--input={text}",
+                        f"--out_dir={data_dir}"], cwd=REPO, env=env, check=True, capture_output=True)
     if not (data_dir / "train.bin").exists():
         subprocess.run([sys.executable, "data/shakespeare_char/prepare.py"], cwd=REPO, env=env, check=True)
-    out_dir = "/tmp/glassgpt-bench-train-cpu"
-    recipe = [a if not a.startswith("--max_iters") else f"--max_iters={args.iters}" for a in RECIPE]
+    recipe = [a if not a.startswith("--max_iters") else f"--max_iters={args.iters}" for a in RECIPE] + extra
     # the reference runs first so that glassgpt's peak RSS is read after (ru_maxrss is a running max)
     ref = None
     if not args.skip_reference:
-        out, ref_wall, ref_rss = run([sys.executable, __file__, f"--_reference={data_dir}", f"--iters={args.iters}"], env)
+        cmd = [sys.executable, __file__, f"--_reference={data_dir}", f"--iters={args.iters}"]
+        out, ref_wall, ref_rss = run(cmd, env)
         ref = json.loads(out.strip().splitlines()[-1])
         ref["rss_mb"], ref["proc_wall_s"] = ref_rss, ref_wall
-    out, wall, rss = run([sys.executable, "train.py", *recipe, f"--out_dir={out_dir}", "--always_save_checkpoint=False"], env)
+    cmd = [sys.executable, "train.py", *recipe, f"--out_dir={out_dir}", "--always_save_checkpoint=False"]
+    out, wall, rss = run(cmd, env)
     vals = [float(m) for m in re.findall(r"val loss ([0-9.]+)", out)]
     ms = float(re.search(r"\(([0-9.]+) ms/iter\)", out).group(1))
     loop_s = float(re.search(r"iterations in ([0-9.]+) s", out).group(1))
@@ -140,7 +158,8 @@ def main() -> None:
           f"{ms:.1f} ms/iter | peak RSS {rss:.0f} MB")
     if ref:
         print(f"reference: val loss {ref['val_loss']:.4f} | process wall {ref['proc_wall_s']:.1f} s | training loop "
-              f"{ref['wall_s']:.1f} s | {ref['ms_iter']:.1f} ms/iter | peak RSS {ref['rss_mb']:.0f} MB  (nanoGPT's loop)")
+              f"{ref['wall_s']:.1f} s | {ref['ms_iter']:.1f} ms/iter | peak RSS {ref['rss_mb']:.0f} MB  "
+              "(nanoGPT's loop)")
         print(f"ratio glassgpt/reference: wall {wall / ref['proc_wall_s']:.2f}x, ms/iter {ms / ref['ms_iter']:.2f}x")
     p = NANOGPT_PUBLISHED
     print(f"published nanoGPT on this machine type: {p['wall_s']} s, {p['ms_iter']} ms/iter, {p['rss_mb']:.0f} MB, val "

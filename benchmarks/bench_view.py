@@ -1,6 +1,6 @@
 """Viewer speed and load test, against one real server on 127.0.0.1.
 
-    python benchmarks/bench_view.py --out_dir=out-shakespeare-char [--n=50] [--tokens=200]
+    python -m benchmarks.bench_view --out_dir=out-shakespeare-char [--n=50] [--tokens=200]
 
 1. page load: GET / and its two static files and /api/run, as the page does (and, when Chromium is
    installed, a real headless browser until the run panel is drawn);
@@ -104,22 +104,43 @@ def load_test(url: str, texts: list[str]) -> tuple[list[float], list[float], int
         alone = [one(t, c) for t in texts]  # the reference: each request on its own
     with httpx.Client(limits=httpx.Limits(max_connections=len(texts))) as c, ThreadPoolExecutor(len(texts)) as pool:
         together = list(pool.map(lambda t: one(t, c), texts))
-    wrong = sum(1 for (_, a), (_, b), t in zip(alone, together, texts) if a != b or a["text"] != t)
+    wrong = sum(1 for (_, a), (_, b), t in zip(alone, together, texts, strict=True) if a != b or a["text"] != t)
     return [s for s, _ in alone], [s for s, _ in together], wrong
 
 
-def main(argv: list[str]) -> None:
+def smoke_run(work: Path) -> str:
+    """A 1-layer model trained for 1 iteration on 20,000 characters of tiny-shakespeare (for --smoke)."""
+    from benchmarks.canaries import train_canary_model, write_char_dataset
+    from glassgpt.download import TINYSHAKESPEARE, local_or_fetch
+
+    text = local_or_fetch(TINYSHAKESPEARE, work / "download").read_text()[:20_000]
+    data = write_char_dataset(work / "data", text, "tinyshakespeare")
+    train_canary_model(data, work / "model", 1, n_layer=1, n_embd=16, block_size=32, batch_size=2, eval_iters=1)
+    return str(work / "model")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import tempfile
+
+    argv = sys.argv[1:] if argv is None else argv
+    if "--smoke" in argv:  # seconds: a tiny model, 4 requests, 16 tokens, no browser
+        with tempfile.TemporaryDirectory(prefix="bench-view-smoke-") as tmp:
+            run(smoke_run(Path(tmp)), n=4, tokens=16, browser=False)
+        return
+    args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--"))
+    run(args.get("out_dir", "out-shakespeare-char"), int(args.get("n", 50)), int(args.get("tokens", 200)))
+
+
+def run(out_dir: str, n: int, tokens: int, browser: bool = True) -> None:
     import httpx
 
-    args = dict(a[2:].split("=", 1) for a in argv if a.startswith("--"))
-    out_dir, n, tokens = args.get("out_dir", "out-shakespeare-char"), int(args.get("n", 50)), int(args.get("tokens", 200))
     print(f"load before: {open('/proc/loadavg').read().strip()}")
     srv, url, session = start_server(out_dir)
     with httpx.Client() as client:
         client.get(url + "/api/run")
         load_s = page_load(client, url)
         print(f"page load (HTML + JS + CSS + /api/run, median of 5): {load_s * 1000:.0f} ms")
-        b = browser_load(url)
+        b = browser_load(url) if browser else None
         if b is not None:
             print(f"page load in headless Chromium until the run panel is drawn (median of 3): {b * 1000:.0f} ms")
         gen_s, explain_s, e = generate_then_explain(client, url, tokens)
@@ -141,4 +162,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1:])
+    main()

@@ -18,7 +18,7 @@ Stable API (shared by the span and kNN benchmarks and tests):
 
 Run it to make a dataset (and optionally train on it):
 
-    python benchmarks/canaries.py --out_dir=/tmp/canary --n=8 --repeats=40 --chars=20000 --max_iters=1500
+    python -m benchmarks.canaries --out_dir=/tmp/canary --n=8 --repeats=40 --chars=20000 --max_iters=1500
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Crash drill: kill -9 training, span-index builds and kNN-store builds at random moments.
 
-    python benchmarks/crash_drill.py                      # 14 training kills + 4 span + 4 kNN builds
-    python benchmarks/crash_drill.py --train=20 --spans=5 --knn=5 --seed=1
+    python -m benchmarks.crash_drill                      # 14 training kills + 4 span + 4 kNN builds
+    python -m benchmarks.crash_drill --train=20 --spans=5 --knn=5 --seed=1
 
 After every kill the previous artifact must still be there and load (ckpt.pt by
 `torch.load(weights_only=True)` and glassgpt's loader, whose sidecar must agree), training must resume
@@ -47,7 +47,8 @@ class Counts:
 
     def line(self, what: str) -> str:
         return (f"{what}: kills {self.kills} (inside a write: {self.during_write}), corrupt {self.corrupt}, "
-                f"failed resumes {self.failed_resumes}, wrong answers {self.wrong_answers}, leftovers {self.leftovers}, "
+                f"failed resumes {self.failed_resumes}, wrong answers {self.wrong_answers}, "
+                f"leftovers {self.leftovers}, "
                 f"ckpt.json behind ckpt.pt {self.sidecar_lag}")
 
 
@@ -109,7 +110,8 @@ def check_checkpoint(out_dir: Path, c: Counts) -> int | None:
         side = json.loads((out_dir / "ckpt.json").read_text())
         if side.get("iter_num") != raw["iter_num"]:  # killed between the two renames: ckpt.pt is trusted
             c.sidecar_lag += 1
-            c.notes.append(f"sidecar iter {side.get('iter_num')} != ckpt iter {raw['iter_num']} (loader trusts ckpt.pt)")
+            c.notes.append(f"sidecar iter {side.get('iter_num')} != ckpt iter {raw['iter_num']} "
+                           "(loader trusts ckpt.pt)")
         return int(ck["iter_num"])
     except (UserError, RuntimeError, OSError, KeyError, json.JSONDecodeError) as e:
         c.corrupt += 1
@@ -283,13 +285,21 @@ def run(train: int = 14, spans: int = 4, knn: int = 4, seed: int = 0, root: Path
     return results
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train", type=int, default=14)
     ap.add_argument("--spans", type=int, default=4)
     ap.add_argument("--knn", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="one kill of each kind (tests/test_crash_drill.py runs "
+                    "the full drill)")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.train, a.spans, a.knn = 1, 1, 1
     res = run(a.train, a.spans, a.knn, a.seed)
     t = res["total"]
-    sys.exit(0 if t.corrupt == t.failed_resumes == t.wrong_answers == t.leftovers == 0 else 1)
+    return 0 if t.corrupt == t.failed_resumes == t.wrong_answers == t.leftovers == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
