@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("glassgpt.bench", "time training steps: ms/iter, tokens/s, MFU (nanoGPT's bench.py)"),
     "eval": ("glassgpt.evaluate", "zero-shot perplexity / bits per byte and multiple-choice accuracy"),
     "export": ("glassgpt.pretrained", "export a checkpoint to a Hugging Face GPT-2 directory"),
-    "trace-knn": ("glassgpt.trace.knn", "nearest training windows to prompt+output in the model's embedding space"),
+    "trace-knn": ("glassgpt.trace.knn", "nearest training windows to prompt+output (BM25 by default, or embeddings)"),
     "trace-spans": ("glassgpt.trace.spans", "verbatim spans of the output found in the training data"),
     "trace-neurons": ("glassgpt.trace.neurons", "MLP neurons that fire for a generation, contrasted and ablated"),
     "neuron": ("glassgpt.trace.neurons:neuron_main", "top-activating training windows of one neuron"),

@@ -105,6 +105,7 @@ def readme_commands(path: Path = README) -> list[Command]:
 SKIP: dict[str, str] = {
     "make demo": "sets up .venv and trains for minutes; .ci/run runs `make test`, which sets up the same way",
     "make test": "is the test suite this test is part of",
+    "make lint": "runs ruff and mypy over the package; `make test` runs it before the suite",
     "python -m pytest": "is the test suite this test is part of",
     "pip install": "installs from a package index (network)",
     "torchrun --standalone": "needs several GPUs; tests/test_distributed.py runs DDP/FSDP on CPU processes",

@@ -1,4 +1,4 @@
-"""Nearest training windows, by the model's own embeddings and by BM25: `glassgpt trace-knn`.
+"""Nearest training windows, ranked by BM25 (the default) or by the model's own embeddings: `glassgpt trace-knn`.
 
     glassgpt trace-knn --out_dir=out-shakespeare-char --build            # build the store (once)
     glassgpt trace-knn --out_dir=out-shakespeare-char --start="ROMEO:" --k=5
