@@ -6,7 +6,7 @@
 # than depth: 2 layers x 1600 steps beat 3 x 1200 and 4 x 1000 in the same time. 1650 steps leave
 # room for this machine's drifting speed (1900 steps measured 1.13x nanoGPT's wall-clock in one set).
 # benchmarks/bench_record.py runs it and nanoGPT's own train.py back to back; the table and the
-# search that led here are in benchmarks/RESULTS.md ("Issue 15, wave 4").
+# search that led here are in benchmarks/RESULTS.md and RESULTS-archive.md ("The CPU record, round 4").
 #   python train.py config/train_shakespeare_char_cpu.py
 
 out_dir = 'out-shakespeare-char'

@@ -65,9 +65,9 @@ def autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
 
 
 # Below this many parameters a CPU step is too small to share a core: while another process is busy,
-# a thread that has to wait for a core makes each step ~3x slower (issue 12: 5.2 s/iter instead of
-# ~0.5 s/iter on a busy 2-core box). On an idle machine every core helps (2 threads 34 ms vs 1 thread
-# 51 ms per step of nanoGPT's CPU recipe, issue 15), so small models take the cores nobody else uses.
+# a thread that has to wait for a core slows every step (1109 vs 214 ms/iter with 2 threads vs 1 at load
+# ~5 on 2 cores). On an idle machine every core helps (2 threads 34 ms vs 1 thread 51 ms per step of
+# nanoGPT's CPU recipe), so small models take the cores nobody else uses. benchmarks/RESULTS.md has both.
 SMALL_MODEL_PARAMS = 30_000_000
 
 

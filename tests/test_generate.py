@@ -22,7 +22,7 @@ from glassgpt.tokenizer import CharTokenizer, GPT2Tokenizer
 CHAR_VOCAB, BPE_VOCAB = 65, 50257
 
 
-# GPT-2's architecture, and every option of issue 15 at once (rotary positions must stay exact when a
+# GPT-2's architecture, and every architecture option at once (rotary positions must stay exact when a
 # decode step's position is past the cache start, and when a chunked window restarts at position 0).
 ARCHS = {"gpt2": {}, "modern": dict(rope=True, rope_base=100.0, qk_norm=True, activation="relu2",
                                     tie_embeddings=False, logit_softcap=5.0, value_embed=True,

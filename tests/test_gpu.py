@@ -1,4 +1,4 @@
-"""GPU checks: bf16 autocast, torch.compile and flash attention actually run (issue 11/15).
+"""GPU checks: bf16 autocast, torch.compile and flash attention actually run.
 
 Marked `gpu`; they run wherever a CUDA device is present (`python -m pytest -m gpu` on a GPU machine)
 and are skipped, saying so, where there is none (this project's CPU CI)."""

@@ -1,5 +1,5 @@
-"""Every command on a checkpoint trained the way the CPU record recipe trains (issue 15's "every trace
-command works on a record checkpoint"): Muon, rotary, QK-norm, ReLU², value embeddings, smear, gated
+"""Every command on a checkpoint trained the way the CPU record recipe trains (every trace command must
+work on a record checkpoint): Muon, rotary, QK-norm, ReLU², value embeddings, smear, gated
 attention, an untied head, bf16 autocast."""
 
 from __future__ import annotations

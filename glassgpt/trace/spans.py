@@ -173,7 +173,7 @@ def prefix_counts(tokens: np.ndarray, per_token: np.ndarray, checkpoints: np.nda
 
 
 class Stack:
-    """One or more shards searched as one (issue 17): search row r reads shard shard[r], rows sorted by
+    """One or more shards searched as one: search row r reads shard shard[r], rows sorted by
     shard, so a round's numpy calls are paid once and only the reads go shard by shard."""
 
     def __init__(self, parts: Sequence[SpanArrays]):
