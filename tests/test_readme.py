@@ -314,3 +314,35 @@ def test_readme_commands_run(tmp_path, mirror, capsys):
     with capsys.disabled():
         print("\n" + "\n".join(ran) + "\nskipped:\n" + "\n".join(skipped))
     assert len(ran) >= 15, ran
+
+
+# flags the docs name that belong to other programs (torchrun), or are there on purpose
+NOT_OURS = {"standalone", "nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "rdzv_backend",
+            "rdzv_endpoint", "rdzv_id", "no", "help",  # torchrun's and argparse's
+            "lerning_rate",  # README's example of a typo that gets "did you mean learning_rate?"
+            "key"}  # CONTRIBUTING's `--key=value`
+
+
+def test_every_flag_the_docs_name_exists():
+    """Each `--name` in README.md, CONTRIBUTING.md and docs/*.md is a field of one of glassgpt's config
+    dataclasses or a benchmark's flag: a renamed option cannot survive in prose either."""
+    import dataclasses
+    import importlib
+    import pkgutil
+
+    import glassgpt
+
+    fields: set[str] = set()
+    for m in pkgutil.walk_packages(glassgpt.__path__, "glassgpt."):
+        for v in vars(importlib.import_module(m.name)).values():
+            if isinstance(v, type) and dataclasses.is_dataclass(v):
+                fields |= {f.name for f in dataclasses.fields(v)}
+    for p in (REPO / "benchmarks").glob("*.py"):
+        src = p.read_text()
+        fields |= set(re.findall(r'add_argument\("--(\w+)"', src)) | set(re.findall(r"^    (\w+): ", src, re.M))
+    unknown = []
+    for doc in [README, REPO / "CONTRIBUTING.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for n, line in enumerate(doc.read_text().splitlines(), 1):
+            flags = re.findall(r"(?<![\w-])--([a-z_][a-z0-9_]*)", line)
+            unknown += [f"{doc.relative_to(REPO)}:{n}: --{f}" for f in flags if f not in fields and f not in NOT_OURS]
+    assert not unknown, "options the docs name that no command has:\n" + "\n".join(unknown)
