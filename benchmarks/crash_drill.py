@@ -248,16 +248,18 @@ def make_data(root: Path, chars: int) -> Path:
     return make_char_dataset(root / "data" / f"drill_{chars}", text)
 
 
-def run(train: int = 14, spans: int = 4, knn: int = 4, seed: int = 0, root: Path | None = None) -> dict[str, Counts]:
+def run(train: int = 14, spans: int = 4, knn: int = 4, seed: int = 0, root: Path | None = None,
+        tokens: tuple[int, int] = (100_000, 1_000_000)) -> dict[str, Counts]:
+    """The drill; `tokens`: the training data's and the span index's corpus sizes."""
     rng = random.Random(seed)
     root = Path(root or tempfile.mkdtemp(prefix="glassgpt-crash-"))
     print(f"crash drill in {root}; load {open('/proc/loadavg').read().split()[:3]}", flush=True)
     results: dict[str, Counts] = {}
-    data = make_data(root, 100_000)
+    data = make_data(root, tokens[0])
     t0 = time.time()
     results["training"] = drill_training(root, data, train, rng)
     print(results["training"].line("training"), f"({time.time() - t0:.0f} s)", flush=True)
-    big = make_data(root, 1_000_000)
+    big = make_data(root, tokens[1])
     t0 = time.time()
     results["span index"] = drill_build(
         root, glassgpt("trace-spans", f"--data_dir={big}", "--build"), "span index of", big / "spans",
@@ -291,12 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spans", type=int, default=4)
     ap.add_argument("--knn", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--smoke", action="store_true", help="one kill of each kind (tests/test_crash_drill.py runs "
-                    "the full drill)")
+    ap.add_argument("--smoke", action="store_true", help="one kill of each kind on 20k/100k-token corpora "
+                    "(tests/test_crash_drill.py runs the full drill)")
     a = ap.parse_args(argv)
     if a.smoke:
         a.train, a.spans, a.knn = 1, 1, 1
-    res = run(a.train, a.spans, a.knn, a.seed)
+    res = run(a.train, a.spans, a.knn, a.seed, tokens=(20_000, 100_000) if a.smoke else (100_000, 1_000_000))
     t = res["total"]
     return 0 if t.corrupt == t.failed_resumes == t.wrong_answers == t.leftovers == 0 else 1
 
