@@ -248,7 +248,7 @@ class Job:
     iter_num: int = 0
     best_val_loss: float = 1e9
     resumed_at: int | None = None
-    saved_iter: int | None = None  # the iteration of out_dir's checkpoint, known alike on every rank
+    saved_iter: int | None = None  # out_dir's checkpoint iteration on every rank (only rank 0 sees ckpt.json)
 
     @property
     def master(self) -> bool:
@@ -347,7 +347,6 @@ def _save(job: Job, at_iter: int) -> None:
 
 
 def _nonfinite(job: Job, what: str, value: float) -> UserError:
-    # from the job, not from ckpt.json: only rank 0 writes it, and other nodes may not see the file
     kept = (f"the last good checkpoint {ckpt_path(job.cfg.out_dir)} (iter {job.saved_iter}) is kept"
             if job.saved_iter is not None else "no checkpoint had been saved")
     return UserError(f"{what} became {value} at iteration {job.iter_num}; training stopped and {kept}. "
