@@ -136,7 +136,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 @functools.lru_cache(maxsize=8)
 def _causal(T: int, device: torch.device) -> torch.Tensor:
     """(T, T) bool, True above the diagonal: the future a position may not attend to."""
-    return torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
+    with torch.inference_mode(False):  # cached: a mask made under inference_mode would fail a later backward
+        return torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
 
 
 class CausalSelfAttention(nn.Module):

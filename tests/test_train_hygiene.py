@@ -166,3 +166,19 @@ def test_disk_full_on_a_real_tiny_filesystem(tmp_path):
         assert sorted(p.name for p in fs.iterdir()) == ["ckpt.json", "ckpt.pt"]
     finally:
         subprocess.run(["umount", str(fs)], check=False)
+
+
+def test_training_after_inference_in_the_same_process():
+    """The CPU bf16 attention path caches its causal mask: one first made under inference_mode (a trace,
+    a kNN build) must not break a later training step in the same process (the README test found it)."""
+    from glassgpt.model import GPT, GPTConfig, _causal
+
+    _causal.cache_clear()
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=11, dropout=0.0))
+    x = torch.randint(0, 11, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.inference_mode():
+            model(x)
+        _, loss = model(x, x)
+    loss.backward()  # raised "Inference tensors cannot be saved for backward" with the mask cached above
+    assert model.lm_head.weight.grad is not None
