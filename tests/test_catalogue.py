@@ -16,7 +16,7 @@ import os
 import shutil
 import typing
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -257,7 +257,8 @@ def _input_cases() -> list[Case]:
         c("missing-data-spans", [*SPANS, "--data_dir={root}/nodata"], must=("nodata",)),
         c("missing-data-eval", [*EVAL, "--data_dir={root}/nodata"], must=("nodata",)),
         c("missing-data-neuron", [*NEURON, "--data_dir={root}/nodata"], must=("nodata",)),
-        c("missing-data-neurons-contrastive", [*NEURONS, "--contrastive", "--data_dir={root}/nodata"], must=("nodata",)),
+        c("missing-data-neurons-contrastive", [*NEURONS, "--contrastive", "--data_dir={root}/nodata"],
+          must=("nodata",)),
         c("missing-input-prepare-corpus", [*PREP_CORPUS, "--input={root}/missing.txt"], must=("missing.txt",)),
         c("missing-input-prepare-shakespeare", [*PREP_SHAKE, "--input={root}/missing.txt"], must=("missing.txt",)),
         c("missing-start-file-sample", [*SAMPLE, "--start=FILE:{root}/missing.txt"], must=("missing.txt",)),
