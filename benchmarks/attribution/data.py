@@ -138,7 +138,7 @@ def styled_window(style: Style, source: str, length: int) -> str:
     return out[:length]
 
 
-def make_verbatim_line(rng: random.Random, words: list[str], n_words: int = 7) -> str:
+def make_verbatim_line(rng: random.Random, words: list[str], n_words: int = 5) -> str:
     line = " ".join(rng.choice(words) for _ in range(n_words))
     return line[0].upper() + line[1:] + "."
 
@@ -171,7 +171,7 @@ class AttributionData:
 
 
 def build_data(*, n_windows: int = 2000, n_queries: int = 60, n_verbatim: int = 10, verbatim_copies: int = 2,
-               n_styles: int = 16, pattern_copies: int = 4, block_size: int = 64, prompt_len: int = 16,
+               n_styles: int = 16, pattern_copies: int = 4, block_size: int = 32, prompt_len: int = 8,
                n_docs: int = 40, base_chars: int | None = None, seed: int = 0, canary_seed: int = 0,
                style_families: tuple[str, ...] | None = None) -> AttributionData:
     """Pool and queries for `seed`, canaries (their texts, styles and places) for `canary_seed`."""
@@ -181,9 +181,9 @@ def build_data(*, n_windows: int = 2000, n_queries: int = 60, n_verbatim: int = 
     picked = [docs[i] for i in np.sort(rng.choice(len(docs), min(n_docs, len(docs)), replace=False))]
     chunks = [d[a:a + L] for d in picked for a in range(0, len(d) - L + 1, L)]
     # each chunk is given one use: pool, query, or a source text for a canary
-    n_pattern_src = n_styles * (pattern_copies + 1)
+    n_pattern_src = n_styles * (pattern_copies + 1) * 4  # each styled text is made from 4 chunks
     n_plain = n_windows - n_verbatim * verbatim_copies - n_styles * pattern_copies
-    need = n_plain + n_queries + n_verbatim * verbatim_copies + n_pattern_src * 3
+    need = n_plain + n_queries + n_verbatim * verbatim_copies + n_pattern_src
     if n_plain < 1 or need > len(chunks):
         raise ValueError(f"need {need} chunks of {L} chars, the {len(picked)} documents give {len(chunks)}")
     order = rng.permutation(len(chunks))
@@ -209,10 +209,10 @@ def build_data(*, n_windows: int = 2000, n_queries: int = 60, n_verbatim: int = 
         targets = []
         for _ in range(pattern_copies):
             targets.append(len(texts))
-            src = " ".join(chunks[next(take)] for _ in range(3))
+            src = " ".join(chunks[next(take)] for _ in range(4))
             texts.append(styled_window(st, src, L))
             kinds.append(f"pattern:{st.name}")
-        src = " ".join(chunks[next(take)] for _ in range(3))
+        src = " ".join(chunks[next(take)] for _ in range(4))
         pattern.append(Query(encode(styled_window(st, src, L)), "pattern", st.name, targets))
     # the planted windows go to seeded places among the plain ones
     perm = np.random.default_rng([canary_seed, 2]).permutation(len(texts))

@@ -46,7 +46,8 @@ def lds_per_query(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> 
     return np.array([spearman(pred[:, q], -losses[:, q]) for q in range(losses.shape[1])])
 
 
-def bootstrap_ci(values: np.ndarray, n_boot: int = 10_000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+def bootstrap_ci(values: np.ndarray, n_boot: int = 10_000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float, float]:
     """(mean, low, high): the mean over queries and its percentile bootstrap interval (queries
     resampled with replacement)."""
     v = np.asarray(values, np.float64)

@@ -29,10 +29,10 @@ class TrainSpec:
     """A tiny char GPT and how it is trained (base model and each finetune)."""
 
     vocab_size: int = 96
-    block_size: int = 64
+    block_size: int = 32
     n_layer: int = 2
     n_head: int = 4
-    n_embd: int = 64
+    n_embd: int = 48
     learning_rate: float = 2e-3
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1

@@ -59,15 +59,18 @@ def span_scores(pool: Pool, queries: list[np.ndarray]) -> np.ndarray:
     n, L = pool.windows.shape
     if "span_arrays" not in pool.cache:
         starts = np.arange(n, dtype=np.int64) * L
-        segments = np.stack([np.zeros(n, np.int64), starts, starts + L, np.zeros(n, np.int64), np.ones(n, np.int64)], 1)
-        pool.cache["span_arrays"] = sp.build_span_arrays(pool.windows.reshape(-1).astype(np.uint16), segments, len(VOCAB))
+        zero = np.zeros(n, np.int64)
+        segments = np.stack([zero, starts, starts + L, zero, zero + 1], 1)  # [doc, start, end, char, line]
+        tokens = pool.windows.reshape(-1).astype(np.uint16)
+        pool.cache["span_arrays"] = sp.build_span_arrays(tokens, segments, len(VOCAB))
     arrays = pool.cache["span_arrays"]
     out = np.zeros((len(queries), n))
     for qi, ids in enumerate(queries):
         ids = [int(i) for i in ids]
         ms, _ = sp.matching_statistics(arrays, ids, pool.prompt_len)
         start_ok, end_ok, breaks = sp.token_rules(decode(ids), list(range(len(ids) + 1)))
-        found = [(a, e) for a, e in sp.maximal_spans(ms, start_ok, end_ok, breaks, pool.prompt_len) if e - a >= MIN_SPAN]
+        maximal = sp.maximal_spans(ms, start_ok, end_ok, breaks, pool.prompt_len)
+        found = [(a, e) for a, e in maximal if e - a >= MIN_SPAN]
         if not found:
             continue
         lo, hi = sp.sa_range(arrays, [ids[a:e] for a, e in found])
@@ -194,8 +197,8 @@ def influence_scores_all(pool: Pool, queries: list[np.ndarray]) -> np.ndarray:
     if "ekfac" not in pool.cache:
         pool.cache["ekfac"] = fit_ekfac(pool.model, W)
     factors = pool.cache["ekfac"]
-    return np.stack([np.asarray(influence_scores(pool.model, factors, W, torch.as_tensor(np.asarray(q, np.int64)),
-                                                 pool.prompt_len), np.float64) for q in queries])
+    return np.stack([np.asarray(influence_scores(pool.model, factors, W, [int(i) for i in q], pool.prompt_len),
+                                np.float64) for q in queries])
 
 
 def engines(with_influence: bool | None = None) -> dict[str, Scorer]:
@@ -208,7 +211,8 @@ def engines(with_influence: bool | None = None) -> dict[str, Scorer]:
     return out
 
 
-def score_all(pool: Pool, queries: list[np.ndarray], names: dict[str, Scorer]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def score_all(pool: Pool, queries: list[np.ndarray],
+              names: dict[str, Scorer]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """({engine: (Q, N) scores}, {engine: seconds})."""
     scores, seconds = {}, {}
     for name, fn in names.items():
