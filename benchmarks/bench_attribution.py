@@ -194,16 +194,18 @@ def targets(r: dict) -> list[str]:
             out.append(f"removal ratio {k}: {v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]")
         for k, v in r["removal_prediction"].items():
             out.append(f"{k} predicted vs measured loss rise: Pearson {v['pearson']:.2f}, Spearman {v['spearman']:.2f}")
-    if "lds" not in r or "influence" not in r["lds"]:
+    if "influence" not in r["engines"]:
         out.append("influence: not measured (glassgpt.trace.influence is not in this checkout)")
         return out
-    inf = r["lds"]["influence"]["ci"]
-    emb_best = max((e for e in r["engines"] if e.startswith("emb-")), key=lambda e: r["lds"][e]["ci"][0])
-    ok = inf[0] >= 0.45 and inf[1] > r["lds"]["bm25"]["ci"][2] and inf[1] > r["lds"][emb_best]["ci"][2]
-    out.append(f"target LDS >= 0.45 with its interval above BM25's and {emb_best}'s: "
-               f"{'met' if ok else 'MISSED'} ({fmt_ci(inf)}; influence - bm25 "
-               f"{fmt_ci(r['lds_influence_minus']['bm25'])})")
-    if "removal" in r:
+    if "lds" in r:
+        inf = r["lds"]["influence"]["ci"]
+        emb_best = max((e for e in r["engines"] if e.startswith("emb-")), key=lambda e: r["lds"][e]["ci"][0])
+        ok = inf[0] >= 0.45 and inf[1] > r["lds"]["bm25"]["ci"][2] and inf[1] > r["lds"][emb_best]["ci"][2]
+        out.append(f"target LDS >= 0.45 with its interval above BM25's and {emb_best}'s: "
+                   f"{'met' if ok else 'MISSED'} ({fmt_ci(inf)}; influence - bm25 "
+                   f"{fmt_ci(r['lds_influence_minus']['bm25'])}, influence - tracin "
+                   f"{fmt_ci(r['lds_influence_minus']['tracin'])})")
+    if "removal" in r and "influence" in r["removal"]:
         rb, rr = r["removal_ratio"]["influence/bm25"][0], r["removal_ratio"]["influence/random"][0]
         out.append(f"target removal >= 1.5x BM25 and >= 3x random: {'met' if rb >= 1.5 and rr >= 3 else 'MISSED'} "
                    f"({rb:.2f}x, {rr:.2f}x)")

@@ -12,15 +12,16 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import torch
 
 from benchmarks.attribution import metrics
 from benchmarks.attribution.data import Query
 from benchmarks.attribution.retrain import query_losses
+from glassgpt.model import GPT
 
-Train = Callable[[np.ndarray | None], torch.nn.Module]  # keep mask (None = all) -> trained model
+Train = Callable[[np.ndarray | None], GPT]  # keep mask (None = all) -> trained model
 
 
 def log(msg: str) -> None:
@@ -96,7 +97,7 @@ def removal(train: Train, train_other_order: Train | None, queries: list[np.ndar
     return RemovalResult(full, delta, predicted, noise, len(cache), time.perf_counter() - t0)
 
 
-def canaries(scores: dict[str, np.ndarray], queries: list[Query], k: int = 5) -> dict[str, dict[str, float]]:
+def canaries(scores: dict[str, np.ndarray], queries: list[Query], k: int = 5) -> dict[str, dict[str, Any]]:
     """engine -> {success@k, mrr}; scores rows follow `queries`."""
     out = {}
     for name, sc in scores.items():

@@ -132,7 +132,7 @@ def from_scratch(windows: torch.Tensor, keep: np.ndarray | None, spec: TrainSpec
 
 
 @torch.no_grad()
-def query_losses(model: GPT, queries: list[np.ndarray], prompt_len: int) -> np.ndarray:
+def query_losses(model: torch.nn.Module, queries: list[np.ndarray], prompt_len: int) -> np.ndarray:
     """(Q,) summed next-token loss (nats) of each query over its tokens ids[prompt_len:], i.e. the
     targets at positions prompt_len-1 .. len-2. Queries may differ in length (right-padded: the model
     is causal, so padding never changes an earlier position)."""
@@ -142,9 +142,9 @@ def query_losses(model: GPT, queries: list[np.ndarray], prompt_len: int) -> np.n
     x = torch.zeros((len(queries), L - 1), dtype=torch.long)
     y = torch.full((len(queries), L - 1), -1, dtype=torch.long)
     for i, q in enumerate(queries):
-        q = torch.as_tensor(np.asarray(q, dtype=np.int64))
-        x[i, :len(q) - 1] = q[:-1]
-        y[i, prompt_len - 1:len(q) - 1] = q[prompt_len:]
+        t = torch.as_tensor(np.asarray(q, dtype=np.int64))
+        x[i, :len(t) - 1] = t[:-1]
+        y[i, prompt_len - 1:len(t) - 1] = t[prompt_len:]
     model.eval()
     out = np.zeros(len(queries))
     for a in range(0, len(queries), 64):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from benchmarks.attribution.data import VOCAB, decode
+from glassgpt.model import GPT
 
 MIN_SPAN = 8  # characters: shorter shared strings ("the ", "tion") are everywhere in char data
 CALIBRATIONS = ("none", "center", "standardize", "whiten")
@@ -33,7 +34,7 @@ CALIBRATIONS = ("none", "center", "standardize", "whiten")
 class Pool:
     """What the engines see: the model trained on every window, the windows, the query prompt length."""
 
-    model: torch.nn.Module
+    model: GPT
     windows: np.ndarray  # (N, T+1) int64
     prompt_len: int
     seed: int = 0
@@ -65,8 +66,8 @@ def span_scores(pool: Pool, queries: list[np.ndarray]) -> np.ndarray:
         pool.cache["span_arrays"] = sp.build_span_arrays(tokens, segments, len(VOCAB))
     arrays = pool.cache["span_arrays"]
     out = np.zeros((len(queries), n))
-    for qi, ids in enumerate(queries):
-        ids = [int(i) for i in ids]
+    for qi, q in enumerate(queries):
+        ids = [int(i) for i in q]
         ms, _ = sp.matching_statistics(arrays, ids, pool.prompt_len)
         start_ok, end_ok, breaks = sp.token_rules(decode(ids), list(range(len(ids) + 1)))
         maximal = sp.maximal_spans(ms, start_ok, end_ok, breaks, pool.prompt_len)
@@ -161,9 +162,9 @@ def _query_xy(queries: list[np.ndarray], prompt_len: int) -> tuple[torch.Tensor,
     x = torch.zeros((len(queries), L - 1), dtype=torch.long)
     y = torch.full((len(queries), L - 1), -1, dtype=torch.long)
     for i, q in enumerate(queries):
-        q = torch.as_tensor(np.asarray(q, np.int64))
-        x[i, :len(q) - 1] = q[:-1]
-        y[i, prompt_len - 1:len(q) - 1] = q[prompt_len:]
+        t = torch.as_tensor(np.asarray(q, dtype=np.int64))
+        x[i, :len(t) - 1] = t[:-1]
+        y[i, prompt_len - 1:len(t) - 1] = t[prompt_len:]
     return x, y
 
 
