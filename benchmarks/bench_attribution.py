@@ -184,6 +184,17 @@ def table(r: dict) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {t}" for t in targets(r))
 
 
+def pattern_detail(r: dict) -> str:
+    """Pattern canaries per style: which engines put a planted window in their top 5."""
+    if "pattern" not in r:
+        return ""
+    names = [e for e in r["engines"] if e != "random"]
+    lines = ["| style | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for i, style in enumerate(r["styles"]):
+        lines.append(f"| {style} | " + " | ".join("x" if r["pattern"][e]["hits"][i] else "." for e in names) + " |")
+    return "\n".join(lines)
+
+
 def targets(r: dict) -> list[str]:
     out = []
     if "removal" in r:
@@ -250,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     md = (f"### Attribution engines{' (smoke)' if a.smoke else ''} ({date}; {r['machine']}; {a.threads} thread(s); "
           f"loadavg {r['load']}; total {r['total_seconds'] / 60:.1f} min; data seed {a.data_seed}, "
           f"canary seed {a.seed})\n\n"
-          f"{table(r)}\n")
+          f"{table(r)}\n\nPattern canaries by style (x: a planted window in the top 5):\n\n{pattern_detail(r)}\n")
     print(md)
     if a.out:
         Path(a.out).write_text(json.dumps(r, indent=1, default=float))
