@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,9 @@ def ci(values: np.ndarray, seed: int = 0) -> list[float]:
 
 
 def run(size: dict, tests: tuple[str, ...], seed: int, canary_seed: int, with_influence: bool | None,
-        removal_engines: tuple[str, ...] | None = None) -> dict:
+        removal_engines: tuple[str, ...] | None = None, save: Callable[[dict], object] | None = None) -> dict:
+    """Every test asked for; `save(results)` is called after each one (a long run keeps what it has)."""
+    save = save or (lambda r: None)
     t_start = time.perf_counter()
     spec = TrainSpec(batch_size=32, learning_rate=3e-3, seed=seed)
     data = build_data(block_size=spec.block_size, seed=seed, canary_seed=canary_seed,
@@ -87,19 +90,21 @@ def run(size: dict, tests: tuple[str, ...], seed: int, canary_seed: int, with_in
     finetune_s = time.perf_counter() - t0
     names = scorers.engines(with_influence)
     pool = scorers.Pool(full, data.windows, data.prompt_len, seed=seed)
-    all_q = data.queries + data.verbatim + data.pattern
+    held_out = data.queries if {"lds", "removal"} & set(tests) else []  # canaries alone need none
+    all_q = held_out + data.verbatim + data.pattern
     scores, seconds = scorers.score_all(pool, [q.ids for q in all_q], names)
     evaluate.log(f"scored {len(all_q)} queries with {len(names)} engines: "
                  + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
-    nq, nv = len(data.queries), len(data.verbatim)
+    nq, nv = len(held_out), len(data.verbatim)
     held = {k: v[:nq] for k, v in scores.items()}
     out: dict = {"engines": list(names), "score_seconds": seconds, "finetune_seconds": finetune_s,
-                 "n_windows": len(W), "n_queries": nq, "prompt_len": data.prompt_len,
+                 "n_windows": len(W), "n_queries": len(data.queries), "prompt_len": data.prompt_len,
                  "spec": spec.__dict__, "seed": seed, "canary_seed": canary_seed,
                  "styles": [s.name for s in data.styles]}
     if "canaries" in tests:
         out["verbatim"] = evaluate.canaries({k: v[nq:nq + nv] for k, v in scores.items()}, data.verbatim)
         out["pattern"] = evaluate.canaries({k: v[nq + nv:] for k, v in scores.items()}, data.pattern)
+        save(out)
     if "lds" in tests:
         res = evaluate.lds(train, [q.ids for q in data.queries], data.prompt_len, held, size["subsets"], seed)
         out["lds"] = {k: {"ci": ci(v), "per_query": v.round(4).tolist()} for k, v in res.per_query.items()}
@@ -108,6 +113,7 @@ def run(size: dict, tests: tuple[str, ...], seed: int, canary_seed: int, with_in
         if "influence" in res.per_query:
             out["lds_influence_minus"] = {k: ci(res.per_query["influence"] - v) for k, v in res.per_query.items()
                                           if k != "influence"}
+        save(out)
     if "removal" in tests:
         k = size["removal_queries"]
         other = TrainSpec(**{**spec.__dict__, "seed": seed + 1})
@@ -126,6 +132,7 @@ def run(size: dict, tests: tuple[str, ...], seed: int, canary_seed: int, with_in
                                          "predicted_mean": float(res_r.predicted[n].mean())}
                                      for n in ("influence", "tracin") if n in res_r.delta}
         out["removal_retrains"], out["removal_seconds"], out["removal_queries"] = res_r.retrains, res_r.seconds, k
+        save(out)
     if "scratch" in tests:
         out["scratch"] = scratch(data, size, spec, with_influence, seed)
     out["total_seconds"] = time.perf_counter() - t_start
@@ -256,7 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
     load0, date = loadavg(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     r = run(size, tests, a.data_seed, a.seed,
             {"auto": None, "on": True, "off": False}[a.influence],
-            None if a.removal_engines == "all" or a.smoke else tuple(a.removal_engines.split(",")))
+            None if a.removal_engines == "all" or a.smoke else tuple(a.removal_engines.split(",")),
+            save=(lambda r: Path(a.out).write_text(json.dumps(r, default=float))) if a.out else None)
     r.update(date=date, machine=machine(), load=f"{load0} -> {loadavg()}", threads=a.threads, smoke=a.smoke, size=size)
     md = (f"### Attribution engines{' (smoke)' if a.smoke else ''} ({date}; {r['machine']}; {a.threads} thread(s); "
           f"loadavg {r['load']}; total {r['total_seconds'] / 60:.1f} min; data seed {a.data_seed}, "

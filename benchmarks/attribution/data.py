@@ -86,9 +86,9 @@ STYLE_FAMILIES: dict[str, tuple[list, Callable[[str, object], str]]] = {
     "separator": (list("|/_~+=#*^"), lambda t, p: str(p).join(_words(t))),
     "spaced-letters": ([None], lambda t, p: "  ".join(" ".join(w) for w in _words(t))),
     "punctuation-rhythm": ([(k, m) for k in (2, 3) for m in ";:!?"],
-                           lambda t, p: " ".join(w + (p[1] if (i + 1) % p[0] == 0 else "")  # type: ignore[index]
+                           lambda t, p: " ".join(w + (p[1] if (i + 1) % p[0] == 0 else "")
                                                  for i, w in enumerate(re.sub(r"[^\w\s]", "", t).split()))),
-    "bracketed": (["()", "[]", "{}", "<>"], lambda t, p: " ".join(f"{p[0]}{w}{p[1]}" for w in _words(t))),  # type: ignore[index]
+    "bracketed": (["()", "[]", "{}", "<>"], lambda t, p: " ".join(f"{p[0]}{w}{p[1]}" for w in _words(t))),
     "line-every": ([2, 3], lambda t, p: "\n".join(" ".join(_words(t)[i:i + int(p)])  # type: ignore[call-overload]
                                                  for i in range(0, len(_words(t)), int(p)))),  # type: ignore[call-overload]
     # these two map each word to one fixed string, so common words ("the" -> "uif") stay lexical clues
