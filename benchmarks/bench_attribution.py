@@ -209,7 +209,8 @@ def targets(r: dict) -> list[str]:
                    f"{fmt_ci(r['removal_order_noise'], 4)} nats "
                    f"(query loss {r['removal_full_loss']:.2f} nats); {r['removal_retrains']} removal retrains")
         for k, v in r["removal_ratio"].items():
-            out.append(f"removal ratio {k}: {v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]")
+            out.append(f"removal ratio {k}: " + (f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]" if v[0] == v[0] else
+                                                  "n/a (the mean rise of the second is <= 0)"))
         for k, v in r["removal_prediction"].items():
             out.append(f"{k} predicted vs measured loss rise: Pearson {v['pearson']:.2f}, Spearman {v['spearman']:.2f}")
     if "influence" not in r["engines"]:
@@ -224,9 +225,13 @@ def targets(r: dict) -> list[str]:
                    f"{fmt_ci(r['lds_influence_minus']['bm25'])}, influence - tracin "
                    f"{fmt_ci(r['lds_influence_minus']['tracin'])})")
     if "removal" in r and "influence" in r["removal"]:
-        rb, rr = r["removal_ratio"]["influence/bm25"][0], r["removal_ratio"]["influence/random"][0]
-        out.append(f"target removal >= 1.5x BM25 and >= 3x random: {'met' if rb >= 1.5 and rr >= 3 else 'MISSED'} "
-                   f"({rb:.2f}x, {rr:.2f}x)")
+        rb = r["removal_ratio"]["influence/bm25"][0]
+        inf_rise, rand = r["removal"]["influence"]["ci"][0], r["removal"]["random"]["ci"]
+        # random removal barely moves the loss (its mean can be <= 0): compare with its interval's upper end
+        ok = rb >= 1.5 and inf_rise >= 3 * max(rand[0], rand[2])
+        out.append(f"target removal >= 1.5x BM25 and >= 3x random: {'met' if ok else 'MISSED'} ({rb:.2f}x BM25; "
+                   f"influence {inf_rise:.3f} nats vs random {fmt_ci(rand)}, "
+                   f"{inf_rise / max(rand[0], rand[2], 1e-9):.0f}x the upper end of random's interval)")
     if "pattern" in r:
         p = r["pattern"]["influence"]["success"]
         out.append(f"target pattern canaries s@5 >= 0.9: {'met' if p >= 0.9 else 'MISSED'} ({p:.2f})")

@@ -63,16 +63,16 @@ def paired_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: int = 0)
 
 
 def ratio_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
-    """mean(a) / mean(b) over the same queries, with a paired bootstrap interval (nan where the
-    resampled mean of b is <= 0)."""
+    """mean(a) / mean(b) over the same queries, with a paired bootstrap interval of the resamples where
+    mean(b) > 0; all nan when mean(b) <= 0 (a ratio to a non-positive effect means nothing)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if b.mean() <= 0:
+        return float("nan"), float("nan"), float("nan")
     idx = np.random.default_rng(seed).integers(0, len(a), size=(n_boot, len(a)))
     ma, mb = a[idx].mean(1), b[idx].mean(1)
     r = np.where(mb > 0, ma / np.where(mb > 0, mb, 1), np.nan)
     r = r[np.isfinite(r)]
-    point = a.mean() / b.mean() if b.mean() > 0 else float("nan")
-    if len(r) == 0:
-        return float(point), float("nan"), float("nan")
+    point = a.mean() / b.mean()
     return float(point), float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))
 
 
