@@ -73,6 +73,7 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_queries():
     assert abs(d - 0.1) < 1e-9 and abs(dhi - dlo) < 1e-9  # a constant difference has no spread
     r, rlo, rhi = metrics.ratio_ci(2 * big + 1, big + 0.5)
     assert abs(r - 2) < 1e-9 and rlo <= 2 <= rhi
+    assert all(np.isnan(metrics.ratio_ci(big, -np.abs(big) - 1)))  # no ratio to an effect <= 0
 
 
 def test_ties_are_broken_by_seed_not_by_window_order():
