@@ -68,7 +68,8 @@ def ci(values: np.ndarray, seed: int = 0) -> list[float]:
 
 
 def run(size: dict, tests: tuple[str, ...], seed: int, canary_seed: int, with_influence: bool | None,
-        removal_engines: tuple[str, ...] | None = None, save: Callable[[dict], object] | None = None) -> dict:
+        removal_engines: tuple[str, ...] | None = None, save: Callable[[dict], object] | None = None,
+        damping: float | None = None) -> dict:
     """Every test asked for; `save(results)` is called after each one (a long run keeps what it has)."""
     save = save or (lambda r: None)
     t_start = time.perf_counter()
@@ -89,7 +90,7 @@ def run(size: dict, tests: tuple[str, ...], seed: int, canary_seed: int, with_in
     full = train(None)
     finetune_s = time.perf_counter() - t0
     names = scorers.engines(with_influence)
-    pool = scorers.Pool(full, data.windows, data.prompt_len, seed=seed)
+    pool = scorers.Pool(full, data.windows, data.prompt_len, seed=seed, damping=damping)
     held_out = data.queries if {"lds", "removal"} & set(tests) else []  # canaries alone need none
     all_q = held_out + data.verbatim + data.pattern
     scores, seconds = scorers.score_all(pool, [q.ids for q in all_q], names)
@@ -134,12 +135,13 @@ def run(size: dict, tests: tuple[str, ...], seed: int, canary_seed: int, with_in
         out["removal_retrains"], out["removal_seconds"], out["removal_queries"] = res_r.retrains, res_r.seconds, k
         save(out)
     if "scratch" in tests:
-        out["scratch"] = scratch(data, size, spec, with_influence, seed)
+        out["scratch"] = scratch(data, size, spec, with_influence, seed, damping)
     out["total_seconds"] = time.perf_counter() - t_start
     return out
 
 
-def scratch(data, size: dict, spec: TrainSpec, with_influence: bool | None, seed: int) -> dict:
+def scratch(data, size: dict, spec: TrainSpec, with_influence: bool | None, seed: int,
+            damping: float | None = None) -> dict:
     """The from-scratch regime: LDS only, on a smaller pool trained for a few epochs from initialisation."""
     s_spec = TrainSpec(**{**spec.__dict__, "epochs": size["scratch_epochs"]})
     W = torch.from_numpy(data.windows[:size["scratch_windows"]])
@@ -149,7 +151,7 @@ def scratch(data, size: dict, spec: TrainSpec, with_influence: bool | None, seed
 
     full = train(None)
     queries = [q.ids for q in data.queries]
-    pool = scorers.Pool(full, data.windows[:size["scratch_windows"]], data.prompt_len, seed=seed)
+    pool = scorers.Pool(full, data.windows[:size["scratch_windows"]], data.prompt_len, seed=seed, damping=damping)
     scores, _ = scorers.score_all(pool, queries, scorers.engines(with_influence))
     res = evaluate.lds(train, queries, data.prompt_len, scores, size["scratch_subsets"], seed)
     return {"lds": {k: {"ci": ci(v)} for k, v in res.per_query.items()}, "subsets": size["scratch_subsets"],
@@ -250,6 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help=f"override one size of the run, e.g. --size=subsets=20 (keys: {', '.join(FULL)})")
     p.add_argument("--removal_engines", default=",".join(REMOVAL_ENGINES),
                    help="comma list of engines the removal test retrains for, or 'all'")
+    p.add_argument("--damping", type=float, default=None,
+                   help="influence's damping, x each layer's mean eigenvalue (default: the engine's own)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="write the full results (per-query figures) as JSON here")
     p.add_argument("--results", help="append the markdown to this file")
@@ -269,8 +273,10 @@ def main(argv: list[str] | None = None) -> dict:
     r = run(size, tests, a.data_seed, a.seed,
             {"auto": None, "on": True, "off": False}[a.influence],
             None if a.removal_engines == "all" or a.smoke else tuple(a.removal_engines.split(",")),
-            save=(lambda r: Path(a.out).write_text(json.dumps(r, default=float))) if a.out else None)
-    r.update(date=date, machine=machine(), load=f"{load0} -> {loadavg()}", threads=a.threads, smoke=a.smoke, size=size)
+            save=(lambda r: Path(a.out).write_text(json.dumps(r, default=float))) if a.out else None,
+            damping=a.damping)
+    r.update(date=date, machine=machine(), load=f"{load0} -> {loadavg()}", threads=a.threads, smoke=a.smoke, size=size,
+             damping=a.damping)
     md = (f"### Attribution engines{' (smoke)' if a.smoke else ''} ({date}; {r['machine']}; {a.threads} thread(s); "
           f"loadavg {r['load']}; total {r['total_seconds'] / 60:.1f} min; data seed {a.data_seed}, "
           f"canary seed {a.seed})\n\n"

@@ -38,6 +38,7 @@ class Pool:
     windows: np.ndarray  # (N, T+1) int64
     prompt_len: int
     seed: int = 0
+    damping: float | None = None  # influence's relative damping (None: glassgpt.trace.influence's default)
     cache: dict = field(default_factory=dict)
 
     @property
@@ -196,7 +197,7 @@ def influence_scores_all(pool: Pool, queries: list[np.ndarray]) -> np.ndarray:
 
     W = torch.from_numpy(pool.windows)
     if "ekfac" not in pool.cache:
-        pool.cache["ekfac"] = fit_ekfac(pool.model, W)
+        pool.cache["ekfac"] = fit_ekfac(pool.model, W, damping=pool.damping)
     factors = pool.cache["ekfac"]
     return np.stack([np.asarray(influence_scores(pool.model, factors, W, [int(i) for i in q], pool.prompt_len),
                                 np.float64) for q in queries])
