@@ -55,7 +55,7 @@ def advise(n_tokens: int, device: str = "cpu") -> Advice:
         batch, block, budget = CPU_BATCH, CPU_BLOCK, CPU_MAX_ITERS
         why = "measured on a CPU at the CPU record's budget (docs/training.md, 'How big a model for your text')"
     by_epochs = int(epochs * n_tokens / (batch * block))
-    iters = max(100, min(budget, by_epochs))
+    iters = max(10, min(budget, by_epochs))
     return Advice(*size, batch_size=batch, block_size=block, max_iters=iters, why=why)
 
 
@@ -70,5 +70,6 @@ def suggest(n_tokens: int, device: str = "cpu", n_params: int | None = None, tok
             f"--n_embd={a.n_embd} --batch_size={a.batch_size} --block_size={a.block_size} --max_iters={a.max_iters} "
             f"(~{epochs:.1f} epochs; {a.why})")
     if n_params is not None and tokens_per_iter:
-        line += f"; this run: {n_params / 1e6:.2f}M parameters, {1000 * tokens_per_iter / n_tokens:.1f} epochs per 1000 iterations"
+        line += (f"; this run: {n_params / 1e6:.2f}M parameters, {1000 * tokens_per_iter / n_tokens:.1f} epochs "
+                 "per 1000 iterations")
     return line

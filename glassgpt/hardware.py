@@ -76,7 +76,7 @@ def try_compile(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: Any,
     no grad) on x, y; None after one line via `say` if compiling fails. Gradients are cleared and
     the random streams restored, so training starts as if this had not run."""
     rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if x.is_cuda else None)
-    compiled = None
+    compiled: Any = None
     try:
         compiled = torch.compile(model)
         with ctx:

@@ -77,7 +77,7 @@ class ClipStats:
 
 def layer_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) whose output is the residual stream: the embeddings' dropout (`emb`) and each block."""
-    tr = model.transformer
+    tr: Any = model.transformer
     return [("emb", tr.drop), *((f"h.{i}", block) for i, block in enumerate(tr.h))]
 
 
@@ -105,7 +105,7 @@ def capture_activation_rms(model: nn.Module) -> Iterator[dict[str, torch.Tensor]
 @torch.no_grad()
 def weight_norms(model: nn.Module) -> dict[str, float]:
     """`w_norm/emb` (token and position embeddings) and `w_norm/h.<i>` (all weights of block i)."""
-    tr = model.transformer
+    tr: Any = model.transformer
     emb = [p for n, p in tr.named_parameters() if n.startswith(("wte", "wpe"))]
     groups = {"emb": emb, **{f"h.{i}": list(b.parameters()) for i, b in enumerate(tr.h)}}
     return {f"w_norm/{k}": float(torch.linalg.vector_norm(torch.stack([p.detach().float().norm() for p in ps])))

@@ -29,6 +29,11 @@ def kept_path(out_dir: str | Path, ckpt_iter: int | str) -> Path:
     return Path(out_dir) / f"ckpt-{ckpt_iter}.pt"
 
 
+def best_path(out_dir: str | Path, always_save_checkpoint: bool) -> str:
+    """Where the best-val checkpoint is: ckpt-best.pt while ckpt.pt moves on at every eval, else ckpt.pt."""
+    return str(kept_path(out_dir, BEST) if always_save_checkpoint else Path(out_dir) / "ckpt.pt")
+
+
 def kept_iters(out_dir: str | Path) -> list[int]:
     """The iterations with a periodic checkpoint in out_dir, ascending."""
     d = Path(out_dir)

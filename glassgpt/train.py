@@ -351,9 +351,8 @@ def _evaluate(job: Job, lr: float, wandb: Any) -> dict[str, float]:
         if job.master and improved:
             kept.drop_best(job.cfg.out_dir)
     if job.master:
-        where = kept.kept_path(job.cfg.out_dir, kept.BEST) if job.cfg.always_save_checkpoint else ckpt_path(job.cfg.out_dir)
-        warn = health.overfit_warning(job.last_eval, losses, job.best_val_loss, job.best_iter,
-                                      str(where) if job.best_iter else None)
+        best = kept.best_path(job.cfg.out_dir, job.cfg.always_save_checkpoint) if job.best_iter else None
+        warn = health.overfit_warning(job.last_eval, losses, job.best_val_loss, job.best_iter, best)
         if warn:
             print(warn)
     job.last_eval = losses
