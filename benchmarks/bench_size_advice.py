@@ -2,7 +2,7 @@
 100k, 1M and 10M characters. glassgpt.advice's table (docs/training.md, "How big a model for your text")
 comes from this.
 
-    GLASSGPT_MIRROR=../shared/data OMP_NUM_THREADS=1 nice python -m benchmarks.bench_size_advice
+    GLASSGPT_MIRROR=../shared/data OMP_NUM_THREADS=1 nice python -m benchmarks.bench_size_advice [--sizes=S,M]
     python -m benchmarks.bench_size_advice --smoke     # one corpus, a tiny budget: checks it runs
 
 Each run is the CPU record recipe (config/train_shakespeare_char_cpu.py: block 64, batch 24, Muon,
@@ -89,9 +89,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="one corpus, a tiny budget")
     ap.add_argument("--budget", type=float, default=3e12, help="training FLOPs per run")
+    ap.add_argument("--sizes", default="S,M,L", help="which of S 2x128, M 4x192, L 6x256")
     args = ap.parse_args()
     budget = 2e10 if args.smoke else args.budget
-    sizes = dict(list(SIZES.items())[:2]) if args.smoke else SIZES
+    wanted = ["S", "M"] if args.smoke else args.sizes.split(",")
+    sizes = {k: v for k, v in SIZES.items() if k.split()[0] in wanted}
     print(f"budget {budget:.2g} training FLOPs per run; loadavg {os.getloadavg()[0]:.1f}")
     print("| corpus (chars) | model | params | iters (epochs) | val last | val best (iter) | train last | wall s |")
     print("|---|---|---|---|---|---|---|---|")

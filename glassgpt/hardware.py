@@ -111,7 +111,9 @@ def is_oom(e: BaseException) -> bool:
 
 def oom_error(e: BaseException, cfg: Any, device: str, world_size: int = 1, last_ckpt: str | None = None) -> UserError:
     """One line: where memory ran out, what to lower (keeping the tokens per step), what is kept."""
-    where = "host memory" if device.startswith("cpu") or isinstance(e, MemoryError) else f"{device} memory"
+    text = str(e)
+    where = ("CUDA memory" if "CUDA" in text else "MPS memory" if "MPS" in text
+             else "host memory" if device.startswith("cpu") or isinstance(e, MemoryError) else f"{device} memory")
     tokens = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     if cfg.batch_size > 1:
         half = max(1, cfg.batch_size // 2)
