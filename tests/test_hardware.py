@@ -140,8 +140,9 @@ def test_host_oom_under_an_address_space_limit(char_dataset, tmp_path):
         sys.exit(run_main(glassgpt.train.main, sys.argv[1:]))
     """)
     args = [f"--{k}={v}" for k, v in dict(out_dir=out, data_dir=char_dataset, dataset=char_dataset.name, device="cpu",
-                                          compile=False, init_from="resume", max_iters=4, batch_size=65536, block_size=16,
-                                          gradient_accumulation_steps=1, eval_interval=1000, plot=False).items()]
+                                          compile=False, init_from="resume", max_iters=4, batch_size=65536,
+                                          block_size=16, gradient_accumulation_steps=1, eval_interval=1000,
+                                          plot=False).items()]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
