@@ -211,3 +211,43 @@ def test_overfitting_without_always_save_names_ckpt_pt(char_dataset, tmp_path, m
     train(tiny_cfg(char_dataset, out, max_iters=4, eval_interval=2, always_save_checkpoint=False))
     assert f"(iteration 2) is kept in {out / 'ckpt.pt'}" in capsys.readouterr().out
     assert load_checkpoint(out)["iter_num"] == 2 and not (out / "ckpt-best.pt").exists()
+
+
+def test_ramp_under_ddp_matches_one_process(tmp_path):
+    """2 DDP processes ramping 1 -> 3 micro-steps each == 1 process ramping 2 -> 6 over the same
+    micro-batches (rank 0's, then rank 1's, within each iteration); the ramp is chosen so both round
+    alike (whole micro-steps at every iteration)."""
+    from tests.conftest import make_char_dataset
+    from tests.test_distributed import BASE, compare_logs, job_args, must_succeed, read_log, torchrun
+
+    data = make_char_dataset(tmp_path / "data" / "tiny_char")
+    ramp = dict(gradient_accumulation_steps=6, batch_ramp_start=128, batch_ramp_iters=2, max_iters=4)
+    must_succeed(torchrun(job_args(data, tmp_path / "ddp", **ramp)))
+    per_rank = [1, 2, 3, 3]  # micro-steps per process at iterations 0..3
+    owners = [r for u in per_rank for r in (0, 1) for _ in range(u)]
+
+    class RanksInOrder(train_mod.BatchSampler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.gens = [torch.Generator().manual_seed(self.seed + r) for r in (0, 1)]
+            self.micro = 0
+
+        def get_batch(self, split, gen=None):
+            if split == "train" and gen is None:
+                gen, self.micro = self.gens[owners[self.micro]], self.micro + 1
+            return super().get_batch(split, gen)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(train_mod, "BatchSampler", RanksInOrder)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = train(train_mod.TrainConfig(**{**BASE, **ramp, "data_dir": str(data), "dataset": "tiny_char",
+                                             "out_dir": str(tmp_path / "one")}))["log"]
+    finally:
+        torch.set_num_threads(threads)
+        mp.undo()
+    got = read_log(tmp_path / "ddp")
+    assert [r["batch_tokens"] for r in got if "loss" in r] == [128, 256, 384, 384]
+    assert [r["batch_tokens"] for r in ref if "loss" in r] == [128, 256, 384, 384]
+    compare_logs(got, ref, "2-process DDP with a batch ramp")
