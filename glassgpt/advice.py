@@ -3,7 +3,7 @@
     from glassgpt.advice import suggest
     print(suggest(n_tokens=1_003_854, device="cpu"))
 
-train.py prints it first; `prepare` can print it for the data it wrote. The table below comes from
+train.py prints it after its header line; `prepare` can print it for the data it wrote. The table below comes from
 benchmarks/bench_size_advice.py (char-level corpora of 100k, 1.1M and 10M characters, three model
 sizes at one compute budget; docs/training.md "How big a model for your text" has the numbers). What
 it showed: at a CPU's budget the smallest model wins on every corpus size (it takes the most steps),

@@ -318,12 +318,12 @@ def _nonfinite(job: Job, what: str, value: float) -> UserError:
 
 def _print_header(job: Job) -> None:
     cfg, raw = job.cfg, job.raw_model
-    n_tokens = sum(len(d) for d in job.batches.data.values())
-    print(advice.suggest(n_tokens, job.device, n_params=raw.get_num_params(), tokens_per_iter=job.tokens_per_iter))
     threads = f", {job.threads} thread{'s' if job.threads != 1 else ''}" if job.threads else ""
     print(f"{raw.get_num_params() / 1e6:.2f}M parameters | {job.tokens_per_iter:,} tokens per iteration "
           f"({job.grad_accum * job.dist.world_size} x {cfg.batch_size} x {cfg.block_size}) | device {job.device}"
           f"{threads}, {job.dtype} | optimizer {cfg.optimizer}, {cfg.lr_schedule} schedule")
+    n_tokens = sum(len(d) for d in job.batches.data.values())
+    print(advice.suggest(n_tokens, job.device, n_params=raw.get_num_params(), tokens_per_iter=job.tokens_per_iter))
     if job.ramp is not None:
         print(job.ramp.describe())
     print(f"loss is -ln p(correct next token), averaged; uniform guessing over {job.vocab} tokens scores "
