@@ -1,6 +1,6 @@
 """A linear batch-size ramp against a constant batch, at the same number of training tokens.
 
-    GLASSGPT_MIRROR=../shared/data OMP_NUM_THREADS=1 nice python -m benchmarks.bench_batch_ramp [--seeds=2]
+    GLASSGPT_MIRROR=../shared/data OMP_NUM_THREADS=1 nice python -m benchmarks.bench_batch_ramp [--seeds=2] [--scale=1]
     python -m benchmarks.bench_batch_ramp --smoke        # 30 iterations: checks it runs
 
 Two recipes on char tiny-shakespeare: the CPU record (config/train_shakespeare_char_cpu.py, batch 24 x 64,
@@ -62,8 +62,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--ramp_frac", type=float, default=0.3, help="ramp length, as a share of the constant run")
     ap.add_argument("--recipes", default="CPU record,nanoGPT CPU")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="train this share of each recipe's iterations (both arms alike; 0.25 on a busy machine)")
     args = ap.parse_args()
-    print(f"loadavg {os.getloadavg()[0]:.1f}")
+    print(f"loadavg {os.getloadavg()[0]:.1f}; {args.scale:g} x each recipe's iterations, {args.seeds} seeds")
     print("| recipe | seed | batch | iterations | tokens | val | wall s |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +73,7 @@ def main() -> None:
         for name in args.recipes.split(","):
             recipe, parts = RECIPES[name]
             base = load_config(TrainConfig, [str(REPO / recipe[0]), *recipe[1:]])
-            iters = 30 if args.smoke else base.max_iters
+            iters = 30 if args.smoke else int(base.max_iters * args.scale)
             micro = base.batch_size // parts
             ramp = build_ramp(micro * base.block_size, int(iters * args.ramp_frac), parts, micro, base.block_size, 1)
             assert ramp is not None

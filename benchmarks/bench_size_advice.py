@@ -8,7 +8,7 @@ comes from this.
 Each run is the CPU record recipe (config/train_shakespeare_char_cpu.py: block 64, batch 24, Muon,
 warmup-stable-decay) at one of three sizes, stepped until it has spent the same training FLOPs
 (`GPT.flops_per_token` x tokens; a larger model gets fewer steps). The budget is counted in FLOPs, not
-seconds, so the comparison does not depend on how loaded the machine is. Val loss is evaluated 5 times
+seconds, so the comparison does not depend on how loaded the machine is. Val loss is evaluated 4 times
 on the same fixed batches (eval_iters=20); the table gives the last and the best with its iteration,
 and the train loss beside it (train far below val = memorising). The corpora are char-level:
 tiny-shakespeare's first 100k characters, all of it (1.1M), and the English corpus's first 10M
@@ -72,7 +72,7 @@ def run_one(data_dir: Path, out_dir: Path, size: tuple[int, int, int], budget: f
     cfg = load_config(TrainConfig, [
         str(REPO / "config" / "train_shakespeare_char_cpu.py"), f"--out_dir={out_dir}", f"--data_dir={data_dir}",
         f"--n_layer={n_layer}", f"--n_head={n_head}", f"--n_embd={n_embd}", f"--max_iters={iters}",
-        f"--lr_decay_iters={iters}", f"--warmup_iters={min(100, iters // 10)}", f"--eval_interval={max(1, iters // 4)}",
+        f"--lr_decay_iters={iters}", f"--warmup_iters={min(100, iters // 10)}", f"--eval_interval={max(1, iters // 3)}",
         "--log_interval=100000", "--plot=False", "--threads=1"])
     t0 = time.time()
     res = train(cfg)
