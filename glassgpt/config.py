@@ -232,7 +232,8 @@ RANGES: dict[str, Range] = {
         "coverage_n", "min_len", "n_neurons"], AT_LEAST_1),
     **dict.fromkeys([
         "max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr", "window",
-        "context", "n_random", "show_chars", "min_words", "seed", "floor", "n_controls"], AT_LEAST_0),
+        "context", "n_random", "show_chars", "min_words", "seed", "floor", "n_controls", "keep_every",
+        "batch_ramp_start", "batch_ramp_iters"], AT_LEAST_0),
     "top_k": Range(lo=1, none_hint="use --top_k=None to sample from every token"),
     "temperature": Range(lo=0, hint="0 is greedy decoding"),
     "top_p": Range(lo=0, hi=1, lo_open=True),
