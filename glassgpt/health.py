@@ -150,7 +150,8 @@ def plot_health(records: list[dict], path: Path, grad_clip: float = 0.0) -> bool
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    fig.subplots_adjust(wspace=0.4)  # room for the clip axis on the right of the first panel
     it = [r["iter"] for r in steps]
     ax = axes[0]
     ax.plot(it, [r["grad_norm"] for r in steps], lw=0.8, label="|g| (before clipping)")
