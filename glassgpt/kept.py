@@ -7,7 +7,8 @@
 - `ckpt-best.pt`: with `always_save_checkpoint=True` (nanoGPT's default) ckpt.pt is overwritten at
   every eval, also when val loss got worse. Before that happens to the best checkpoint, it is kept
   as ckpt-best.pt (a hard link: no copy, no extra disk until ckpt.pt moves on); it is removed again
-  once ckpt.pt is the best. `--ckpt_iter=best` opens it. With always_save_checkpoint=False, ckpt.pt
+  once ckpt.pt is the best. `--ckpt_iter=best` opens it. It is for opening the weights (sample,
+  trace); its optimizer state file goes with the next save of ckpt.pt, so it cannot be resumed. With always_save_checkpoint=False, ckpt.pt
   itself is always the best and no ckpt-best.pt appears.
 """
 
