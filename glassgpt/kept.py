@@ -1,15 +1,15 @@
 """Checkpoints kept beside out_dir/ckpt.pt: periodic ones and the best one.
 
 - `--keep_every=N` writes the weights every N iterations as `ckpt-<iter>.pt` (+ `ckpt-<iter>.json`),
-  atomically, without optimizer state. Every command that opens a run takes `--ckpt_iter=N` to open
-  one instead of ckpt.pt (glassgpt.run.open_run), so you can watch a copied span or a neuron appear
-  over training.
+  atomically, without optimizer state. trace-spans, trace-knn, trace-neurons and neuron take
+  `--ckpt_iter=N` to open one instead of ckpt.pt (through glassgpt.run.open_run(ckpt_iter=...)), so
+  you can watch a copied span or a neuron appear over training.
 - `ckpt-best.pt`: with `always_save_checkpoint=True` (nanoGPT's default) ckpt.pt is overwritten at
   every eval, also when val loss got worse. Before that happens to the best checkpoint, it is kept
   as ckpt-best.pt (a hard link: no copy, no extra disk until ckpt.pt moves on); it is removed again
-  once ckpt.pt is the best. `--ckpt_iter=best` opens it. It is for opening the weights (sample,
-  trace); its optimizer state file goes with the next save of ckpt.pt, so it cannot be resumed. With always_save_checkpoint=False, ckpt.pt
-  itself is always the best and no ckpt-best.pt appears.
+  once ckpt.pt is the best. `--ckpt_iter=best` opens it. It holds the weights (to sample and trace):
+  the optimizer file it names goes with the next save of ckpt.pt, so it cannot be resumed. With
+  always_save_checkpoint=False, ckpt.pt itself is always the best and no ckpt-best.pt appears.
 """
 
 from __future__ import annotations
