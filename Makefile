@@ -21,15 +21,12 @@ endif
 endif
 export MPLBACKEND ?= Agg
 
-# The main job's training recipe: config/train_shakespeare_char_cpu.py (the CPU record recipe) when it is
-# there, else nanoGPT's README CPU recipe as flags. `make demo TRAIN_ARGS="..."` overrides either.
-ifneq ($(wildcard config/train_shakespeare_char_cpu.py),)
-TRAIN_ARGS ?= config/train_shakespeare_char_cpu.py --out_dir=$(OUT)
-else
-TRAIN_ARGS ?= config/train_shakespeare_char.py --out_dir=$(OUT) --device=cpu --compile=False --eval_iters=20 \
-	--log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 \
-	--lr_decay_iters=2000 --dropout=0.0
-endif
+# The main job's training recipe is the one for this machine: `python -m glassgpt.hardware` prints its config
+# file (a CUDA GPU: config/train_shakespeare_char_gpu.py, bf16 + torch.compile + flash attention; Apple MPS:
+# config/train_shakespeare_char_mps.py; a CPU: the CPU record recipe config/train_shakespeare_char_cpu.py)
+# and, first in the log, which one and why. `make demo TRAIN_ARGS="..."` overrides it. The shell runs the
+# command when the recipe line runs, after `env` has installed glassgpt.
+TRAIN_ARGS ?= $$($(PY) -m glassgpt.hardware) --out_dir=$(OUT)
 
 .PHONY: demo test lint lock env clean-env
 

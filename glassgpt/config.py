@@ -119,6 +119,18 @@ class TrainConfig(GPTOptions):
     threads: int | None = None
     """CPU threads for torch; None: $OMP_NUM_THREADS if set, else for models under 30M parameters the
     cores other processes leave idle (runtime.choose_threads)."""
+    # checkpoints kept, batch ramp, health (docs/training.md)
+    keep_every: int = 0
+    """Also keep the weights every N iterations as out_dir/ckpt-<iter>.pt (0: off); commands open one
+    with --ckpt_iter=N (glassgpt/kept.py)."""
+    batch_ramp_start: int = 0
+    """Tokens per optimizer step at iteration 0, growing linearly to the configured batch
+    (gradient_accumulation_steps x batch_size x block_size) by batch_ramp_iters; 0: no ramp
+    (glassgpt/schedule.py)."""
+    batch_ramp_iters: int = 0
+    health: bool = True
+    """Log per-layer activation and weight norms at log iterations and plot out_dir/health.png
+    (glassgpt/health.py)."""
 
 
 @dataclass
@@ -220,7 +232,8 @@ RANGES: dict[str, Range] = {
         "coverage_n", "min_len", "n_neurons"], AT_LEAST_1),
     **dict.fromkeys([
         "max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "min_lr", "window",
-        "context", "n_random", "show_chars", "min_words", "seed", "floor", "n_controls"], AT_LEAST_0),
+        "context", "n_random", "show_chars", "min_words", "seed", "floor", "n_controls", "keep_every",
+        "batch_ramp_start", "batch_ramp_iters"], AT_LEAST_0),
     "top_k": Range(lo=1, none_hint="use --top_k=None to sample from every token"),
     "temperature": Range(lo=0, hint="0 is greedy decoding"),
     "top_p": Range(lo=0, hi=1, lo_open=True),

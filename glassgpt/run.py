@@ -133,12 +133,14 @@ def _short(fp: Any) -> str:
 
 
 def open_run(source: str | Path, *, device: str = "cpu", data_dir: str | Path | None = None,
-             vocab_dir: str | None = None, threads: int | None = None) -> Run:
-    """Open an out_dir (ckpt.pt), a .pt file, or a Hugging Face GPT-2 directory / hub name."""
+             vocab_dir: str | None = None, threads: int | None = None, ckpt_iter: int | str | None = None) -> Run:
+    """Open an out_dir (ckpt.pt), a .pt file, or a Hugging Face GPT-2 directory / hub name.
+    `ckpt_iter` opens a checkpoint kept beside ckpt.pt instead (ckpt-<iter>.pt, or 'best'; glassgpt.kept)."""
+    from glassgpt.kept import resolve_ckpt_iter
     from glassgpt.runtime import choose_threads, resolve_device
 
     device = resolve_device(device)
-    src = Path(source).expanduser()
+    src = resolve_ckpt_iter(Path(source).expanduser(), ckpt_iter)
     if src.suffix == ".pt" or (src / "ckpt.pt").exists() or not _is_hf(str(source), src):
         run = _open_checkpoint(src, device, data_dir, vocab_dir)
     else:

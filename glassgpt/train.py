@@ -25,17 +25,17 @@ from typing import Any
 
 import torch
 
-from glassgpt import distributed
+from glassgpt import advice, distributed, hardware, health, kept
 from glassgpt.checkpoint import ckpt_path, clean_state_dict, load_checkpoint, model_from_checkpoint, save_checkpoint
 from glassgpt.config import GPTOptions, TrainConfig, config_to_dict, load_config, wants_help
 from glassgpt.data import BatchSampler, data_dir_for, require_prepared
 from glassgpt.errors import UserError, run_main
 from glassgpt.model import GPT, GPTConfig
 from glassgpt.optim import Optimizers, build_optimizers, check_options, get_lr, group_norms, snapshot
+from glassgpt.runlog import LOG_NAME, RunLog, plot_losses
 from glassgpt.runtime import autocast, choose_threads, device_peak_flops, resolve_device, resolve_dtype
+from glassgpt.schedule import BatchRamp, build_ramp
 from glassgpt.tokenizer import read_meta
-
-LOG_NAME = "log.jsonl"
 
 
 @torch.no_grad()
@@ -72,37 +72,6 @@ def estimate_loss(model: torch.nn.Module, batches: BatchSampler, eval_iters: int
 def explain_loss(loss: float, vocab_size: int) -> str:
     return (f"ppl {math.exp(min(loss, 50)):.2f}, p(next) {math.exp(-loss):.3f}; "
             f"uniform guess ln({vocab_size}) = {math.log(vocab_size):.2f}")
-
-
-@dataclass
-class RunLog:
-    """Metrics as JSON lines in out_dir/log.jsonl (appended across resumes) and in memory."""
-
-    path: Path | None
-    records: list[dict] = field(default_factory=list)
-
-    def truncate(self, resumed_at: int, keep_eval: bool = True) -> None:
-        """Drop what a resumed run will write again: step records from `resumed_at` on and eval
-        records after it (or from it, when the resumed run evaluates `resumed_at` again: keep_eval
-        False), so no iteration appears twice in the log or loss.png."""
-        if self.path is None or not self.path.exists():
-            return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and _kept(json.loads(line), resumed_at, keep_eval)]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
-
-    def write(self, **rec: Any) -> None:
-        self.records.append(rec)
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-
-def _kept(rec: dict, resumed_at: int, keep_eval: bool) -> bool:
-    it = rec.get("iter", -1)
-    return it < resumed_at or (keep_eval and it == resumed_at and "val_loss" in rec)
 
 
 def check_out_dir(out_dir: str) -> None:
@@ -183,31 +152,6 @@ def refuse_options_for_pretrained(cfg: TrainConfig) -> None:
                         "architecture; drop it or train from scratch")
 
 
-def plot_losses(records: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [(r["iter"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["iter"], r["train_loss"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if steps:
-        ax.plot(*zip(*steps, strict=False), lw=0.8, alpha=0.6, label="train (batch)")
-    if evals:
-        it, tr, va = zip(*evals, strict=False)
-        ax.plot(it, tr, "o-", label="train (eval)")
-        ax.plot(it, va, "o-", label="val (eval)")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run a training job; returns {'iter_num', 'best_val_loss', 'last_eval', 'log': [records], 'elapsed'}."""
     cfg = copy.deepcopy(cfg)  # the job settles some fields (block_size of a pretrained model): not the caller's
@@ -218,6 +162,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         result = _train(cfg, dist_info)
         finished = True
         return result
+    except (MemoryError, RuntimeError) as e:
+        if not hardware.is_oom(e):
+            raise
+        side = ckpt_path(cfg.out_dir).with_suffix(".json")
+        last = f"{ckpt_path(cfg.out_dir)} (iter {json.loads(side.read_text())['iter_num']})" if side.exists() else None
+        raise hardware.oom_error(e, cfg, dist_info.device, dist_info.world_size, last) from None
     finally:
         distributed.teardown(dist_info, finished)
 
@@ -249,6 +199,11 @@ class Job:
     best_val_loss: float = 1e9
     resumed_at: int | None = None
     saved_iter: int | None = None  # out_dir's checkpoint iteration on every rank (only rank 0 sees ckpt.json)
+    best_iter: int | None = None  # the iteration of best_val_loss
+    ramp: BatchRamp | None = None
+    clip: health.ClipStats = field(default_factory=lambda: health.ClipStats(0.0))
+    probe: torch.Tensor | None = None  # health's fixed probe batch (None: health off or FSDP)
+    last_eval: dict[str, float] | None = None
 
     @property
     def master(self) -> bool:
@@ -281,19 +236,24 @@ def _setup(cfg: TrainConfig, dist_info: distributed.DistInfo) -> tuple[Job, dict
     raw_model.to(device)
     if cfg.compile and dist_info.master:
         print("compiling the model... (takes a ~minute)")
-    # compiled and/or DDP-wrapped, or sharded in place by FSDP (so the optimizer comes after this)
-    model = distributed.wrap_model(raw_model, dist_info, dtype, compile=cfg.compile)
+    # compiled (or not, after one line) and/or DDP-wrapped, or sharded in place by FSDP (so the optimizer comes after)
+    model = hardware.compile_and_wrap(raw_model, dist_info, dtype, cfg.compile, batches, autocast(device, dtype),
+                                      say=print if dist_info.master else lambda _m: None)
+    grad_accum = distributed.split_grad_accum(cfg.gradient_accumulation_steps, dist_info.world_size)
     tok_meta = {k: v for k, v in (meta or {"tokenizer": "gpt2"}).items()
                 if k in ("tokenizer", "vocab_size", "stoi", "itos", "eot_token")}
     job = Job(cfg=cfg, dist=dist_info, device=device, device_type=device_type, dtype=dtype, ctx=autocast(device, dtype),
-              grad_accum=distributed.split_grad_accum(cfg.gradient_accumulation_steps, dist_info.world_size),
+              grad_accum=grad_accum,
               batches=batches, raw_model=raw_model, model=model, eval_model=distributed.eval_module(model),
               optimizer=build_optimizers(raw_model, cfg, device_type),
               scaler=distributed.make_grad_scaler(dist_info, device_type, enabled=(dtype == "float16")),
               model_args=model_args, tok_meta=tok_meta,
               vocab=model_args["vocab_size"] if meta_vocab is None else meta_vocab,
               run_log=RunLog(Path(cfg.out_dir) / LOG_NAME if dist_info.master else None),
-              config_dict=config_to_dict(cfg), threads=threads)
+              config_dict=config_to_dict(cfg), threads=threads, clip=health.ClipStats(cfg.grad_clip),
+              ramp=build_ramp(cfg.batch_ramp_start, cfg.batch_ramp_iters, grad_accum, cfg.batch_size, cfg.block_size,
+                              dist_info.world_size),
+              probe=health.probe_batch(batches) if cfg.health and not dist_info.fsdp else None)
     return job, ckpt
 
 
@@ -305,7 +265,7 @@ def _torch_optimizer(job: Job) -> Any:
 def _resume(job: Job, ckpt: dict) -> None:
     """Continue the interrupted run: counters, optimizer state, every random stream, the log."""
     job.iter_num, job.best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
-    job.saved_iter = job.iter_num
+    job.saved_iter, job.best_iter = job.iter_num, ckpt.get("best_iter")
     if ckpt.get("optimizer"):
         distributed.load_optimizer_state(job.raw_model, _torch_optimizer(job), ckpt["optimizer"], job.dist)
     rng = ckpt.get("rng")
@@ -330,20 +290,23 @@ def _rng_state(job: Job) -> dict[str, Any]:
     return state
 
 
-def _save(job: Job, at_iter: int) -> None:
+def _save(job: Job, at_iter: int, path: Path | None = None) -> None:
+    """ckpt.pt, or (`path`: a kept checkpoint, glassgpt.kept) the weights without optimizer state."""
     # every rank joins (FSDP gathers its shards, every rank's RNG state is kept); rank 0 writes
     model_sd, optim_sd = distributed.gather_checkpoint(job.raw_model, _torch_optimizer(job), job.dist)
     ranks = distributed.gather_objects(_rng_state(job), job.dist)
-    job.saved_iter = at_iter
+    if path is None:
+        job.saved_iter = at_iter
     if not job.master:
         return
-    save_checkpoint(ckpt_path(job.cfg.out_dir), {
-        "model": clean_state_dict(model_sd), "optimizer": optim_sd,
+    path = path or ckpt_path(job.cfg.out_dir)
+    save_checkpoint(path, {
+        "model": clean_state_dict(model_sd), "optimizer": optim_sd if path.name == "ckpt.pt" else None,
         "model_args": job.model_args, "iter_num": at_iter, "best_val_loss": job.best_val_loss,
-        "config": job.config_dict, "tokenizer": job.tok_meta,
+        "best_iter": job.best_iter, "config": job.config_dict, "tokenizer": job.tok_meta,
         "rng": {**ranks[0], "ranks": ranks},
     })
-    print(f"saved checkpoint to {ckpt_path(job.cfg.out_dir)}")
+    print(f"saved checkpoint to {path}")
 
 
 def _nonfinite(job: Job, what: str, value: float) -> UserError:
@@ -359,6 +322,10 @@ def _print_header(job: Job) -> None:
     print(f"{raw.get_num_params() / 1e6:.2f}M parameters | {job.tokens_per_iter:,} tokens per iteration "
           f"({job.grad_accum * job.dist.world_size} x {cfg.batch_size} x {cfg.block_size}) | device {job.device}"
           f"{threads}, {job.dtype} | optimizer {cfg.optimizer}, {cfg.lr_schedule} schedule")
+    n_tokens = sum(len(d) for d in job.batches.data.values())
+    print(advice.suggest(n_tokens, job.device, n_params=raw.get_num_params(), tokens_per_iter=job.tokens_per_iter))
+    if job.ramp is not None:
+        print(job.ramp.describe())
     print(f"loss is -ln p(correct next token), averaged; uniform guessing over {job.vocab} tokens scores "
           f"ln({job.vocab}) = {math.log(job.vocab):.2f}")
 
@@ -374,10 +341,21 @@ def _evaluate(job: Job, lr: float, wandb: Any) -> dict[str, float]:
             wandb.log({"iter": job.iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
     if not math.isfinite(losses["val"]):
         raise _nonfinite(job, "val loss", losses["val"])
-    if losses["val"] < job.best_val_loss or job.cfg.always_save_checkpoint:
-        job.best_val_loss = min(job.best_val_loss, losses["val"])
-        if job.iter_num > 0:
-            _save(job, job.iter_num)
+    improved = losses["val"] < job.best_val_loss
+    if improved:
+        job.best_val_loss, job.best_iter = losses["val"], job.iter_num
+    if (improved or job.cfg.always_save_checkpoint) and job.iter_num > 0:
+        if job.master and not improved and job.saved_iter is not None and job.saved_iter == job.best_iter:
+            kept.keep_best(job.cfg.out_dir)  # ckpt.pt is about to hold a worse model: keep the best aside
+        _save(job, job.iter_num)
+        if job.master and improved:
+            kept.drop_best(job.cfg.out_dir)
+    if job.master:
+        best = kept.best_path(job.cfg.out_dir, job.cfg.always_save_checkpoint) if job.best_iter else None
+        warn = health.overfit_warning(job.last_eval, losses, job.best_val_loss, job.best_iter, best)
+        if warn:
+            print(warn)
+    job.last_eval = losses
     return losses
 
 
@@ -397,31 +375,37 @@ def _step(job: Job, log_iter: bool) -> tuple[torch.Tensor, torch.Tensor | None, 
             job.scaler.scale(loss).backward()
     # the job's loss (mean over ranks), so every rank sees the same value and stops alike
     loss_sum = distributed.all_reduce_mean(loss_sum, job.dist)
-    health: dict[str, float] = {}
+    norms: dict[str, float] = {}
     grad_norm = None
     if cfg.grad_clip != 0.0 or log_iter:
         opt.unscale_(job.scaler)
         # per-group norms of local tensors are the job's under DDP, not under FSDP's shards
         if log_iter and not job.dist.fsdp:
-            health = group_norms(opt)
+            norms = group_norms(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(job.raw_model.parameters(), cfg.grad_clip or float("inf"))
+        job.clip.update(grad_norm)
     # On the CPU the check is free (every op is synchronous); on GPUs only when logging.
     if job.device_type == "cpu" or log_iter:
         lossf = loss_sum.item()
         if not math.isfinite(lossf):
             raise _nonfinite(job, "loss", lossf)
-    before = snapshot(opt) if health else None
+    before = snapshot(opt) if norms else None
     opt.step(job.scaler)
     job.scaler.update()
     opt.zero_grad(set_to_none=True)
     if before is not None:
-        health.update(group_norms(opt, before))
-    return loss_sum, grad_norm, health
+        norms.update(group_norms(opt, before))
+    return loss_sum, grad_norm, norms
 
 
-def _log_step(job: Job, loss: torch.Tensor, grad_norm: torch.Tensor | None, health: dict[str, float],
+def _log_step(job: Job, loss: torch.Tensor, grad_norm: torch.Tensor | None, norms: dict[str, float],
               lr: float, dt: float, local_iter: int, wandb: Any) -> None:
     cfg = job.cfg
+    norms = {**norms, **job.clip.read()}
+    if cfg.health and not job.dist.fsdp:
+        norms.update(health.layer_norms(job.raw_model, job.probe, job.ctx))
+    if job.ramp is not None:
+        norms["batch_tokens"] = job.tokens_per_iter
     lossf = float(loss)
     gn = distributed.to_float(grad_norm) if grad_norm is not None else float("nan")
     clipped = cfg.grad_clip != 0.0 and gn > cfg.grad_clip
@@ -434,9 +418,9 @@ def _log_step(job: Job, loss: torch.Tensor, grad_norm: torch.Tensor | None, heal
           f"{job.tokens_per_iter / dt:,.0f} tok/s"
           f"{mfu_s}, |g| {gn:.2f}{' (clipped)' if clipped else ''}")
     job.run_log.write(iter=job.iter_num, loss=lossf, lr=lr, ms=dt * 1000, tok_s=tok_s, grad_norm=gn, clipped=clipped,
-                      **({"mfu": mfu} if mfu is not None else {}), **health)
+                      **({"mfu": mfu} if mfu is not None else {}), **norms)
     if wandb is not None:
-        wandb.log({"iter": job.iter_num, "train/batch_loss": lossf, "grad_norm": gn, "tok_s": tok_s, **health})
+        wandb.log({"iter": job.iter_num, "train/batch_loss": lossf, "grad_norm": gn, "tok_s": tok_s, **norms})
 
 
 def _start_wandb(job: Job) -> Any:
@@ -467,14 +451,18 @@ def _train(cfg: TrainConfig, dist_info: distributed.DistInfo) -> dict[str, Any]:
         job.optimizer.set_lr(lr, cfg)
         if (job.iter_num % cfg.eval_interval == 0 or job.iter_num >= cfg.max_iters) and job.iter_num != job.resumed_at:
             last_eval = _evaluate(job, lr, wandb)
+        if cfg.keep_every and job.iter_num % cfg.keep_every == 0 and 0 < job.iter_num != job.resumed_at:
+            _save(job, job.iter_num, kept.kept_path(cfg.out_dir, job.iter_num))
         if cfg.eval_only or job.iter_num >= cfg.max_iters:
             break
         log_iter = job.iter_num % cfg.log_interval == 0
-        loss, grad_norm, health = _step(job, log_iter)
+        if job.ramp is not None:
+            job.grad_accum = job.ramp.micro_steps(job.iter_num)
+        loss, grad_norm, norms = _step(job, log_iter)
         t1 = time.time()
         dt, t0 = t1 - t0, t1
         if log_iter and job.master:
-            _log_step(job, loss, grad_norm, health, lr, dt, local_iter, wandb)
+            _log_step(job, loss, grad_norm, norms, lr, dt, local_iter, wandb)
         job.iter_num += 1
         local_iter += 1
     return _finish(job, wandb, local_iter, time.time() - run_t0, last_eval)
@@ -486,8 +474,12 @@ def _finish(job: Job, wandb: Any, local_iter: int, elapsed: float, last_eval: di
         log_path = out_dir / LOG_NAME
         records = [json.loads(line) for line in (log_path.read_text().splitlines() if log_path.exists() else [])]
         plot_losses(records, out_dir / "loss.png")
+        health.plot_health(records, out_dir / "health.png", job.cfg.grad_clip)
     if wandb is not None:
         wandb.finish()
+    summary = job.clip.summary()
+    if job.master and summary and local_iter:
+        print(summary)
     if job.master and local_iter:
         print(f"done: {local_iter} iterations in {elapsed:.1f} s ({elapsed / local_iter * 1000:.1f} ms/iter), "
               f"best val loss {job.best_val_loss:.4f}")

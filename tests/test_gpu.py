@@ -47,3 +47,34 @@ def test_compile_matches_eager():
     _, eager = model(idx, targets=idx)
     _, compiled = torch.compile(model)(idx, targets=idx)
     torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)
+
+
+def test_gpu_recipe_trains_compiled_in_bf16(char_dataset, tmp_path, capsys):
+    """config/train_shakespeare_char_gpu.py (what `make demo` picks on a CUDA machine), 20 steps on tiny data."""
+    from pathlib import Path
+
+    from glassgpt.config import TrainConfig, load_config
+    from glassgpt.hardware import pick_recipe
+    from glassgpt.train import train
+
+    recipe = pick_recipe()
+    assert recipe.name == "gpu"
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(TrainConfig, [str(repo / recipe.config), f"--out_dir={tmp_path / 'out'}",
+                                    f"--data_dir={char_dataset}", "--block_size=64", "--max_iters=20",
+                                    "--eval_interval=20", "--eval_iters=2", "--plot=False"])
+    res = train(cfg)
+    assert "torch.compile failed" not in capsys.readouterr().out
+    assert res["iter_num"] == 20 and res["last_eval"]["val"] < 4.0
+
+
+def test_real_cuda_oom_is_one_line(char_dataset, tmp_path):
+    from glassgpt.errors import UserError
+    from glassgpt.train import train
+    from tests.test_train import tiny_cfg
+
+    free, _ = torch.cuda.mem_get_info()
+    rows = int(free // (16 * 4096 * 4)) + 1  # one (rows, 16, 4096) float32 activation is more than is free
+    with pytest.raises(UserError, match=r"^out of CUDA memory .*--batch_size="):
+        train(tiny_cfg(char_dataset, tmp_path / "o", device="cuda", n_embd=4096, n_head=32, n_layer=1,
+                       batch_size=rows, max_iters=1))

@@ -45,6 +45,8 @@ class TraceKnnConfig(SamplingSettings):
 
     out_dir: str = "out"
     """Run to trace (out_dir, ckpt.pt or HF dir); the store goes in <run out_dir>/knn_<split>."""
+    ckpt_iter: str | None = None
+    """Open out_dir/ckpt-<iter>.pt kept by train.py --keep_every (or 'best': ckpt-best.pt) instead of ckpt.pt."""
     start: str | None = None
     """Prompt to generate from (or FILE:path); the traced text is prompt + output."""
     text: str | None = None
@@ -638,7 +640,8 @@ def trace_knn(cfg: TraceKnnConfig) -> dict[str, Any] | None:
 
     if cfg.start is not None and cfg.text is not None:
         raise UserError("pass either --start (generate, then trace) or --text (trace as is), not both")
-    run = open_run(cfg.out_dir, device=cfg.device, data_dir=cfg.data_dir, threads=cfg.threads)
+    run = open_run(cfg.out_dir, ckpt_iter=cfg.ckpt_iter, device=cfg.device, data_dir=cfg.data_dir,
+                   threads=cfg.threads)
     if cfg.build:
         _build(cfg, run)
         if cfg.start is None and cfg.text is None:

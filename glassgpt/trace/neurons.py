@@ -46,6 +46,8 @@ class TraceNeuronsConfig(SamplingSettings):
     settings, as sample.py samples)."""
 
     out_dir: str = "out"
+    ckpt_iter: str | None = None
+    """Open out_dir/ckpt-<iter>.pt kept by train.py --keep_every (or 'best': ckpt-best.pt) instead of ckpt.pt."""
     start: str = "\n"
     """Prompt text, or FILE:path to read it from a file."""
     output: str | None = None
@@ -89,6 +91,8 @@ class TraceNeuronsConfig(SamplingSettings):
 @dataclass
 class NeuronConfig:
     out_dir: str = "out"
+    ckpt_iter: str | None = None
+    """Open out_dir/ckpt-<iter>.pt kept by train.py --keep_every (or 'best': ckpt-best.pt) instead of ckpt.pt."""
     layer: int = -1
     """Block index of the neuron (required)."""
     index: int = -1
@@ -564,7 +568,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     rank = "z" if cfg.contrastive else cfg.rank
     from glassgpt.run import open_run
 
-    run = open_run(cfg.out_dir, device=cfg.device, data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir)
+    run = open_run(cfg.out_dir, ckpt_iter=cfg.ckpt_iter, device=cfg.device,
+                   data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir)
     log = (lambda m: print(m, file=sys.stderr)) if cfg.json else print
     prompts, output = _prompts(cfg), read_text_arg(cfg.output, "output") if cfg.output is not None else None
     for text in [*prompts, output or ""]:  # text the model cannot read fails before a baseline is built
@@ -706,7 +711,8 @@ def neuron_main(argv: list[str] | None = None) -> dict[str, Any] | None:
         raise UserError(f"--keep (now {cfg.keep}) must be >= --top (now {cfg.top})")
     from glassgpt.run import open_run
 
-    run = open_run(cfg.out_dir, device=cfg.device, data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir)
+    run = open_run(cfg.out_dir, ckpt_iter=cfg.ckpt_iter, device=cfg.device,
+                   data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir)
     check_neuron(run.model, cfg.layer, cfg.index)
     log = (lambda m: print(m, file=sys.stderr)) if cfg.json else print
     card = neuron_card(run, cfg.layer, cfg.index, top=cfg.top, context=cfg.context, per_quantile=cfg.per_quantile,

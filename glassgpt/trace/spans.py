@@ -573,6 +573,8 @@ class TraceSpansConfig(SamplingSettings):
 
     out_dir: str = "out"
     """Checkpoint directory to generate with (and to find the training data from)."""
+    ckpt_iter: str | None = None
+    """Open out_dir/ckpt-<iter>.pt kept by train.py --keep_every (or 'best': ckpt-best.pt) instead of ckpt.pt."""
     data_dir: str | None = None
     """Prepared training data; default: the checkpoint's own (its config's data_dir or data/<dataset>)."""
     index_dir: str | None = None
@@ -620,7 +622,8 @@ def generate_ids(cfg: TraceSpansConfig, prompt: str, index: SpanIndex, run=None)
     from glassgpt.run import open_run
     from glassgpt.sampling import generate_from
 
-    run = run or open_run(cfg.out_dir, device=cfg.device, data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir)
+    run = run or open_run(cfg.out_dir, ckpt_iter=cfg.ckpt_iter, device=cfg.device,
+                          data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir)
     model, tok = run.model, run.tokenizer
     data_tok = index.tokenizer
     if getattr(tok, "name", "") != getattr(data_tok, "name", "") or getattr(tok, "stoi", None) != getattr(data_tok, "stoi", None):
@@ -707,7 +710,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if cfg.data_dir is None:  # the checkpoint's own training data (glassgpt.run); a query on --data_dir needs no torch
         from glassgpt.run import open_run
 
-        run = open_run(cfg.out_dir, device=cfg.device, vocab_dir=cfg.vocab_dir)
+        run = open_run(cfg.out_dir, ckpt_iter=cfg.ckpt_iter, device=cfg.device, vocab_dir=cfg.vocab_dir)
         if run.data_dir is None:
             raise UserError(f"the checkpoint in {cfg.out_dir} does not name its training data; pass --data_dir=...")
     data_dir = Path(cfg.data_dir) if cfg.data_dir else run.data_dir
