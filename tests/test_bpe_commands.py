@@ -101,7 +101,7 @@ def test_knn_neurons_and_viewer_explain_use_the_bpe(bpe_run, capsys):
     text = Corpus(data).decode("train", 10, 40)
     r = knn.main([f"--out_dir={out}", f"--text={text}", "--k=2", "--json"])
     assert r["neighbours"][0]["text"]
-    n = nz.main([f"--out_dir={out}", "--start=First", "--max_new_tokens=6", "--top_k=3", "--baseline_windows=2",
+    n = nz.main([f"--out_dir={out}", "--start=First", "--max_new_tokens=6", "--n_neurons=3", "--baseline_windows=2",
                  "--device=cpu", "--json"])
     assert len(n["top"]) == 3 and n["tokens"]
     from glassgpt.trace import spans
