@@ -48,7 +48,8 @@ class TrainConfig(GPTOptions):
     always_save_checkpoint: bool = True
     """Save at every eval; False saves only when val loss improves."""
     init_from: str = "scratch"
-    """'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2*' (OpenAI weights) or a local HF GPT-2 directory."""
+    """'scratch', 'resume' (from out_dir/ckpt.pt), 'gpt2*' (OpenAI weights), a local HF GPT-2 directory, or
+    another run's out_dir / ckpt .pt file to finetune (its weights, iteration 0, a fresh optimizer)."""
     # wandb logging (imported only when wandb_log is True)
     wandb_log: bool = False
     wandb_project: str = "owt"
@@ -157,6 +158,9 @@ class SampleConfig(SamplingSettings):
     interactive: bool = False
     """Keep the model loaded and read prompts from stdin, one per line, until EOF (an empty line
     reuses --start)."""
+    copying: bool = True
+    """Under each sample, the share of it found verbatim in the training data and its longest copied
+    span with its source line, when the run's data has a span index (glassgpt/copying.py)."""
     vocab_dir: str | None = None
     """Directory with GPT-2's encoder.json + vocab.bpe when offline."""
     data_dir: str | None = None

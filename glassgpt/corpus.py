@@ -35,7 +35,7 @@ from glassgpt.tokenizer import CharTokenizer, Tokenizer, read_meta, tokenizer_fr
 
 SEGMENT_COLUMNS = ("doc", "tok_start", "tok_end", "char_start", "line_start")
 DATA_FORMAT = "glassgpt-data/1"
-DATA_FILES = ("train.bin", "val.bin", "train.docs.npy", "val.docs.npy", "documents.json")
+DATA_FILES = ("train.bin", "val.bin", "train.docs.npy", "val.docs.npy", "documents.json", "tokenizer.json")
 """The files a dataset's fingerprint covers (meta.json describes them and is left out)."""
 
 

@@ -39,7 +39,7 @@ from torch.nn import functional as F
 from glassgpt.config import load_config, wants_help
 from glassgpt.errors import UserError
 from glassgpt.model import GPT
-from glassgpt.tokenizer import GPT2Tokenizer, Tokenizer
+from glassgpt.tokenizer import Tokenizer
 from glassgpt.windows import sliding_windows
 
 
@@ -123,10 +123,12 @@ def token_nlls(model: GPT, seq: torch.Tensor, block_size: int, stride: int, batc
 
 
 def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
-    """UTF-8 bytes each token id stands for (GPT-2 BPE tokens are byte sequences; a character's are
-    its UTF-8 encoding). `<|endoftext|>` separates documents and stands for no text: 0 bytes."""
-    if isinstance(tok, GPT2Tokenizer):
-        lengths = np.array([len(tok.token_bytes(i)) for i in range(tok.vocab_size)], dtype=np.int64)
+    """UTF-8 bytes each token id stands for (byte-level BPE tokens, GPT-2's or trained, are byte
+    sequences, some of them part of a character; a character's are its UTF-8 encoding).
+    `<|endoftext|>` separates documents and stands for no text: 0 bytes."""
+    token_bytes = getattr(tok, "token_bytes", None)
+    if token_bytes is not None:
+        lengths = np.array([len(token_bytes(i)) for i in range(tok.vocab_size)], dtype=np.int64)
     else:
         lengths = np.array([len(tok.decode([i]).encode("utf-8")) for i in range(tok.vocab_size)], dtype=np.int64)
     if tok.eot_token is not None:

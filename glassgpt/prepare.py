@@ -3,13 +3,17 @@
     python data/shakespeare_char/prepare.py [--input=PATH]   # = glassgpt prepare shakespeare_char
     python data/shakespeare/prepare.py                       # tiny-shakespeare in GPT-2 BPE
     glassgpt prepare corpus --input=docs.jsonl --out_dir=data/english [--tokenizer=char] [--num_proc=2]
+    glassgpt prepare my.txt --out_dir=data/mine --tokenizer=bpe --vocab_size=2048   # = corpus --input=my.txt
     python data/openwebtext/prepare.py                       # = corpus from the Hugging Face hub
 
 The layout written is glassgpt/corpus.py's. The Shakespeare datasets reproduce nanoGPT exactly: one
 text, its first 90% of characters train and the rest val, cutting the one document in two (the val
 segment starts mid-file, with its character offset and line). A corpus is split by whole documents:
 a seeded random `val_fraction` of them (at least one) goes to val, the rest to train, each split in
-source order; every document gets one segment, and GPT-2's `<|endoftext|>` after it.
+source order; every document gets one segment, and GPT-2's `<|endoftext|>` after it. A corpus of
+one text (a single .txt file) is split as tiny-shakespeare is, at a line start (glassgpt/own_text.py).
+`--tokenizer=bpe --vocab_size=N` trains a byte-level BPE on the train documents (glassgpt/bpe.py)
+and saves it as the dataset's tokenizer.json.
 
 Large corpora: documents are read twice (a cheap first pass validates them, counts them for the split
 and, for `tokenizer=char`, collects the vocabulary), and the second pass tokenizes them in batches in
@@ -43,14 +47,27 @@ import numpy as np
 from tqdm import tqdm
 
 from glassgpt.artifacts import write_artifact
+from glassgpt.bpe import BPETokenizer, train_bpe, write_tokenizer_json
 from glassgpt.config import load_config, wants_help
 from glassgpt.corpus import check_uint16, finish_dataset, write_dataset, write_segments
 from glassgpt.download import TINYSHAKESPEARE, fetch
 from glassgpt.errors import UserError
-from glassgpt.tokenizer import GPT2_EOT, CharTokenizer, GPT2Tokenizer
+from glassgpt.own_text import (
+    LOCAL_SUFFIXES,
+    ONE_TEXT_VAL,
+    default_out_dir,
+    encoder_spec,
+    line_at,
+    looks_like_path,
+    looks_like_tokenizer_path,
+    one_text_cut,
+    read_text_exact,
+    route,
+    tokenizer_from_path,
+)
+from glassgpt.tokenizer import CharTokenizer, GPT2Tokenizer
 
 UINT16_IDS = 1 << 16
-LOCAL_SUFFIXES = (".txt", ".jsonl")  # what a directory contributes; a named file may be any text
 JSONL_SUFFIXES = (".jsonl", ".json")  # a named .json file is read as JSON Lines too
 
 
@@ -77,8 +94,13 @@ class CorpusConfig:
     {"text": ..., "id": ...} document a line), or directories of them; several separated by commas."""
     out_dir: str | None = None
     """Where to write; default data/<name>."""
-    tokenizer: Literal["gpt2", "char"] = "gpt2"
-    """'gpt2' (BPE, <|endoftext|> after each document) or 'char' (the corpus's characters, sorted)."""
+    tokenizer: str = "gpt2"
+    """'gpt2' (GPT-2's BPE), 'bpe' (a byte-level BPE trained on the train documents, saved as
+    tokenizer.json; <|endoftext|> after each document for both), 'char' (the corpus's characters), or a
+    path whose tokenizer to reuse (a prepared dataset directory, a run's out_dir, a tokenizer.json): the
+    way to prepare new text for finetuning a run."""
+    vocab_size: int = 4096
+    """--tokenizer=bpe: tokens in the trained vocabulary, <|endoftext|> included (257..65536)."""
     vocab_dir: str | None = None
     """Directory with GPT-2's encoder.json + vocab.bpe when offline (else $GLASSGPT_MIRROR/gpt2, else
     tiktoken's download)."""
@@ -107,6 +129,8 @@ class Document:
     source: str  # file path, or hf:<name>
     line: int  # line of the source where the document starts (JSONL: its line number)
     text: str
+    seg_char: int = 0  # where `text` starts in the document: a part of one text split in two
+    seg_line: int = 1
 
     def record(self, split: str) -> dict:
         return {"id": self.id, "source": self.source, "char_offset": 0, "line": self.line, "split": split}
@@ -250,11 +274,6 @@ def local_files(spec: str) -> list[tuple[Path, str]] | None:
     return files
 
 
-def looks_like_path(s: str) -> bool:
-    # Hugging Face names are "name" or "owner/name": a file suffix or a leading / . ~ means a path
-    return Path(s).suffix in (*LOCAL_SUFFIXES, ".json", ".text") or s.startswith(("/", ".", "~")) or "\\" in s
-
-
 class LocalSource:
     """Local .txt (one document per file) and .jsonl (one document per line) files, in order."""
 
@@ -266,7 +285,7 @@ class LocalSource:
             if path.suffix in JSONL_SUFFIXES:
                 yield from iter_jsonl(path, self.cfg, bad)
             else:
-                yield Document(name, str(path), 1, read_text_file(path))
+                yield Document(name, str(path), 1, read_text_exact(path))
 
 
 def load_hf_splits(cfg: CorpusConfig, num_proc: int) -> dict[str, Any]:
@@ -308,11 +327,13 @@ _worker_encode: Callable[[str], np.ndarray] | None = None
 
 
 def make_encoder(spec: tuple[str, str | None]) -> Callable[[str], np.ndarray]:
-    """('gpt2', vocab_dir): BPE ids of a document + <|endoftext|>; ('char', chars): ids of its characters."""
+    """('gpt2', vocab_dir) / ('bpe', tokens as JSON): BPE ids of a document + <|endoftext|>;
+    ('char', chars): ids of its characters."""
     kind, arg = spec
-    if kind == "gpt2":
-        tok = GPT2Tokenizer(arg)
-        return lambda text: check_uint16(np.array(tok.encode_ordinary(text) + [GPT2_EOT], dtype=np.int64))
+    if kind in ("gpt2", "bpe"):
+        tok = GPT2Tokenizer(arg) if kind == "gpt2" else BPETokenizer.from_meta({"bpe": json.loads(arg or "")})
+        eot = tok.eot_token
+        return lambda text: check_uint16(np.array(tok.encode_ordinary(text) + [eot], dtype=np.int64))
     chars = CharTokenizer.from_text(arg or "")
     return lambda text: check_uint16(chars.encode_array(text))
 
@@ -370,9 +391,9 @@ class SplitWriter:
         self.n_tokens = 0
         self.segments: list[list[int]] = []
 
-    def append(self, doc_index: int, ids: np.ndarray) -> None:
+    def append(self, doc_index: int, ids: np.ndarray, char_start: int = 0, line_start: int = 1) -> None:
         ids.tofile(self.file)
-        self.segments.append([doc_index, self.n_tokens, self.n_tokens + len(ids), 0, 1])
+        self.segments.append([doc_index, self.n_tokens, self.n_tokens + len(ids), char_start, line_start])
         self.n_tokens += len(ids)
 
     def close(self) -> None:
@@ -398,6 +419,10 @@ def check_corpus_config(cfg: CorpusConfig) -> int:
     if not cfg.input:
         raise UserError("give the corpus with --input=PATH (a .txt/.jsonl file or directory) "
                         "or a Hugging Face dataset name")
+    if cfg.tokenizer not in ("gpt2", "char", "bpe") and not looks_like_tokenizer_path(cfg.tokenizer) \
+            and not Path(cfg.tokenizer).exists():
+        raise UserError(f"--tokenizer must be 'gpt2', 'bpe', 'char' or a path to reuse a tokenizer from (a prepared "
+                        f"dataset directory, a run's out_dir or a tokenizer.json), got {cfg.tokenizer!r}")
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"--val_fraction must be between 0 and 1, got {cfg.val_fraction}")
     num_proc = cfg.num_proc if cfg.num_proc is not None else min(8, os.cpu_count() or 1)
@@ -413,7 +438,7 @@ class CorpusDocuments:
     rows with empty text are counted out as iteration passes them."""
 
     def __init__(self, cfg: CorpusConfig, num_proc: int, bad: BadLines):
-        self.cfg, self.charset = cfg, set()
+        self.cfg, self.charset, self.one_text = cfg, set(), False
         files = local_files(cfg.input)  # type: ignore[arg-type]
         self.local = LocalSource(files, cfg) if files is not None else None
         if self.local is not None:
@@ -423,7 +448,8 @@ class CorpusDocuments:
                     self.n_docs += 1
                     if cfg.tokenizer == "char":
                         self.charset.update(doc.text)
-            self.is_val = choose_val(self.n_docs, cfg.val_fraction, cfg.seed) if self.n_docs else None
+            self.one_text = self.n_docs == 1  # split by characters, as tiny-shakespeare
+            self.is_val = choose_val(self.n_docs, cfg.val_fraction, cfg.seed) if self.n_docs > 1 else None
         else:
             self.hf = load_hf_splits(cfg, num_proc)
             self.n_docs = sum(len(d) for d in self.hf.values())
@@ -435,10 +461,20 @@ class CorpusDocuments:
     def __iter__(self) -> Iterator[tuple[str, Document]]:
         if self.local is not None:
             docs = (d for d in self.local.documents(BadLines("skip")) if d.text)
+            if self.one_text:
+                doc = next(docs)
+                if not doc.text.strip():
+                    raise UserError(f"{self.cfg.input} holds only whitespace: no document with text to learn from; "
+                                    "give a file with text in it")
+                cut = one_text_cut(doc.text)
+                yield "train", dataclasses.replace(doc, text=doc.text[:cut])
+                yield "val", dataclasses.replace(doc, text=doc.text[cut:], seg_char=cut,
+                                                 seg_line=line_at(doc.text, cut))
+                return
             for i, doc in enumerate(docs):
                 if i >= self.n_docs:
                     raise UserError(f"{self.cfg.input} changed while being prepared; run again")
-                yield ("val" if self.is_val[i] else "train"), doc
+                yield ("val" if self.is_val is not None and self.is_val[i] else "train"), doc
             return
         for split, dset in self.hf.items():
             for d in iter_hf(dset, split, self.cfg):
@@ -446,6 +482,35 @@ class CorpusDocuments:
                     yield split, d
                 else:
                     self.n_docs -= 1
+
+
+def corpus_tokenizer(cfg: CorpusConfig, docs: CorpusDocuments, charset: set[str]) -> tuple[Any, tuple[str, str | None]]:
+    """(tokenizer, spec for the tokenizer workers): the corpus's characters, GPT-2's BPE, or a BPE
+    trained here on the train documents, or one reused from a path (--tokenizer=data/english)."""
+    reused = tokenizer_from_path(cfg.tokenizer)
+    if reused is not None:
+        print(f"tokenizing with the {reused.name} tokenizer of {cfg.tokenizer} (vocab {reused.vocab_size})")
+        spec = encoder_spec(reused)
+        return reused, (spec if spec[0] != "gpt2" else ("gpt2", cfg.vocab_dir))
+    if cfg.tokenizer == "char":
+        if len(charset) > UINT16_IDS:
+            raise UserError(f"the corpus has {len(charset):,} distinct characters, more than the {UINT16_IDS:,} "
+                            "token ids uint16 .bin files can hold; use --tokenizer=gpt2 or --tokenizer=bpe")
+        chars = "".join(sorted(charset))
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in chars):
+            raise UserError(f"{cfg.input} has bytes that are not UTF-8, which a char vocabulary cannot store; use "
+                            "--tokenizer=bpe or gpt2 (byte-level: kept exactly), or convert the text to UTF-8")
+        return CharTokenizer.from_text(chars), ("char", chars)
+    if cfg.tokenizer == "bpe":
+        t0 = time.time()
+        tok = train_bpe((d.text for split, d in docs if split == "train"), cfg.vocab_size)
+        fewer = f" (asked for {cfg.vocab_size}: the text has no more pairs to merge)" \
+            if tok.vocab_size < cfg.vocab_size else ""
+        print(f"trained a {tok.vocab_size}-token byte-level BPE on the train documents{fewer} "
+              f"({time.time() - t0:.1f}s)")
+        return tok, ("bpe", json.dumps(tok.meta()["bpe"]))
+    # fails here, before any work, when the vocabulary is missing
+    return GPT2Tokenizer(cfg.vocab_dir), ("gpt2", cfg.vocab_dir)
 
 
 def prepare_corpus(cfg: CorpusConfig, name: str = "corpus") -> dict:
@@ -461,16 +526,7 @@ def prepare_corpus(cfg: CorpusConfig, name: str = "corpus") -> dict:
                         + (f" ({bad.count} bad lines skipped, first {bad.first})" if bad.count else ""))
     if bad.count:
         print(f"warning: skipped {bad.count} bad JSONL line(s); first: {bad.first}", file=sys.stderr)
-    if cfg.tokenizer == "char":
-        if len(charset) > UINT16_IDS:
-            raise UserError(f"the corpus has {len(charset):,} distinct characters, more than the {UINT16_IDS:,} "
-                            "token ids uint16 .bin files can hold; use --tokenizer=gpt2")
-        chars = "".join(sorted(charset))
-        tok: CharTokenizer | GPT2Tokenizer = CharTokenizer.from_text(chars)
-        spec: tuple[str, str | None] = ("char", chars)
-    else:
-        tok = GPT2Tokenizer(cfg.vocab_dir)  # fails here, before any work, when the vocabulary is missing
-        spec = ("gpt2", cfg.vocab_dir)
+    tok, spec = corpus_tokenizer(cfg, docs, charset)
 
     with staging(out_dir) as tmp:
         writers = {s: SplitWriter(tmp / f"{s}.bin") for s in ("train", "val")}
@@ -478,6 +534,10 @@ def prepare_corpus(cfg: CorpusConfig, name: str = "corpus") -> dict:
         bar = tqdm(total=n_docs, unit="doc", desc=f"tokenizing ({num_proc} proc)", disable=None)
         try:
             for split, doc, ids in tokenize_in_order(batched(iter(docs), cfg.batch_chars), spec, num_proc):
+                if docs.one_text and split == "val":  # the second part of the one document
+                    writers[split].append(0, ids, doc.seg_char, doc.seg_line)
+                    documents[0]["split"] = "train,val"
+                    continue
                 writers[split].append(len(documents), ids)
                 documents.append(doc.record(split))
                 bar.update(1)
@@ -485,25 +545,38 @@ def prepare_corpus(cfg: CorpusConfig, name: str = "corpus") -> dict:
             bar.close()
             for w in writers.values():
                 w.close()
-        if len(documents) != docs.n_docs:  # HF rows with empty text were counted out as they passed
+        # HF rows with empty text were counted out as they passed
+        if len(documents) != docs.n_docs and not docs.one_text:
             raise UserError(f"{cfg.input} changed while being prepared; run again")
         sizes = {s: split_record(w.n_tokens, len(w.segments), len(w.segments)) for s, w in writers.items()}
         if not sizes["train"]["tokens"] or not sizes["val"]["tokens"]:
             raise UserError(f"the corpus {cfg.input} gave an empty train or val split; add documents")
         for s, w in writers.items():
             write_segments(tmp, s, w.segments)
-        finish_dataset(tmp, tok.meta(), documents, dataset=name, source=cfg.input,
+        tok_meta = tok.meta()
+        if isinstance(tok, BPETokenizer):  # the vocabulary goes in tokenizer.json, not in meta.json
+            write_tokenizer_json(tok, tmp / "tokenizer.json")
+            tok_meta = {k: v for k, v in tok_meta.items() if k != "bpe"} | {"tokenizer_file": "tokenizer.json"}
+        split_rule = ({"by": "characters, at a line start", "val_fraction": ONE_TEXT_VAL} if docs.one_text else
+                      {"by": "document", "val_fraction": cfg.val_fraction, "seed": cfg.seed})
+        finish_dataset(tmp, tok_meta, documents, dataset=name, source=cfg.input,
                        train_tokens=sizes["train"]["tokens"], val_tokens=sizes["val"]["tokens"], splits=sizes,
-                       split={"by": "document", "val_fraction": cfg.val_fraction, "seed": cfg.seed},
-                       skipped_bad_lines=bad.count)
+                       split=split_rule, skipped_bad_lines=bad.count)
     seconds = time.time() - t0
     total = sizes["train"]["tokens"] + sizes["val"]["tokens"]
-    if sizes["val"]["tokens"] <= 1024:
+    if sizes["val"]["tokens"] <= 1024 and not docs.one_text:
         print(f"warning: val holds only {sizes['val']['tokens']} tokens, fewer than one GPT-2 block (1024 + 1); "
               "for validation at that block_size raise --val_fraction", file=sys.stderr)
-    print(f"{name}: {len(documents):,} documents ({sizes['val']['documents']} val), train "
-          f"{sizes['train']['tokens']:,} tokens, val {sizes['val']['tokens']:,} tokens, vocab {tok.vocab_size} "
-          f"-> {out_dir} ({seconds:.1f}s, {total / seconds:,.0f} tokens/s, {num_proc} proc)")
+    what = "1 text split 90/10 at a line start" if docs.one_text else \
+        f"{len(documents):,} documents ({sizes['val']['documents']} val)"
+    print(f"{name}: {what}, train {sizes['train']['tokens']:,} tokens, val {sizes['val']['tokens']:,} tokens, "
+          f"{tok.name} vocab {tok.vocab_size} -> {out_dir} ({seconds:.1f}s, {total / seconds:,.0f} tokens/s, "
+          f"{num_proc} proc)")
+    if isinstance(tok, BPETokenizer):
+        n_bytes = sum(len(t) for t in tok.tokens)  # a cheap figure to show; bench_tokenizer measures properly
+        print(f"tokenizer: byte-level BPE, {tok.vocab_size} tokens (mean token {n_bytes / len(tok.tokens):.1f} bytes), "
+              f"saved as {out_dir / 'tokenizer.json'}")
+    print(f"train on it: glassgpt train --data_dir={out_dir} --out_dir=out-{out_dir.name}")
     return {"out_dir": str(out_dir), "documents": len(documents), "train_tokens": sizes["train"]["tokens"],
             "val_tokens": sizes["val"]["tokens"], "seconds": seconds, "num_proc": num_proc}
 
@@ -520,7 +593,9 @@ DATASETS: dict[str, tuple[type, dict, Callable[[Any, str], dict]]] = {
 
 
 def usage() -> str:
-    return ("usage: glassgpt prepare NAME [config.py ...] [--key=value ...]\n\n"
+    return ("usage: glassgpt prepare NAME [config.py ...] [--key=value ...]\n"
+            "       glassgpt prepare PATH [--key=value ...]   (= corpus --input=PATH: a .txt, a folder, JSON Lines or "
+            "a Hugging Face dataset name)\n\n"
             "NAME: shakespeare_char (char-level, nanoGPT), shakespeare (GPT-2 BPE, nanoGPT), "
             "corpus (--input=.txt/.jsonl files, directories or a Hugging Face dataset), "
             "openwebtext (corpus --input=openwebtext)\n`glassgpt prepare NAME --help` lists its keys.")
@@ -533,6 +608,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(usage())
         return None
     name, rest = argv[0], argv[1:]
+    as_input = None if name in DATASETS else route(name, list(DATASETS))
+    if as_input is not None:  # `glassgpt prepare my.txt ...` = `glassgpt prepare corpus --input=my.txt ...`
+        if not any(a.startswith("--out_dir=") for a in rest):
+            rest = [*rest, f"--out_dir={default_out_dir(name)}"]
+        name, rest = "corpus", [*as_input, *rest]
     if name not in DATASETS:
         close = difflib.get_close_matches(name, DATASETS, n=1)
         raise UserError(f"unknown dataset {name!r}" + (f"; did you mean {close[0]}?" if close else "")

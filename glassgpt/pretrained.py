@@ -261,13 +261,14 @@ def pretrained_tokenizer(init_from: str, vocab_dir: str | None = None):
     """The tokenizer for `init_from`: GPT-2's BPE (tiktoken) for OpenAI's models and HF directories
     with GPT-2's vocabulary, the char vocabulary a glassgpt export wrote, and an error for a GPT-2
     architecture trained with some other tokenizer (glassgpt would feed it wrong ids)."""
-    from glassgpt.tokenizer import GPT2Tokenizer, tokenizer_from_meta
+    from glassgpt.tokenizer import GPT2Tokenizer, complete_meta, tokenizer_from_meta
 
     path = Path(init_from).expanduser()
     if (init_from in PRETRAINED_MODELS and not (path / "config.json").exists()) or not path.is_dir():
         return GPT2Tokenizer(vocab_dir)
     if (path / "glassgpt_tokenizer.json").exists():
-        return tokenizer_from_meta(json.loads((path / "glassgpt_tokenizer.json").read_text()), vocab_dir)
+        meta = complete_meta(json.loads((path / "glassgpt_tokenizer.json").read_text()), path)
+        return tokenizer_from_meta(meta, vocab_dir)
     vocab_json = path / "vocab.json"
     if vocab_json.exists():
         # HF re-serialises vocab.json on save, so compare entries, not bytes: GPT-2's has these.
@@ -301,9 +302,11 @@ def check_vocab(model_vocab: int, data_meta: dict | None, model_tokenizer: dict 
                         "(e.g. data/shakespeare, not shakespeare_char)")
     if model_tokenizer:
         mkind = model_tokenizer.get("tokenizer", "gpt2")
-        if mkind != kind or (kind == "char" and model_tokenizer.get("stoi") != meta.get("stoi")):
+        if mkind != kind or (kind == "char" and model_tokenizer.get("stoi") != meta.get("stoi")) \
+                or (kind == "bpe" and model_tokenizer.get("bpe") != meta.get("bpe")):
             raise UserError(f"the data was tokenized as {kind} but the model was trained on a different {mkind} "
-                            "vocabulary; evaluate or finetune it on data prepared with its own tokenizer")
+                            "vocabulary; prepare the text with the model's own tokenizer "
+                            "(glassgpt prepare TEXT --tokenizer=RUN_OUT_DIR) and use that")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -377,11 +380,16 @@ def export_hf(model: GPT, out_dir: str | Path, tokenizer_meta: dict | None = Non
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kind = (tokenizer_meta or {}).get("tokenizer", "gpt2")
-    cfg = hf_config_dict(model.config, eos_token_id=50256 if kind == "gpt2" else None)
+    eos = {"gpt2": 50256, "bpe": (tokenizer_meta or {}).get("eot_token")}.get(kind)
+    cfg = hf_config_dict(model.config, eos_token_id=eos)
     save_file(glassgpt_to_hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if kind == "gpt2":
         write_gpt2_tokenizer_files(out, model.config.block_size, vocab_dir)
+    elif kind == "bpe" and tokenizer_meta:
+        from glassgpt.bpe import write_hf_tokenizer_files
+
+        write_hf_tokenizer_files(out, tokenizer_meta, model.config.block_size)
     elif tokenizer_meta:
         # A char vocabulary has no HF tokenizer class; keep it for glassgpt (and people) to read.
         (out / "glassgpt_tokenizer.json").write_text(json.dumps(tokenizer_meta, ensure_ascii=False) + "\n")

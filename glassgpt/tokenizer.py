@@ -1,4 +1,5 @@
-"""Tokenizers: character-level (a vocabulary from the data) and GPT-2 BPE (tiktoken).
+"""Tokenizers: character-level (a vocabulary from the data), GPT-2 BPE (tiktoken), and a byte-level
+BPE trained on the dataset (glassgpt/bpe.py, saved as the dataset's tokenizer.json).
 
 Both map text <-> lists of ints and say how to describe themselves in a dataset's meta.json, so a
 checkpoint or a prepared dataset can rebuild the exact tokenizer later. nanoGPT's `meta.pkl` is read
@@ -11,12 +12,13 @@ import io
 import json
 import os
 import pickle
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from glassgpt.bpe import encode_escaped
 from glassgpt.download import GPT2_ENCODER_JSON, GPT2_VOCAB_BPE, MIRROR_ENV, mirror_dir, sha256_file
 from glassgpt.errors import UserError
 
@@ -28,7 +30,9 @@ GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\
 class Tokenizer(Protocol):
     name: str
     vocab_size: int
-    eot_token: int | None
+
+    @property
+    def eot_token(self) -> int | None: ...
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
@@ -97,10 +101,15 @@ class GPT2Tokenizer:
         self.enc = gpt2_encoding(str(vocab_dir) if vocab_dir else None)
 
     def encode(self, text: str) -> list[int]:
-        return self.enc.encode(text, allowed_special={"<|endoftext|>"})
+        return encode_escaped(text, lambda s: self.enc.encode(s, allowed_special={"<|endoftext|>"}), self._byte_ids)
 
     def encode_ordinary(self, text: str) -> list[int]:
-        return self.enc.encode_ordinary(text)
+        # bytes that are not UTF-8 (read with errors="surrogateescape") become their byte tokens
+        return encode_escaped(text, self.enc.encode_ordinary, self._byte_ids)
+
+    @cached_property
+    def _byte_ids(self) -> list[int]:
+        return [self.enc.encode_single_token(bytes([b])) for b in range(256)]
 
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode([int(i) for i in ids])
@@ -158,11 +167,21 @@ class _PlainUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"meta.pkl refers to {module}.{name}; only plain data is allowed")
 
 
+def complete_meta(meta: dict, directory: Path) -> dict:
+    """A trained BPE's meta names its tokenizer.json (in `directory`); read the vocabulary from it,
+    so the dict describes the whole tokenizer (as a checkpoint stores it)."""
+    if isinstance(meta, dict) and meta.get("tokenizer") == "bpe" and "bpe" not in meta:
+        from glassgpt.bpe import bpe_meta_from_file
+
+        meta["bpe"] = bpe_meta_from_file(directory / str(meta.get("tokenizer_file", "tokenizer.json")))["bpe"]
+    return meta
+
+
 def read_meta(data_dir: str | Path) -> dict | None:
     """A dataset's metadata: glassgpt's meta.json, else nanoGPT's meta.pkl read safely; None if neither."""
     data_dir = Path(data_dir)
     if (data_dir / "meta.json").exists():
-        return json.loads((data_dir / "meta.json").read_text())
+        return complete_meta(json.loads((data_dir / "meta.json").read_text()), data_dir)
     if (data_dir / "meta.pkl").exists():
         try:
             meta = _PlainUnpickler(io.BytesIO((data_dir / "meta.pkl").read_bytes())).load()
@@ -181,4 +200,8 @@ def tokenizer_from_meta(meta: dict | None, vocab_dir: str | None = None) -> Toke
     as nanoGPT assumes)."""
     if meta and (meta.get("tokenizer") == "char" or "stoi" in meta):
         return CharTokenizer(meta["stoi"], meta["itos"])
+    if meta and meta.get("tokenizer") == "bpe":
+        from glassgpt.bpe import BPETokenizer
+
+        return BPETokenizer.from_meta(meta)
     return GPT2Tokenizer(vocab_dir or os.environ.get("GLASSGPT_VOCAB_DIR") or None)

@@ -89,7 +89,7 @@ def build_model(cfg: TrainConfig, meta: dict | None) -> tuple[GPT, dict | None, 
     """(model, checkpoint if resuming, model_args) for init_from = scratch | resume | gpt2* | HF dir.
     `meta` is the prepared dataset's metadata (None: nanoGPT-style GPT-2 data without meta)."""
     meta_vocab = int(meta["vocab_size"]) if meta and "vocab_size" in meta else None
-    ckpt = None
+    ckpt, init_tok = None, None
     if cfg.init_from == "scratch":
         if meta_vocab is None:
             print("no vocab_size in the dataset's metadata: using GPT-2's 50304 (50257 rounded up for efficiency)")
@@ -112,11 +112,10 @@ def build_model(cfg: TrainConfig, meta: dict | None) -> tuple[GPT, dict | None, 
         if cfg.block_size < trained_block:
             model.crop_block_size(cfg.block_size)
         args = model.config.to_dict()
-    else:
-        from glassgpt.pretrained import from_pretrained
+    else:  # GPT-2 weights, an HF directory, or another run to finetune (glassgpt/finetune.py)
+        from glassgpt.finetune import init_weights
 
-        refuse_options_for_pretrained(cfg)
-        model = from_pretrained(cfg.init_from, {"dropout": cfg.dropout})
+        model, init_tok = init_weights(cfg, refuse_options_for_pretrained)
         if cfg.activation is not None and cfg.activation != model.config.activation:
             raise UserError(f"--activation={cfg.activation} cannot be used with init_from={cfg.init_from}: its "
                             f"weights were trained with {model.config.activation}; drop --activation")
@@ -128,7 +127,7 @@ def build_model(cfg: TrainConfig, meta: dict | None) -> tuple[GPT, dict | None, 
         from glassgpt.pretrained import check_vocab
 
         # data the model cannot embed, or tokenized another way than the model was trained on
-        check_vocab(model.config.vocab_size, meta, ckpt.get("tokenizer") if ckpt else None)
+        check_vocab(model.config.vocab_size, meta, ckpt.get("tokenizer") if ckpt else init_tok)
     return model, ckpt, args
 
 
@@ -241,7 +240,7 @@ def _setup(cfg: TrainConfig, dist_info: distributed.DistInfo) -> tuple[Job, dict
                                       say=print if dist_info.master else lambda _m: None)
     grad_accum = distributed.split_grad_accum(cfg.gradient_accumulation_steps, dist_info.world_size)
     tok_meta = {k: v for k, v in (meta or {"tokenizer": "gpt2"}).items()
-                if k in ("tokenizer", "vocab_size", "stoi", "itos", "eot_token")}
+                if k in ("tokenizer", "vocab_size", "stoi", "itos", "eot_token", "bpe")}
     job = Job(cfg=cfg, dist=dist_info, device=device, device_type=device_type, dtype=dtype, ctx=autocast(device, dtype),
               grad_accum=grad_accum,
               batches=batches, raw_model=raw_model, model=model, eval_model=distributed.eval_module(model),

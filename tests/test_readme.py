@@ -168,6 +168,7 @@ RULES: dict[str, Callable[[list[str], Fixture], list[str]]] = {
     "glassgpt prepare shakespeare_char": tiny_prepare,
     "glassgpt prepare shakespeare": tiny_prepare,
     "glassgpt prepare corpus": as_is,  # its --input is ../shared/data/..., the tiny mirror
+    "glassgpt prepare my.txt": tiny_prepare,  # "Your own text": the last --input wins over the path
     "glassgpt trace-spans": tiny_generation_if_prompted,
     "glassgpt trace-knn": tiny_generation_if_prompted,
     "glassgpt trace-neurons": tiny_neurons,
