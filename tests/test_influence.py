@@ -177,7 +177,7 @@ def train_convex(model: nn.Module, windows: torch.Tensor, keep: torch.Tensor, l2
 def query_loss(model: nn.Module, query: list[int], prompt_len: int) -> float:
     x, y = inf.query_rows(query, prompt_len, model.config.block_size)
     with torch.no_grad():
-        logits = model(x.to(next(model.parameters()).dtype).long())[0]
+        logits = model(x, targets=x)[0]  # targets: every position's logits
         return float(nn.functional.cross_entropy(logits.transpose(1, 2), y, ignore_index=-1, reduction="sum"))
 
 
@@ -211,3 +211,47 @@ def test_influence_agrees_with_leave_one_out_retraining():
     print(f"LOO: Spearman {rho:.3f}, sign agreement {signs:.2f}, slope {slope:.2f}; random scores: Spearman {rand:.3f}")
     # measured: EK-FAC 0.85 (the exact Hessian's influence function: 0.99; EK-FAC's basis is not exact here)
     assert rho > 0.75 and signs >= 0.85 and 0.5 < slope < 2 and abs(rand) < 0.75
+
+
+def trained_tiny_gpt(steps: int = 40) -> tuple[GPT, torch.Tensor]:
+    """A 2-layer GPT trained on 48 fixed windows of a few repeating patterns (some shared, some rare)."""
+    torch.manual_seed(0)
+    patterns = [[1, 2, 3, 4], [5, 6, 7, 8], [1, 6, 3, 8], [9, 10, 11, 12], [13, 2, 14, 4]]
+    windows = torch.tensor([(patterns[i % 5 if i % 7 else 4] * 3)[: 9] for i in range(48)])
+    x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+    windows[::3, 4] = torch.randint(1, 15, (16,))  # noise, so windows differ
+    model = tiny_gpt(vocab=16, block_size=8)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        _, loss = model(x, targets=y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), windows
+
+
+def test_tail_patch_top_proponent_teaches_more_than_random_windows():
+    """One SGD step on the top proponent raises the query's log-probability more than a step on most
+    random windows; the top opponent (the control, scored by the same engine) does not. (Measured:
+    the top proponent's gain is the largest of all 48 windows; a model trained to ~0 loss breaks this.)"""
+    model, windows = trained_tiny_gpt()
+    query, prompt = [13, 2, 14, 4, 13, 2, 14], 3
+    f = inf.fit_ekfac(model, windows, batch_size=16)
+    scores = inf.influence_scores(model, f, windows, query, prompt, batch_size=16)
+
+    def gain(i: int, lr: float = 1e-3) -> float:  # small: the first-order regime influence predicts
+        m = tiny_gpt(vocab=16, block_size=8)
+        m.load_state_dict(model.state_dict())
+        _, loss = m(windows[i:i + 1, :-1].contiguous(), targets=windows[i:i + 1, 1:].contiguous())
+        loss.backward()
+        with torch.no_grad():
+            for p in m.parameters():
+                p -= lr * p.grad
+        return query_loss(model, query, prompt) - query_loss(m, query, prompt)  # + = log p(query) rose
+
+    rand = [gain(i) for i in np.random.default_rng(0).choice(len(windows), 16, replace=False)]
+    top, bottom = gain(int(np.argmax(scores))), gain(int(np.argmin(scores)))
+    print(f"tail-patch gain: top proponent {top:+.4f}, top opponent {bottom:+.4f}, "
+          f"random median {np.median(rand):+.4f} (max {max(rand):+.4f})")
+    assert top > np.quantile(rand, 0.75) and bottom < np.median(rand)
