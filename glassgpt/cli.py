@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "trace-knn": ("glassgpt.trace.knn", "nearest training windows to prompt+output (BM25 by default, or embeddings)"),
     "trace-spans": ("glassgpt.trace.spans", "verbatim spans of the output found in the training data"),
     "trace-neurons": ("glassgpt.trace.neurons", "MLP neurons that fire for a generation, contrasted and ablated"),
+    "trace-influence": ("glassgpt.trace.influence_cli", "training windows that taught a generation (EK-FAC influence)"),
     "neuron": ("glassgpt.trace.neurons:neuron_main", "top-activating training windows of one neuron"),
     "extend-context": ("glassgpt.extend", "grow a checkpoint's context length (learned position embeddings)"),
     "view": ("glassgpt.view.server", "a local web page: a generation with its spans, nearest windows and neurons"),
@@ -45,6 +46,7 @@ HELP_FROM_SOURCE: dict[str, tuple[str, str, str]] = {
     "trace-knn": ("glassgpt.trace.knn", "TraceKnnConfig", ""),
     "trace-spans": ("glassgpt.trace.spans", "TraceSpansConfig", ""),
     "trace-neurons": ("glassgpt.trace.neurons", "TraceNeuronsConfig", ""),
+    "trace-influence": ("glassgpt.trace.influence_cli", "TraceInfluenceConfig", ""),
     "neuron": ("glassgpt.trace.neurons", "NeuronConfig", ""),
     "extend-context": ("glassgpt.extend", "ExtendConfig", ""),
 }

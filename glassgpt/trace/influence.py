@@ -221,23 +221,35 @@ def check_windows(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
     return w.long().to(next(model.parameters()).device)
 
 
+def _sides(model: nn.Module, layers: Sequence[str]) -> list[tuple[int, int]]:
+    """(din', dout) per layer."""
+    mods = dict(model.named_modules())
+    return [(m.in_features + (m.bias is not None), m.out_features) for m in (mods[n] for n in layers)]
+
+
 def covariances(model: nn.Module, layers: Sequence[str], windows: torch.Tensor, batch_size: int,
                 first_index: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
     """Sums over tokens of a a^T and g g^T (float64), with sampled labels, and the token count."""
-    sa: list[torch.Tensor] = []
-    ss: list[torch.Tensor] = []
+    sides = _sides(model, layers)
+    sa = [torch.zeros(di, di, dtype=torch.float64) for di, _ in sides]
+    ss = [torch.zeros(do, do, dtype=torch.float64) for _, do in sides]
     n_tok = 0
     for lo, x, _ in _batches(windows, batch_size):
         ag, _ = layer_grads(model, layers, x, None, first_index=first_index + lo)
         for i, n in enumerate(layers):
             a, g = (t.reshape(-1, t.size(-1)).double() for t in ag[n])
-            if len(sa) <= i:
-                sa.append(torch.zeros(a.size(1), a.size(1), dtype=torch.float64))
-                ss.append(torch.zeros(g.size(1), g.size(1), dtype=torch.float64))
             sa[i] += (a.T @ a).cpu()
             ss[i] += (g.T @ g).cpu()
         n_tok += x.numel()
     return sa, ss, n_tok
+
+
+def eigh_canonical(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """eigh with each eigenvector's sign fixed (largest-magnitude entry positive), so that sums that
+    differ in the last bit (a sharded fit) give the same basis."""
+    e, q = torch.linalg.eigh(m)
+    idx = q.abs().argmax(0)
+    return e, q * torch.sign(q[idx, torch.arange(q.size(1))])
 
 
 def eigen_corrections(model: nn.Module, layers: Sequence[str], q_a: list[torch.Tensor], q_s: list[torch.Tensor],
@@ -256,20 +268,22 @@ def eigen_corrections(model: nn.Module, layers: Sequence[str], q_a: list[torch.T
 
 def fit_ekfac(model: nn.Module, windows: torch.Tensor, *, damping: float | None = None, batch_size: int = 32,
               layers: Sequence[str] | None = None, n_train: int | None = None,
-              reduce: Reduce | None = None, first_index: int = 0) -> EkfacFactors:
+              reduce: Reduce | None = None, first_index: int = 0, allow_empty: bool = False) -> EkfacFactors:
     """EK-FAC factors of `model` fitted on `windows` ((N, T+1) token ids: inputs windows[:, :-1],
     targets windows[:, 1:]). damping: x each layer's mean eigenvalue (None: DEFAULT_DAMPING).
     n_train: the N of the scores' 1/N (default len(windows)). `reduce` sums a tensor over ranks and
-    `first_index` is this rank's first window (a sharded fit equals one process)."""
-    windows = check_windows(model, windows)
+    `first_index` is this rank's first window (a sharded fit equals one process; `allow_empty`: a rank
+    may have none)."""
+    if not (allow_empty and len(windows) == 0):
+        windows = check_windows(model, windows)
     names = resolve_layers(model, layers)
     red: Reduce = reduce or (lambda t: t)
     sa, ss, n_tok = covariances(model, names, windows, batch_size, first_index)
     n_tok = int(red(torch.tensor([float(n_tok)], dtype=torch.float64)).item())
     q_a, q_s, e_a, e_s = [], [], [], []
     for a, s in zip(sa, ss, strict=True):
-        ea, qa = torch.linalg.eigh(red(a) / n_tok)
-        es, qs = torch.linalg.eigh(red(s) / n_tok)
+        ea, qa = eigh_canonical(red(a) / n_tok)
+        es, qs = eigh_canonical(red(s) / n_tok)
         q_a.append(qa.float())
         q_s.append(qs.float())
         e_a.append(ea.clamp(min=0).float())
@@ -301,6 +315,12 @@ def query_rows(ids: Sequence[int], prompt_len: int, block_size: int) -> tuple[to
     """(inputs (R, W), targets (R, W), -1 = not scored): the query's tokens ids[prompt_len:] each
     predicted from the context generation gave it (glassgpt.generate.window_length, 'chunked':
     beyond block_size, windows restart at block_size // 2 tokens). Every scored token once."""
+    x, y, _ = query_layout(ids, prompt_len, block_size)
+    return x, y
+
+
+def query_layout(ids: Sequence[int], prompt_len: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """query_rows plus each row's start in `ids` (row r position p predicts ids[start + p + 1])."""
     ids = list(ids)
     if len(ids) < 2 or not 0 <= prompt_len < len(ids):
         raise UserError(f"nothing to trace: the query has {len(ids)} token(s) and prompt_len={prompt_len}; "
@@ -312,7 +332,7 @@ def query_rows(ids: Sequence[int], prompt_len: int, block_size: int) -> tuple[to
     starts = [0]
     while bs + 1 + (len(starts) - 1) * step <= len(ids) - 1:
         starts.append(len(starts) * step)
-    rows, tgts = [], []
+    rows, tgts, kept = [], [], []
     for j, s in enumerate(starts):
         x = ids[s:s + bs]
         y = [-1] * len(x)
@@ -323,10 +343,11 @@ def query_rows(ids: Sequence[int], prompt_len: int, block_size: int) -> tuple[to
         if any(t >= 0 for t in y):
             rows.append(x)
             tgts.append(y)
+            kept.append(s)
     width = max(map(len, rows))  # a shorter last row is padded: causal, so padding changes nothing before it
     rows = [r + [0] * (width - len(r)) for r in rows]
     tgts = [t + [-1] * (width - len(t)) for t in tgts]
-    return torch.tensor(rows, dtype=torch.long), torch.tensor(tgts, dtype=torch.long)
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(tgts, dtype=torch.long), kept
 
 
 def query_gradient(model: nn.Module, layers: Sequence[str], ids: Sequence[int], prompt_len: int) -> list[torch.Tensor]:
