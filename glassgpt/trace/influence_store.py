@@ -225,7 +225,8 @@ def write_store(store_dir: Path, corpus: Corpus, split: str, spans: np.ndarray, 
         np.save(tmp / "windows.npy", locate_windows(corpus, split, spans))
         arrays: dict[str, Any] = {f"{s}_{i}": t.numpy() for i, (ra, rs) in enumerate(proj)
                                   for s, t in (("a", ra), ("s", rs))}
-        np.savez(tmp / "factors.npz", **factors.state())
+        state: dict[str, Any] = factors.state()
+        np.savez(tmp / "factors.npz", **state)
         np.savez(tmp / "projection.npz", **arrays)
         build_bm25(texts, tmp / "bm25")
         factor_bytes = sum(p.stat().st_size for p in (tmp / "factors.npz", tmp / "projection.npz"))
