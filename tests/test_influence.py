@@ -128,18 +128,21 @@ def test_influence_scores_equal_dense_gradient_dot_products():
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
 
 
-def test_sharded_fit_equals_one_process():
+def test_shards_sums_add_up_to_the_whole():
+    """What a sharded fit all-reduces: each shard's sums (labels seeded by the global window index)."""
     model = tiny_gpt()
     windows = torch.randint(0, 20, (10, 9))
-    whole = inf.fit_ekfac(model, windows, batch_size=3)
-    parts = [inf.fit_ekfac(model, windows[lo:hi], batch_size=3, first_index=lo, reduce=lambda t: t)
-             for lo, hi in ((0, 4), (4, 10))]
-    del parts  # a real reduce sums over ranks; here: the accumulated sums must add up
-    sa = [inf.covariances(model, whole.layers, windows[lo:hi], 3, lo) for lo, hi in ((0, 4), (4, 10))]
-    sw = inf.covariances(model, whole.layers, windows, 3, 0)
-    for i in range(len(whole.layers)):
-        torch.testing.assert_close(sa[0][0][i] + sa[1][0][i], sw[0][i])
-        torch.testing.assert_close(sa[0][1][i] + sa[1][1][i], sw[1][i])
+    f = inf.fit_ekfac(model, windows, batch_size=3)
+    shards = ((0, 4), (4, 10))
+    parts = [inf.covariances(model, f.layers, windows[lo:hi], 3, lo) for lo, hi in shards]
+    whole = inf.covariances(model, f.layers, windows, 3, 0)
+    lam = [inf.eigen_corrections(model, f.layers, f.q_a, f.q_s, windows[lo:hi], 3, lo) for lo, hi in shards]
+    lam_whole = inf.eigen_corrections(model, f.layers, f.q_a, f.q_s, windows, 2, 0)  # batching must not matter
+    for i in range(len(f.layers)):
+        for j in (0, 1):
+            torch.testing.assert_close(parts[0][j][i] + parts[1][j][i], whole[j][i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lam[0][i] + lam[1][i], lam_whole[i], rtol=1e-4, atol=1e-6)
+    assert parts[0][2] + parts[1][2] == whole[2] == f.n_tokens
 
 
 # ------------------------------------------------------------------------------------------ counterfactuals
