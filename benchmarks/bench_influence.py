@@ -114,27 +114,29 @@ def query(run, chars: int, recall: int, bm25: int) -> None:
 
 
 def recall_vs_dim(run, windows: int, batch_size: int, dims: list[int], top: int = 10,
-                  share: float = 256 / 15685) -> None:
+                  budgets: tuple[int, ...] = (64, 128, 256, 512), of: int = 15686) -> None:
+    """Share of the exact top-`top` found in the recall index's top `b / of` of the windows, for the
+    README model's `of` windows and candidate budgets `b`, at each projection size."""
     spans, rows = full_rows(run, windows)
     model = run.model
     data = load_rows(run, spans, rows)
     f = inf.fit_ekfac(model, data[:2048], batch_size=batch_size, n_train=len(rows))
     queries = [run.tokenizer.encode(t) for t in texts(run, 5, 200, 700)]
     exact = [inf.influence_scores(model, f, data, q, 1, batch_size=batch_size) for q in queries]
-    budget = max(top, int(round(share * len(rows))))
-    print(f"recall: exact top-{top} proponents inside the recall index's top {budget} of {len(rows)} windows "
-          f"(mean of {len(queries)} queries)")
+    cuts = [max(1, int(round(b / of * len(rows)))) for b in budgets]
+    print(f"recall: exact top-{top} proponents inside the recall index's top k of {len(rows)} windows "
+          f"(k = {', '.join(map(str, cuts))} = {', '.join(map(str, budgets))} of {of:,}), mean of {len(queries)} "
+          f"queries; random windows would find k/{len(rows)}")
     for k in dims:
         proj = st.projections(f, k)
         vec = st.embed_windows(model, f, proj, run.corpus.tokens("train"), spans, rows, batch_size)
-        hits = []
+        hits = np.zeros(len(cuts))
         for q, ex in zip(queries, exact, strict=True):
-            qv = st_query_vector(model, f, proj, q)
-            cand = set(np.argsort(-(vec @ qv))[:budget].tolist())
-            hits.append(len(cand & set(np.argsort(-ex)[:top].tolist())) / top)
-        rand = budget / len(rows)
-        print(f"  proj_dim {k:>3} ({vec.shape[1]:>6} dims, {vec.shape[1] * 2:>6} B/window): recall {np.mean(hits):.2f}"
-              f"  (random windows: {rand:.2f})")
+            order = np.argsort(-(vec @ st_query_vector(model, f, proj, q)))
+            best = set(np.argsort(-ex)[:top].tolist())
+            hits += [len(set(order[:c].tolist()) & best) / top / len(queries) for c in cuts]
+        print(f"  proj_dim {k:>3} ({vec.shape[1]:>6} dims, {vec.shape[1] * 2:>6} B/window): "
+              + ", ".join(f"{c}: {h:.2f}" for c, h in zip(cuts, hits, strict=True)))
 
 
 def st_query_vector(model, f, proj, ids) -> np.ndarray:

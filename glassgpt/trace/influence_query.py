@@ -86,15 +86,18 @@ def query_breakdown(run: Any, store: InfluenceStore, rows: Sequence[int], q_ag: 
     tokens, spans = run.corpus.tokens(store.meta["split"]), store.windows[:, :3]
     out = np.zeros((len(rows), n_ids), np.float64)
     dev = next(run.model.parameters()).device
-    for j, row in enumerate(rows):
-        w = torch.from_numpy(np.asarray(tokens[spans[row, 1]:spans[row, 2]], np.int64))[None].to(dev)
+    for r_ids, w in window_batches(tokens, spans, np.asarray(rows, np.int64), 16, dev):
         x, y = w[:, :-1], w[:, 1:]
-        g = inf.per_example_grads(run.model, f.layers, x, y, weights=torch.full((1,), 1.0 / y.size(1), device=dev))
-        u = inf.ihvp(f, [g[n][0] / f.n_train for n in f.layers])
-        pos = sum(((q_ag[n][0] @ ul.T) * q_ag[n][1]).sum(-1) for n, ul in zip(f.layers, u, strict=True))
-        for r, s in enumerate(starts):  # row r position p predicts token s + p + 1
-            n = min(pos.size(1), n_ids - s - 1)
-            out[j, s + 1:s + 1 + n] += pos[r, :n].double().cpu().numpy()
+        mean = torch.full((len(x),), 1.0 / y.size(1), device=dev)  # each window's loss is its mean token loss
+        g = inf.per_example_grads(run.model, f.layers, x, y, weights=mean)
+        u = inf.ihvp(f, [g[n] / f.n_train for n in f.layers])  # (B, dout, din') per layer
+        pos = sum(torch.einsum("rpo,boi,rpi->brp", q_ag[n][1], ul, q_ag[n][0])
+                  for n, ul in zip(f.layers, u, strict=True))  # (B, rows, positions)
+        for b, row in enumerate(r_ids):
+            j = list(rows).index(int(row))
+            for r, s in enumerate(starts):  # row r position p predicts token s + p + 1
+                n = min(pos.size(2), n_ids - s - 1)
+                out[j, s + 1:s + 1 + n] += pos[b, r, :n].double().cpu().numpy()
     return out
 
 
