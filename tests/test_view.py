@@ -30,7 +30,7 @@ def viewer_run(tmp_path_factory) -> tuple[Path, Path]:
     out = root / "out"
     make_checkpoint(out, data, block_size=32)
     s = Session(out)
-    for kind in ("spans", "knn", "neurons", "examples"):
+    for kind in ("spans", "knn", "neurons", "examples", "influence"):
         s.build(kind)
     assert s.problems == {}, s.problems
     return out, data

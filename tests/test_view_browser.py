@@ -92,7 +92,7 @@ def test_generate_trace_click_span_and_neuron(page, server, tmp_path):
     page.wait_for_selector("body[data-loaded='1']")
     print(f"page loaded and run info shown in {time.perf_counter() - t0:.2f} s")
     expect(page.locator("#run")).to_contain_text("iteration")
-    expect(page.locator("#indexes .fresh")).to_have_count(4)
+    expect(page.locator("#indexes .fresh")).to_have_count(5)
     # generate: the text streams in, then is explained
     page.fill("#prompt", "First Citizen:\n")
     page.fill("#max_new_tokens", "40")

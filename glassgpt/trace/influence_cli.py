@@ -112,13 +112,21 @@ def query_ids(cfg: TraceInfluenceConfig, run: Any) -> tuple[list[int], int, str 
             raise UserError("nothing to trace: the generation is empty; raise --max_new_tokens")
         return list(c.prompt_ids) + list(c.output_ids), len(c.prompt_ids), prompt, c.text
     text = read_text_arg(cfg.text or "", "text")
-    if cfg.output is None:
+    out = None if cfg.output is None else read_text_arg(cfg.output, "output")
+    ids, prompt_len = text_ids(tok, text, out)
+    return ids, prompt_len, (text if out is not None else None), out
+
+
+def text_ids(tok: Any, text: str, output: str | None = None) -> tuple[list[int], int]:
+    """(ids, prompt length) of a given text: `output` None traces every token of `text` after the first;
+    else `text` is the prompt and `output` the traced continuation (each encoded on its own, as a
+    prompt and its generation are)."""
+    if output is None:
         ids = tok.encode(text)
         if len(ids) < 2:
             raise UserError("the text to trace needs at least 2 tokens; pass a longer --text (or --output)")
-        return ids, 1, None, None
-    out = read_text_arg(cfg.output, "output")
-    p_ids, o_ids = tok.encode(text), tok.encode(out)
+        return ids, 1
+    p_ids, o_ids = tok.encode(text), tok.encode(output)
     if not o_ids:
         raise UserError("--output is empty; give the continuation to trace")
     if not p_ids:
@@ -126,7 +134,7 @@ def query_ids(cfg: TraceInfluenceConfig, run: Any) -> tuple[list[int], int, str 
         if eot is None:
             raise UserError("--text (the prompt) is empty and this tokenizer has no <|endoftext|>; give one character")
         p_ids = [eot]
-    return p_ids + o_ids, len(p_ids), text, out
+    return p_ids + o_ids, len(p_ids)
 
 
 def trace_influence(cfg: TraceInfluenceConfig) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ import numpy as np
 from glassgpt.errors import UserError
 from glassgpt.sampling import SamplingSettings
 
-KINDS = ("spans", "knn", "neurons", "examples")
+KINDS = ("spans", "knn", "neurons", "examples", "influence")
 N_NEURONS = 10  # neurons listed; their per-token activations travel with the explanation
 
 
@@ -92,7 +92,8 @@ class Session:
     def reopen(self) -> None:
         """(Re)open every engine's index, keeping for each the one-line reason it cannot be used."""
         for kind, opener in (("spans", self._open_spans), ("knn", self._open_knn),
-                             ("neurons", self._open_baseline), ("examples", self._open_examples)):
+                             ("neurons", self._open_baseline), ("examples", self._open_examples),
+                             ("influence", self._open_influence)):
             try:
                 self.indexes[kind] = opener()
                 self.problems.pop(kind, None)
@@ -120,6 +121,11 @@ class Session:
 
         return neurons.open_examples(self.run)
 
+    def _open_influence(self):
+        from glassgpt.trace.influence_store import open_store
+
+        return open_store(self.run)
+
     def require(self, kind: str):
         if kind not in self.indexes:
             raise UserError(self.problems.get(kind, f"no {kind} index"))
@@ -129,7 +135,8 @@ class Session:
         return {"spans": f"glassgpt trace-spans --build --data_dir={self.data_dir}",
                 "knn": f"glassgpt trace-knn --out_dir={self.out_dir} --build",
                 "neurons": f"glassgpt trace-neurons --out_dir={self.out_dir} --build_baseline",
-                "examples": f"glassgpt neuron --out_dir={self.out_dir} --layer=0 --index=0"}
+                "examples": f"glassgpt neuron --out_dir={self.out_dir} --layer=0 --index=0",
+                "influence": f"glassgpt trace-influence --out_dir={self.out_dir} --build"}
 
     def build(self, kind: str) -> None:
         """Build one index by running its CLI command in this process (so it is built exactly as the
@@ -137,12 +144,13 @@ class Session:
         import contextlib
         import io
 
-        from glassgpt.trace import knn, neurons, spans
+        from glassgpt.trace import influence_cli, knn, neurons, spans
 
         out, d = f"--out_dir={self.out_dir}", f"--data_dir={self.data_dir}"
         commands = {"spans": (spans.main, ["--build", d]), "knn": (knn.main, [out, d, "--build"]),
                     "neurons": (neurons.main, [out, d, "--build_baseline"]),
-                    "examples": (neurons.neuron_main, [out, d, "--layer=0", "--index=0", "--json"])}
+                    "examples": (neurons.neuron_main, [out, d, "--layer=0", "--index=0", "--json"]),
+                    "influence": (influence_cli.main, [out, d, "--build", "--progress=True"])}
         if kind not in commands:
             raise UserError(f"unknown index {kind!r}: one of {', '.join(KINDS)}")
         fn, argv = commands[kind]
@@ -220,6 +228,19 @@ class Session:
         store = self.require("knn")
         with self.lock:
             return knn.explain(self.run, store, text, k=k)
+
+    def influence(self, text: str, prompt_chars: int = 0, k: int = 5) -> dict[str, Any]:
+        """`trace-influence --text=PROMPT --output=REST --k=K --json`, the text split at prompt_chars (0: the
+        whole text after its first token is traced, as `--text=T` alone)."""
+        from glassgpt.trace.influence_cli import text_ids
+        from glassgpt.trace.influence_query import explain
+
+        store = self.require("influence")
+        prompt, rest = (text[:prompt_chars], text[prompt_chars:]) if prompt_chars else (text, None)
+        ids, prompt_len = text_ids(self.tok, prompt, rest)
+        with self.lock:
+            return explain(self.run, store, ids, prompt_len, k=k, prompt=prompt if rest is not None else None,
+                           generated=rest)
 
     def neurons(self, text: str, prompt_chars: int = 0, n_neurons: int = N_NEURONS) -> dict[str, Any]:
         """`trace-neurons --start=PROMPT --output=REST --ablate --json`: the text split at prompt_chars

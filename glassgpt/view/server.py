@@ -144,6 +144,8 @@ def make_app(session, cfg: ViewConfig):
     for name in ("spans", "knn", "neurons"):
         _engine_route(app, name, session, body, text_of, int_of, ok)
 
+    _influence_route(app, session, body, text_of, int_of, ok)
+
     @app.post("/api/neuron")
     async def neuron(request: Request) -> Response:
         data = await body(request)
@@ -256,6 +258,22 @@ def _build_routes(app, session, body, ok) -> None:
     @app.get("/api/progress")
     def progress() -> Response:
         return ok({"bar": tqdm_progress(), "indexes": session.freshness()})
+
+
+def _influence_route(app, session, body, text_of, int_of, ok) -> None:
+    """POST /api/influence {"text", "prompt"?, "k"?}: exactly what `glassgpt trace-influence --text=PROMPT
+    --output=REST --k=K --json` prints (no prompt: `--text=TEXT`, every token after the first traced)."""
+    from fastapi import Request
+    from starlette.concurrency import run_in_threadpool
+
+    async def route(request: Request):
+        data = await body(request)
+        text = text_of(data)
+        prompt = data.get("prompt") or ""
+        prompt_chars = len(prompt) if isinstance(prompt, str) and text.startswith(prompt) else 0
+        return ok(await run_in_threadpool(session.influence, text, prompt_chars, int_of(data, "k", 5)))
+
+    app.add_api_route("/api/influence", route, methods=["POST"], name="influence")
 
 
 def _engine_route(app, name: str, session, body, text_of, int_of, ok) -> None:

@@ -133,6 +133,54 @@ function renderKnn(k, what) {
   }
 }
 
+// ---------------------------------------------------------------- what taught it (influence)
+
+// A token's share of a window's score as a background: green = raised the score, red = lowered it.
+function shade(score, max) {
+  if (!max || !score) return null;
+  const a = (0.65 * Math.min(1, Math.abs(score) / max)).toFixed(3);
+  return { background: score > 0 ? `rgba(46, 160, 67, ${a})` : `rgba(215, 58, 73, ${a})` };
+}
+
+function tokenRow(pieces) {  // [[text, score], ...] -> one line of shaded text nodes
+  const max = Math.max(0, ...pieces.map(([, s]) => Math.abs(s)));
+  const row = el("div", { class: "text" });
+  for (const [t, s] of pieces) row.appendChild(el("span", { title: fmt(s, 6), style: shade(s, max) }, t));
+  return row;
+}
+
+function renderInfluence(r) {
+  const box = clear($("influence"));
+  $("influence-what").textContent = "";
+  if (!r) return;
+  if (r.error) { box.appendChild(el("div", { class: "error-inline" }, r.error)); return; }
+  $("influence-what").textContent = `score: predicted change of the traced text's loss (nats) if the window were left `
+    + `out of training; + taught it, − worked against it. ${r.n_candidates} of ${r.n_windows} windows scored in `
+    + `${(r.query_ms / 1000).toFixed(1)} s.`;
+  for (const [title, wins] of [["Proponents", r.proponents], ["Opponents", r.opponents]]) {
+    box.appendChild(el("h3", {}, wins.length ? title : `${title}: none among the candidates`));
+    for (const w of wins) {
+      const explains = r.tokens.map((t, i) => [t, w.query_scores[i]]).slice(r.prompt_tokens);
+      box.appendChild(el("div", { class: "neighbour influence" },
+        el("div", { class: "loc muted" }, `#${w.rank}  ${w.score > 0 ? "+" : ""}${Number(w.score).toPrecision(3)} nats  `
+          + `${w.doc_id} line ${w.line} (tokens ${w.token_start}:${w.token_end})`),
+        tokenRow(w.pieces), el("div", { class: "muted" }, "explains:"), tokenRow(explains)));
+    }
+  }
+}
+
+async function traceInfluence() {
+  const r = state.result;
+  if (!r || !LIVE) return;
+  const prompt = Array.from(r.text).slice(0, r.prompt_chars || 0).join("");
+  showError(""); status("tracing what taught it…");
+  const t0 = performance.now();
+  try {
+    renderInfluence(await api("/api/influence", { text: r.text, prompt, k: 5 }));
+    status(`influence traced in ${((performance.now() - t0) / 1000).toFixed(2)} s`);
+  } catch (e) { showError(e.message); status(""); }
+}
+
 async function knnSelection() {
   const text = state.selection;
   if (!text || !LIVE) return;
@@ -238,7 +286,7 @@ function renderLoss(curve) {
   box.appendChild(svg);
 }
 
-const INDEX_NAMES = { spans: "span index (verbatim spans)", knn: "kNN store (nearest windows)", neurons: "neuron baseline (contrast)", examples: "neuron examples (top windows)" };
+const INDEX_NAMES = { spans: "span index (verbatim spans)", knn: "kNN store (nearest windows)", neurons: "neuron baseline (contrast)", examples: "neuron examples (top windows)", influence: "influence store (what taught it)" };
 
 function renderIndexes(ix) {
   const box = clear($("indexes"));
@@ -290,7 +338,8 @@ async function generate() {
   showError(""); busy(true);
   const prompt = $("prompt").value;
   state.result = { text: prompt, prompt_chars: Array.from(prompt).length, token_offsets: null, spans: null };
-  renderText(); renderKnn(null); renderNeurons(null); clearNeuron();
+  renderText(); renderKnn(null); renderInfluence(null); renderNeurons(null); clearNeuron();
+  $("influence-run").disabled = true;
   status("generating…");
   const t0 = performance.now();
   try {
@@ -339,6 +388,8 @@ function showResult(r) {
   state.neuron = null;
   renderText();
   renderKnn(r.knn, "for the whole text");
+  renderInfluence(r.influence || null);
+  $("influence-run").disabled = !LIVE;
   renderNeurons(r.neurons);
   document.body.dataset.ready = "1";
 }
@@ -353,6 +404,7 @@ function onSelect() {
 async function init() {
   $("clear-neuron").addEventListener("click", clearNeuron);
   $("knn-selection").addEventListener("click", knnSelection);
+  $("influence-run").addEventListener("click", traceInfluence);
   document.addEventListener("selectionchange", onSelect);
   if (!LIVE) {
     $("controls").hidden = true;
