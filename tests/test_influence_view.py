@@ -5,7 +5,6 @@ characters, corpus markup as text."""
 from __future__ import annotations
 
 from playwright.sync_api import expect
-
 from test_view import TRAIN_LINE, XSS_DOC, cli_json, client, drop_timing, viewer_run  # noqa: F401 (fixtures)
 from test_view_browser import CHROMIUM, browser, page, server, trace  # noqa: F401 (fixtures)
 
@@ -39,7 +38,8 @@ def test_panel_shows_what_taught_it_and_markup_stays_text(page, server):  # noqa
     wins = page.locator("#influence .influence")
     assert wins.count() >= 2
     expect(wins.first.locator(".loc")).to_contain_text("line")
-    shaded = page.eval_on_selector_all("#influence .influence span", "els => els.filter(e => e.style.background).length")
+    shaded = page.eval_on_selector_all("#influence .influence span",
+                                       "els => els.filter(e => e.style.background).length")
     assert shaded >= 10, shaded
     assert page.locator("#influence img, #influence script").count() == 0
     assert page.evaluate("typeof window.__pwned") == "undefined"
