@@ -114,14 +114,14 @@ def query(run, chars: int, recall: int, bm25: int) -> None:
 
 
 def recall_vs_dim(run, windows: int, batch_size: int, dims: list[int], top: int = 10,
-                  budgets: tuple[int, ...] = (64, 128, 256, 512), of: int = 15686) -> None:
+                  budgets: tuple[int, ...] = (64, 128, 256, 512), of: int = 15686, n_queries: int = 5) -> None:
     """Share of the exact top-`top` found in the recall index's top `b / of` of the windows, for the
     README model's `of` windows and candidate budgets `b`, at each projection size."""
     spans, rows = full_rows(run, windows)
     model = run.model
     data = load_rows(run, spans, rows)
     f = inf.fit_ekfac(model, data[:2048], batch_size=batch_size, n_train=len(rows))
-    queries = [run.tokenizer.encode(t) for t in texts(run, 5, 200, 700)]
+    queries = [run.tokenizer.encode(t) for t in texts(run, n_queries, 200, 700)]
     exact = [inf.influence_scores(model, f, data, q, 1, batch_size=batch_size) for q in queries]
     cuts = [max(1, int(round(b / of * len(rows)))) for b in budgets]
     print(f"recall: exact top-{top} proponents inside the recall index's top k of {len(rows)} windows "
@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fit_windows", type=int, default=st.FIT_WINDOWS)
     ap.add_argument("--chars", type=int, default=300)
     ap.add_argument("--dims", default="8,16,32")
+    ap.add_argument("--queries", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="every part on a tiny random model, in seconds")
     a = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.part in ("all", "query"):
         query(run, a.chars, 256, 64)
     if a.part in ("all", "recall"):
-        recall_vs_dim(run, a.windows, a.batch_size, [int(d) for d in a.dims.split(",")])
+        recall_vs_dim(run, a.windows, a.batch_size, [int(d) for d in a.dims.split(",")], n_queries=a.queries)
     if a.part in ("all", "head"):
         head(run, min(a.windows, 1000), a.batch_size)
     if a.part in ("all", "damping"):
