@@ -76,26 +76,27 @@ def full_rows(run, n: int) -> tuple[np.ndarray, np.ndarray]:
 def speed(run, windows: int, batch_size: int, fit_windows: int) -> None:
     spans, rows = full_rows(run, windows)
     model = run.model
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     f = inf.fit_ekfac(model, load_rows(run, spans, rows[:fit_windows]), batch_size=batch_size, n_train=len(rows))
     t_fit = time.perf_counter() - t0
     proj = st.projections(f, st.PROJ_DIM)
     st.embed_windows(model, f, proj, run.corpus.tokens("train"), spans, rows, batch_size)
-    t_build = time.perf_counter() - t0
+    t_build, c_build = time.perf_counter() - t0, time.process_time() - c0
     m = copy.deepcopy(model).train()
     opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
     data = load_rows(run, spans, rows)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for lo in range(0, len(data), batch_size):
         w = data[lo:lo + batch_size]
         _, loss = m(w[:, :-1].contiguous(), targets=w[:, 1:].contiguous())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    t_epoch = time.perf_counter() - t0
+    t_epoch, c_epoch = time.perf_counter() - t0, time.process_time() - c0
     print(f"speed ({len(rows)} windows x {data.size(1) - 1} tokens, batch {batch_size}, loadavg "
           f"{os.getloadavg()[0]:.1f}): build {t_build:.1f} s (fit on {min(fit_windows, len(rows))}: {t_fit:.1f} s) "
-          f"vs one AdamW epoch {t_epoch:.1f} s -> ratio {t_build / t_epoch:.2f}")
+          f"vs one AdamW epoch {t_epoch:.1f} s -> ratio {t_build / t_epoch:.2f}; CPU time {c_build:.1f} vs "
+          f"{c_epoch:.1f} s -> ratio {c_build / c_epoch:.2f}")
 
 
 def query(run, chars: int, recall: int, bm25: int) -> None:
@@ -103,14 +104,16 @@ def query(run, chars: int, recall: int, bm25: int) -> None:
     from glassgpt.trace.influence_store import open_store
 
     store = open_store(run)
-    times = []
+    times, cpu = [], []
     for text in texts(run, 3, chars, 1000):
         ids = run.tokenizer.encode(text)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         r = explain(run, store, ids, 1, recall=recall, bm25=bm25)
         times.append(time.perf_counter() - t0)
-    print(f"query ({chars} chars, {len(store):,} windows, {r['n_candidates']} candidates, loadavg "
-          f"{os.getloadavg()[0]:.1f}): {np.median(times):.2f} s median of 3 (min {min(times):.2f})")
+        cpu.append(time.process_time() - c0)
+    print(f"query ({chars} chars, {len(store):,} windows, {r['n_candidates']} candidates (recall {recall}, bm25 "
+          f"{bm25}), loadavg {os.getloadavg()[0]:.1f}): {np.median(times):.2f} s median of 3 (min {min(times):.2f}); "
+          f"CPU time {np.median(cpu):.2f} s")
 
 
 def recall_vs_dim(run, windows: int, batch_size: int, dims: list[int], top: int = 10,
@@ -243,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chars", type=int, default=300)
     ap.add_argument("--dims", default="8,16,32")
     ap.add_argument("--queries", type=int, default=5)
+    ap.add_argument("--recall", type=int, default=256)
+    ap.add_argument("--bm25", type=int, default=64)
     ap.add_argument("--smoke", action="store_true", help="every part on a tiny random model, in seconds")
     a = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -258,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.part in ("all", "speed"):
         speed(run, a.windows, a.batch_size, a.fit_windows)
     if a.part in ("all", "query"):
-        query(run, a.chars, 256, 64)
+        query(run, a.chars, a.recall, a.bm25)
     if a.part in ("all", "recall"):
         recall_vs_dim(run, a.windows, a.batch_size, [int(d) for d in a.dims.split(",")], n_queries=a.queries)
     if a.part in ("all", "head"):
