@@ -132,7 +132,7 @@ def recall_vs_dim(run, windows: int, batch_size: int, dims: list[int], top: int 
           f"queries; random windows would find k/{len(rows)}")
     for k in dims:
         proj = st.projections(f, k)
-        vec = st.embed_windows(model, f, proj, run.corpus.tokens("train"), spans, rows, batch_size)
+        vec = st.embed_windows(model, f, proj, run.corpus.tokens("train"), spans, rows, batch_size).astype(np.float32)
         hits = np.zeros(len(cuts))
         for q, ex in zip(queries, exact, strict=True):
             order = np.argsort(-(vec @ st_query_vector(model, f, proj, q)))

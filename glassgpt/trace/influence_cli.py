@@ -58,7 +58,7 @@ class TraceInfluenceConfig:
     split: str = "train"
     context: int | None = None
     """Window length in predicted tokens when building; default the model's block_size."""
-    proj_dim: int = 16
+    proj_dim: int = 32
     """Recall index: projection size per side and layer (store dim = layers x proj_dim^2). Build only."""
     fit_windows: int = 2048
     """Windows the EK-FAC factors are fitted on (a seeded sample). Build only."""

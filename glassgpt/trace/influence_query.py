@@ -150,7 +150,7 @@ def explain(run: Any, store: InfluenceStore, ids: Sequence[int], prompt_len: int
     g_q = [torch.einsum("rpo,rpi->oi", q_ag[n][1], q_ag[n][0]) for n in f.layers]
     v = [t / f.n_train for t in inf.ihvp(f, g_q)]
     text, offs = token_offsets(run.tokenizer, ids)
-    cos = store.rows @ query_recall_vector(g_q, store.proj)
+    cos = store.cosines(query_recall_vector(g_q, store.proj))
     cand, counts = candidates(run, store, cos, ids, prompt_len, text[offs[max(prompt_len, 1)]:], recall, bm25,
                               exhaustive)
     scores, per = score_rows(run, store, v, cand, batch_size)
