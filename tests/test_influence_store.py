@@ -146,9 +146,11 @@ def test_torchrun_build_equals_one_process(char_checkpoint, tmp_path):
     one, two = load_store(tmp_path / "one"), load_store(tmp_path / "two")
     np.testing.assert_array_equal(one.windows, two.windows)
     assert two.meta["world_size"] == 2 and one.meta["built_from"] == two.meta["built_from"]
-    # the all-reduced sums differ from one process's in the last bits; eigenvectors of nearly equal
-    # eigenvalues may turn a little (measured: 7e-5 of the largest entry)
-    for a, b in zip(one.factors.lambdas + one.factors.q_a, two.factors.lambdas + two.factors.q_a, strict=True):
+    # the all-reduced sums differ from one process's in the last bits, so eigenvectors of nearly equal
+    # eigenvalues may turn within their subspace: compare what the factors do, H^-1 v, not the bases
+    gen = torch.Generator().manual_seed(0)
+    v = [torch.randn(lam.shape, generator=gen) for lam in one.factors.lambdas]
+    for a, b in zip(inf.ihvp(one.factors, v), inf.ihvp(two.factors, v), strict=True):
         torch.testing.assert_close(a, b, atol=1e-3 * float(a.abs().max()), rtol=1e-2)
     diff = np.abs(np.asarray(one.vectors, np.float32) - np.asarray(two.vectors, np.float32)).max()
     print(f"2 ranks vs 1 process: max |recall vector diff| {diff:.2e}")
