@@ -116,12 +116,22 @@ def test_stale_store_is_refused_then_used_only_when_asked(built, char_dataset, c
     (["--build=True", "--text=F"], "at least 2 tokens"),
     (["--build=True", "--text=F", "--output="], "--output is empty"),
     (["--build=True", "--text=F", "--output=\u2603"], "never saw"),
+    (["--build=True", "--text=F", "--damping=-1"], "must be > 0"),
 ])
 def test_bad_input_is_one_line(char_checkpoint, capsys, args, msg):
     argv = [f"--out_dir={char_checkpoint}", "--progress=False", *(args or [f"--text={TEXT}"])]
     assert run_main(cli.main, argv) == 2
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("built ")]
     assert len(err) == 1 and msg in err[0], err
+
+
+def test_damping_at_query_time_changes_the_exact_scores(built):
+    base = cli.main([f"--out_dir={built}", f"--text={TEXT}", f"--output={OUTPUT}", "--json", "--exhaustive"])
+    more = cli.main([f"--out_dir={built}", f"--text={TEXT}", f"--output={OUTPUT}", "--json", "--exhaustive",
+                     "--damping=10"])
+    assert base["damping"] == 0.1 and more["damping"] == 10
+    a, b = base["proponents"][0]["score"], more["proponents"][0]["score"]
+    assert abs(b) < abs(a), "more damping, smaller H^-1: the scores shrink"
 
 
 def test_bad_k_and_damaged_store(built, capsys):

@@ -274,6 +274,8 @@ def fit_ekfac(model: nn.Module, windows: torch.Tensor, *, damping: float | None 
     n_train: the N of the scores' 1/N (default len(windows)). `reduce` sums a tensor over ranks and
     `first_index` is this rank's first window (a sharded fit equals one process; `allow_empty`: a rank
     may have none)."""
+    if damping is not None and not damping > 0:
+        raise UserError(f"damping={damping} must be > 0 (a fraction of each layer's mean eigenvalue)")
     if not (allow_empty and len(windows) == 0):
         windows = check_windows(model, windows)
     names = resolve_layers(model, layers)

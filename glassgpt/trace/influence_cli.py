@@ -63,7 +63,8 @@ class TraceInfluenceConfig:
     fit_windows: int = 2048
     """Windows the EK-FAC factors are fitted on (a seeded sample). Build only."""
     damping: float | None = None
-    """EK-FAC damping as a fraction of each layer's mean eigenvalue (default 0.1). Build only."""
+    """EK-FAC damping as a fraction of each layer's mean eigenvalue (default: the store's, built with 0.1). When
+    building it also sets the recall index's whitening; when tracing it overrides the exact scores' damping."""
     batch_size: int = 32
     device: str = "cpu"
     threads: int | None = None
@@ -157,6 +158,10 @@ def trace_influence(cfg: TraceInfluenceConfig) -> dict[str, Any] | None:
     elif cfg.start is None and cfg.text is None:
         raise UserError("nothing to trace: pass --start=PROMPT or --text=TEXT (or --build to build the store)")
     store = open_store(run, split=cfg.split, store_dir=cfg.store_dir, allow_stale=cfg.allow_stale)
+    if cfg.damping is not None:
+        if cfg.damping <= 0:
+            raise UserError(f"damping={cfg.damping} must be > 0 (a fraction of each layer's mean eigenvalue)")
+        store.factors.damping = cfg.damping
     ids, prompt_len, prompt, generated = query_ids(cfg, run)
     return explain(run, store, ids, prompt_len, k=cfg.k, recall=cfg.recall, bm25=cfg.bm25, exhaustive=cfg.exhaustive,
                    batch_size=cfg.batch_size, prompt=prompt, generated=generated)
