@@ -20,6 +20,7 @@ def test_api_influence_is_what_the_cli_prints(client, viewer_run):  # noqa: F811
     assert drop_timing(r.json()) == drop_timing(want)
     whole = client.post("/api/influence", json={"text": TRAIN_LINE}).json()
     assert whole["prompt_tokens"] == 1 and "".join(whole["tokens"]) == TRAIN_LINE
+    assert whole["candidates_from"]["spans"] >= 1  # the dataset has a span index: its hits are candidates
     assert client.post("/api/influence", json={"text": "F"}).status_code == 400
 
 

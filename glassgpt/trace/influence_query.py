@@ -50,11 +50,16 @@ def span_candidates(run: Any, store: InfluenceStore, ids: Sequence[int], prompt_
     """Windows holding sampled occurrences of the traced text's verbatim spans; None without a span index."""
     from glassgpt.trace import spans as sp
 
+    if run.data_dir is None:
+        return None
     try:
         index = sp.open_index(run.data_dir, split=store.meta["split"])
-        trace = sp.trace_text(index, ids, prompt_len, max_sources=SPAN_SOURCES, min_len=12 if index.is_char else 4)
-    except (UserError, TypeError):
+    except UserError:  # no span index (or a stale one): the other candidates still come
         return None
+    try:
+        trace = sp.trace_text(index, ids, prompt_len, max_sources=SPAN_SOURCES, min_len=12 if index.is_char else 4)
+    except UserError:  # e.g. the traced part is shorter than a span
+        return np.zeros(0, np.int64)
     starts = [int(s["token_start"]) for span in trace.spans for s in span.sources]
     w = store.windows
     rows = np.searchsorted(w[:, 1], np.asarray(starts, np.int64), side="right") - 1
