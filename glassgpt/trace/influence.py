@@ -262,7 +262,7 @@ def eigen_corrections(model: nn.Module, layers: Sequence[str], q_a: list[torch.T
             a, g = ag[n]
             dev = a.device
             rot = torch.einsum("bto,bti->boi", g @ q_s[i].to(dev).float(), a @ q_a[i].to(dev).float())
-            out[i] += rot.double().square().sum(0).cpu()
+            out[i] += rot.square().sum(0).double().cpu()  # float32 squares, float64 sums over batches
     return out
 
 
