@@ -31,10 +31,11 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 # ------------------------------------------------------------------------------------------ the query
 
 
+@pytest.mark.parametrize("window", ["chunked", "sliding"])
 @pytest.mark.parametrize("n,prompt_len,bs", [(5, 2, 8), (8, 1, 8), (9, 1, 8), (40, 3, 8), (41, 30, 9), (100, 0, 16)])
-def test_query_rows_score_each_token_once_with_the_samplers_context(n, prompt_len, bs):
+def test_query_rows_score_each_token_once_with_the_samplers_context(n, prompt_len, bs, window):
     ids = list(range(100, 100 + n))
-    x, y = inf.query_rows(ids, prompt_len, bs)
+    x, y = inf.query_rows(ids, prompt_len, bs, window)
     seen = {}
     for r in range(len(x)):
         for p in np.flatnonzero(y[r].numpy() >= 0):
@@ -43,7 +44,7 @@ def test_query_rows_score_each_token_once_with_the_samplers_context(n, prompt_le
             assert tok not in seen, f"token {tok} scored twice"
             assert ctx == ids[tok - 100 - len(ctx): tok - 100], "context is not the tokens just before"
             seen[tok] = len(ctx)
-    want = {100 + i: window_length(i, bs) for i in range(max(prompt_len, 1), n)}
+    want = {100 + i: window_length(i, bs, window) for i in range(max(prompt_len, 1), n)}
     assert seen == want
 
 

@@ -60,12 +60,12 @@ def test_store_scores_equal_the_library_api_and_breakdowns_sum_to_them(built):
     np.testing.assert_allclose(every[full], api, rtol=1e-4, atol=1e-6 * np.abs(api).max())
     r = explain(run, store, ids, p, k=3, recall=len(store))
     for win in r["proponents"] + r["opponents"]:
-        assert win["score"] == pytest.approx(every[win["window"]], rel=1e-5)
+        assert win["score"] == pytest.approx(every[win["window"]], rel=1e-4)  # other batches: float32 sums
         assert sum(s for _, s in win["pieces"]) == pytest.approx(win["score"], rel=1e-4, abs=1e-6)
         assert sum(win["query_scores"]) == pytest.approx(win["score"], rel=1e-3, abs=1e-6)
         assert "".join(t for t, _ in win["pieces"]) == win["text"]
-    assert r["proponents"][0]["score"] == pytest.approx(every.max(), rel=1e-5)
-    assert r["opponents"][0]["score"] == pytest.approx(every.min(), rel=1e-5)
+    assert r["proponents"][0]["score"] == pytest.approx(every.max(), rel=1e-4)
+    assert r["opponents"][0]["score"] == pytest.approx(every.min(), rel=1e-4)
 
 
 def test_candidates_find_the_exhaustive_top_windows(built):

@@ -313,32 +313,40 @@ def ihvp(factors: EkfacFactors, grads: Sequence[torch.Tensor]) -> list[torch.Ten
 # the query: which tokens it scores, and with which context
 
 
-def query_rows(ids: Sequence[int], prompt_len: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def query_rows(ids: Sequence[int], prompt_len: int, block_size: int,
+               window: str = "chunked") -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs (R, W), targets (R, W), -1 = not scored): the query's tokens ids[prompt_len:] each
-    predicted from the context generation gave it (glassgpt.generate.window_length, 'chunked':
-    beyond block_size, windows restart at block_size // 2 tokens). Every scored token once."""
-    x, y, _ = query_layout(ids, prompt_len, block_size)
+    predicted from the context generation gave it (glassgpt.generate.window_length: beyond block_size,
+    'chunked' windows restart at block_size // 2 tokens, 'sliding' ones keep the last block_size).
+    Every scored token once."""
+    x, y, _ = query_layout(ids, prompt_len, block_size, window)
     return x, y
 
 
-def query_layout(ids: Sequence[int], prompt_len: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def query_layout(ids: Sequence[int], prompt_len: int, block_size: int,
+                 window: str = "chunked") -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """query_rows plus each row's start in `ids` (row r position p predicts ids[start + p + 1])."""
     ids = list(ids)
     if len(ids) < 2 or not 0 <= prompt_len < len(ids):
         raise UserError(f"nothing to trace: the query has {len(ids)} token(s) and prompt_len={prompt_len}; "
                         "it needs at least one token after the prompt (and one before it)")
+    if window not in ("chunked", "sliding"):
+        raise UserError(f"window rule {window!r} is not one of chunked, sliding")
     prompt_len = max(prompt_len, 1)
     bs = block_size
-    keep = max(1, bs // 2)
-    step = bs - keep + 1  # row j >= 1 starts at j * step and owns the predictions of tokens s+keep .. s+bs
-    starts = [0]
-    while bs + 1 + (len(starts) - 1) * step <= len(ids) - 1:
-        starts.append(len(starts) * step)
+    if window == "sliding":  # row s >= 1 predicts only token s + bs, from the bs tokens before it
+        first, starts = bs - 1, [0, *range(1, max(1, len(ids) - bs))]
+    else:  # row j >= 1 starts at j * step and owns the predictions of tokens s + keep .. s + bs
+        keep = max(1, bs // 2)
+        step = bs - keep + 1
+        first, starts = keep - 1, [0]
+        while bs + 1 + (len(starts) - 1) * step <= len(ids) - 1:
+            starts.append(len(starts) * step)
     rows, tgts, kept = [], [], []
     for j, s in enumerate(starts):
         x = ids[s:s + bs]
         y = [-1] * len(x)
-        for p in range(0 if j == 0 else keep - 1, len(x)):
+        for p in range(0 if j == 0 else first, len(x)):
             n = s + p + 1  # index of the token predicted at position p
             if prompt_len <= n < len(ids):
                 y[p] = ids[n]
@@ -352,9 +360,10 @@ def query_layout(ids: Sequence[int], prompt_len: int, block_size: int) -> tuple[
     return torch.tensor(rows, dtype=torch.long), torch.tensor(tgts, dtype=torch.long), kept
 
 
-def query_gradient(model: nn.Module, layers: Sequence[str], ids: Sequence[int], prompt_len: int) -> list[torch.Tensor]:
+def query_gradient(model: nn.Module, layers: Sequence[str], ids: Sequence[int], prompt_len: int,
+                   window: str = "chunked") -> list[torch.Tensor]:
     """Per layer (dout, din'): gradient of the query's summed loss over ids[prompt_len:]."""
-    x, y = query_rows(ids, prompt_len, block_size(model))
+    x, y = query_rows(ids, prompt_len, block_size(model), window)
     dev = next(model.parameters()).device
     g = per_example_grads(model, layers, x.to(dev), y.to(dev))
     return [g[n].sum(0) for n in layers]
@@ -379,17 +388,19 @@ def score_batch(model: nn.Module, factors: EkfacFactors, v: Sequence[torch.Tenso
 
 
 def query_direction(model: nn.Module, factors: EkfacFactors, query_ids: Sequence[int],
-                    prompt_len: int) -> list[torch.Tensor]:
+                    prompt_len: int, window: str = "chunked") -> list[torch.Tensor]:
     """H^-1 g_q / N per layer: what every training window's gradient is dotted with."""
-    return [t / factors.n_train for t in ihvp(factors, query_gradient(model, factors.layers, query_ids, prompt_len))]
+    g_q = query_gradient(model, factors.layers, query_ids, prompt_len, window)
+    return [t / factors.n_train for t in ihvp(factors, g_q)]
 
 
 def influence_scores(model: nn.Module, factors: EkfacFactors, windows: torch.Tensor, query_ids: Sequence[int],
-                     prompt_len: int, *, batch_size: int = 32) -> np.ndarray:
+                     prompt_len: int, *, batch_size: int = 32, window: str = "chunked") -> np.ndarray:
     """(N,) float64: the predicted change (nats) of the query's summed loss over query_ids[prompt_len:]
-    if each window were removed from training, (1/N) g_q^T H^-1 g_i; + = proponent."""
+    if each window were removed from training, (1/N) g_q^T H^-1 g_i; + = proponent. `window`: the
+    sampler's rule for the context of query tokens beyond block_size."""
     windows = check_windows(model, windows)
-    v = query_direction(model, factors, query_ids, prompt_len)
+    v = query_direction(model, factors, query_ids, prompt_len, window)
     out = np.zeros(len(windows), dtype=np.float64)
     for lo, x, y in _batches(windows, batch_size):
         out[lo:lo + len(x)] = score_batch(model, factors, v, x, y)[0].cpu().numpy()

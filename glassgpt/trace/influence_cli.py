@@ -19,10 +19,11 @@ from typing import Any
 
 from glassgpt.config import load_config, read_text_arg, wants_help
 from glassgpt.errors import UserError
+from glassgpt.sampling import SamplingSettings
 
 
 @dataclass
-class TraceInfluenceConfig:
+class TraceInfluenceConfig(SamplingSettings):
     """`glassgpt trace-influence`: build the influence store, then trace a generation (or a text) to the
     training windows that taught it."""
 
@@ -35,11 +36,6 @@ class TraceInfluenceConfig:
     traced continuation; alone, every token after the first is traced."""
     output: str | None = None
     """The continuation of --text to trace (or FILE:path)."""
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int | None = 200
-    top_p: float | None = None
-    seed: int = 1337
     k: int = 5
     """Proponents and opponents to show (each)."""
     recall: int = 256
@@ -102,16 +98,15 @@ def _build(cfg: TraceInfluenceConfig, run: Any) -> None:
 
 def query_ids(cfg: TraceInfluenceConfig, run: Any) -> tuple[list[int], int, str | None, str | None]:
     """(token ids, prompt length, prompt, generated): what is traced."""
-    from glassgpt.generate import complete
+    from glassgpt.sampling import generate_from
 
     tok = run.tokenizer
-    if cfg.start is not None:
+    if cfg.start is not None:  # sampled as `glassgpt sample` samples: one settings block, one function
         prompt = read_text_arg(cfg.start, "start")
-        c = complete(run.model, tok, prompt, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                     top_p=cfg.top_p, seed=cfg.seed)
-        if not c.output_ids:
+        g = generate_from(run.model, tok, prompt, cfg)
+        if not g.outputs[0]:
             raise UserError("nothing to trace: the generation is empty; raise --max_new_tokens")
-        return list(c.prompt_ids) + list(c.output_ids), len(c.prompt_ids), prompt, c.text
+        return list(g.prompt_ids) + list(g.outputs[0]), len(g.prompt_ids), prompt, tok.decode(g.outputs[0])
     text = read_text_arg(cfg.text or "", "text")
     out = None if cfg.output is None else read_text_arg(cfg.output, "output")
     ids, prompt_len = text_ids(tok, text, out)
@@ -164,7 +159,7 @@ def trace_influence(cfg: TraceInfluenceConfig) -> dict[str, Any] | None:
         store.factors.damping = cfg.damping
     ids, prompt_len, prompt, generated = query_ids(cfg, run)
     return explain(run, store, ids, prompt_len, k=cfg.k, recall=cfg.recall, bm25=cfg.bm25, exhaustive=cfg.exhaustive,
-                   batch_size=cfg.batch_size, prompt=prompt, generated=generated)
+                   batch_size=cfg.batch_size, prompt=prompt, generated=generated, window=cfg.window_rule)
 
 
 def marked(pieces: list[tuple[str, float]], top: int = 3) -> str:

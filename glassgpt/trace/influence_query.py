@@ -139,8 +139,9 @@ def candidates(run: Any, store: InfluenceStore, cos: np.ndarray, ids: Sequence[i
 
 def explain(run: Any, store: InfluenceStore, ids: Sequence[int], prompt_len: int, *, k: int = 5,
             recall: int = RECALL, bm25: int = BM25_CANDIDATES, exhaustive: bool = False, batch_size: int = 32,
-            prompt: str | None = None, generated: str | None = None) -> dict[str, Any]:
-    """Top-k proponents and opponents of the traced tokens ids[prompt_len:]: exactly what --json prints."""
+            prompt: str | None = None, generated: str | None = None, window: str = "chunked") -> dict[str, Any]:
+    """Top-k proponents and opponents of the traced tokens ids[prompt_len:] (each given the context the
+    sampler's `window` rule gives it): exactly what --json prints."""
     from glassgpt.trace.spans import token_offsets
 
     if k < 1 or recall < 0 or bm25 < 0:
@@ -149,7 +150,7 @@ def explain(run: Any, store: InfluenceStore, ids: Sequence[int], prompt_len: int
     model, f = run.model, store.factors
     if len(ids) > 1 and max(ids) >= model.config.vocab_size:
         raise UserError(f"the text has token id {max(ids)} but the model's vocabulary is {model.config.vocab_size}")
-    qx, qy, starts = inf.query_layout(ids, prompt_len, inf.block_size(model))
+    qx, qy, starts = inf.query_layout(ids, prompt_len, inf.block_size(model), window)
     dev = next(model.parameters()).device
     q_ag, q_ce = inf.layer_grads(model, f.layers, qx.to(dev), qy.to(dev))
     g_q = [torch.einsum("rpo,rpi->oi", q_ag[n][1], q_ag[n][0]) for n in f.layers]
@@ -184,9 +185,9 @@ def explain(run: Any, store: InfluenceStore, ids: Sequence[int], prompt_len: int
 
 
 def all_windows_scores(run: Any, store: InfluenceStore, ids: Sequence[int], prompt_len: int,
-                       batch_size: int = 32) -> np.ndarray:
+                       batch_size: int = 32, window: str = "chunked") -> np.ndarray:
     """Every window's exact score (the slow reference the candidate search is measured against)."""
-    v = inf.query_direction(run.model, store.factors, ids, prompt_len)
+    v = inf.query_direction(run.model, store.factors, ids, prompt_len, window)
     return score_rows(run, store, v, np.arange(len(store)), batch_size)[0]
 
 
