@@ -1,6 +1,6 @@
 """One sampling contract: the same --start, seed and settings give the same text in every command.
 
-sample, trace-spans, trace-knn, trace-neurons, report and the viewer's /api/generate each generate
+sample, trace-spans, trace-knn, trace-neurons, trace-influence, report and the viewer's /api/generate each generate
 from a tiny random char model with the same settings (top-k, top-p, the sliding window past
 block_size); every one must print the text `sample` prints. A different seed is the control: it must
 change the text, so the comparison can fail. Then the prompt rules themselves (empty, too long).
@@ -39,7 +39,7 @@ def generated_by_every_command(out: Path, data: Path, tmp: Path, settings: dict)
     from fastapi.testclient import TestClient
 
     from glassgpt import sample
-    from glassgpt.trace import knn, neurons, spans
+    from glassgpt.trace import influence_cli, knn, neurons, spans
     from glassgpt.view import report
     from glassgpt.view.explain import Session
     from glassgpt.view.server import ViewConfig, make_app
@@ -52,6 +52,7 @@ def generated_by_every_command(out: Path, data: Path, tmp: Path, settings: dict)
     got["trace-spans"] = r["text"][len(PROMPT):]
     got["trace-knn"] = _quiet(knn.main, [*common, "--json"])["generated"]
     got["trace-neurons"] = _quiet(neurons.main, [*common, "--rank=raw", "--json"])["output"]
+    got["trace-influence"] = _quiet(influence_cli.main, [*common, "--json", "--k=1"])["generated"]
     page = tmp / "report.html"
     _quiet(report.main, [*common, f"--out={page}"])
     blob = re.search(r'<script id="glassgpt-data" type="application/json">(.*?)</script>', page.read_text(), re.S)
@@ -70,7 +71,7 @@ def built(tmp_path_factory) -> tuple[Path, Path, Path]:
     """A tiny char checkpoint with its span index and kNN store built."""
     from conftest import make_char_dataset, make_checkpoint
 
-    from glassgpt.trace import knn, spans
+    from glassgpt.trace import influence_cli, knn, spans
 
     root = tmp_path_factory.mktemp("sampling")
     data = make_char_dataset(root / "data" / "tiny")
@@ -78,6 +79,7 @@ def built(tmp_path_factory) -> tuple[Path, Path, Path]:
     make_checkpoint(out, data, block_size=32)
     _quiet(spans.main, [f"--data_dir={data}", "--build"])
     _quiet(knn.main, [f"--out_dir={out}", "--device=cpu", "--build", "--progress=False"])
+    _quiet(influence_cli.main, [f"--out_dir={out}", "--device=cpu", "--build", "--progress=False"])
     return out, data, root
 
 
