@@ -171,6 +171,7 @@ RULES: dict[str, Callable[[list[str], Fixture], list[str]]] = {
     "glassgpt prepare my.txt": tiny_prepare,  # "Your own text": the last --input wins over the path
     "glassgpt trace-spans": tiny_generation_if_prompted,
     "glassgpt trace-knn": tiny_generation_if_prompted,
+    "glassgpt trace-influence": tiny_generation_if_prompted,
     "glassgpt trace-neurons": tiny_neurons,
     "glassgpt neuron": as_is,
     "glassgpt extend-context": as_is,
