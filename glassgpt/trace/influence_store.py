@@ -175,8 +175,9 @@ def _fit(model: torch.nn.Module, tokens: np.ndarray, spans: np.ndarray, fit: np.
     def reduce(t: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(t, info) if info is not None and info.enabled else t
 
+    # labels are seeded by a window's place in the fit sample, so every sharding draws the same ones
     return inf.fit_ekfac(model, w, damping=damping, batch_size=batch_size, n_train=n_train, reduce=reduce,
-                         first_index=int(fit[lo]) if hi > lo else 0, allow_empty=True)
+                         first_index=lo, allow_empty=True)
 
 
 def build_store(model: torch.nn.Module, corpus: Corpus, split: str, store_dir: str | Path, *,
