@@ -7,6 +7,7 @@ the same run.
     python -m benchmarks.bench_influence recall --out_dir=DIR --windows=2000  # recall@10 vs projection size
     python -m benchmarks.bench_influence damping --out_dir=DIR --windows=200  # LOO (convex) and tail-patch
     python -m benchmarks.bench_influence head --out_dir=DIR --windows=1000     # scores with vs without lm_head
+    python -m benchmarks.bench_influence union --out_dir=DIR --queries=2       # candidates vs exhaustive top-10
 
 speed: the store's two passes (EK-FAC fit on min(fit_windows, windows) windows, then every window's
 projected gradient) against one AdamW training epoch over the same windows in the same batches.
@@ -142,6 +143,28 @@ def recall_vs_dim(run, windows: int, batch_size: int, dims: list[int], top: int 
               + ", ".join(f"{c}: {h:.2f}" for c, h in zip(cuts, hits, strict=True)))
 
 
+def union(run, n_queries: int, chars: int, top: int = 10) -> None:
+    """Share of the exhaustive top-`top` proponents among the default candidates (recall + BM25 + spans),
+    on the built store, against every window scored exactly."""
+    from glassgpt.trace.influence_query import all_windows_scores, candidates, query_recall_vector
+    from glassgpt.trace.influence_store import open_store
+
+    store = open_store(run)
+    found = {"recall": [], "bm25": [], "union": []}
+    for text in texts(run, n_queries, chars, 1300):
+        ids = run.tokenizer.encode(text)
+        best = set(np.argsort(-all_windows_scores(run, store, ids, 1))[:top].tolist())
+        g = inf.query_gradient(run.model, store.factors.layers, ids, 1)
+        cos = store.cosines(query_recall_vector(g, store.proj))
+        cand, _ = candidates(run, store, cos, ids, 1, text, 256, 64, False)
+        rec, _ = candidates(run, store, cos, ids, 1, text, 256, 0, False)
+        bm, _ = candidates(run, store, cos, ids, 1, text, 0, 64, False)
+        for name, c in (("recall", rec), ("bm25", bm), ("union", cand)):
+            found[name].append(len(best & set(c.tolist())) / top)
+    print(f"union ({len(store):,} windows, {n_queries} queries of {chars} chars): share of the exhaustive "
+          f"top-{top} among the candidates: " + ", ".join(f"{k} {np.mean(v):.2f}" for k, v in found.items()))
+
+
 def st_query_vector(model, f, proj, ids) -> np.ndarray:
     from glassgpt.trace.influence_query import query_recall_vector
 
@@ -238,7 +261,8 @@ def qloss(m, x, y) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("part", nargs="?", default="all", choices=["all", "speed", "query", "recall", "damping", "head"])
+    ap.add_argument("part", nargs="?", default="all",
+                    choices=["all", "speed", "query", "recall", "damping", "head", "union"])
     ap.add_argument("--out_dir", default=None)
     ap.add_argument("--windows", type=int, default=2000)
     ap.add_argument("--batch_size", type=int, default=32)
@@ -258,6 +282,10 @@ def main(argv: list[str] | None = None) -> None:
         head(run, 40, 8)
         convex_damping(n=8)
         tail_patch_damping(run, 10, 8)
+        from glassgpt.trace.influence_cli import main as cli_main
+
+        cli_main([f"--out_dir={run.out_dir}", "--build", "--progress=False"])
+        union(run, 1, 40)
         return
     run = open_or_tiny(a.out_dir, False)
     if a.part in ("all", "speed"):
@@ -268,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
         recall_vs_dim(run, a.windows, a.batch_size, [int(d) for d in a.dims.split(",")], n_queries=a.queries)
     if a.part in ("all", "head"):
         head(run, min(a.windows, 1000), a.batch_size)
+    if a.part in ("all", "union"):
+        union(run, min(a.queries, 3), a.chars)
     if a.part in ("all", "damping"):
         convex_damping()
         tail_patch_damping(run, min(a.windows, 200), a.batch_size)
