@@ -55,6 +55,8 @@ demo: env
 	@cat $(OUT)/sample.txt
 	$(VENV)/bin/glassgpt trace-spans --out_dir=$(OUT) --build
 	$(VENV)/bin/glassgpt trace-spans --out_dir=$(OUT) --text=FILE:$(OUT)/sample.txt
+	$(VENV)/bin/glassgpt trace-influence --out_dir=$(OUT) --build --progress=False
+	$(VENV)/bin/glassgpt trace-influence --out_dir=$(OUT) --text=FILE:$(OUT)/sample.txt
 	$(VENV)/bin/glassgpt report --out_dir=$(OUT) --text=FILE:$(OUT)/sample.txt --build --out=$(OUT)/report.html
 
 # pytest exits 5 when it collected no tests: make fails on any non-zero status, so that is a failure too.

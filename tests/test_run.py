@@ -304,7 +304,9 @@ def test_make_demo_runs_the_main_job_in_order() -> None:
     assert run.returncode == 0, run.stderr
     steps = [line for line in run.stdout.splitlines() if line.startswith("/nonexistent/bin/")]
     order = ["prepare.py", "train.py", "sample.py", "trace-spans --out_dir=out-shakespeare-char --build",
-             "trace-spans --out_dir=out-shakespeare-char --text="]
+             "trace-spans --out_dir=out-shakespeare-char --text=",
+             "trace-influence --out_dir=out-shakespeare-char --build",
+             "trace-influence --out_dir=out-shakespeare-char --text="]
     found = [next(i for i, s in enumerate(steps) if key in s) for key in order]
     assert found == sorted(found), steps
 

@@ -62,7 +62,8 @@ class TraceInfluenceConfig(SamplingSettings):
     """EK-FAC damping as a fraction of each layer's mean eigenvalue (default: the store's, built with 0.1). When
     building it also sets the recall index's whitening; when tracing it overrides the exact scores' damping."""
     batch_size: int = 32
-    device: str = "cpu"
+    device: str = "auto"
+    """cuda, then mps, then cpu (every command's rule); --device=cpu traces what a CPU sample drew."""
     threads: int | None = None
     """CPU threads (open_run picks one per core by default); on a CPU shared with other jobs 1 can be faster."""
     data_dir: str | None = None
@@ -78,7 +79,7 @@ def _build(cfg: TraceInfluenceConfig, run: Any) -> None:
     from glassgpt import distributed
     from glassgpt.trace.influence_store import build_store
 
-    info = distributed.setup("gloo", cfg.device)
+    info = distributed.setup("gloo", run.device)
     try:
         path = cfg.store_dir or Path(run.out_dir) / f"influence_{cfg.split}"
         store = build_store(run.model, run.corpus, cfg.split, path,
