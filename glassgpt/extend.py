@@ -24,6 +24,10 @@ are and only the rotation changes (docs/architecture.md):
 - base: "NTK-aware" base scaling (https://arxiv.org/abs/2309.00071, section 3.1): rope_base is
   multiplied by (B'/B)**(hs/(hs-2)), stretching the slow pairs most and the fast ones hardly at all.
 
+An ALiBi model (GPTConfig.alibi) has neither: its attention bias depends on distances only and
+extrapolates as it is, so only block_size grows (method copy; the others are refused) and logits on
+sequences of up to B tokens are the original's.
+
 Then continue training as usual, from the new directory:
 
     python train.py --init_from=resume --out_dir=<new_out_dir> --block_size=<new> --max_iters=<more>
@@ -177,8 +181,13 @@ def extend_checkpoint(ckpt: dict[str, Any], block_size: int, method: str = "copy
     if block_size == old:
         raise UserError(f"the checkpoint already has block_size={old}; give a larger --block_size")
     state = dict(ckpt["model"])
-    if args.get("rope"):  # no table to grow: the rotation changes, weights and optimizer state do not
-        extra, opt = rotary_args(args, block_size, method), copy.deepcopy(ckpt.get("optimizer") or {})
+    if args.get("alibi") and method != "copy":
+        raise UserError(f"method={method} changes a position table or rotation; this ALiBi model has neither: "
+                        "use --method=copy (block_size grows, nothing else changes)")
+    if args.get("rope") or args.get("alibi"):  # no table to grow: weights and optimizer state stay
+        # rotary: the rotation changes; ALiBi: only block_size does (its bias extrapolates as it is)
+        extra = rotary_args(args, block_size, method) if args.get("rope") else {}
+        opt = copy.deepcopy(ckpt.get("optimizer") or {})
     else:
         if method == "base":
             raise UserError("method=base scales the rotary base; this model has learned positions (wpe): "

@@ -151,6 +151,7 @@ class KVCache:
         self.pad = pad if pad is not None and bool(pad.any()) else None
         self.mask: torch.Tensor | None = None
         self.prev_embed: torch.Tensor | None = None  # (B, 1, C): the last token's embedding, for smear
+        self.prev_ids: torch.Tensor | None = None  # (B, ngram-1): the last tokens, for n-gram embeddings
 
     def prepare(self, T: int, device: torch.device) -> torch.Tensor:
         """Position ids (B or 1, T) of the next T tokens; sets `mask` for this pass: (B, 1, T, S) bool
@@ -197,6 +198,8 @@ class KVCache:
             self.pad = self.pad.index_select(0, rows)
         if self.prev_embed is not None:
             self.prev_embed = self.prev_embed.index_select(0, rows)
+        if self.prev_ids is not None:
+            self.prev_ids = self.prev_ids.index_select(0, rows)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

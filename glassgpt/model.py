@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 ACTIVATIONS = ("gelu", "gelu_new", "relu2")
+INITS = ("gpt2", "fan_in")
 GATE_INPUT = 12  # channels the smear and attention gates read (modded-nanogpt's choice)
 
 
@@ -47,6 +48,10 @@ class GPTConfig:
     rope: bool = False
     """Rotary position embeddings (Su et al. 2021, https://arxiv.org/abs/2104.09864) on q and k instead
     of the learned `wpe` table (which is then absent)."""
+    alibi: bool = False
+    """ALiBi (Press et al. 2022, https://arxiv.org/abs/2108.12409): no position table and no rotation;
+    head h adds -slope_h * (query position - key position) to its attention scores. Nothing is tied
+    to block_size, so a model can be run on longer contexts by raising it (extend-context does)."""
     rope_base: float = 10000.0
     """Rotary base: pair i of a head turns at rope_base**(-2i/head_size) radians per position."""
     rope_scale: float = 1.0
@@ -59,6 +64,10 @@ class GPTConfig:
     zero_init_proj: bool = False
     """Initialise every residual output projection (`c_proj`) to zero, so each block starts as the
     identity (modded-nanogpt); False is GPT-2's normal(0, 0.02/sqrt(2*n_layer))."""
+    init: str = "gpt2"
+    """'gpt2': every matrix and embedding normal(0, 0.02) (nanoGPT); 'fan_in' (nanochat,
+    modded-nanogpt): matrices normal(0, fan_in**-0.5 * min(1, sqrt(fan_out/fan_in))), embeddings
+    normal(0, 1), an untied head zero (a tied one keeps 0.02: it is the head). c_proj: zero_init_proj."""
     logit_softcap: float | None = None
     """If set, logits = cap * tanh(logits / cap) (Gemma 2, modded-nanogpt); None leaves them raw."""
     value_embed: bool = False
@@ -72,6 +81,13 @@ class GPTConfig:
     """Scale each head's attention output by a sigmoid gate computed from the first GATE_INPUT
     channels of the block's normalised input (`h.{i}.attn.gate`; gated attention,
     https://arxiv.org/abs/2505.06708, as in modded-nanogpt): a head can switch itself off."""
+    ngram: int = 0
+    """n in 2..4: embeddings of the 2..n tokens ending at each position (`transformer.ngram.{n-2}`, zero
+    at init) join the residual before every block, scaled per block (`ngram_lambdas`): a spelling
+    table attention need not learn (modded-nanogpt's bigram hash embedding). 0: off."""
+    ngram_rows: int = 8192
+    """Rows per n-gram table. The bigram table is exact when (vocab_size+1) * vocab_size rows fit
+    (char-level data); otherwise, like longer n-grams, ids are hashed into ngram_rows rows."""
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head != 0:
@@ -80,6 +96,12 @@ class GPTConfig:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.rope and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"rope needs an even head size, got n_embd/n_head={self.n_embd // self.n_head}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.rope and self.alibi:
+            raise ValueError("rope and alibi are two ways to encode positions: choose one")
+        if self.ngram not in (0, 2, 3, 4) or self.ngram_rows < 1:
+            raise ValueError(f"ngram must be 0 (off), 2, 3 or 4 and ngram_rows >= 1, got {self.ngram}, {self.ngram_rows}")
         if self.rope_base <= 0 or self.rope_scale <= 0:
             raise ValueError("rope_base and rope_scale must be > 0")
         if (self.smear or self.attn_gate) and self.n_embd < GATE_INPUT:
@@ -104,7 +126,7 @@ class GPTConfig:
         skip = {"block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias"}
         out = [f.name for f in fields(self) if f.name not in skip and getattr(self, f.name) != getattr(gpt2, f.name)]
         return [n for n in out if not (n == "activation" and self.activation in ("gelu", "gelu_new"))
-                and not (n.startswith("rope_") and not self.rope)]
+                and not (n.startswith("rope_") and not self.rope) and not (n == "ngram_rows" and not self.ngram)]
 
 
 class LayerNorm(nn.Module):
@@ -133,6 +155,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """ALiBi's head slopes: 2**(-8/n), 2**(-16/n), ..., 2**-8 for n heads when n is a power of two;
+    otherwise those of the power of two p below n, then every other slope of 2p (the paper's rule)."""
+    geometric = lambda n: [2 ** (-8 * (i + 1) / n) for i in range(n)]
+    p = 2 ** int(math.log2(n_head))
+    return torch.tensor(geometric(p) + geometric(2 * p)[0::2][: n_head - p])
+
+
+def alibi_bias(slopes: torch.Tensor, T: int, S: int, allowed: torch.Tensor | None) -> torch.Tensor:
+    """Additive attention bias (B or 1, nh, T, S) for T queries in the last T of S key slots:
+    -slope * (query slot - key slot), -inf on later keys and where `allowed` (B, 1, T, S) is False.
+    A row's slots and positions differ by its left padding, the same for queries and keys, so the
+    slot distance is the position distance, with or without a cache."""
+    dist = torch.arange(S - T, S, device=slopes.device)[:, None] - torch.arange(S, device=slopes.device)
+    bias = (-slopes[:, None, None].float() * dist).masked_fill(dist < 0, float("-inf"))[None]  # (1, nh, T, S)
+    return bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
+
+
 @functools.lru_cache(maxsize=8)
 def _causal(T: int, device: torch.device) -> torch.Tensor:
     """(T, T) bool, True above the diagonal: the future a position may not attend to."""
@@ -152,6 +192,7 @@ class CausalSelfAttention(nn.Module):
         self.qk_norm = config.qk_norm
         self.layer_idx = layer_idx  # which layer of a KVCache this attention reads and writes
         self.gate = nn.Linear(GATE_INPUT, config.n_head, bias=False) if config.attn_gate else None
+        self.register_buffer("alibi", alibi_slopes(config.n_head) if config.alibi else None, persistent=False)
 
     def forward(self, x: torch.Tensor, rotary: tuple | None = None, kv_cache=None,
                 ve: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,6 +220,8 @@ class CausalSelfAttention(nn.Module):
             # the cache holds this layer's earlier keys/values and says which ones each query may see
             k, v = kv_cache.write(self.layer_idx, k, v)  # (B, nh, S, hs), S = cached + T
             mask = kv_cache.mask  # (B, 1, T, S) bool, or None when plain causal is right
+        if self.alibi is not None:  # causal and padding masks folded into the additive bias
+            mask = alibi_bias(self.alibi, T, k.size(2), mask).to(q.dtype)
         y = self._attend(q, k, v, mask, dt if cpu_half else None)  # (B, nh, T, hs)
         if self.gate is not None:  # one gate per head and position: (B, T, nh) -> (B, nh, T, 1)
             y = y * torch.sigmoid(self.gate(x[..., :GATE_INPUT])).transpose(1, 2).unsqueeze(-1).to(y.dtype)
@@ -244,7 +287,7 @@ class GPT(nn.Module):
         assert config.vocab_size is not None and config.block_size is not None
         self.config = config
         modules: dict[str, nn.Module] = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
-        if not config.rope:  # rotary models have no position table
+        if not (config.rope or config.alibi):  # rotary and ALiBi models have no position table
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         modules.update(drop=nn.Dropout(config.dropout),
                        h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
@@ -254,6 +297,12 @@ class GPT(nn.Module):
         if config.value_embed:
             modules["ve"] = nn.ModuleList(
                 [nn.Embedding(config.vocab_size, config.n_embd) for _ in range(config.n_layer)])
+        if config.ngram:
+            V, rows = config.vocab_size, config.ngram_rows
+            bigram = (V + 1) * V if (V + 1) * V <= rows else rows
+            modules["ngram"] = nn.ModuleList([nn.Embedding(bigram if n == 2 else rows, config.n_embd)
+                                              for n in range(2, config.ngram + 1)])
+            self.ngram_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -261,13 +310,19 @@ class GPT(nn.Module):
             # and scores them. state_dict then holds both names for it, as nanoGPT and HF GPT-2 do.
             self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
+        fan_in = config.init == "fan_in"
+        if fan_in:  # the head: zero when it is its own, GPT-2's 0.02 when it is also the embedding
+            nn.init.normal_(self.lm_head.weight, std=0.02 * config.tie_embeddings)
+        for table in self.transformer.ngram if config.ngram else []:
+            nn.init.zeros_(table.weight)  # the model starts as if it had no n-gram tables
         # GPT-2 paper: scale the residual projections by 1/sqrt(2 * n_layer) at init (or zero them).
         for pn, p in self.named_parameters():
             if pn.endswith("c_proj.weight"):
                 if config.zero_init_proj:
                     torch.nn.init.zeros_(p)
                 else:
-                    torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                    std = self._std(p) if fan_in else 0.02
+                    torch.nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
 
     def get_num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; position embeddings excluded by default (token embeddings count once,
@@ -277,13 +332,20 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
+    @staticmethod
+    def _std(w: torch.Tensor) -> float:
+        """init='fan_in': 1/sqrt(fan_in), shrunk for matrices that narrow (https://arxiv.org/abs/2310.17813)."""
+        fan_out, fan_in = w.shape
+        return fan_in**-0.5 * min(1.0, math.sqrt(fan_out / fan_in))
+
     def _init_weights(self, module: nn.Module) -> None:
+        fan_in = self.config.init == "fan_in"
         if isinstance(module, nn.Linear):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            torch.nn.init.normal_(module.weight, mean=0.0, std=self._std(module.weight) if fan_in else 0.02)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            torch.nn.init.normal_(module.weight, mean=0.0, std=1.0 if fan_in else 0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None,
                 stop_at_layer: int | None = None):
@@ -309,12 +371,15 @@ class GPT(nn.Module):
         rotary = None
         if cfg.rope:
             rotary = rotary_cos_sin(pos, cfg.n_embd // cfg.n_head, cfg.rope_base, cfg.rope_scale)
-        else:
+        elif not cfg.alibi:
             x = x + tr.wpe(pos)
         x = tr.drop(x)
         if cfg.smear:
             x = self.smear(x, pos, kv_cache)
+        ngram = self.ngram_embed(idx, pos, kv_cache) if cfg.ngram else None
         for i, block in enumerate(tr.h[:n_blocks]):
+            if ngram is not None:
+                x = x + self.ngram_lambdas[i] * ngram
             ve = tr.ve[i](idx) if cfg.value_embed else None
             x = block(x, rotary=rotary, kv_cache=kv_cache, ve=ve)
         if kv_cache is not None:
@@ -341,6 +406,24 @@ class GPT(nn.Module):
         prev = torch.cat([first.to(x.dtype), x[:, :-1]], dim=1)  # (B, T, C)
         gate = torch.sigmoid(self.transformer.smear_gate(x[..., :GATE_INPUT])) * (pos > 0).unsqueeze(-1)
         return x + gate.to(x.dtype) * prev
+
+    def ngram_embed(self, idx: torch.Tensor, pos: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        """Sum over n = 2..ngram of the embedding of the n tokens ending at each position (B, T, C).
+        A token a row does not have (before its position 0) counts as id vocab_size. Exact bigram
+        rows are prev * vocab + token; hashed rows XOR the tokens times odd constants (modded-nanogpt's
+        bigram hash), modulo the rows. With a cache, the tokens before this pass are its `prev_ids`."""
+        V, n, T = self.config.vocab_size, self.config.ngram, idx.size(1)
+        past = kv_cache.prev_ids if kv_cache is not None and kv_cache.prev_ids is not None else None
+        ids = torch.cat([idx.new_full((idx.size(0), n - 1), V) if past is None else past, idx], dim=1)
+        if kv_cache is not None:
+            kv_cache.prev_ids = ids[:, -(n - 1):]
+        key, out = idx * 36313, 0
+        for k, table in enumerate(self.transformer.ngram, start=1):  # k: how many tokens back
+            prev = ids[:, n - 1 - k : n - 1 - k + T].masked_fill(pos < k, V)  # (B, T)
+            key = key ^ (prev * (27191, 51497, 70001)[k - 1])
+            exact = k == 1 and table.num_embeddings == (V + 1) * V
+            out = out + table(prev * V + idx if exact else key % table.num_embeddings)
+        return out  # type: ignore[return-value]
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for final hidden states x (..., n_embd): lm_head, soft-capped if configured."""
