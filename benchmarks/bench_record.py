@@ -11,6 +11,9 @@ scored from up to block_size earlier ones, sliding windows), both computed after
 With --nanogpt the reference is nanoGPT's own train.py in that checkout (its data/shakespeare_char is
 prepared from the mirror's tiny-shakespeare if missing); without, nanoGPT's recipe run by glassgpt.
 
+--lever='--ngram=3': per-iteration cost of a change to the record recipe: the recipe with and
+without those keys, alternating --pairs times, --iters iterations each; median ms/iter and the ratio.
+
 --per_iter: the same architecture and batch (nanoGPT's CPU recipe, --iters iterations) stepped by
 nanoGPT, by glassgpt in float32 and by glassgpt with dtype=bfloat16, alternating --pairs times; median
 ms/iter from each log (iterations after the first 10, eval iterations excluded) and the ratios.
@@ -137,12 +140,28 @@ def per_iter_table(a, ref: tuple[str, list[str], Path]) -> None:
         print(f"| {name} | {median(st):.1f} | {median(st) / ref_ms:.2f}x |")
 
 
+def lever_table(a) -> None:
+    """ms/iter of the record recipe with and without --lever's keys, alternating --pairs times."""
+    n = [f"--max_iters={a.iters}", f"--lr_decay_iters={a.iters}", "--log_interval=1"]
+    runs = {"record recipe": RECORD + n, f"record recipe {a.lever}": RECORD + n + a.lever.split()}
+    steps: dict[str, list[float]] = {name: [] for name in runs}
+    for pair in range(a.pairs):
+        for i, (name, args) in enumerate(runs.items()):
+            steps[name] += finish(*start(args + a.extra, f"{a.work}/lever-{i}-{pair}", REPO, a.threads), name)[2]
+    ref_ms = median(steps["record recipe"])
+    print(f"| run ({a.iters} iterations x {a.pairs}) | median ms/iter | vs record recipe |")
+    print("|---|---|---|")
+    for name, st in steps.items():
+        print(f"| {name} | {median(st):.1f} | {median(st) / ref_ms:.3f}x |")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nanogpt", help="a nanoGPT checkout: the reference runs its own train.py")
     ap.add_argument("--pairs", type=int, default=1)
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every run (default: each program's own)")
     ap.add_argument("--per_iter", action="store_true")
+    ap.add_argument("--lever", help="train.py keys, e.g. '--ngram=3': per-iteration cost of the record recipe with them")
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--eval_batches", type=int, default=200)
     ap.add_argument("--work", default="/tmp/glassgpt-bench-record")
@@ -172,7 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         ref = ("nanoGPT's recipe, run by glassgpt", NANOGPT_CPU, REPO)
     load0 = open("/proc/loadavg").read().split()[:3]
-    (per_iter_table if a.per_iter else lambda a, ref: record_table(a, data_dir, ref))(a, ref)
+    if a.lever:
+        lever_table(a)
+    else:
+        (per_iter_table if a.per_iter else lambda a, ref: record_table(a, data_dir, ref))(a, ref)
     load1 = open("/proc/loadavg").read().split()[:3]
     print(f"load average before {' '.join(load0)}, after {' '.join(load1)}; back to back, "
           f"{a.threads or 'default'} threads; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")

@@ -158,8 +158,8 @@ def test_training_resumes_through_glassgpt_train(tmp_path, char_dataset):
         train_main([f"--out_dir={src}", "--init_from=resume", "--block_size=64", "--max_iters=4", *common])
 
 
-def rotary_checkpoint(out_dir: Path, data_dir: Path) -> Path:
-    """A tiny rotary char checkpoint (block 32, head size 16) with an optimizer state."""
+def rotary_checkpoint(out_dir: Path, data_dir: Path, positions: dict | None = None) -> Path:
+    """A tiny rotary (or `positions`) char checkpoint (block 32, head size 16) with an optimizer state."""
     import json
 
     from glassgpt.model import GPT, GPTConfig
@@ -167,7 +167,7 @@ def rotary_checkpoint(out_dir: Path, data_dir: Path) -> Path:
     torch.manual_seed(0)
     meta = json.loads((data_dir / "meta.json").read_text())
     cfg = GPTConfig(block_size=32, vocab_size=meta["vocab_size"], n_layer=2, n_head=2, n_embd=32, bias=False,
-                    rope=True, qk_norm=True, activation="relu2")
+                    qk_norm=True, activation="relu2", **(positions or dict(rope=True)))
     model = GPT(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -213,6 +213,24 @@ def test_rotary_extension_changes_the_rotation_not_the_weights(tmp_path, char_da
     else:  # the slowest pair at the new last position turns as far as at the old one; the fastest is kept
         assert new.config.rope_scale == 1.0 and diff > 1e-4
         assert slowest(new.config, 96) == pytest.approx(slowest(old.config, 32))
+
+
+def test_alibi_extension_changes_only_block_size(tmp_path, char_dataset):
+    rotary_checkpoint(tmp_path / "alibi", char_dataset, dict(alibi=True, ngram=3, ngram_rows=97))
+    for method in ("interpolate", "base"):  # nothing to interpolate or rescale: refused, not ignored
+        with pytest.raises(UserError, match="ALiBi"):
+            main([f"--out_dir={tmp_path / 'alibi'}", "--block_size=96", f"--method={method}"])
+    dst = main([f"--out_dir={tmp_path / 'alibi'}", "--block_size=96", f"--new_out_dir={tmp_path / 'ext'}"])
+    src_ckpt, new_ckpt = load_checkpoint(tmp_path / "alibi"), load_checkpoint(dst)
+    old, new = model_from_checkpoint(src_ckpt).eval(), model_from_checkpoint(new_ckpt).eval()
+    assert new.config.block_size == 96 and new.config.alibi
+    assert new_ckpt["optimizer"]["state"].keys() == src_ckpt["optimizer"]["state"].keys()
+    for k, v in src_ckpt["model"].items():
+        torch.testing.assert_close(new_ckpt["model"][k], v, rtol=0, atol=0)
+    x = torch.randint(0, old.config.vocab_size, (1, 96))
+    with torch.no_grad():
+        torch.testing.assert_close(new(x[:, :32], x[:, :32])[0], old(x[:, :32], x[:, :32])[0], rtol=0, atol=0)
+        assert torch.isfinite(new(x, x)[0]).all()
 
 
 def test_base_method_needs_a_rotary_model(trained, tmp_path):

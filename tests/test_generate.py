@@ -26,7 +26,8 @@ CHAR_VOCAB, BPE_VOCAB = 65, 50257
 # decode step's position is past the cache start, and when a chunked window restarts at position 0).
 ARCHS = {"gpt2": {}, "modern": dict(rope=True, rope_base=100.0, qk_norm=True, activation="relu2",
                                     tie_embeddings=False, logit_softcap=5.0, value_embed=True,
-                                    smear=True, attn_gate=True)}
+                                    smear=True, attn_gate=True),
+         "alibi_ngram": dict(alibi=True, qk_norm=True, ngram=3, ngram_rows=97, smear=True, value_embed=True)}
 
 
 def tiny(vocab_size: int = CHAR_VOCAB, block_size: int = 16, std: float = 0.5, seed: int = 0, arch: str = "gpt2") -> GPT:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from glassgpt.model import GPT, GPTConfig
+from glassgpt.model import GPT, GPTConfig, alibi_slopes
 
 
 def tiny(**kw) -> GPT:
@@ -46,6 +46,24 @@ def rotation_matrices(T: int, hs: int, base: float, scale: float = 1.0) -> torch
     return R
 
 
+def slow_ngram(m: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) sum of the n-gram table rows, one position at a time: the token j back is
+    idx[t - j], or vocab_size before the sequence; bigram row prev * V + token when the table has
+    (V + 1) * V rows, else the XOR hash (token*36313 ^ prev*27191 ^ prev2*51497 ^ prev3*70001) % rows."""
+    cfg, (B, T) = m.config, idx.shape
+    V, out = cfg.vocab_size, torch.zeros(B, T, cfg.n_embd)
+    for b in range(B):
+        for t in range(T):
+            back = [int(idx[b, t - j]) if t - j >= 0 else V for j in range(cfg.ngram)]
+            for n, table in zip(range(2, cfg.ngram + 1), m.transformer.ngram, strict=True):
+                h = back[0] * 36313
+                for j, c in zip(range(1, n), (27191, 51497, 70001), strict=False):
+                    h ^= back[j] * c
+                rows = table.weight.size(0)
+                out[b, t] += table.weight[back[1] * V + back[0] if n == 2 and rows == (V + 1) * V else h % rows]
+    return out
+
+
 def slow_forward(m: GPT, idx: torch.Tensor, stop_at_layer: int | None = None) -> torch.Tensor:
     """The network written out with einsums and formulas, one option at a time: the oracle for
     GPT.forward. Returns the residual after stop_at_layer blocks (ln_f'd at n_layer), else all logits."""
@@ -59,15 +77,19 @@ def slow_forward(m: GPT, idx: torch.Tensor, stop_at_layer: int | None = None) ->
            "gelu_new": lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
            "relu2": lambda x: torch.where(x > 0, x * x, torch.zeros_like(x))}[cfg.activation]
     x = tr.wte.weight[idx]
-    if not cfg.rope:
+    if not cfg.rope and not cfg.alibi:
         x = x + tr.wpe.weight[:T]
     if cfg.smear:  # x[t] += sigmoid(w . x[t, :12]) * x[t-1], from t = 1 on
         gate = torch.sigmoid(x[..., :12] @ tr.smear_gate.weight.T)  # (B, T, 1)
         x = x + torch.cat([torch.zeros_like(x[:, :1]), gate[:, 1:] * x[:, :-1]], dim=1)
     R = rotation_matrices(T, hs, cfg.rope_base, cfg.rope_scale) if cfg.rope else None
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    distance = torch.arange(T)[:, None] - torch.arange(T)[None]  # (t, s): t - s
+    ngram = slow_ngram(m, idx) if cfg.ngram else None
     n = cfg.n_layer if stop_at_layer is None else stop_at_layer
     for i, block in enumerate(tr.h[:n]):
+        if ngram is not None:
+            x = x + m.ngram_lambdas[i] * ngram
         h = ln(block.ln_1, x)
         q, k, v = lin(block.attn.c_attn, h).view(B, T, 3, nh, hs).unbind(2)  # (B, T, nh, hs)
         if cfg.value_embed:
@@ -77,6 +99,8 @@ def slow_forward(m: GPT, idx: torch.Tensor, stop_at_layer: int | None = None) ->
         if cfg.rope:
             q, k = torch.einsum("tij,btnj->btni", R, q), torch.einsum("tij,btnj->btni", R, k)
         att = torch.einsum("btnd,bsnd->bnts", q, k) / math.sqrt(hs)
+        if cfg.alibi:  # head n: score(t, s) - slope_n * (t - s)
+            att = att - alibi_slopes(nh)[:, None, None] * distance
         att = att.masked_fill(~causal, float("-inf")).softmax(-1)
         y = torch.einsum("bnts,bsnd->btnd", att, v)  # (B, T, nh, hs)
         if cfg.attn_gate:  # head n at time t scaled by sigmoid(W[n] . h[t, :12])
@@ -104,8 +128,14 @@ OPTIONS = {
     "value_embed": dict(value_embed=True),
     "smear": dict(smear=True),
     "attn_gate": dict(attn_gate=True),
+    "alibi": dict(alibi=True),
+    "alibi_6_heads": dict(alibi=True, n_head=6, n_embd=48),
+    "bigram_exact": dict(ngram=2),
+    "ngram4_hashed": dict(ngram=4, ngram_rows=97),
     "all": dict(rope=True, qk_norm=True, activation="relu2", tie_embeddings=False, zero_init_proj=True,
-                value_embed=True, logit_softcap=4.0, smear=True, attn_gate=True),
+                value_embed=True, logit_softcap=4.0, smear=True, attn_gate=True, ngram=3, ngram_rows=61,
+                init="fan_in"),
+    "alibi_all": dict(alibi=True, qk_norm=True, smear=True, value_embed=True, attn_gate=True, ngram=3),
 }
 
 
@@ -148,6 +178,58 @@ def test_slow_reference_can_fail():
             other.load_state_dict(m.state_dict())
             diff = (other(x, x)[0] - ref).abs().max().item()
             assert diff > 1e-3, (change, diff)
+        alibi = tiny(alibi=True, ngram=3).eval()
+        for p in alibi.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        torch.testing.assert_close(alibi(x, x)[0], slow_forward(alibi, x), rtol=1e-4, atol=1e-4)
+        for blk in alibi.transformer.h:  # twice the slopes: the oracle must notice
+            blk.attn.alibi.mul_(2)
+        assert (alibi(x, x)[0] - slow_forward(alibi, x)).abs().max().item() > 1e-3
+
+
+def test_alibi_slopes_are_the_papers():
+    """Press et al. 2022, section 3: 2^-8/n ... 2^-8; 6 heads: the 4-head slopes, then 2^-1, 2^-3."""
+    torch.testing.assert_close(alibi_slopes(4), torch.tensor([2**-2, 2**-4, 2**-6, 2**-8]))
+    torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0**-i for i in range(1, 9)]))
+    torch.testing.assert_close(alibi_slopes(6), torch.tensor([2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3]))
+
+
+def test_ngram_tables_exact_bigrams_hashed_rest():
+    """Every (previous, current) pair of a char vocabulary has a row of its own; the model's n-gram
+    embedding at t depends on tokens t-n+1..t only; tables start at zero (the model starts without them)."""
+    torch.manual_seed(0)
+    m = tiny(ngram=3, ngram_rows=3000, vocab_size=50)
+    assert [t.weight.shape[0] for t in m.transformer.ngram] == [51 * 50, 3000]
+    assert all(t.weight.abs().max().item() == 0 for t in m.transformer.ngram)
+    with torch.no_grad():
+        for t in m.transformer.ngram:
+            t.weight.normal_()
+        x = torch.randint(0, 50, (1, 16))
+        e = m.ngram_embed(x, torch.arange(16)[None])
+        y = x.clone()
+        y[0, 5] = (x[0, 5] + 1) % 50  # changes the n-grams ending at 5, 6, 7 only
+        changed = (m.ngram_embed(y, torch.arange(16)[None]) - e).abs().amax(-1)[0] > 0
+    assert changed.nonzero().flatten().tolist() == [5, 6, 7]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fan_in_init(tied):
+    """init='fan_in': matrices std fan_in^-0.5 * min(1, sqrt(fan_out/fan_in)), embeddings std 1, an
+    untied head zero (a tied one 0.02), c_proj that rule / sqrt(2 n_layer) or zero; 'gpt2' is 0.02."""
+    torch.manual_seed(0)
+    m = tiny(init="fan_in", tie_embeddings=tied, n_embd=64, vocab_size=500, ngram=2)
+    h = m.transformer.h[0]
+    assert h.attn.c_attn.weight.std().item() == pytest.approx(64**-0.5, rel=0.05)
+    assert h.mlp.c_fc.weight.std().item() == pytest.approx(64**-0.5, rel=0.05)
+    assert h.mlp.c_proj.weight.std().item() == pytest.approx(256**-0.5 * 0.5 / 2, rel=0.05)  # narrows 4x, /sqrt(4)
+    assert m.lm_head.weight.std().item() == pytest.approx(0.02 if tied else 0.0, rel=0.05, abs=1e-9)
+    if not tied:
+        assert m.transformer.wte.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    assert float(m.transformer.ngram[0].weight.abs().max()) == 0.0
+    assert tiny(init="fan_in", zero_init_proj=True).transformer.h[1].attn.c_proj.weight.abs().max().item() == 0.0
+    assert tiny(n_embd=64).transformer.h[0].attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    with pytest.raises(ValueError, match="init"):
+        tiny(init="xavier")
 
 
 def test_rotary_model_depends_on_relative_positions_only():
