@@ -101,7 +101,7 @@ class GPTConfig:
         if self.rope and self.alibi:
             raise ValueError("rope and alibi are two ways to encode positions: choose one")
         if self.ngram not in (0, 2, 3, 4) or self.ngram_rows < 1:
-            raise ValueError(f"ngram must be 0 (off), 2, 3 or 4 and ngram_rows >= 1, got {self.ngram}, {self.ngram_rows}")
+            raise ValueError(f"ngram must be 0, 2, 3 or 4 and ngram_rows >= 1, got {self.ngram}, {self.ngram_rows}")
         if self.rope_base <= 0 or self.rope_scale <= 0:
             raise ValueError("rope_base and rope_scale must be > 0")
         if (self.smear or self.attn_gate) and self.n_embd < GATE_INPUT:
@@ -158,9 +158,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def alibi_slopes(n_head: int) -> torch.Tensor:
     """ALiBi's head slopes: 2**(-8/n), 2**(-16/n), ..., 2**-8 for n heads when n is a power of two;
     otherwise those of the power of two p below n, then every other slope of 2p (the paper's rule)."""
-    geometric = lambda n: [2 ** (-8 * (i + 1) / n) for i in range(n)]
     p = 2 ** int(math.log2(n_head))
-    return torch.tensor(geometric(p) + geometric(2 * p)[0::2][: n_head - p])
+    slopes = [2 ** (-8 * i / p) for i in range(1, p + 1)] + [2 ** (-8 * i / (2 * p)) for i in range(1, 2 * p, 2)]
+    return torch.tensor(slopes[:n_head])
 
 
 def alibi_bias(slopes: torch.Tensor, T: int, S: int, allowed: torch.Tensor | None) -> torch.Tensor:
@@ -181,6 +181,7 @@ def _causal(T: int, device: torch.device) -> torch.Tensor:
 
 
 class CausalSelfAttention(nn.Module):
+    alibi: torch.Tensor | None  # ALiBi's head slopes (a buffer), or None
     def __init__(self, config: GPTConfig, layer_idx: int = 0):
         super().__init__()
         # key, query, value projections for all heads, in one batched Linear
@@ -233,7 +234,7 @@ class CausalSelfAttention(nn.Module):
         the device has them, exact math otherwise. On a CPU under bf16 autocast, a square causal
         context of at most 256 positions (training, a fresh prefill) takes explicit bf16 matmuls with
         a float32 softmax instead (faster there than either SDPA kernel: benchmarks/RESULTS.md);
-        longer ones, cached decoding and dropout take SDPA in float32."""
+        longer ones, cached decoding, ALiBi and dropout take SDPA in float32."""
         T, drop = q.size(2), self.dropout if self.training else 0.0
         if cpu_half is not None and mask is None and k.size(2) == T <= 256 and not drop:
             att = (q.to(cpu_half) @ k.to(cpu_half).transpose(-2, -1)).float() * q.size(-1) ** -0.5  # (B, nh, T, T)
@@ -298,9 +299,8 @@ class GPT(nn.Module):
             modules["ve"] = nn.ModuleList(
                 [nn.Embedding(config.vocab_size, config.n_embd) for _ in range(config.n_layer)])
         if config.ngram:
-            V, rows = config.vocab_size, config.ngram_rows
-            bigram = (V + 1) * V if (V + 1) * V <= rows else rows
-            modules["ngram"] = nn.ModuleList([nn.Embedding(bigram if n == 2 else rows, config.n_embd)
+            V, rows = config.vocab_size, config.ngram_rows  # bigrams: (V + 1) * V rows, or hashed if more
+            modules["ngram"] = nn.ModuleList([nn.Embedding(min((V + 1) * V, rows) if n == 2 else rows, config.n_embd)
                                               for n in range(2, config.ngram + 1)])
             self.ngram_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.transformer = nn.ModuleDict(modules)
@@ -318,11 +318,8 @@ class GPT(nn.Module):
         # GPT-2 paper: scale the residual projections by 1/sqrt(2 * n_layer) at init (or zero them).
         for pn, p in self.named_parameters():
             if pn.endswith("c_proj.weight"):
-                if config.zero_init_proj:
-                    torch.nn.init.zeros_(p)
-                else:
-                    std = self._std(p) if fan_in else 0.02
-                    torch.nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
+                std = 0.0 if config.zero_init_proj else (self._std(p) if fan_in else 0.02)
+                torch.nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
 
     def get_num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; position embeddings excluded by default (token embeddings count once,
@@ -335,8 +332,7 @@ class GPT(nn.Module):
     @staticmethod
     def _std(w: torch.Tensor) -> float:
         """init='fan_in': 1/sqrt(fan_in), shrunk for matrices that narrow (https://arxiv.org/abs/2310.17813)."""
-        fan_out, fan_in = w.shape
-        return fan_in**-0.5 * min(1.0, math.sqrt(fan_out / fan_in))
+        return w.size(1) ** -0.5 * min(1.0, math.sqrt(w.size(0) / w.size(1)))  # (fan_out, fan_in)
 
     def _init_weights(self, module: nn.Module) -> None:
         fan_in = self.config.init == "fan_in"
@@ -418,7 +414,8 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.prev_ids = ids[:, -(n - 1):]
         key, out = idx * 36313, 0
-        for k, table in enumerate(self.transformer.ngram, start=1):  # k: how many tokens back
+        for k in range(1, n):  # k: how many tokens back
+            table = self.transformer.ngram[k - 1]
             prev = ids[:, n - 1 - k : n - 1 - k + T].masked_fill(pos < k, V)  # (B, T)
             key = key ^ (prev * (27191, 51497, 70001)[k - 1])
             exact = k == 1 and table.num_embeddings == (V + 1) * V
