@@ -46,7 +46,7 @@ HookFn = Callable[[torch.Tensor, str], "torch.Tensor | None"]
 # "out" = the module's output, "in" = its first input, "heads" = its input viewed (B, T, nh, hs)).
 HOOK_POINTS: dict[str, tuple[str, str]] = {
     "hook_embed": ("transformer.wte", "out"),  # token embeddings (B, T, C)
-    "hook_pos_embed": ("transformer.wpe", "out"),  # position embeddings (1, T, C); absent with rope
+    "hook_pos_embed": ("transformer.wpe", "out"),  # position embeddings (1, T, C); absent with rope or alibi
     "blocks.{i}.hook_resid_pre": ("transformer.h.{i}", "in"),  # residual stream into the block (B, T, C)
     "blocks.{i}.ln1.hook_normalized": ("transformer.h.{i}.ln_1", "out"),
     "blocks.{i}.attn.hook_z": ("transformer.h.{i}.attn.c_proj", "heads"),  # per-head attention output (B, T, nh, hs)
