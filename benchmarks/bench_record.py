@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pairs", type=int, default=1)
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every run (default: each program's own)")
     ap.add_argument("--per_iter", action="store_true")
-    ap.add_argument("--lever", help="train.py keys, e.g. '--ngram=3': per-iteration cost of the record recipe with them")
+    ap.add_argument("--lever", help="train.py keys, e.g. '--ngram=2': per-iteration cost of the recipe with them")
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--eval_batches", type=int, default=200)
     ap.add_argument("--work", default="/tmp/glassgpt-bench-record")
