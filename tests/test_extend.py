@@ -221,7 +221,8 @@ def test_alibi_extension_changes_only_block_size(tmp_path, char_dataset):
         with pytest.raises(UserError, match="ALiBi"):
             main([f"--out_dir={tmp_path / 'alibi'}", "--block_size=96", f"--method={method}"])
     dst = main([f"--out_dir={tmp_path / 'alibi'}", "--block_size=96", f"--new_out_dir={tmp_path / 'ext'}"])
-    src_ckpt, new_ckpt = load_checkpoint(tmp_path / "alibi"), load_checkpoint(dst)
+    src_ckpt = load_checkpoint(tmp_path / "alibi", with_optimizer=True)
+    new_ckpt = load_checkpoint(dst, with_optimizer=True)
     old, new = model_from_checkpoint(src_ckpt).eval(), model_from_checkpoint(new_ckpt).eval()
     assert new.config.block_size == 96 and new.config.alibi
     assert new_ckpt["optimizer"]["state"].keys() == src_ckpt["optimizer"]["state"].keys()
