@@ -1,7 +1,7 @@
 """Learned, rotary and ALiBi positions on longer contexts than they were trained on, no extension.
 
     python -m benchmarks.bench_positions [--seeds=1,2] [--iters=2000] [--work=DIR]
-    python -m benchmarks.bench_positions --smoke        # 20 iterations, 4 windows: checks it runs
+    python -m benchmarks.bench_positions --smoke        # 5 iterations, 2 windows: checks it runs
 
 Trains one char model per position scheme and seed with nanoGPT's README CPU recipe (4 layers x 128,
 block 64, batch 12; --iters iterations; a run whose checkpoint exists is reused), then scores the
@@ -67,7 +67,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args()
     if a.smoke:
-        a.seeds, a.iters, a.windows, a.work = "1", 20, 4, a.work + "-smoke"
+        import tempfile
+
+        a.seeds, a.iters, a.windows, a.work = "1", 5, 2, tempfile.mkdtemp(prefix="bench-positions-smoke-")
     data_dir = REPO / "data" / "shakespeare_char"
     if not (data_dir / "train.bin").exists():
         subprocess.run([sys.executable, "data/shakespeare_char/prepare.py"], cwd=REPO, check=True)
