@@ -322,11 +322,13 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
 
     def get_num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; position embeddings excluded by default (token embeddings count once,
-        as the tied lm_head)."""
+        """Parameter count; position and n-gram embeddings excluded by default (token embeddings count
+        once, as the tied lm_head)."""
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding and "wpe" in self.transformer:
             n_params -= self.transformer.wpe.weight.numel()
+        if non_embedding and self.config.ngram:  # lookups, not matmuls: no FLOPs per token
+            n_params -= sum(t.weight.numel() for t in self.transformer.ngram)
         return n_params
 
     @staticmethod

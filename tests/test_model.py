@@ -201,6 +201,7 @@ def test_ngram_tables_exact_bigrams_hashed_rest():
     m = tiny(ngram=3, ngram_rows=3000, vocab_size=50)
     assert [t.weight.shape[0] for t in m.transformer.ngram] == [51 * 50, 3000]
     assert all(t.weight.abs().max().item() == 0 for t in m.transformer.ngram)
+    assert m.get_num_params() == m.get_num_params(False) - (51 * 50 + 3000 + 16) * 32  # no FLOPs: not counted
     with torch.no_grad():
         for t in m.transformer.ngram:
             t.weight.normal_()
