@@ -8,11 +8,11 @@
 # benchmarks/bench_record.py runs it and nanoGPT's own train.py back to back; the table and the
 # search that led here are in benchmarks/RESULTS.md and RESULTS-archive.md ("The CPU record, round 4").
 # Since then: an exact character-bigram embedding table (ngram = 2; docs/architecture.md, "N-gram
-# embeddings"): -0.050 fixed val at 825 iterations (2 seeds); at 1560 iterations fixed val 1.5693 /
-# 1.5508 vs 1.5788 / 1.6013 without it (seeds 1337 / 1; full val 1.5151 / 1.4976 vs 1.5285 /
-# 1.5493). Each iteration costs 1.11x (measured under load), so 1560 steps instead of 1650 should
-# keep the wall-clock near the timed recipe's (0.94x nanoGPT's -> ~0.99x): not yet timed back to
-# back on a quiet machine. The README table is the 1650-step recipe without the table.
+# embeddings"): -0.050 fixed val at 825 iterations (2 seeds); at 1560 iterations fixed val 1.5632
+# vs 1.5911 without it (mean of seeds 1337, 1, 2; full val 1.5099 vs 1.5405). Each iteration costs
+# 1.03-1.11x (measured under load), so 1560 steps instead of 1650 should keep the wall-clock near
+# the timed recipe's (0.94x nanoGPT's -> <= ~0.99x): not yet timed back to back on a quiet machine.
+# The README table is the 1650-step recipe without the table.
 #   python train.py config/train_shakespeare_char_cpu.py
 
 out_dir = 'out-shakespeare-char'
