@@ -34,7 +34,7 @@ for p in (REPO, REPO / "benchmarks"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from glassgpt.trace import knn  # noqa: E402
+from glassgpt.trace import knn, knn_rank, knn_search, knn_store  # noqa: E402
 
 VARIANTS = ("alone", "shifted", "swapped", "preceded")
 
@@ -92,31 +92,31 @@ def quality(a: argparse.Namespace) -> str:
     calibs = [(c, int(d) if d else None) for c, _, d in (x.partition(":") for x in a.calibrations.split(","))]
     rows = []
     for context in [int(c) for c in a.contexts.split(",")]:
-        spans = knn.window_spans(corpus.segments("train"), context, context // 2)
+        spans = knn_store.window_spans(corpus.segments("train"), context, context // 2)
         src = sources(spans, canaries)
         with tempfile.TemporaryDirectory() as d:
-            knn.build_bm25([corpus.decode("train", int(s), int(e)) for _, s, e in spans], Path(d) / "bm25")
+            knn_store.build_bm25([corpus.decode("train", int(s), int(e)) for _, s, e in spans], Path(d) / "bm25")
             bm = bm25s.BM25.load(str(Path(d) / "bm25"))
-        bm_sig = {v: [knn.Signal.of(bm.get_scores(knn.bm25_tokens([t])[0]).astype(np.float32)) for t in ts]
+        bm_sig = {v: [knn_rank.Signal.of(bm.get_scores(knn_store.bm25_tokens([t])[0]).astype(np.float32)) for t in ts]
                   for v, ts in queries.items()}
         for v, sig in bm_sig.items():
             rows.append((context, "BM25", v, *success([list(s.ids) for s in sig], src)))
         t0 = time.perf_counter()
         for layer in layers:
             for pooling in ("mean", "last") if layer == n and a.last else ("mean",):
-                raw = knn.embed_windows(model, corpus.tokens("train"), spans, layer, pooling, a.batch_size)
-                qraw = {v: [knn.embed_query(model, tok.encode(t), context, context // 2, layer, pooling).mean(0)
+                raw = knn_store.embed_windows(model, corpus.tokens("train"), spans, layer, pooling, a.batch_size)
+                qraw = {v: [knn_store.embed_query(model, tok.encode(t), context, context // 2, layer, pooling).mean(0)
                             for t in ts] for v, ts in queries.items()}
                 for cal, dim in calibs if pooling == "mean" else [("whiten", None)]:
-                    calib = knn.fit_calibration(raw, cal, dim)
-                    emb = knn.calibrate(raw, calib)
+                    calib = knn_store.fit_calibration(raw, cal, dim)
+                    emb = knn_store.calibrate(raw, calib)
                     name = f"emb L{layer} {pooling} {cal}{dim or ''}"
                     for v, qs in qraw.items():
-                        full = knn.exact_scores(emb, knn.calibrate(np.stack(qs), calib))
-                        emb_sig = [knn.Signal.of(f) for f in full]
+                        full = knn_search.exact_scores(emb, knn_store.calibrate(np.stack(qs), calib))
+                        emb_sig = [knn_rank.Signal.of(f) for f in full]
                         rows.append((context, name, v, *success([list(s.ids) for s in emb_sig], src)))
                         for how in ("z", "rrf"):
-                            hyb = [[i for i, _, _ in knn.fuse({"embedding": e, "bm25": b}, 5, how)]
+                            hyb = [[i for i, _, _ in knn_rank.fuse({"embedding": e, "bm25": b}, 5, how)]
                                    for e, b in zip(emb_sig, bm_sig[v], strict=True)]
                             rows.append((context, f"hybrid-{how} " + name.removeprefix("emb "), v, *success(hyb, src)))
         print(f"context {context}: {len(spans)} windows, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -150,7 +150,7 @@ def build(a: argparse.Namespace) -> str:
     run = load(a.model_dir)
     model, corpus = run.model, run.corpus
     context = model.config.block_size
-    spans = knn.window_spans(corpus.segments("train"), context, context // 2)
+    spans = knn_store.window_spans(corpus.segments("train"), context, context // 2)
     out = []
     for dtype in a.dtypes.split(","):
         model.to(getattr(torch, dtype))
@@ -159,7 +159,7 @@ def build(a: argparse.Namespace) -> str:
             bare.append(bare_forward(model, corpus.tokens("train"), spans, a.batch_size))
             with tempfile.TemporaryDirectory(dir=a.work_dir) as d:
                 t0 = time.perf_counter()
-                knn.build_store(model, corpus, "train", Path(d) / "s", context=context, stride=context // 2,
+                knn_store.build_store(model, corpus, "train", Path(d) / "s", context=context, stride=context // 2,
                                 batch_size=a.batch_size, built_from=run.provenance())
                 built.append(time.perf_counter() - t0)
         b, s = min(bare), min(built)
@@ -179,11 +179,11 @@ def latency(a: argparse.Namespace) -> str:
         ms, fwd = [], []
         for i in range(a.repeats + 3):
             t0 = time.perf_counter()
-            store = knn.open_store(run)
-            r = knn.explain(run, store, text, k=5, rank=rank)
+            store = knn_store.open_store(run)
+            r = knn_rank.explain(run, store, text, k=5, rank=rank)
             t1 = time.perf_counter()
             m = store.meta
-            knn.embed_query(run.model, ids, m["context"], m["stride"], m["layer"], m["pooling"])
+            knn_store.embed_query(run.model, ids, m["context"], m["stride"], m["layer"], m["pooling"])
             if i >= 3:  # the first calls load BM25 and warm torch
                 ms.append((t1 - t0) * 1000)
                 fwd.append((time.perf_counter() - t1) * 1000)
@@ -211,24 +211,26 @@ def faiss_scale(a: argparse.Namespace) -> str:
         for lo in range(0, a.rows, 500_000):
             m = min(500_000, a.rows - lo)
             x = centres[rng.integers(0, len(centres), m)] + 0.7 * rng.standard_normal((m, a.dim)).astype(np.float32)
-            emb[lo:lo + m] = knn.normalize(x)
+            emb[lo:lo + m] = knn_store.normalize(x)
         emb.flush()
         del emb
     emb = np.load(path, mmap_mode="r")
     qid = np.sort(rng.choice(len(emb), 100, replace=False))
-    q = knn.normalize(np.asarray(emb[qid], np.float32) + 0.05 * rng.standard_normal((100, a.dim)).astype(np.float32))
+    noise = 0.05 * rng.standard_normal((100, a.dim)).astype(np.float32)
+    q = knn_store.normalize(np.asarray(emb[qid], np.float32) + noise)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
-    index = knn.build_faiss_index(emb)
+    index = knn_search.build_faiss_index(emb)
     t_build = time.perf_counter() - t0
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak, before the exact reference
     t0 = time.perf_counter()
-    exact = np.stack([knn.top_ids(s, 10) for lo in range(0, len(q), 10) for s in knn.exact_scores(emb, q[lo:lo + 10])])
+    exact = np.stack([knn_search.top_ids(s, 10) for lo in range(0, len(q), 10)
+                      for s in knn_search.exact_scores(emb, q[lo:lo + 10])])
     t_exact = (time.perf_counter() - t0) / len(q)
     rows = []
     for nprobe in (32, 64, 128):
         t0 = time.perf_counter()
-        _, approx = knn.query_faiss(index, emb, q, 10, nprobe=nprobe)
+        _, approx = knn_search.query_faiss(index, emb, q, 10, nprobe=nprobe)
         ms = (time.perf_counter() - t0) / len(q) * 1000
         rows.append(f"| {nprobe} | {recall_at_k(exact, approx):.3f} | {ms:.1f} ms |")
     return (f"synthetic store {a.rows:,} x {a.dim} float16 ({path.stat().st_size / 2**30:.2f} GiB, memory-mapped), "

@@ -20,6 +20,7 @@ import numpy as np
 from glassgpt.config import field_choices
 from glassgpt.generate import generate
 from glassgpt.run import open_run
+from glassgpt.trace import neuron_record
 from glassgpt.trace import neurons as nz
 
 PROMPTS = {
@@ -51,7 +52,7 @@ def measure(out_dir: str, k: int, temperature: float, causal: list[str]) -> None
     run = open_run(out_dir, device="cpu")
     model, tok, tokens = run.model, run.tokenizer, run.corpus.tokens("train")
     t = time.time()
-    bases = {src: nz.build_baseline(model, tokens, source=src, temperature=temperature, progress=False)
+    bases = {src: neuron_record.build_baseline(model, tokens, source=src, temperature=temperature, progress=False)
              for src in field_choices(nz.TraceNeuronsConfig, "baseline_source")}
     t_base = time.time() - t
     traces, t = [], time.time()
@@ -59,11 +60,11 @@ def measure(out_dir: str, k: int, temperature: float, causal: list[str]) -> None
         ids = tok.encode(prompt)
         seq = ids + generate(model, [ids], 64, temperature=temperature, seed=i)[0]
         pos0 = len(ids) - 1
-        acts, ag, gs = nz.record_text(model, seq, pos0, grad=True)
+        acts, ag, gs = neuron_record.record_text(model, seq, pos0, grad=True)
         traces.append((seq, pos0, rankings(acts[pos0:-1], ag, gs, bases), acts[pos0:-1].mean(0, dtype=np.float64)))
     t_trace = (time.time() - t) / len(traces)
     L = model.config.n_layer
-    print(f"\n#### {out_dir}: {L} layers x {nz.mlp_width(model)} neurons, iter {run.iter_num}; "
+    print(f"\n#### {out_dir}: {L} layers x {neuron_record.mlp_width(model)} neurons, iter {run.iter_num}; "
           f"{len(traces)} prompts, 64 sampled tokens each at temperature {temperature}")
     print(f"baselines: 128 sequences, {bases['train'].n_tokens} continuation tokens in all, both sources, "
           f"{t_base:.1f} s; trace with gradients "

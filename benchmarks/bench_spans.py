@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))  # the old `python benchmarks/bench_spans.py` form
 
 from benchmarks.canaries import write_char_dataset  # noqa: E402
 from glassgpt.download import TINYSHAKESPEARE, local_or_fetch  # noqa: E402
+from glassgpt.trace import span_index as SI  # noqa: E402
 from glassgpt.trace import spans as S  # noqa: E402
 
 MIRROR = Path(os.environ.setdefault("GLASSGPT_MIRROR", str(REPO.parent / "shared" / "data")))
@@ -92,12 +93,12 @@ def bench_tiny_shakespeare(work: Path, repeats: int) -> list[str]:
     text = local_or_fetch(TINYSHAKESPEARE, work / "download").read_text()
     data_dir = write_char_dataset(work / "ts_char", text, "tinyshakespeare")
     lines = ["| what | wall best / median | CPU median | notes |", "|---|---|---|---|"]
-    t, _ = timed(lambda: S.write_span_index(data_dir, log=lambda m: None), repeats)
+    t, _ = timed(lambda: SI.build_index(data_dir, log=lambda m: None), repeats)
     n_tok = len(np.fromfile(data_dir / "train.bin", dtype=np.uint16))
     lines.append(f"| index build, tiny-shakespeare char ({n_tok:,} tokens), incl. writing files | "
                  f"{t} | pydivsufsort, 1 byte/token |")
-    index = S.SpanIndex(data_dir)
-    t, _ = timed(lambda: S.SpanIndex(data_dir), repeats)
+    index = SI.SpanIndex(data_dir)
+    t, _ = timed(lambda: SI.SpanIndex(data_dir), repeats)
     lines.append(f"| open index (fingerprint check: sha256 of train.bin + mmap) | {t} | |")
     gens = sample_generations(text)
     for name, g in gens.items():
@@ -147,11 +148,11 @@ def bench_bpe(work: Path, text: str, gens: dict[str, str], repeats: int) -> list
                              [{"id": "tinyshakespeare", "source": "input.txt", "char_offset": 0, "line": 1}],
                              segments={s: [[0, 0, len(ids[s]), c, 1 + text.count("\n", 0, c)]]
                                        for s, (_, c) in parts.items()})
-    t, _ = timed(lambda: S.write_span_index(data_dir, log=lambda m: None), repeats)
+    t, _ = timed(lambda: SI.build_index(data_dir, log=lambda m: None), repeats)
     n_tok = len(np.fromfile(data_dir / "train.bin", dtype=np.uint16))
     lines = [f"| index build, tiny-shakespeare GPT-2 BPE ({n_tok:,} tokens), incl. writing files | {t} | "
              "pydivsufsort, 2 bytes/token |"]
-    index = S.SpanIndex(data_dir)
+    index = SI.SpanIndex(data_dir)
     for name, g in gens.items():
         ids, t, offs = S.encode_text(index, g)
         S.trace_text(index, ids, min_len=4, text=t, offsets=offs)
@@ -168,12 +169,12 @@ def bench_bpe(work: Path, text: str, gens: dict[str, str], repeats: int) -> list
 SCALE_CHILD = r"""
 import json, resource, sys, time, numpy as np
 sys.path.insert(0, {repo!r})
-from glassgpt.trace import spans as S
+from glassgpt.trace import suffix_array as SA
 toks = np.load({path!r}, mmap_mode="r")[:{n}]
 seg = np.array([[0, 0, len(toks), 0, 1]])
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t, c = time.perf_counter(), time.process_time()
-a = S.build_span_arrays(np.asarray(toks), seg, separator=50257)
+a = SA.build_span_arrays(np.asarray(toks), seg, separator=50257)
 build, build_cpu = time.perf_counter() - t, time.process_time() - c
 rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 rng = np.random.default_rng(0)
@@ -181,7 +182,7 @@ times = []
 for r in range(10):
     i = int(rng.integers(0, len(toks) - 200))
     q = np.concatenate([toks[i:i + 60], rng.integers(0, 50257, 20), toks[i + 500:i + 620]])  # ~200 tokens
-    t = time.perf_counter(); S.matching_statistics(a, q); times.append(time.perf_counter() - t)
+    t = time.perf_counter(); SA.matching_statistics(a, q); times.append(time.perf_counter() - t)
 print(json.dumps({{"n": len(toks), "build_s": build, "build_cpu_s": build_cpu, "peak_rss_mb": rss1 / 1024,
                   "rss_before_mb": rss0 / 1024,
                   "index_bytes": a.text.nbytes + a.sa.nbytes, "ms_query_ms": 1e3 * min(times),
@@ -241,9 +242,9 @@ def bench_canaries(canary_dir: Path, max_new_tokens: int) -> list[str]:
 
     data_dir = canary_dir / "data"
     canaries = json.loads((data_dir / "canaries.json").read_text())["canaries"]
-    if not (data_dir / S.INDEX_DIRNAME / "train.index.json").exists():
-        S.write_span_index(data_dir, log=lambda m: None)
-    index = S.SpanIndex(data_dir)
+    if not (data_dir / SI.INDEX_DIRNAME / "train.index.json").exists():
+        SI.build_index(data_dir, log=lambda m: None)
+    index = SI.SpanIndex(data_dir)
     from glassgpt.run import open_run
 
     opened = open_run(canary_dir / "model")

@@ -7,7 +7,8 @@ at 10 M, 100 M and >= 1 B GPT-2 tokens.
     python -m benchmarks.bench_spans_scale --work=... --clean                    # delete the corpora and indexes
     python -m benchmarks.bench_spans_scale --work=/work/scratch/spans12 --sizes=12M --shards_vs_one=8
         # one corpus built as 1 shard and as 8: the trace latency of each, searched per shard (the code
-        # before the shards were searched together) and in one search over all shards (spans.Stack), with the ratios
+        # before the shards were searched together) and in one search over all shards (suffix_array.Stack),
+        # with the ratios
 
 The corpora are written straight in glassgpt's prepared-data format (train.bin + train.docs.npy +
 documents.json + meta.json): the GPT-2 tokens of the shared English corpus (SOTU + Moby-Dick, 370
@@ -140,19 +141,21 @@ SHARDS_CHILD = r"""
 import json, sys, time, numpy as np
 sys.path.insert(0, {repo!r})
 from glassgpt.trace import spans as S
-from glassgpt.trace.shards import SpanIndex
+from glassgpt.trace import suffix_array as SA
+from glassgpt.trace.span_index import SpanIndex
 
 def per_shard(index):
     # the reference: one whole search per shard, as the first sharded index did (the same answers, checked)
     def ms(ids, first=0):
-        per = [S.matching_statistics(s.arrays, ids, first) for s in index.shards]
+        per = [SA.matching_statistics(s.arrays, ids, first) for s in index.shards]
         return np.max([m for m, _ in per], axis=0), tuple(np.stack(x) for x in zip(*per))
     def ranges(seqs, starts, per):
         out = [[] for _ in seqs]
         for j, (m, lb) in enumerate(zip(*per)):
             rows = [r for r, (q, s) in enumerate(zip(seqs, starts)) if m[s] >= len(q)]
             if rows:
-                lo, hi = S.sa_range_near(index.shards[j].arrays, [seqs[r] for r in rows], lb[[starts[r] for r in rows]])
+                lo, hi = SA.sa_range_near(index.shards[j].arrays, [seqs[r] for r in rows],
+                                          lb[[starts[r] for r in rows]])
                 for r, a, b in zip(rows, lo.tolist(), hi.tolist()):
                     out[r].append((j, a, b))
         return out

@@ -1,8 +1,14 @@
-"""One way to write things to disk, and one way to fingerprint them.
+"""One way to write things to disk, one way to fingerprint them, one way to save and open an index.
 
 An artifact is a directory that appears by one rename (`write_artifact`); a single file is replaced
 by one rename (`write_file_atomic`). Both fsync what they wrote and the directory that holds it, and
-both clean up the temporaries of writes that were killed. docs/FORMATS.md describes the layouts.
+both clean up the temporaries of writes that were killed.
+
+Every derived index (span index, kNN store, neuron baseline and examples, ...) is saved with
+`save_artifact` and opened with `open_artifact`: its sidecar names the format, the parameters, what it
+was built from (`run.provenance()`) and the command that rebuilds it, and opening it says in one line
+why it cannot be used and which command fixes that. `ARTIFACTS` is the one table of kinds and their
+build commands. docs/FORMATS.md describes the layouts and how a new engine plugs in.
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from glassgpt.errors import UserError
 
@@ -318,3 +326,138 @@ def read_json(path: str | Path, default: Any = _MISSING, *, strict: bool = True)
         if not strict and default is not _MISSING:
             return default
         raise UserError(f"{path} is not valid JSON ({e}); it is corrupt or truncated, rebuild it") from None
+
+
+# ---------------------------------------------------------------- the artifact protocol
+
+
+@dataclass(frozen=True)
+class ArtifactKind:
+    """One kind of derived index: how it is named, checked and rebuilt."""
+
+    name: str  # the registry key (the viewer's name for it)
+    title: str  # in messages: "the kNN store in DIR is stale: ..."
+    format: str  # the sidecar's "format"; a reader opens exactly this one
+    sidecar: str  # the sidecar's file name inside the artifact directory
+    command: str  # the build command; {out_dir} / {data_dir} are filled in by `rebuild_command`
+
+
+ARTIFACTS: dict[str, ArtifactKind] = {}
+
+
+def register(kind: ArtifactKind) -> ArtifactKind:
+    ARTIFACTS[kind.name] = kind
+    return kind
+
+
+register(ArtifactKind("spans", "span index", "glassgpt-spans/4", "{split}.index.json",
+                      "glassgpt trace-spans --build --data_dir={data_dir}"))
+register(ArtifactKind("knn", "kNN store", "glassgpt-knn/2", "store.json",
+                      "glassgpt trace-knn --out_dir={out_dir} --build"))
+register(ArtifactKind("neurons", "neuron baseline", "glassgpt-neurons/2", "meta.json",
+                      "glassgpt trace-neurons --out_dir={out_dir} --build_baseline"))
+register(ArtifactKind("examples", "neuron examples", "glassgpt-neurons/2", "meta.json",
+                      "glassgpt neuron --out_dir={out_dir} --layer=0 --index=0"))
+register(ArtifactKind("influence", "influence store", "glassgpt-influence/1", "store.json",
+                      "glassgpt trace-influence --out_dir={out_dir} --build"))
+
+
+def rebuild_command(kind: str, *, out_dir: str | Path | None = None, data_dir: str | Path | None = None,
+                    **options: Any) -> str:
+    """The command that builds `kind` for a run (`out_dir`) or a dataset (`data_dir`), whichever its
+    template names; each option that is not None is appended as --key=value (a non-default index_dir)."""
+    cmd = ARTIFACTS[kind].command.format(out_dir=out_dir, data_dir=data_dir)
+    return cmd + "".join(f" --{k}={v}" for k, v in options.items() if v is not None)
+
+
+class Source(Protocol):
+    """What an artifact was built from, now: a Run (weights + data) or a Corpus (data only)."""
+
+    def provenance(self) -> dict[str, Any]: ...
+
+    def stale_reasons(self, built_from: dict[str, Any] | None) -> list[str]: ...
+
+
+def sidecar_dict(kind: str, *, params: dict[str, Any], built_from: dict[str, Any], rebuild: str,
+                 **extra: Any) -> dict[str, Any]:
+    """The protocol's sidecar: format, kind, params, built_from, rebuild, built_at, then the kind's own fields."""
+    return {"format": ARTIFACTS[kind].format, "kind": kind, "params": params, "built_from": built_from,
+            "rebuild": rebuild, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+
+
+@dataclass
+class Saving:
+    """Inside `save_artifact`: write files into `dir`; add the kind's own sidecar fields to `meta`."""
+
+    dir: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def save_artifact(path: str | Path, kind: str, *, params: dict[str, Any], built_from: dict[str, Any],
+                  rebuild: str, sidecar: str | None = None) -> Iterator[Saving]:
+    """`with save_artifact(d, "knn", params=..., built_from=run.provenance(), rebuild=cmd) as w:` write
+    the arrays into `w.dir`; the sidecar is written last and the directory replaces `d` in one rename
+    (write_artifact). An exception leaves the old `d` as it was."""
+    with write_artifact(path) as tmp:
+        w = Saving(tmp)
+        yield w
+        name = sidecar or ARTIFACTS[kind].sidecar
+        write_json_atomic(tmp / name, sidecar_dict(kind, params=params, built_from=built_from, rebuild=rebuild,
+                                                   **w.meta))
+
+
+class Unusable(UserError):
+    """An artifact that cannot be used as it is: `reason` says why; the message adds the command."""
+
+    def __init__(self, reason: str, rebuild: str, verb: str = "rebuild", hint: str = ""):
+        super().__init__(f"{reason}; {verb} it with `{rebuild}`{hint}")
+        self.reason = reason
+
+
+@dataclass
+class Artifact:
+    """An opened artifact's sidecar, where it is, why it is stale (allow_stale) and how to rebuild it."""
+
+    path: Path
+    kind: ArtifactKind
+    meta: dict[str, Any]
+    rebuild: str
+    stale: list[str] = field(default_factory=list)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.meta.get("params") or {})
+
+    def damaged(self, what: str) -> Unusable:
+        """The one line for a file that disagrees with the sidecar."""
+        return Unusable(f"the {self.kind.title} in {self.path} is damaged ({what})", self.rebuild)
+
+
+def open_artifact(path: str | Path, kind: str, *, rebuild: str, source: Source | None = None,
+                  params: dict[str, Any] | None = None, sidecar: str | None = None, allow_stale: bool = False,
+                  stale_hint: str = "") -> Artifact:
+    """Read and check an artifact's sidecar: present, valid, this format, built with `params` (when
+    given) and from what `source` is now (its stale_reasons: a string compare of fingerprints, plus a
+    re-fingerprint when a data file's size or mtime moved). A UserError naming `rebuild` otherwise;
+    with `allow_stale` a stale artifact opens with its reasons in `.stale`. The error is an `Unusable`,
+    whose `.reason` a command that builds on demand can log before it builds."""
+    k, path = ARTIFACTS[kind], Path(path)
+    side = path / (sidecar or k.sidecar)
+    meta = read_json(side, default=None, strict=False)
+    if meta is None and not side.exists():
+        raise Unusable(f"no {k.title} in {path} ({side.name} missing)", rebuild, "build")
+    if not isinstance(meta, dict):
+        raise Unusable(f"{side} is not valid JSON (corrupt or cut short)", rebuild)
+    if meta.get("format") != k.format:
+        raise Unusable(f"{side} is not a {k.format} {k.title} (it says {meta.get('format')!r}: written by "
+                       "another glassgpt version)", rebuild)
+    art = Artifact(path, k, meta, rebuild)
+    if params is not None and art.params != params:
+        diff = ", ".join(f"{key}={art.params.get(key)!r} not {v!r}" for key, v in params.items()
+                         if art.params.get(key) != v)
+        raise Unusable(f"the {k.title} in {path} was built with other settings ({diff})", rebuild)
+    art.stale = source.stale_reasons(meta.get("built_from")) if source is not None else []
+    if art.stale and not allow_stale:
+        raise Unusable(f"the {k.title} in {path} is stale: {'; '.join(art.stale)}", rebuild, hint=stale_hint)
+    return art

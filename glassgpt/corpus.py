@@ -17,6 +17,10 @@ split. Every attribution result is resolved here into a `Location`: document id,
 character offset and line number. `locate` never decodes the text before a position: a char-level
 token is one character (lines come from cached newline positions), and for BPE per-token counts of
 characters and newlines are summed over the segment's prefix. glassgpt/prepare.py writes this layout.
+
+Here too: THE data-directory rule (`resolve_data_dir`), the files a dataset's fingerprint covers
+(`DATA_FILES`), and the data's fingerprint and freshness (`Corpus.fingerprint`, `.provenance()`,
+`.stale_reasons()`), which every index built from the data records and checks.
 """
 
 from __future__ import annotations
@@ -29,19 +33,97 @@ from typing import Any
 
 import numpy as np
 
-from glassgpt.artifacts import write_file_atomic, write_json_atomic
+from glassgpt.artifacts import cached_fingerprint, fingerprint_files, write_file_atomic, write_json_atomic
 from glassgpt.errors import UserError
 from glassgpt.tokenizer import CharTokenizer, Tokenizer, read_meta, tokenizer_from_meta
 
 SEGMENT_COLUMNS = ("doc", "tok_start", "tok_end", "char_start", "line_start")
 DATA_FORMAT = "glassgpt-data/1"
+# What a prepared dataset's fingerprint covers (meta.json holds it, so it is not among them).
 DATA_FILES = ("train.bin", "val.bin", "train.docs.npy", "val.docs.npy", "documents.json", "tokenizer.json")
-"""The files a dataset's fingerprint covers (meta.json describes them and is left out)."""
+
+
+# ---------------------------------------------------------------- where the data is, and its fingerprint
+
+
+def resolve_data_dir(config: dict[str, Any] | None = None, data_dir: str | Path | None = None) -> Path | None:
+    """THE data-directory rule: an explicit `data_dir` wins; else the training config's `data_dir`;
+    else nanoGPT's `data/<dataset>`; None when nothing names one."""
+    if data_dir:
+        return Path(data_dir)
+    cfg = config or {}
+    if cfg.get("data_dir"):
+        return Path(cfg["data_dir"])
+    if cfg.get("dataset"):
+        return Path("data") / str(cfg["dataset"])
+    return None
 
 
 def data_files(data_dir: str | Path) -> list[Path]:
     d = Path(data_dir)
     return [d / n for n in DATA_FILES if (d / n).exists()]
+
+
+def file_stats(files: list[Path]) -> dict[str, list[int]]:
+    """{name: [size, mtime_ns]}: what an index records beside the data's fingerprint, so that opening
+    it notices a file rewritten in place (same size) without hashing it."""
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+
+
+def _no_data(data_dir: str | Path) -> UserError:
+    return UserError(f"no prepared data in {data_dir} (train.bin missing); run its prepare script, e.g. "
+                     f"`python data/{Path(data_dir).name}/prepare.py`")
+
+
+def hashed_fingerprint(data_dir: str | Path) -> str:
+    """The fingerprint of the data files' bytes as they are now, hashed once per (size, mtime) of
+    each file and cached beside train.bin."""
+    files = data_files(data_dir)
+    if not files:
+        raise _no_data(data_dir)
+    return cached_fingerprint(files, lambda: fingerprint_files(files, cache=False))
+
+
+def data_fingerprint_of(data_dir: str | Path, meta: dict | None = None) -> str:
+    """The fingerprint prepare recorded in meta.json, when the recorded sizes still match and no data
+    file is newer than meta.json; else (nanoGPT data, files replaced by hand) `hashed_fingerprint`."""
+    files = data_files(data_dir)
+    if not files:
+        raise _no_data(data_dir)
+    meta = read_meta(data_dir) if meta is None else meta
+    recorded, sizes = (meta or {}).get("fingerprint"), (meta or {}).get("files")
+    meta_path = Path(data_dir) / "meta.json"
+    written = meta_path.stat().st_mtime_ns if meta_path.exists() else -1
+    if recorded and sizes == {p.name: p.stat().st_size for p in files} and \
+            all(p.stat().st_mtime_ns <= written for p in files):
+        return str(recorded)
+    return hashed_fingerprint(data_dir)
+
+
+def open_data(data_dir: str | Path) -> tuple[Corpus, str]:
+    """(Corpus, data fingerprint) of a prepared dataset directory."""
+    corpus = Corpus(data_dir)
+    return corpus, corpus.fingerprint
+
+
+def data_stale_reasons(data_dir: str | Path | None, built_from: dict[str, Any]) -> list[str]:
+    """Why an index built from `built_from` (its "data" fingerprint and "data_files" stats) does not
+    fit the data in `data_dir` now ([] = fresh). When a file's size or mtime moved since the build,
+    the bytes are re-fingerprinted (cached), so a file rewritten in place with the same size is caught."""
+    then, now = built_from.get("data"), None
+    if data_dir is not None and data_files(data_dir):
+        now = data_fingerprint_of(data_dir)
+        if built_from.get("data_files") not in (None, file_stats(data_files(data_dir))):
+            now = hashed_fingerprint(data_dir)
+    if then is None and now is not None:
+        return ["it records no data fingerprint (built by an older glassgpt)"]
+    if then != now:
+        return [f"the training data changed since it was built ({_short(then)} -> {_short(now)})"]
+    return []
+
+
+def _short(fp: Any) -> str:
+    return str(fp)[:15] if fp else "none"
 
 
 @dataclass
@@ -60,11 +142,6 @@ class Location:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Old name of glassgpt.artifacts.write_file_atomic, for callers not yet moved."""
-    write_file_atomic(path, data)
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -108,8 +185,6 @@ def finish_dataset(data_dir: str | Path, tokenizer_meta: dict, documents: list[d
     the .bin files itself); for char data also nanoGPT's meta.pkl, so nanoGPT's sample.py decodes it."""
     import pickle
 
-    from glassgpt.artifacts import fingerprint_files
-
     d = Path(data_dir)
     write_json(d / "documents.json", documents)
     meta = {**tokenizer_meta, "format": DATA_FORMAT, **meta}
@@ -124,18 +199,13 @@ def finish_dataset(data_dir: str | Path, tokenizer_meta: dict, documents: list[d
         write_file_atomic(d / "meta.pkl", pickle.dumps(plain))
 
 
-def count_lines(text: str) -> int:
-    return text.count("\n")
-
-
 class Corpus:
     """Read-only view of a prepared dataset directory: token streams, segments, locations."""
 
     def __init__(self, data_dir: str | Path):
         self.data_dir = Path(data_dir)
         if not (self.data_dir / "train.bin").exists():
-            raise UserError(f"no prepared data in {self.data_dir} (train.bin missing); run its prepare "
-                            f"script, e.g. `python data/{self.data_dir.name}/prepare.py`")
+            raise _no_data(self.data_dir)
         self.meta = read_meta(self.data_dir) or {}
         # per split: memmap, segment table, newline positions (char-level); loaded once, on first use
         self._tokens: dict[str, np.memmap] = {}
@@ -145,6 +215,18 @@ class Corpus:
     @cached_property
     def tokenizer(self) -> Tokenizer:
         return tokenizer_from_meta(self.meta)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """The data's fingerprint, recorded when it was prepared (data_fingerprint_of)."""
+        return data_fingerprint_of(self.data_dir, self.meta)
+
+    def provenance(self) -> dict[str, Any]:
+        """What an index built from this data records as `built_from`."""
+        return {"data": self.fingerprint, "data_files": file_stats(data_files(self.data_dir))}
+
+    def stale_reasons(self, built_from: dict[str, Any] | None) -> list[str]:
+        return data_stale_reasons(self.data_dir, built_from or {})
 
     @cached_property
     def documents(self) -> list[dict]:
@@ -168,11 +250,6 @@ class Corpus:
             self._segments[split] = (np.load(p) if p.exists() else
                                      np.array([[0, 0, len(self.tokens(split)), 0, 1]], dtype=np.int64))
         return self._segments[split]
-
-    def document_bounds(self, split: str) -> np.ndarray:
-        """Sorted token positions where a new document begins in the split (for 'no match across
-        documents' rules): the starts of segments."""
-        return self.segments(split)[:, 1].copy()
 
     def segment_of(self, split: str, pos: int) -> np.ndarray:
         seg = self.segments(split)

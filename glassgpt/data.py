@@ -18,8 +18,8 @@ from glassgpt.errors import UserError
 
 
 def data_dir_for(dataset: str, data_dir: str | None) -> Path:
-    """Training's view of glassgpt.run.resolve_data_dir (the one data-directory rule)."""
-    from glassgpt.run import resolve_data_dir
+    """Training's view of glassgpt.corpus.resolve_data_dir (the one data-directory rule)."""
+    from glassgpt.corpus import resolve_data_dir
 
     return resolve_data_dir({"dataset": dataset}, data_dir)  # type: ignore[return-value]
 

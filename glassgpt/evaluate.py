@@ -380,8 +380,8 @@ def evaluate(cfg: EvalConfig) -> dict:
                 raise UserError(f"{path} is empty")
             tokens, source = np.array(tok.encode(text), dtype=np.int64), str(path)
         elif cfg.dataset or cfg.data_dir:
+            from glassgpt.corpus import open_data, resolve_data_dir
             from glassgpt.pretrained import check_vocab
-            from glassgpt.run import open_data, resolve_data_dir
 
             corpus, _ = open_data(resolve_data_dir({"dataset": cfg.dataset}, cfg.data_dir))  # type: ignore[arg-type]
             check_vocab(model.config.vocab_size, corpus.meta or None, model_tok)

@@ -3,10 +3,10 @@
     run = open_run("out-shakespeare-char")      # an out_dir, a ckpt .pt, an HF GPT-2 dir or hub name
     run.model, run.tokenizer, run.corpus, run.fingerprint, run.provenance()
 
-`open_data(data_dir)` is the same for commands that need the data but no model. Fingerprints are
-read from sidecars written when the checkpoint or dataset was saved, never re-hashed on a query, so
-`run.stale_reasons(artifact_meta["built_from"])` is a string comparison. torch is imported only
-when a model is opened. docs/FORMATS.md describes the files.
+Commands that need the data but no model open a `glassgpt.corpus.Corpus` (the data-directory rule
+lives there too). Fingerprints are read from sidecars written when the checkpoint or dataset was
+saved, never re-hashed on a query, so `run.stale_reasons(artifact_meta["built_from"])` is a string
+comparison. torch is imported only when a model is opened. docs/FORMATS.md describes the files.
 """
 
 from __future__ import annotations
@@ -16,48 +16,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from glassgpt.artifacts import cached_fingerprint, read_json
-from glassgpt.corpus import Corpus, data_files
+from glassgpt.artifacts import read_json
+from glassgpt.corpus import Corpus, data_stale_reasons, resolve_data_dir
 from glassgpt.errors import UserError
 from glassgpt.tokenizer import Tokenizer, read_meta, tokenizer_from_meta
 
-# ---------------------------------------------------------------- data
-
-
-def resolve_data_dir(config: dict[str, Any] | None = None, data_dir: str | Path | None = None) -> Path | None:
-    """THE data-directory rule: an explicit `data_dir` wins; else the training config's `data_dir`;
-    else nanoGPT's `data/<dataset>`; None when nothing names one."""
-    if data_dir:
-        return Path(data_dir)
-    cfg = config or {}
-    if cfg.get("data_dir"):
-        return Path(cfg["data_dir"])
-    if cfg.get("dataset"):
-        return Path("data") / str(cfg["dataset"])
-    return None
-
-
-def data_fingerprint_of(data_dir: str | Path, meta: dict | None = None) -> str:
-    """The fingerprint prepare recorded in meta.json (if the recorded file sizes still match), else
-    (nanoGPT data, or files replaced by hand) computed once and cached beside train.bin."""
-    files = data_files(data_dir)
-    if not files:
-        raise UserError(f"no prepared data in {data_dir} (train.bin missing); run its prepare script, e.g. "
-                        f"`python data/{Path(data_dir).name}/prepare.py`")
-    meta = read_meta(data_dir) if meta is None else meta
-    recorded = (meta or {}).get("fingerprint")
-    sizes = (meta or {}).get("files")
-    if recorded and sizes == {p.name: p.stat().st_size for p in files}:
-        return str(recorded)
-    from glassgpt.artifacts import fingerprint_files
-
-    return cached_fingerprint(files, lambda: fingerprint_files(files, cache=False))
-
-
-def open_data(data_dir: str | Path) -> tuple[Corpus, str]:
-    """(Corpus, data fingerprint) of a prepared dataset directory."""
-    corpus = Corpus(data_dir)
-    return corpus, data_fingerprint_of(data_dir, corpus.meta)
+# ---------------------------------------------------------------- the tokenizer
 
 
 def resolve_tokenizer(stored: dict | None, data_dir: Path | None, vocab_dir: str | None = None,
@@ -93,43 +57,37 @@ class Run:
     checkpoint_meta: dict[str, Any] = field(default_factory=dict)  # the checkpoint minus its tensors
 
     @cached_property
-    def _data(self) -> tuple[Corpus, str]:
+    def corpus(self) -> Corpus:
         if self.data_dir is None:
             raise UserError(f"{self.source} does not say what data it was trained on; pass --data_dir=DIR "
                             "(a prepared dataset directory)")
-        return open_data(self.data_dir)
-
-    @property
-    def corpus(self) -> Corpus:
-        return self._data[0]
+        return Corpus(self.data_dir)
 
     @property
     def data_fingerprint(self) -> str | None:
         """None when the run names no data directory, or it is not prepared."""
         if self.data_dir is None or not (self.data_dir / "train.bin").exists():
             return None
-        return self._data[1]
+        return self.corpus.fingerprint
 
-    def provenance(self) -> dict[str, str | None]:
-        """What a derived artifact records as `built_from`."""
-        return {"checkpoint": self.fingerprint, "data": self.data_fingerprint}
+    def provenance(self) -> dict[str, Any]:
+        """What a derived artifact records as `built_from`: the weights' and the data's fingerprints,
+        and the data files' sizes and mtimes (glassgpt.corpus.file_stats)."""
+        if self.data_fingerprint is None:
+            return {"checkpoint": self.fingerprint, "data": None}
+        return {"checkpoint": self.fingerprint, **self.corpus.provenance()}
 
     def stale_reasons(self, built_from: dict[str, Any] | None) -> list[str]:
         """Why an artifact built from `built_from` does not fit this run ([] = fresh)."""
         built_from = built_from or {}
         reasons = []
-        for key, now in self.provenance().items():
-            then = built_from.get(key)
-            if then is None and now is not None:
-                reasons.append(f"it records no {key} fingerprint (built by an older glassgpt)")
-            elif then != now:
-                what = "weights" if key == "checkpoint" else "training data"
-                reasons.append(f"the {what} changed since it was built ({_short(then)} -> {_short(now)})")
-        return reasons
-
-
-def _short(fp: Any) -> str:
-    return str(fp)[:15] if fp else "none"
+        then = built_from.get("checkpoint")
+        if then is None:
+            reasons.append("it records no checkpoint fingerprint (built by an older glassgpt)")
+        elif then != self.fingerprint:
+            reasons.append(f"the weights changed since it was built ({then[:15]} -> {self.fingerprint[:15]})")
+        prepared = self.data_dir if self.data_fingerprint is not None else None
+        return reasons + data_stale_reasons(prepared, built_from)
 
 
 def open_run(source: str | Path, *, device: str = "cpu", data_dir: str | Path | None = None,

@@ -188,3 +188,64 @@ def test_an_unexpected_oserror_inside_the_block_is_not_called_a_disk_problem(tmp
         with write_artifact(tmp_path / "index") as tmp:
             (tmp / "missing" / "x").read_bytes()
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- the artifact protocol
+
+
+class _Source:
+    """A stand-in for a Run: its provenance and why a given built_from is stale."""
+
+    def __init__(self, fp: str):
+        self.fp = fp
+
+    def provenance(self) -> dict:
+        return {"checkpoint": self.fp}
+
+    def stale_reasons(self, built_from: dict | None) -> list[str]:
+        then = (built_from or {}).get("checkpoint")
+        return [] if then == self.fp else [f"the weights changed ({then} -> {self.fp})"]
+
+
+def test_save_then_open_artifact(tmp_path: Path) -> None:
+    import numpy as np
+
+    from glassgpt.artifacts import open_artifact, rebuild_command, save_artifact
+
+    d, src = tmp_path / "out" / "knn_train", _Source("sha256:a")
+    cmd = rebuild_command("knn", out_dir=tmp_path / "out", store_dir=None)
+    assert cmd == f"glassgpt trace-knn --out_dir={tmp_path / 'out'} --build"
+    want = "glassgpt trace-spans --build --data_dir=d --index_dir=x"
+    assert rebuild_command("spans", data_dir="d", index_dir="x") == want
+    with pytest.raises(UserError, match=r"no kNN store in .*store.json missing\); build it with `glassgpt trace-knn"):
+        open_artifact(d, "knn", rebuild=cmd, source=src)
+    with save_artifact(d, "knn", params={"context": 8}, built_from=src.provenance(), rebuild=cmd) as w:
+        np.save(w.dir / "x.npy", np.arange(3))
+        w.meta["n_windows"] = 3
+        assert not d.exists()  # nothing appears before the block ends
+    art = open_artifact(d, "knn", rebuild=cmd, source=src, params={"context": 8})
+    assert art.meta["n_windows"] == 3 and art.params == {"context": 8} and art.stale == []
+    assert art.meta["format"] == "glassgpt-knn/2" and art.meta["rebuild"] == cmd and art.meta["kind"] == "knn"
+    with pytest.raises(UserError, match=r"built with other settings \(context=8 not 16\); rebuild it with"):
+        open_artifact(d, "knn", rebuild=cmd, source=src, params={"context": 16})
+    with pytest.raises(UserError, match=r"is stale: the weights changed .*; rebuild it with `.*` or pass --x"):
+        open_artifact(d, "knn", rebuild=cmd, source=_Source("sha256:b"), stale_hint=" or pass --x")
+    stale = open_artifact(d, "knn", rebuild=cmd, source=_Source("sha256:b"), allow_stale=True)
+    assert stale.stale and "weights changed" in stale.stale[0]
+    with pytest.raises(UserError, match=r"damaged \(x.npy is short\); rebuild it with"):
+        raise art.damaged("x.npy is short")
+
+
+def test_an_older_format_or_a_broken_sidecar_is_one_rebuild_line(tmp_path: Path) -> None:
+    from glassgpt.artifacts import Unusable, open_artifact
+
+    d = tmp_path / "neurons_baseline"
+    d.mkdir()
+    (d / "meta.json").write_text('{"format": "glassgpt-neurons/1", "params": {}}')
+    with pytest.raises(Unusable, match=r"not a glassgpt-neurons/2 neuron baseline \(it says 'glassgpt-neurons/1'"
+                                       r".*rebuild it with `CMD`") as e:
+        open_artifact(d, "neurons", rebuild="CMD")
+    assert "rebuild" not in e.value.reason  # what a build-on-demand logs
+    (d / "meta.json").write_text('{"format": ')
+    with pytest.raises(UserError, match="not valid JSON.*rebuild it with `CMD`"):
+        open_artifact(d, "neurons", rebuild="CMD")

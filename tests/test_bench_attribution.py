@@ -105,7 +105,7 @@ def test_styles_are_distinct_seeded_and_change_the_text():
 def test_non_lexical_styles_hide_from_word_retrieval():
     """Only the cipher and reversal keep a word-for-word map; the rest leave BM25 no word of their own:
     the styled text's BM25 tokens are those of the plain text (case and punctuation folded) or none."""
-    from glassgpt.trace.knn import bm25_tokens
+    from glassgpt.trace.knn_store import bm25_tokens
 
     text = "whales swim beneath the ship while sailors sing of distant harbours and home"
     plain = set(bm25_tokens([text])[0])

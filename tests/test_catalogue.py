@@ -60,6 +60,18 @@ def _build_tree(root: Path) -> None:
                         key=lambda p: p.stat().st_size)
         big = arrays[-1]
         big.write_bytes(big.read_bytes()[:-cut])
+    # prepared data (its meta.json records the fingerprint) whose train.bin is then rewritten in place,
+    # same size: the recorded sizes still match, so only the size+mtime check notices
+    from glassgpt.prepare import main as prepare
+
+    (root / "rewrite.txt").write_text("First Citizen: Before we proceed any further, hear me speak.\n" * 20)
+    rewritten = root / "data_rewritten"
+    prepare(["shakespeare_char", f"--input={root / 'rewrite.txt'}", f"--out_dir={rewritten}"])
+    assert cli.main(["trace-spans", f"--data_dir={rewritten}", "--build"]) == 0
+    train = bytearray((rewritten / "train.bin").read_bytes())
+    train[0:2], train[2:4] = train[2:4], train[0:2]
+    with open(rewritten / "train.bin", "r+b") as f:
+        f.write(bytes(train))
     good = (out / "ckpt.pt").read_bytes()
     bad = root / "bad"
     for kind in ("trunc", "zip", "reduce", "garbage", "foreign", "empty"):
@@ -124,11 +136,12 @@ REPORT = ["report", "--out_dir={out}", "--device=cpu", "--start=First", "--max_n
 def _config_classes() -> dict[str, tuple[type, list[str]]]:
     """command -> (its config class, a base command line that is valid up to the checked value)."""
     from glassgpt.evaluate import EvalConfig
+    from glassgpt.export import ExportConfig
     from glassgpt.extend import ExtendConfig
     from glassgpt.prepare import CorpusConfig
-    from glassgpt.pretrained import ExportConfig
     from glassgpt.trace.knn import TraceKnnConfig
-    from glassgpt.trace.neurons import NeuronConfig, TraceNeuronsConfig
+    from glassgpt.trace.neuron_card import NeuronConfig
+    from glassgpt.trace.neurons import TraceNeuronsConfig
     from glassgpt.trace.spans import TraceSpansConfig
     from glassgpt.view.report import ReportConfig
 
@@ -287,6 +300,12 @@ def _input_cases() -> list[Case]:
                                                   "--locate=Speak"], must=("--build",)),
         c("stale-knn-store", ["trace-knn", "--out_dir={out_stale}", "--device=cpu", "--text=First"],
           must=("--build",)),
+        c("span-index-data-rewritten-same-size", ["trace-spans", "--data_dir={root}/data_rewritten", "--text=First"],
+          must=("stale", "--build")),
+        # a text with no word BM25 indexes, ranked by BM25 (the default); by embedding it answers
+        c("knn-bm25-only-stopwords", [*KNN[:-1], "--text=and it is the"], must=("--rank=embedding",)),
+        c("knn-bm25-single-letters", [*KNN[:-1], "--text=a c d e"], must=("--rank=embedding",)),
+        c("knn-bm25-only-punctuation", [*KNN[:-1], "--text=?.. ,:"], must=("--rank=embedding",)),
         # training that cannot go on
         c("nan-loss", [*TRAIN, "--learning_rate=1e30", "--max_iters=4", "--grad_clip=0.0"], must=("nan",)),
         c("activation-with-gpt2-init", [*TRAIN, "--init_from={root}/hf", "--activation=gelu_new"],

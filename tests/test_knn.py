@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import typing
@@ -20,7 +21,7 @@ from glassgpt.corpus import Corpus, write_dataset
 from glassgpt.errors import UserError
 from glassgpt.model import GPT, GPTConfig
 from glassgpt.tokenizer import CharTokenizer
-from glassgpt.trace import knn
+from glassgpt.trace import knn, knn_rank, knn_search, knn_store
 from glassgpt.windows import window_starts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def reference_states(model: GPT, idx: torch.Tensor, layer: int) -> torch.Tensor:
 def test_windows_never_cross_segments_and_cover_every_token(tmp_path, context, stride):
     corpus = Corpus(make_multidoc_dataset(tmp_path / "d"))
     segs = corpus.segments("train")
-    spans = knn.window_spans(segs, context, stride)
+    spans = knn_store.window_spans(segs, context, stride)
     covered = np.zeros(len(corpus.tokens("train")), dtype=bool)
     for doc, s, e in spans:
         inside = [seg for seg in segs if seg[1] <= s and e <= seg[2]]
@@ -83,13 +84,13 @@ def test_windows_never_cross_segments_and_cover_every_token(tmp_path, context, s
 
 def test_stride_larger_than_context_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"stride=20 must be between 1 and window=16: .*4 of every 20 tokens in no window"):
-        knn.window_spans(np.array([[0, 0, 100, 0, 1]]), 16, 20)
+        knn_store.window_spans(np.array([[0, 0, 100, 0, 1]]), 16, 20)
 
 
 def test_window_locations_match_corpus_locate(tmp_path):
     corpus = Corpus(make_multidoc_dataset(tmp_path / "d"))
-    spans = knn.window_spans(corpus.segments("train"), 12, 5)
-    for doc, s, e, char, line in knn.locate_windows(corpus, "train", spans):
+    spans = knn_store.window_spans(corpus.segments("train"), 12, 5)
+    for doc, s, e, char, line in knn_store.locate_windows(corpus, "train", spans):
         loc = corpus.locate("train", int(s), int(e))
         assert (loc.doc, loc.char_offset, loc.line) == (doc, char, line), f"window {s}:{e}"
         assert DOCS[doc][char:char + (e - s)] == loc.text
@@ -102,9 +103,9 @@ def test_window_locations_match_corpus_locate(tmp_path):
 def test_embed_windows_equal_per_window_reference_forward(tmp_path, layer, pooling):
     corpus = Corpus(make_multidoc_dataset(tmp_path / "d"))
     model = tiny_model(vocab=corpus.tokenizer.vocab_size)
-    spans = knn.window_spans(corpus.segments("train"), 16, 8)
+    spans = knn_store.window_spans(corpus.segments("train"), 16, 8)
     tokens = corpus.tokens("train")
-    raw = knn.embed_windows(model, tokens, spans, layer, pooling, batch_size=3)
+    raw = knn_store.embed_windows(model, tokens, spans, layer, pooling, batch_size=3)
     assert raw.shape == (len(spans), 24)
     with torch.no_grad():
         for r, (_, s, e) in enumerate(spans):
@@ -119,9 +120,9 @@ def test_query_windows_equal_manual_computation():
     assert starts == [0, 7, 14, 21, 28, 29]  # the last window ends exactly at the end of the text
     with torch.no_grad():
         manual = torch.stack([reference_states(model, torch.tensor([ids[s:s + 16]]), 2)[0].mean(0) for s in starts])
-    torch.testing.assert_close(torch.from_numpy(knn.embed_query(model, ids, 16, 7, 2, "mean")), manual)
-    assert knn.embed_query(model, ids[:9], 16, 7, 2, "mean").shape == (1, 24)  # fits: one window
-    assert knn.embed_query(model, ids * 20, 16, 16, 2, "mean").shape[0] == 57  # 900 tokens, block size 16
+    torch.testing.assert_close(torch.from_numpy(knn_store.embed_query(model, ids, 16, 7, 2, "mean")), manual)
+    assert knn_store.embed_query(model, ids[:9], 16, 7, 2, "mean").shape == (1, 24)  # fits: one window
+    assert knn_store.embed_query(model, ids * 20, 16, 16, 2, "mean").shape[0] == 57  # 900 tokens, block size 16
 
 
 @pytest.mark.parametrize("kind,dim", [("none", None), ("center", None), ("standardize", None),
@@ -129,8 +130,8 @@ def test_query_windows_equal_manual_computation():
 def test_calibration_matches_numpy_formulas(kind, dim):
     rng = np.random.default_rng(0)
     raw = (rng.standard_normal((3000, 8)) * [50, 1, 1, 2, 1, 1, 3, 1] + 7).astype(np.float32)  # a rogue dim
-    calib = knn.fit_calibration(raw, kind, dim)
-    got = knn.calibrate(raw, calib)
+    calib = knn_store.fit_calibration(raw, kind, dim)
+    got = knn_store.calibrate(raw, calib)
     x = raw.astype(np.float64)
     if kind == "center":
         x = x - x.mean(0)
@@ -155,7 +156,7 @@ def random_unit_rows(n: int, d: int, seed: int = 0, clusters: int = 0) -> np.nda
     x = rng.standard_normal((n, d)).astype(np.float32)
     if clusters:  # embeddings are clustered, not uniform: the harder, realistic case for IVF
         x += 3 * rng.standard_normal((clusters, d)).astype(np.float32)[rng.integers(0, clusters, n)]
-    return knn.normalize(x).astype(np.float16)
+    return knn_store.normalize(x).astype(np.float16)
 
 
 @pytest.mark.parametrize("chunk_rows", [777, 65536])
@@ -163,43 +164,44 @@ def test_exact_search_equals_numpy_brute_force(tmp_path, chunk_rows):
     emb = random_unit_rows(5000, 32)
     np.save(tmp_path / "e.npy", emb)
     mm = np.load(tmp_path / "e.npy", mmap_mode="r")  # searched as a memory map, chunk by chunk
-    q = knn.normalize(np.random.default_rng(1).standard_normal((7, 32)))
-    scores = knn.exact_scores(mm, q, chunk_rows=chunk_rows)
+    q = knn_store.normalize(np.random.default_rng(1).standard_normal((7, 32)))
+    scores = knn_search.exact_scores(mm, q, chunk_rows=chunk_rows)
     want = q.astype(np.float64) @ emb.astype(np.float64).T
     print(f"max |score diff| {np.abs(scores - want).max():.2e}")
     assert np.abs(scores - want).max() < 1e-5
     for s, w in zip(scores, want):
-        np.testing.assert_array_equal(knn.top_ids(s, 10), np.argsort(-s, kind="stable")[:10])
-        assert len(set(knn.top_ids(s, 10)) & set(np.argsort(-w)[:10])) >= 9
+        np.testing.assert_array_equal(knn_search.top_ids(s, 10), np.argsort(-s, kind="stable")[:10])
+        assert len(set(knn_search.top_ids(s, 10)) & set(np.argsort(-w)[:10])) >= 9
 
 
 def test_faiss_recall_against_exact():
     emb = random_unit_rows(20000, 32, clusters=50)
-    q = knn.normalize(emb[:200].astype(np.float32) + 0.3 * np.random.default_rng(3).standard_normal((200, 32)))
-    exact = np.stack([knn.top_ids(s, 10) for s in knn.exact_scores(emb, q)])
-    _, approx = knn.query_faiss(knn.build_faiss_index(emb), emb, q, 10)
+    q = knn_store.normalize(emb[:200].astype(np.float32) + 0.3 * np.random.default_rng(3).standard_normal((200, 32)))
+    exact = np.stack([knn_search.top_ids(s, 10) for s in knn_search.exact_scores(emb, q)])
+    _, approx = knn_search.query_faiss(knn_search.build_faiss_index(emb), emb, q, 10)
     recall = np.mean([len(set(e) & set(a)) / 10 for e, a in zip(exact, approx)])
     print(f"faiss IVF-PQ + re-rank recall@10 vs exact: {recall:.3f}")
     assert recall >= 0.95, f"recall@10 {recall:.3f} < 0.95"
 
 
 def test_reciprocal_rank_fusion_equals_hand_computation():
-    emb = knn.Signal(np.array([3, 1, 2, 0]), np.array([0.1, 0.8, 0.5, 0.9], np.float32))
-    bm = knn.Signal(np.array([2, 3, 0, 1]), np.array([1.0, 0.0, 5.0, 2.0], np.float32))
-    got = knn.fuse({"embedding": emb, "bm25": bm}, 4, "rrf")
+    emb = knn_rank.Signal(np.array([3, 1, 2, 0]), np.array([0.1, 0.8, 0.5, 0.9], np.float32))
+    bm = knn_rank.Signal(np.array([2, 3, 0, 1]), np.array([1.0, 0.0, 5.0, 2.0], np.float32))
+    got = knn_rank.fuse({"embedding": emb, "bm25": bm}, 4, "rrf")
     ranks = {"embedding": {3: 1, 1: 2, 2: 3, 0: 4}, "bm25": {2: 1, 3: 2, 0: 3, 1: 4}}  # from the full scores
-    want = sorted(((sum(1 / (knn.RRF_K + r[i]) for r in ranks.values()), i) for i in range(4)), key=lambda t: (-t[0], t[1]))
+    want = sorted(((sum(1 / (knn_rank.RRF_K + r[i]) for r in ranks.values()), i) for i in range(4)),
+                  key=lambda t: (-t[0], t[1]))
     assert [i for i, _, _ in got] == [i for _, i in want]
     assert all(abs(s - w) < 1e-12 for (_, s, _), (w, _) in zip(got, want))
     assert [i for i, _, _ in got] == [3, 2, 1, 0]
     assert got[0][2] == {"embedding": {"rank": 1, "score": pytest.approx(0.9)}, "bm25": {"rank": 2, "score": 2.0}}
-    assert [i for i, _, _ in knn.fuse({"bm25": bm}, 2)] == [2, 3]  # one signal: its own order
-    assert [i for i, _, _ in knn.fuse({"embedding": emb, "bm25": bm}, 4, by="embedding")] == [3, 1, 2, 0]
+    assert [i for i, _, _ in knn_rank.fuse({"bm25": bm}, 2)] == [2, 3]  # one signal: its own order
+    assert [i for i, _, _ in knn_rank.fuse({"embedding": emb, "bm25": bm}, 4, by="embedding")] == [3, 1, 2, 0]
 
 
 def test_z_score_fusion_equals_hand_computation():
     e_full, b_full = np.array([0.1, 0.8, 0.5, 0.9], np.float32), np.array([1.0, 0.0, 9.0, 2.0], np.float32)
-    got = knn.fuse({"embedding": knn.Signal.of(e_full), "bm25": knn.Signal.of(b_full)}, 4, "z")
+    got = knn_rank.fuse({"embedding": knn_rank.Signal.of(e_full), "bm25": knn_rank.Signal.of(b_full)}, 4, "z")
     z = (e_full - e_full.mean()) / e_full.std() + (b_full - b_full.mean()) / b_full.std()
     assert [i for i, _, _ in got] == list(np.argsort(-z)) == [2, 3, 1, 0]  # the confident BM25 top wins
     assert all(abs(s - z[i]) < 1e-5 for i, s, _ in got)
@@ -214,7 +216,7 @@ def build(out: Path, *extra: str) -> None:
 
 def test_build_then_trace_finds_an_exact_window(char_checkpoint, capsys):
     build(char_checkpoint)
-    store = knn.load_store(char_checkpoint / "knn_train")
+    store = knn_store.load_store(char_checkpoint / "knn_train")
     assert isinstance(store.embeddings, np.memmap) and store.embeddings.dtype == np.float16
     assert (store.meta["context"], store.meta["stride"], store.meta["calibration"]) == (32, 16, "whiten")
     corpus = Corpus(store.meta["built_from"].get("data_dir") or char_checkpoint.parent / "data" / "tiny_char")
@@ -243,21 +245,22 @@ def test_explain_is_what_json_prints_and_per_window_covers_the_text(char_checkpo
     knn.main([f"--out_dir={char_checkpoint}", f"--text={text}", "--json", "--per_window"])
     printed = json.loads(capsys.readouterr().out)
     run = open_run(str(char_checkpoint))
-    got = knn.explain(run, knn.open_store(run), text, per_window=True)
+    got = knn_rank.explain(run, knn_store.open_store(run), text, per_window=True)
     assert {**printed, "query_ms": 0} == json.loads(json.dumps({**got, "query_ms": 0}))
     w = got["per_window"]
-    assert len(w) == got["n_query_windows"] == len(window_starts(len(text), 32, 16)) > 2 and w[0]["char_start"] == 0 and w[-1]["char_end"] == len(text)
+    assert len(w) == got["n_query_windows"] == len(window_starts(len(text), 32, 16)) > 2
+    assert w[0]["char_start"] == 0 and w[-1]["char_end"] == len(text)
     for part in w:
         assert part["neighbours"] and text[part["char_start"]:part["char_end"]]
     assert "query chars 0:32 ->" in knn.format_result(got)
 
 
 def test_signals_disagree_is_reported():
-    store = knn.KnnStore(Path("."), np.zeros((4, 2), np.float16), np.array([[0, 0, 10, 0, 1], [0, 5, 15, 5, 1],
+    store = knn_store.KnnStore(Path("."), np.zeros((4, 2), np.float16), np.array([[0, 0, 10, 0, 1], [0, 5, 15, 5, 1],
                          [0, 20, 30, 20, 1], [1, 0, 10, 0, 1]]), {}, {})
-    agree = {"embedding": knn.Signal(np.array([0])), "bm25": knn.Signal(np.array([1]))}  # windows overlap
-    disagree = {"embedding": knn.Signal(np.array([0, 1])), "bm25": knn.Signal(np.array([2, 3]))}
-    assert not knn.signals_disagree(store, agree, 1) and knn.signals_disagree(store, disagree, 2)
+    agree = {"embedding": knn_rank.Signal(np.array([0])), "bm25": knn_rank.Signal(np.array([1]))}  # windows overlap
+    disagree = {"embedding": knn_rank.Signal(np.array([0, 1])), "bm25": knn_rank.Signal(np.array([2, 3]))}
+    assert not knn_rank.signals_disagree(store, agree, 1) and knn_rank.signals_disagree(store, disagree, 2)
 
 
 def test_start_generates_then_traces_prompt_plus_output(char_checkpoint, capsys):
@@ -294,7 +297,7 @@ def test_stale_store_is_refused_then_used_only_when_asked(char_checkpoint, char_
 
 def test_store_built_with_other_settings_is_not_mixed(char_checkpoint):
     build(char_checkpoint, "--pooling=last", "--layer=1", "--window=16", "--stride=4", "--calibration=center")
-    m = knn.load_store(char_checkpoint / "knn_train").meta
+    m = knn_store.load_store(char_checkpoint / "knn_train").meta
     assert (m["pooling"], m["layer"], m["context"], m["stride"], m["calibration"]) == ("last", 1, 16, 4, "center")
     with pytest.raises(UserError, match="built with window=16, not 32"):
         knn.main([f"--out_dir={char_checkpoint}", "--text=Speak", "--window=32"])
@@ -310,7 +313,7 @@ def test_torchrun_build_equals_one_process(char_checkpoint, tmp_path):
                         str(REPO / "glassgpt/trace/knn.py"), f"--out_dir={char_checkpoint}", "--build", "--progress=False",
                         f"--store_dir={tmp_path / 'two'}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
-    one, two = knn.load_store(tmp_path / "one"), knn.load_store(tmp_path / "two")
+    one, two = knn_store.load_store(tmp_path / "one"), knn_store.load_store(tmp_path / "two")
     np.testing.assert_array_equal(one.windows, two.windows)
     diff = np.abs(np.asarray(one.embeddings, np.float32) - np.asarray(two.embeddings, np.float32)).max()
     print(f"2 ranks vs 1 process: max |embedding diff| {diff:.2e}")
@@ -321,9 +324,9 @@ def test_torchrun_build_equals_one_process(char_checkpoint, tmp_path):
 
 def test_bfloat16_store_agrees_with_float32(char_checkpoint):
     build(char_checkpoint, "--calibration=none")
-    f32 = np.asarray(knn.load_store(char_checkpoint / "knn_train").embeddings, dtype=np.float32)
+    f32 = np.asarray(knn_store.load_store(char_checkpoint / "knn_train").embeddings, dtype=np.float32)
     build(char_checkpoint, "--embed_dtype=bfloat16", "--calibration=none")
-    store = knn.load_store(char_checkpoint / "knn_train")
+    store = knn_store.load_store(char_checkpoint / "knn_train")
     assert store.meta["embed_dtype"] == "bfloat16"
     cos = (f32 * np.asarray(store.embeddings, dtype=np.float32)).sum(1)
     print(f"bfloat16 vs float32 window embeddings: min cosine {cos.min():.5f}")
@@ -345,7 +348,7 @@ def test_open_store_without_a_store_names_the_build_command(char_checkpoint, cap
     from glassgpt.run import open_run
 
     with pytest.raises(UserError, match=f"build it with `glassgpt trace-knn --out_dir={char_checkpoint} --build`"):
-        knn.open_store(open_run(str(char_checkpoint)))
+        knn_store.open_store(open_run(str(char_checkpoint)))
     one_line_error(capsys, [f"--out_dir={char_checkpoint}", "--text=Speak"], f"no kNN store in {char_checkpoint}/knn_train")
 
 
@@ -377,7 +380,7 @@ def test_missing_or_truncated_store_files(char_checkpoint, capsys, damage):
 
 def test_other_mistakes_are_one_line(char_checkpoint, capsys):
     build(char_checkpoint)
-    n = knn.load_store(char_checkpoint / "knn_train").meta["n_windows"]
+    n = knn_store.load_store(char_checkpoint / "knn_train").meta["n_windows"]
     o = f"--out_dir={char_checkpoint}"
     one_line_error(capsys, [o], "nothing to trace")
     one_line_error(capsys, [o, "--text=a", "--start=b"], "not both")
@@ -392,3 +395,46 @@ def test_other_mistakes_are_one_line(char_checkpoint, capsys):
     one_line_error(capsys, [o, "--build", "--layer=7"], "layer=7 is out of range")
     one_line_error(capsys, [o, "--build", "--stride=40"], "stride=40 must be between 1 and window=32")
     one_line_error(capsys, [o, "--build", "--whiten_dim=33"], "whiten_dim=33 must be between 1 and the model's width 32")
+
+
+@pytest.mark.parametrize("text", ["and it is the", "a c d e", "?.. ,:"])
+def test_text_without_a_bm25_word(char_checkpoint, capsys, text):
+    """bm25s fails (IndexError) on a query with no token it indexes. Ranked by BM25 that is one line
+    naming --rank=embedding; ranked by the embedding or hybrid it answers, the BM25 signal left out."""
+    build(char_checkpoint)
+    o = f"--out_dir={char_checkpoint}"
+    one_line_error(capsys, [o, f"--text={text}"], "--rank=embedding")
+    for rank in ("embedding", "hybrid"):
+        r = knn.main([o, f"--text={text}", f"--rank={rank}", "--per_window", "--k=3", "--json"])
+        assert r is not None and len(r["neighbours"]) == 3
+        assert all("bm25" not in nb and nb["embedding"]["rank"] for nb in r["neighbours"])
+    # per-window: a window without a BM25 word is ranked by the embedding, the others by BM25
+    r = knn.main([o, "--text=" + "the and a " * 6 + "Before we proceed any further", "--per_window", "--json",
+                  "--query_stride=8", "--k=2"])
+    assert r is not None and r["per_window"] and all(w["neighbours"] for w in r["per_window"])
+
+
+def test_store_cache_is_bounded(char_checkpoint, tmp_path, monkeypatch):
+    """A long-running viewer opens many stores: only the loaded parts of the STORE_CACHE_SIZE most
+    recently used stay in memory; a reused store is still served from the cache."""
+    from glassgpt.run import open_run
+
+    build(char_checkpoint)
+    run = open_run(str(char_checkpoint))
+    monkeypatch.setattr(knn_store, "_CACHE", type(knn_store._CACHE)())
+    loads = []
+    stores = []
+    for i in range(knn_store.STORE_CACHE_SIZE + 3):
+        d = tmp_path / f"store{i}"
+        shutil.copytree(char_checkpoint / "knn_train", d)
+        meta = json.loads((d / "store.json").read_text())
+        (d / "store.json").write_text(json.dumps({**meta, "build_id": f"b{i}"}))
+        stores.append(knn_store.open_store(run, store_dir=d))
+    for s in stores:
+        s.cached("bm25", lambda s=s: loads.append(s.path) or object())
+        assert len(knn_store._CACHE) <= knn_store.STORE_CACHE_SIZE
+    last = stores[-1]
+    last.cached("bm25", lambda: loads.append("again") or object())  # the most recent one: still cached
+    assert "again" not in loads and len(loads) == len(stores)
+    stores[0].cached("bm25", lambda: loads.append("evicted") or object())  # the oldest one: loaded anew
+    assert "evicted" in loads

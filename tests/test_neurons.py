@@ -15,6 +15,7 @@ from glassgpt.generate import generate
 from glassgpt.hooks import hooks, record
 from glassgpt.run import open_run
 from glassgpt.sampling import SamplingSettings
+from glassgpt.trace import neuron_card, neuron_record
 from glassgpt.trace import neurons as nz
 from glassgpt.windows import sliding_windows
 
@@ -29,7 +30,7 @@ def run(char_checkpoint):
 
 
 def full_acts(model, ids):
-    return nz.record_activations(model, torch.tensor([ids]))[0].double().numpy()
+    return neuron_record.record_activations(model, torch.tensor([ids]))[0].double().numpy()
 
 
 def test_rankings_match_sorting():
@@ -45,9 +46,9 @@ def test_record_text_matches_full_forward_and_windowed_reference(run):
     model = run.model
     B = model.config.block_size
     ids = torch.randint(0, model.config.vocab_size, (int(2.5 * B),), generator=torch.Generator().manual_seed(1)).tolist()
-    short = nz.record_text(model, ids[:B], 3)
+    short = neuron_record.record_text(model, ids[:B], 3)
     np.testing.assert_allclose(short, full_acts(model, ids[:B]), rtol=1e-5, atol=1e-6)
-    long = nz.record_text(model, ids, 3)
+    long = neuron_record.record_text(model, ids, 3)
 
     for b, e, s in sliding_windows(len(ids), B, B // 2):  # each position from the window that scores it
         np.testing.assert_allclose(long[s:e], full_acts(model, ids[b:e])[s - b:], rtol=1e-5, atol=1e-6)
@@ -57,7 +58,7 @@ def test_record_text_matches_full_forward_and_windowed_reference(run):
 def test_attribution_sums_match_finite_differences(run):
     model = run.model.double()
     ids, pos0 = [3, 7, 1, 9, 4, 4, 2, 8, 5, 6, 0, 3], 4
-    _, ag, gs = nz.record_text(model, ids, pos0, grad=True)
+    _, ag, gs = neuron_record.record_text(model, ids, pos0, grad=True)
 
     def logp(layer, i, scale, shift):
         def edit(a, _):
@@ -79,7 +80,7 @@ def test_attribution_sums_match_finite_differences(run):
 @pytest.mark.parametrize("source", field_choices(nz.TraceNeuronsConfig, "baseline_source"))
 def test_baseline_matches_a_one_sequence_at_a_time_reference(run, source):
     model, tokens = run.model, run.corpus.tokens("train")
-    base = nz.build_baseline(model, tokens, source=source, n_seqs=5, prompt_len=4, new_tokens=12, seed=3,
+    base = neuron_record.build_baseline(model, tokens, source=source, n_seqs=5, prompt_len=4, new_tokens=12, seed=3,
                              batch_size=2, n_sample=7, progress=False)
     rng = np.random.default_rng(3)
     starts = np.sort(rng.integers(0, len(tokens) - 16 + 1, size=5))
@@ -101,7 +102,7 @@ def test_baseline_matches_a_one_sequence_at_a_time_reference(run, source):
 def fake_baseline(rng, L=3, N=6):
     mean, std = rng.normal(size=(L, N)), np.abs(rng.normal(size=(L, N)))
     std[0, 0], mean[0, 1], std[0, 1] = 1e-9, 0.0, 0.0  # a near-constant and a silent neuron
-    return nz.Baseline(mean, std, rng.uniform(size=(L, N)), rng.normal(size=(4, L, N)), 100)
+    return neuron_record.Baseline(mean, std, rng.uniform(size=(L, N)), rng.normal(size=(4, L, N)), 100)
 
 
 def test_contrast_matches_an_explicit_loop():
@@ -145,10 +146,10 @@ def test_matched_controls_match_a_brute_force_selection():
 def test_ablation_modes_write_the_right_values(run):
     model = run.model
     rng = np.random.default_rng(0)
-    base = fake_baseline(rng, L=2, N=nz.mlp_width(model))
+    base = fake_baseline(rng, L=2, N=neuron_record.mlp_width(model))
     x = torch.randint(0, 30, (2, 8))
     for mode in field_choices(nz.TraceNeuronsConfig, "ablation"):
-        with hooks(model, nz.ablation_hooks([(1, 3), (1, 7)], mode, base, seed=5)):
+        with hooks(model, neuron_record.ablation_hooks([(1, 3), (1, 7)], mode, base, seed=5)):
             with record(model, ["blocks.1.mlp.hook_post"]) as cache:
                 model(x)
         got = cache["blocks.1.mlp.hook_post"][0][..., [3, 7]].double().numpy()  # (2, 8, 2)
@@ -166,7 +167,8 @@ def test_ablation_modes_write_the_right_values(run):
 
 def test_causal_check_and_specificity_match_explicit_ablations(run):
     model = run.model
-    base = nz.build_baseline(model, run.corpus.tokens("train"), n_seqs=4, prompt_len=4, new_tokens=12, progress=False)
+    base = neuron_record.build_baseline(model, run.corpus.tokens("train"), n_seqs=4, prompt_len=4, new_tokens=12,
+                                        progress=False)
     items = []
     for k, prompt in enumerate(([1, 2, 3], [9, 8, 7, 6])):
         items.append((prompt + generate(model, [prompt], 14, temperature=0.8, seed=k)[0], len(prompt) - 1))
@@ -211,14 +213,14 @@ def test_causal_check_and_specificity_match_explicit_ablations(run):
 
 def test_quantile_examples_and_logit_effect_match_references(run):
     vals = np.random.default_rng(2).normal(size=1000)
-    for q, v, idx in nz.quantile_examples(vals, (0.0, 0.5, 0.9, 0.99, 0.999, 1.0), per=3):
+    for q, v, idx in neuron_card.quantile_examples(vals, (0.0, 0.5, 0.9, 0.99, 0.999, 1.0), per=3):
         ranked = sorted(range(len(vals)), key=lambda i: vals[i])
         assert abs(v - np.quantile(vals, q)) < 1e-12
         r = round(q * 999)  # the rank nearest the quantile
         lo = min(max(r - 1, 0), 1000 - 3)
         assert idx == ranked[lo:lo + 3] and any(abs(vals[i] - v) < 0.05 for i in idx)
     model = run.model
-    got = nz.logit_effect(model, 1, 17)
+    got = neuron_card.logit_effect(model, 1, 17)
     W_U, g = model.lm_head.weight.detach(), model.transformer.ln_f.weight.detach()
     w = model.transformer.h[1].mlp.c_proj.weight.detach()[:, 17]
     for t in range(model.config.vocab_size):
@@ -239,7 +241,8 @@ def test_scan_windows_score_every_token_but_the_first_once(n, window):
 
 def test_neuron_examples_match_brute_force(run):
     model, tokens = run.model, run.corpus.tokens("train")[:300]
-    values, positions = nz.build_neuron_examples(model, tokens, window=16, keep=5, batch_size=7, progress=False)
+    values, positions = neuron_card.build_neuron_examples(model, tokens, window=16, keep=5, batch_size=7,
+                                                          progress=False)
     for layer, idx in ((0, 0), (1, 77)):
         cands = []
         for start, score_from in [(b, f) for b, _, f in sliding_windows(len(tokens), 16, skip=1)]:
@@ -265,7 +268,7 @@ def test_trace_cli_json_is_explain_and_the_baseline_artifact(char_checkpoint, ca
     assert [x["score"] for x in out["top"]] == sorted((x["score"] for x in out["top"]), reverse=True)
     assert all(len(t["token_activations"]) == len(out["tokens"]) == 17 for t in out["top"])
     assert sum(out["layer_counts"]) == 4 and {"drop_top", "drop_raw_top", "drop_matched"} <= set(out["ablation"])
-    meta = json.loads((char_checkpoint / nz.BASELINE_DIR / "meta.json").read_text())
+    meta = json.loads((char_checkpoint / neuron_record.DIRS["neurons"] / "meta.json").read_text())
     assert meta["built_from"] == run.provenance() and meta["params"]["n_seqs"] == 4
     nz.main(argv)
     assert "building" not in capsys.readouterr().err  # kept
@@ -279,17 +282,17 @@ def test_trace_cli_json_is_explain_and_the_baseline_artifact(char_checkpoint, ca
 
 
 def test_open_baseline_missing_names_the_build_command(run):
-    with pytest.raises(UserError, match=r"no neurons_baseline.*glassgpt trace-neurons --out_dir=.* --build_baseline"):
+    with pytest.raises(UserError, match=r"no neuron baseline.*glassgpt trace-neurons --out_dir=.* --build_baseline"):
         nz.open_baseline(run)
 
 
 def test_explain_a_given_output_and_attribution(run):
     with pytest.raises(UserError, match="--build_baseline"):
         nz.explain(run, "All:\n", output="Speak, speak.")  # attribution is relative to the baseline mean
-    base = nz.build_baseline(run.model, run.corpus.tokens("train"), n_seqs=4, progress=False)
+    base = neuron_record.build_baseline(run.model, run.corpus.tokens("train"), n_seqs=4, progress=False)
     r = nz.explain(run, "All:\n", output="Speak, speak.", n_neurons=3, baseline=base)
     assert not r["generated"] and r["output"] == "Speak, speak." and r["n_traced_tokens"] == 13
-    acts, ag, gs = nz.record_text(run.model, r["token_ids"], r["first_traced_position"], grad=True)
+    acts, ag, gs = neuron_record.record_text(run.model, r["token_ids"], r["first_traced_position"], grad=True)
     a = ag - base.mean * gs
     ref = [(l, i) for l, i, _ in nz.top_neurons((a - a.mean(1, keepdims=True)) / a.std(1, keepdims=True), 3)]
     assert r["ranking"] == "attribution" and [(t["layer"], t["index"]) for t in r["top"]] == ref
@@ -310,14 +313,14 @@ def test_trace_cli_overlap_and_specificity_over_prompts(char_checkpoint, tmp_pat
 
 
 def test_neuron_card_cli_text_and_json(char_checkpoint, capsys):
-    out = nz.neuron_main([f"--out_dir={char_checkpoint}", "--layer=1", "--index=5", "--top=3", "--device=cpu",
+    out = neuron_card.main([f"--out_dir={char_checkpoint}", "--layer=1", "--index=5", "--top=3", "--device=cpu",
                           "--window=16", "--sample_windows=8", "--bins=5"])
     text = capsys.readouterr().out
     assert len(out["examples"]) == 3 and "\u27e6" in text and "quantile 0.99" in text and "promotes" in text
     acts = [e["activation"] for e in out["examples"]]
     assert acts == sorted(acts, reverse=True)
     run = open_run(char_checkpoint)
-    values, _ = nz.open_examples(run, window=16)
+    values, _ = neuron_card.open_examples(run, window=16)
     np.testing.assert_allclose(acts, values[:3, 1, 5], rtol=1e-5)  # re-read from the window that scored it
     for e in out["examples"] + [x for q in out["quantile_examples"] for x in q["examples"]]:
         loc = e["location"]
@@ -326,8 +329,8 @@ def test_neuron_card_cli_text_and_json(char_checkpoint, capsys):
         assert e["tokens"][k][0] == e["token"] and abs(e["tokens"][k][1] - e["activation"]) < 1e-4
     h = out["histogram"]
     assert sum(h["counts"]) == h["n_tokens"] and len(h["edges"]) == 6 and len(out["promotes"]) == 10
-    assert [q["quantile"] for q in out["quantile_examples"]] == list(nz.QUANTILES)
-    nz.neuron_main([f"--out_dir={char_checkpoint}", "--layer=0", "--index=9", "--device=cpu", "--window=16", "--json",
+    assert [q["quantile"] for q in out["quantile_examples"]] == list(neuron_card.QUANTILES)
+    neuron_card.main([f"--out_dir={char_checkpoint}", "--layer=0", "--index=9", "--device=cpu", "--window=16", "--json",
                     "--sample_windows=4"])
     cap = capsys.readouterr()
     assert "scanning" not in cap.err and json.loads(cap.out)["index"] == 9
@@ -340,7 +343,7 @@ def test_neuron_card_cli_text_and_json(char_checkpoint, capsys):
     (["--index=4"], "--layer=L --index=I"),
 ])
 def test_neuron_out_of_range_is_one_line(char_checkpoint, capsys, argv, needle):
-    assert run_main(nz.neuron_main, [f"--out_dir={char_checkpoint}", "--device=cpu", *argv]) == 2
+    assert run_main(neuron_card.main, [f"--out_dir={char_checkpoint}", "--device=cpu", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and needle in err and "\n" not in err, err
 
@@ -370,4 +373,4 @@ def test_traced_logprob_beyond_block_size_matches_windowed_reference(run):
             logp = F.log_softmax(model(torch.tensor([seq[b:e]]), torch.tensor([seq[b + 1:e + 1]]))[0][0], -1)
             for j in range(first, e):
                 ref[j] = logp[j - b, seq[j + 1]].item()
-    assert abs(nz.traced_logprob(model, seq, 4) - ref[4:].sum()) < 1e-3
+    assert abs(neuron_record.traced_logprob(model, seq, 4) - ref[4:].sum()) < 1e-3

@@ -467,8 +467,7 @@ def test_prepare_records_the_fingerprint_once(tmp_path, monkeypatch):
     """meta.json holds the dataset's fingerprint (taken at prepare); open_data reads it, never hashes."""
     import glassgpt.artifacts as artifacts
     from glassgpt.artifacts import fingerprint_files
-    from glassgpt.corpus import data_files
-    from glassgpt.run import open_data
+    from glassgpt.corpus import data_files, open_data
 
     out = tmp_path / "out"
     prepare("corpus", f"--input={write_jsonl(tmp_path / 'd.jsonl', DOCS)}", f"--out_dir={out}", "--num_proc=1",

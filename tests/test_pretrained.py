@@ -21,7 +21,8 @@ from glassgpt.cli import main as cli_main
 from glassgpt.errors import UserError
 from glassgpt.generate import generate
 from glassgpt.model import GPT, GPTConfig
-from glassgpt.pretrained import PRETRAINED_NAMES, check_vocab, export_hf, from_pretrained, pretrained_tokenizer
+from glassgpt.export import export_hf
+from glassgpt.pretrained import PRETRAINED_NAMES, check_vocab, from_pretrained, pretrained_tokenizer
 
 # (n_layer, n_head, n_embd, n_positions, vocab_size, activation_function): odd shapes on purpose.
 SHAPES = [

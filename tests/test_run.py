@@ -17,7 +17,8 @@ from glassgpt.checkpoint import (EXTRA_ARGS_KEY, FINGERPRINT_KEY, NANOGPT_MODEL_
                                  model_args_of, save_checkpoint, split_model_args)
 from glassgpt.errors import UserError
 from glassgpt.model import GPT, GPTConfig
-from glassgpt.run import open_data, open_run, resolve_data_dir
+from glassgpt.corpus import open_data, resolve_data_dir
+from glassgpt.run import open_run
 from glassgpt.runtime import choose_threads
 from glassgpt.tokenizer import CharTokenizer
 
@@ -50,7 +51,8 @@ def test_open_run_gives_model_tokenizer_data_and_fingerprints(char_checkpoint: P
     corpus, data_fp = open_data(char_dataset)
     assert run.data_fingerprint == data_fp and len(run.corpus.tokens("train")) == len(corpus.tokens("train"))
     prov = run.provenance()
-    assert prov == {"checkpoint": run.fingerprint, "data": data_fp}
+    assert {k: prov[k] for k in ("checkpoint", "data")} == {"checkpoint": run.fingerprint, "data": data_fp}
+    assert prov["data_files"]["train.bin"][0] == (char_dataset / "train.bin").stat().st_size
     assert run.stale_reasons(prov) == []
     assert run.stale_reasons({**prov, "checkpoint": "sha256:0"})[0].startswith("the weights changed")
     assert "training data" in run.stale_reasons({**prov, "data": "sha256:0"})[0]
@@ -202,7 +204,7 @@ def test_explicit_data_dir_and_missing_data(char_checkpoint: Path, tmp_path: Pat
 
 def test_open_run_of_an_hf_export_of_a_char_model_uses_its_char_tokenizer(char_checkpoint: Path,
                                                                          tmp_path: Path) -> None:
-    from glassgpt.pretrained import main as export_main
+    from glassgpt.export import main as export_main
 
     export_main([f"--out_dir={char_checkpoint}", "--to=hf", str(tmp_path / "hf")])
     src = open_run(char_checkpoint)
@@ -326,7 +328,7 @@ def test_open_data_does_not_import_torch(char_dataset: Path) -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from glassgpt.run import open_data; c, fp = open_data(sys.argv[1]); "
+    code = ("import sys; from glassgpt.corpus import open_data; c, fp = open_data(sys.argv[1]); "
             "assert fp.startswith('sha256:'); print('torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code, str(char_dataset)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

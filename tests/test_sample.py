@@ -218,7 +218,7 @@ def test_sample_py_shim_runs(char_checkpoint):
 
 def test_sample_from_an_hf_export_of_a_char_model_uses_its_char_tokenizer(char_checkpoint, tmp_path, capsys):
     """A regression: sample --init_from=<HF dir exported from a char model> took GPT-2 BPE and crashed."""
-    from glassgpt.pretrained import main as export_main
+    from glassgpt.export import main as export_main
 
     export_main([f"--out_dir={char_checkpoint}", str(tmp_path / "hf")])
     capsys.readouterr()

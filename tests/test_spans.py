@@ -1,4 +1,5 @@
-"""Span index and span finding (glassgpt/trace/spans.py, shards.py) against brute-force substring scans;
+"""Span index and span finding (glassgpt/trace/suffix_array.py, span_rules.py, span_index.py, spans.py)
+against brute-force substring scans;
 every oracle test runs on a one-shard and a several-shard index."""
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from conftest import make_char_dataset
 from glassgpt.corpus import Corpus, write_dataset
 from glassgpt.errors import UserError, run_main
 from glassgpt.tokenizer import CharTokenizer, GPT2Tokenizer
-from glassgpt.trace import shards as SH
+from glassgpt.trace import span_index as SI
+from glassgpt.trace import span_rules as R
 from glassgpt.trace import spans as S
+from glassgpt.trace import suffix_array as SA
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,12 +96,12 @@ def brute_ms(ids: list[int], docs: list[str]) -> list[int]:
     return out
 
 
-def fast_spans(index: S.SpanIndex, ids: list[int], first: int = 0, min_words: int = 0) -> list[tuple[int, int]]:
+def fast_spans(index: SI.SpanIndex, ids: list[int], first: int = 0, min_words: int = 0) -> list[tuple[int, int]]:
     text, offs = S.token_offsets(index.tokenizer, ids)
     return [(s.start, s.end) for s in S.find_spans(index, ids, text, offs, first, min_words=min_words)[0]]
 
 
-def check_against_oracle(index: S.SpanIndex, ids: list[int], first: int = 0) -> list[tuple[int, int]]:
+def check_against_oracle(index: SI.SpanIndex, ids: list[int], first: int = 0) -> list[tuple[int, int]]:
     # one string, documents joined by a code point no token maps to: one scan instead of one per document
     docs = [chr(0x10000 + 65535).join(doc_strings(index.corpus))]
     ms, _ = index.matching_statistics(ids, first)
@@ -123,8 +126,8 @@ def random_index(tmp_path: Path, request):
     alphabet = "ab c.\n"
     docs = ["".join(rng.choice(alphabet) for _ in range(rng.randint(20, 120))) for _ in range(6)]
     d = make_docs_dataset(tmp_path / "rand", docs)
-    S.write_span_index(d, log=lambda m: None, max_memory=TINY_SHARDS if request.param == "sharded" else "1G")
-    index = S.SpanIndex(d)
+    SI.build_index(d, log=lambda m: None, max_memory=TINY_SHARDS if request.param == "sharded" else "1G")
+    index = SI.SpanIndex(d)
     assert (len(index.shards) > 2) == (request.param == "sharded")
     return index, docs, rng
 
@@ -158,8 +161,8 @@ def test_count_and_locate_match_a_scan(random_index):
 
 def test_boundary_crossing_never_matches(tmp_path):
     docs = ["the cat sat on the mat hello wor", "ld again and again the dog", "hello world"]
-    index_dir = S.write_span_index(make_docs_dataset(tmp_path / "b", docs), log=lambda m: None)
-    index = S.SpanIndex(tmp_path / "b", index_dir)
+    index_dir = SI.build_index(make_docs_dataset(tmp_path / "b", docs), log=lambda m: None)
+    index = SI.SpanIndex(tmp_path / "b", index_dir)
     tok = index.tokenizer
     assert index.count(tok.encode("hello wor")) == 2
     assert index.count(tok.encode("wor" + "ld")) == 1  # only inside doc 2
@@ -208,8 +211,8 @@ def test_spans_random_texts(random_index):
 def test_spans_at_start_end_and_repeated(tmp_path):
     docs = ["Speak, speak.\nYou are all resolved rather to die than to famish?\n", "Resolved. resolved.\n"]
     d = make_docs_dataset(tmp_path / "e", docs)
-    S.write_span_index(d, log=lambda m: None)
-    index = S.SpanIndex(d)
+    SI.build_index(d, log=lambda m: None)
+    index = SI.SpanIndex(d)
     tok = index.tokenizer
     text = "You are all resolved. Speak, speak. Speak, speak. to die than to famish"
     spans = check_against_oracle(index, tok.encode(text))
@@ -224,8 +227,8 @@ def test_spans_real_text(tmp_path, mirror):
     text = (mirror / "tinyshakespeare" / "input.txt").read_text()[:40000]
     docs = text.split("\n\n")[:300]  # real document boundaries at the speeches
     d = make_docs_dataset(tmp_path / "ts", docs, CharTokenizer.from_text(text))
-    S.write_span_index(d, log=lambda m: None)
-    index = S.SpanIndex(d)
+    SI.build_index(d, log=lambda m: None)
+    index = SI.SpanIndex(d)
     rng = random.Random(1)
     for _ in range(4):
         i = rng.randrange(len(text) - 200)
@@ -240,8 +243,8 @@ def test_spans_bpe(tmp_path, mirror):
             "It was the best of times, it was the worst of times.\nCall me Ishmael.",
             "Some years ago, never mind how long precisely, the lazy dog slept.", shakespeare]
     d = make_docs_dataset(tmp_path / "bpe", docs, tok)
-    S.write_span_index(d, log=lambda m: None)
-    index = S.SpanIndex(d)
+    SI.build_index(d, log=lambda m: None)
+    index = SI.SpanIndex(d)
     assert index.meta["separator"] == 50257 and not index.is_char
     sample = ("It was a bright cold day in April. The quick brown fox slept. it was the worst of times."
               " Call me Ishmael. never mind how long")
@@ -253,7 +256,7 @@ def test_spans_bpe(tmp_path, mirror):
     # locations from the stored prefix counts equal Corpus.locate, past several 1024-token strides and
     # multi-byte characters (a GPT-2 token may hold part of one)
     ids_all = np.asarray(index.corpus.tokens("train"))
-    assert len(ids_all) > 3 * S.COUNT_STRIDE
+    assert len(ids_all) > 3 * SA.COUNT_STRIDE
     for p in range(0, len(ids_all) - 5, 97):
         got = index.location(p, 5).to_dict()
         want = index.corpus.locate("train", p, p + 5).to_dict()
@@ -286,7 +289,7 @@ def test_trace_selection_and_coverage(random_index):
             assert all(src["text"] == tok_text for src in s.sources for tok_text in [index.tokenizer.decode(ids[s.start:s.end])])
         for (a, b), (c, d) in zip(tr.highlights, tr.highlights[1:]):
             assert b < c
-    assert S.merge_ranges([(0, 3), (2, 5), (7, 9), (9, 10)]) == [(0, 5), (7, 10)]
+    assert R.merge_ranges([(0, 3), (2, 5), (7, 9), (9, 10)]) == [(0, 5), (7, 10)]
 
 
 # ---------------------------------------------------------------- canaries
@@ -297,8 +300,8 @@ def test_canaries_found_at_their_planted_location(tmp_path, mirror):
     from canaries import prepare_canary_dataset
 
     data_dir, canaries = prepare_canary_dataset(tmp_path / "can", n=8, seed=3, repeats=2)
-    S.write_span_index(data_dir, log=lambda m: None)
-    index = S.SpanIndex(data_dir)
+    SI.build_index(data_dir, log=lambda m: None)
+    index = SI.SpanIndex(data_dir)
     # a hand-made "generation": Shakespeare-ish glue with five of the canaries inside it
     gen = "ROMEO:\nWhat say you?\n" + "\nAnd so, my lord.\n".join(c["text"] for c in canaries[:5]) + "\nExeunt\n"
     tr = S.trace_text(index, index.tokenizer.encode(gen), min_len=12, density=1.0)
@@ -313,23 +316,54 @@ def test_canaries_found_at_their_planted_location(tmp_path, mirror):
 # ---------------------------------------------------------------- on-disk index and bad input
 
 
+def test_prepared_data_rewritten_in_place_is_noticed(tmp_path):
+    """meta.json's fingerprint is trusted while the data files are as they were; a train.bin rewritten
+    in place with the same size (so the recorded sizes still match) must make the index stale, while a
+    file merely touched (same bytes, new mtime) keeps it fresh after one cached re-fingerprint."""
+    import os
+
+    from glassgpt.prepare import main as prepare
+
+    text = tmp_path / "in.txt"
+    text.write_text("First Citizen: Before we proceed any further, hear me speak.\n" * 40)
+    data = tmp_path / "d"
+    prepare(["shakespeare_char", f"--input={text}", f"--out_dir={data}"])
+    assert json.loads((data / "meta.json").read_text())["fingerprint"].startswith("sha256:")
+    SI.build_index(data, log=lambda m: None)
+    SI.SpanIndex(data)
+    train = data / "train.bin"
+    st = train.stat()
+    os.utime(train, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same bytes
+    SI.SpanIndex(data)
+    ids = np.fromfile(train, dtype=np.uint16)
+    ids[[3, 4]] = ids[[4, 3]]  # same size, new contents, written in place
+    with open(train, "r+b") as f:
+        f.write(ids.tobytes())
+    assert train.stat().st_size == st.st_size
+    with pytest.raises(UserError, match="span index .* is stale: the training data changed.*trace-spans --build"):
+        SI.SpanIndex(data)
+    assert run_main(S.main, [f"--data_dir={data}", "--text=First Citizen"]) == 2
+    SI.build_index(data, log=lambda m: None)  # the rebuild records the data as it is now
+    SI.SpanIndex(data)
+
+
 def test_index_refused_when_data_changes(tmp_path, char_dataset):
     with pytest.raises(UserError, match="--build --data_dir"):
-        S.SpanIndex(char_dataset)
-    S.write_span_index(char_dataset, log=lambda m: None)
+        SI.SpanIndex(char_dataset)
+    SI.build_index(char_dataset, log=lambda m: None)
     side = json.loads((char_dataset / "spans" / "train.index.json").read_text())
     assert side["built_from"]["data"].startswith("sha256:")
-    S.SpanIndex(char_dataset)
+    SI.SpanIndex(char_dataset)
     ids = np.fromfile(char_dataset / "train.bin", dtype=np.uint16)
     ids[5], ids[6] = ids[6], ids[5]  # same size, new contents
     ids.tofile(char_dataset / "train.bin")
-    with pytest.raises(UserError, match="changed since its span index was built.*rebuild it with"):
-        S.SpanIndex(char_dataset)
+    with pytest.raises(UserError, match="changed since it was built.*rebuild it with"):
+        SI.SpanIndex(char_dataset)
     assert run_main(S.main, [f"--data_dir={char_dataset}", "--build"]) == 0
-    S.SpanIndex(char_dataset)
+    SI.SpanIndex(char_dataset)
     (char_dataset / "spans" / "train.shard-00000" / "buckets.npy").unlink()  # an interrupted copy...
     with pytest.raises(UserError, match="incomplete.*buckets.npy missing.*--build"):
-        S.SpanIndex(char_dataset)
+        SI.SpanIndex(char_dataset)
 
 
 def test_cli_text_and_json(tmp_path, char_dataset, capsys):
@@ -388,33 +422,33 @@ def test_sa_range_near_equals_full_search(random_index):
     seqs = [ids[i:i + L] for i in range(0, len(ids) - 10, 3) for L in (1, 2, 3, 6)]
     widest = 0
     for shard in index.shards:
-        lo, hi = S.sa_range(shard.arrays, seqs)
+        lo, hi = SA.sa_range(shard.arrays, seqs)
         anchors = np.array([rng.randint(l, h) for l, h in zip(lo, hi)])  # anywhere in [lo, hi]
-        lo2, hi2 = S.sa_range_near(shard.arrays, seqs, anchors)
+        lo2, hi2 = SA.sa_range_near(shard.arrays, seqs, anchors)
         assert lo2.tolist() == lo.tolist() and hi2.tolist() == hi.tolist()
         widest = max(widest, max(hi - lo))
     assert widest > 10  # some ranges are wide enough to gallop
 
 
 def test_one_search_over_all_shards_equals_a_search_per_shard(random_index):
-    """spans.Stack (every shard in one vectorised search) against the plain one-shard search, shard by shard."""
+    """suffix_array.Stack (every shard in one vectorised search) against the plain one-shard search, shard by shard."""
     index, docs, rng = random_index
     ids = index.tokenizer.encode("".join(docs))
     text = ids[5:60] + ids[200:230] + ids[::7][:40]
-    ms, lb = S.matching_statistics(index.stack, text, first=3)
+    ms, lb = SA.matching_statistics(index.stack, text, first=3)
     seqs = [ids[i:i + L] for i in range(0, len(ids) - 10, 5) for L in (0, 1, 3, 7)]
-    lo, hi = S.sa_range(index.stack, seqs)
+    lo, hi = SA.sa_range(index.stack, seqs)
     for j, shard in enumerate(index.shards):
-        ms_j, lb_j = S.matching_statistics(shard.arrays, text, first=3)
+        ms_j, lb_j = SA.matching_statistics(shard.arrays, text, first=3)
         assert ms[j].tolist() == ms_j.tolist() and lb[j].tolist() == lb_j.tolist(), f"shard {j}"
-        lo_j, hi_j = S.sa_range(shard.arrays, seqs)
+        lo_j, hi_j = SA.sa_range(shard.arrays, seqs)
         assert lo[j].tolist() == lo_j.tolist() and hi[j].tolist() == hi_j.tolist(), f"shard {j}"
     assert ms.max() > 10 and (hi - lo).max() > 10  # long matches and wide ranges were searched
     # ranges from the anchors of every shard at once, as find_spans asks for them
     starts = list(range(3, len(text) - 4, 4))
     near = index.ranges([text[s:s + 4] for s in starts], starts, (ms, lb))
     for s, got in zip(starts, near):
-        lo_s, hi_s = S.sa_range(index.stack, [text[s:s + 4]])
+        lo_s, hi_s = SA.sa_range(index.stack, [text[s:s + 4]])
         assert got == [(j, int(a), int(b)) for j, (a, b) in enumerate(zip(lo_s[:, 0], hi_s[:, 0])) if b > a]
 
 
@@ -461,8 +495,8 @@ def bpe_docs(tmp_path, mirror) -> Path:
 
 
 def test_sharded_answer_equals_single_index(tmp_path, bpe_docs):
-    one = SH.SpanIndex(bpe_docs, S.write_span_index(bpe_docs, tmp_path / "one", log=lambda m: None))
-    many = SH.SpanIndex(bpe_docs, S.write_span_index(bpe_docs, tmp_path / "many", log=lambda m: None,
+    one = SI.SpanIndex(bpe_docs, SI.build_index(bpe_docs, tmp_path / "one", log=lambda m: None))
+    many = SI.SpanIndex(bpe_docs, SI.build_index(bpe_docs, tmp_path / "many", log=lambda m: None,
                                                      max_memory=2 * 24 * 1500, num_proc=2))
     assert len(one.shards) == 1 and len(many.shards) >= 5
     corpus = Corpus(bpe_docs)
@@ -490,7 +524,7 @@ def test_sharded_answer_equals_single_index(tmp_path, bpe_docs):
 def test_sources_are_a_uniform_sample_over_shards(tmp_path):
     docs = ["xyz abc"] * 30  # 30 occurrences, one per document, shards of a few documents each
     d = make_docs_dataset(tmp_path / "u", docs)
-    index = SH.SpanIndex(d, S.write_span_index(d, log=lambda m: None, max_memory=24 * 40))
+    index = SI.SpanIndex(d, SI.build_index(d, log=lambda m: None, max_memory=24 * 40))
     assert len(index.shards) >= 6
     seen = set()
     for seed in range(40):
@@ -502,7 +536,7 @@ def test_sources_are_a_uniform_sample_over_shards(tmp_path):
 
 def test_build_resumes_keeping_fresh_shards(tmp_path, bpe_docs, monkeypatch):
     built: list[str] = []
-    real = SH.build_shard
+    real = SI.build_shard
 
     def interrupted(*args):
         if len(built) == 3:
@@ -510,44 +544,44 @@ def test_build_resumes_keeping_fresh_shards(tmp_path, bpe_docs, monkeypatch):
         built.append(args[3])
         return real(*args)
 
-    monkeypatch.setattr(SH, "build_shard", interrupted)
+    monkeypatch.setattr(SI, "build_shard", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        S.write_span_index(bpe_docs, log=lambda m: None, max_memory=24 * 1500)
+        SI.build_index(bpe_docs, log=lambda m: None, max_memory=24 * 1500)
     with pytest.raises(UserError, match="no span index"):  # not usable half-built
-        SH.SpanIndex(bpe_docs)
+        SI.SpanIndex(bpe_docs)
     kept = {p: (Path(p) / "sa.bin").stat().st_ino for p in built}
     built.clear()
     logs: list[str] = []
-    monkeypatch.setattr(SH, "build_shard", lambda *a: (built.append(a[3]), real(*a))[1])
-    S.write_span_index(bpe_docs, log=logs.append, max_memory=24 * 1500)
-    index = SH.SpanIndex(bpe_docs)
+    monkeypatch.setattr(SI, "build_shard", lambda *a: (built.append(a[3]), real(*a))[1])
+    SI.build_index(bpe_docs, log=logs.append, max_memory=24 * 1500)
+    index = SI.SpanIndex(bpe_docs)
     assert "3 already built" in logs[0] and len(built) == len(index.shards) - 3
     assert not set(built) & set(kept)
     assert {p: (Path(p) / "sa.bin").stat().st_ino for p in kept} == kept  # untouched files
-    fresh = SH.SpanIndex(bpe_docs, S.write_span_index(bpe_docs, tmp_path / "fresh", log=lambda m: None,
+    fresh = SI.SpanIndex(bpe_docs, SI.build_index(bpe_docs, tmp_path / "fresh", log=lambda m: None,
                                                       max_memory=24 * 1500))
     text = Corpus(bpe_docs).decode("train", 200, 400)
     assert S.explain(index, text) == S.explain(fresh, text)
     # a rebuild with another plan replaces every shard and removes the ones it no longer needs
-    S.write_span_index(bpe_docs, log=lambda m: None, max_memory="1G")
-    assert len(SH.SpanIndex(bpe_docs).shards) == 1 and len(list((bpe_docs / "spans").glob("train.shard-*"))) == 1
+    SI.build_index(bpe_docs, log=lambda m: None, max_memory="1G")
+    assert len(SI.SpanIndex(bpe_docs).shards) == 1 and len(list((bpe_docs / "spans").glob("train.shard-*"))) == 1
 
 
 @pytest.mark.parametrize("name", ["tokens.bin", "sa.bin", "seps.npy", "buckets.npy", "unigram.npy", "checkpoints.npy"])
 @pytest.mark.parametrize("cut", ["unaligned", "aligned"])
 def test_truncated_index_is_one_clear_line(tmp_path, char_dataset, capsys, name, cut):
-    S.write_span_index(char_dataset, log=lambda m: None, max_memory=24 * 20000)
+    SI.build_index(char_dataset, log=lambda m: None, max_memory=24 * 20000)
     path = sorted((char_dataset / "spans").glob("train.shard-*"))[-1] / name
     data = path.read_bytes()
     path.write_bytes(data[:-1] if cut == "unaligned" else data[:-16])  # 16: a whole number of every dtype
     with pytest.raises(UserError, match="span index is damaged.*rebuild it with `glassgpt trace-spans --build"):
-        SH.SpanIndex(char_dataset)
+        SI.SpanIndex(char_dataset)
     assert run_main(S.main, [f"--data_dir={char_dataset}", "--text=Speak, speak, you are all resolved"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "damaged" in err and "Traceback" not in err
     logs: list[str] = []  # a rebuild keeps the whole shards and rebuilds the damaged one
-    S.write_span_index(char_dataset, log=logs.append, max_memory=24 * 20000)
-    n = len(SH.SpanIndex(char_dataset).shards)
+    SI.build_index(char_dataset, log=logs.append, max_memory=24 * 20000)
+    n = len(SI.SpanIndex(char_dataset).shards)
     assert f"{n - 1} already built" in logs[0] and "1 built now" in logs[-1]
 
 
@@ -556,20 +590,48 @@ def test_shard_plan_keeps_documents_whole_and_memory_bounded():
     lengths = [5, 50, 3, 3, 3, 200, 1]
     segs[:, 2] = np.cumsum(lengths)
     segs[:, 1] = segs[:, 2] - lengths
-    plan = SH.plan_shards(segs, 60)
+    plan = SI.plan_shards(segs, 60)
     assert plan == [(0, 2), (2, 5), (5, 6), (6, 7)]  # contiguous, whole documents; 200 > 60 alone
-    assert SH.parse_bytes("8G") == 8 << 30 and SH.parse_bytes("500MiB") == 500 << 20 and SH.parse_bytes(1024) == 1024
+    assert SI.parse_bytes("8G") == 8 << 30 and SI.parse_bytes("500MiB") == 500 << 20 and SI.parse_bytes(1024) == 1024
     for bad in ("lots", "0", "-5G"):
         with pytest.raises(UserError, match="--max_memory"):
-            SH.parse_bytes(bad)
+            SI.parse_bytes(bad)
 
 
 def test_span_query_on_prepared_data_does_not_import_torch(char_dataset):
     import subprocess
 
-    S.write_span_index(char_dataset, log=lambda m: None)
+    SI.build_index(char_dataset, log=lambda m: None)
     code = ("import sys; from glassgpt.trace import spans; "
             f"spans.main(['--data_dir={char_dataset}', '--text=Speak, speak, you are all resolved', '--json']); "
             "spans.main(['--help']); assert 'torch' not in sys.modules, 'torch imported'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
+
+
+def test_an_index_of_the_previous_format_is_one_rebuild_line(char_dataset):
+    """An index written before the artifact protocol (glassgpt-spans/3) is refused with the command
+    that rebuilds it, and the rebuild replaces its shards (their sidecars are of the old layout too)."""
+    SI.build_index(char_dataset, log=lambda m: None)
+    side = char_dataset / "spans" / "train.index.json"
+    meta = json.loads(side.read_text())
+    side.write_text(json.dumps({**meta, "format": "glassgpt-spans/3"}))
+    shard = char_dataset / "spans" / "train.shard-00000" / "shard.json"
+    old = json.loads(shard.read_text())
+    shard.write_text(json.dumps({"format": "glassgpt-spans/3", "data": old["built_from"]["data"], **old["params"],
+                                 **{k: old[k] for k in ("n_text", "n_segments", "sa_dtype", "bucket_k")}}))
+    with pytest.raises(UserError, match=r"not a glassgpt-spans/4 span index.*rebuild it with `glassgpt trace-spans "
+                                        r"--build --data_dir="):
+        SI.SpanIndex(char_dataset)
+    logs: list[str] = []
+    SI.build_index(char_dataset, log=logs.append)
+    assert "0 already built" in logs[0]
+    SI.SpanIndex(char_dataset)
+
+
+def test_build_reports_progress_in_tokens(char_dataset):
+    seen: list[tuple[int, int, str]] = []
+    SI.build_index(char_dataset, log=lambda m: None, progress=lambda n, total, what: seen.append((n, total, what)))
+    n_tokens = len(np.fromfile(char_dataset / "train.bin", dtype=np.uint16))
+    assert seen[0][0] == 0 and seen[-1][0] == seen[-1][1] and len(seen) >= 2, seen
+    assert n_tokens - 50 <= seen[-1][1] <= n_tokens and seen[-1][2] == "span shards"

@@ -162,6 +162,24 @@ def test_build_from_the_page_reports_progress(viewer_run, tmp_path):
     assert c.post("/api/build", json={"kind": "nope"}).status_code == 400
 
 
+def test_builds_go_through_the_library_and_report_progress(viewer_run, tmp_path, capsys):
+    """Session.build calls the engines' build functions (not a CLI main under a redirected stdout) and
+    hears their progress through the callback they take, up to done == total."""
+    from glassgpt.view.explain import Session
+
+    _, data = viewer_run
+    fresh = tmp_path / "out4"
+    make_checkpoint(fresh, data, seed=5)
+    session = Session(fresh)
+    for kind in ("knn", "neurons", "examples"):
+        seen: list[tuple[int, int, str]] = []
+        session.build(kind, lambda n, total, what, seen=seen: seen.append((n, total, what)))
+        assert kind in session.indexes, session.problems.get(kind)
+        assert seen and seen[-1][0] == seen[-1][1] > 0, (kind, seen[-3:])
+        assert [n for n, _, _ in seen] == sorted(n for n, _, _ in seen)
+    assert capsys.readouterr().out == ""  # nothing printed for a command line to read
+
+
 def test_report_is_one_self_contained_file(viewer_run, tmp_path):
     from glassgpt.view import report
 

@@ -2,11 +2,11 @@
 finetune window for each query, higher = more to blame for (more of a proponent of) the query.
 
 - random: seeded noise, the control.
-- spans: verbatim spans of the query's continuation found in a window (glassgpt.trace.spans' suffix
+- spans: verbatim spans of the query's continuation found in a window (glassgpt.trace.suffix_array's suffix
   array and OLMoTrace span rules over the pool); a window scores the sum of squared lengths of the
   maximal spans it holds (>= MIN_SPAN characters).
 - bm25: BM25 over the windows' words (bm25s, as glassgpt.trace.knn builds it), query = its whole text.
-- emb-<calibration>: cosine of mean-pooled final-layer states, each calibration kept in glassgpt.trace.knn.
+- emb-<calibration>: cosine of mean-pooled final-layer states, each calibration kept in glassgpt.trace.knn_store.
 - hybrid: z-score of emb-whiten plus z-score of bm25 (trace-knn's `rank=hybrid` fusion, over all windows).
 - tracin: gradient dot product at the final weights (TracIn with one checkpoint, no Hessian):
   grad(query's summed continuation loss) . grad(window's summed loss).
@@ -56,7 +56,8 @@ def random_scores(pool: Pool, queries: list[np.ndarray]) -> np.ndarray:
 
 
 def span_scores(pool: Pool, queries: list[np.ndarray]) -> np.ndarray:
-    from glassgpt.trace import spans as sp
+    from glassgpt.trace import span_rules as rules
+    from glassgpt.trace import suffix_array as sp
 
     n, L = pool.windows.shape
     if "span_arrays" not in pool.cache:
@@ -70,8 +71,8 @@ def span_scores(pool: Pool, queries: list[np.ndarray]) -> np.ndarray:
     for qi, q in enumerate(queries):
         ids = [int(i) for i in q]
         ms, _ = sp.matching_statistics(arrays, ids, pool.prompt_len)
-        start_ok, end_ok, breaks = sp.token_rules(decode(ids), list(range(len(ids) + 1)))
-        maximal = sp.maximal_spans(ms, start_ok, end_ok, breaks, pool.prompt_len)
+        start_ok, end_ok, breaks = rules.token_rules(decode(ids), list(range(len(ids) + 1)))
+        maximal = rules.maximal_spans(ms, start_ok, end_ok, breaks, pool.prompt_len)
         found = [(a, e) for a, e in maximal if e - a >= MIN_SPAN]
         if not found:
             continue
@@ -85,7 +86,7 @@ def span_scores(pool: Pool, queries: list[np.ndarray]) -> np.ndarray:
 def bm25_scores(pool: Pool, queries: list[np.ndarray]) -> np.ndarray:
     import bm25s
 
-    from glassgpt.trace.knn import bm25_tokens
+    from glassgpt.trace.knn_store import bm25_tokens
 
     if "bm25" not in pool.cache:
         retriever = bm25s.BM25()
@@ -102,7 +103,7 @@ def bm25_scores(pool: Pool, queries: list[np.ndarray]) -> np.ndarray:
 
 
 def _raw_embeddings(pool: Pool, queries: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    from glassgpt.trace import knn
+    from glassgpt.trace import knn_store as knn
 
     model = pool.model
     T = pool.windows.shape[1] - 1
@@ -118,7 +119,7 @@ def _raw_embeddings(pool: Pool, queries: list[np.ndarray]) -> tuple[np.ndarray, 
 
 def embedding_scorer(calibration: str) -> Scorer:
     def score(pool: Pool, queries: list[np.ndarray]) -> np.ndarray:
-        from glassgpt.trace import knn
+        from glassgpt.trace import knn_store as knn
 
         raw, q = _raw_embeddings(pool, queries)
         key = f"calib-{calibration}"

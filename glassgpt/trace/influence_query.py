@@ -37,7 +37,8 @@ def query_recall_vector(grads: list[torch.Tensor], proj: list[tuple[torch.Tensor
 
 
 def bm25_candidates(store: InfluenceStore, text: str, k: int) -> np.ndarray:
-    from glassgpt.trace.knn import bm25_tokens, top_ids
+    from glassgpt.trace.knn_search import top_ids
+    from glassgpt.trace.knn_store import bm25_tokens
 
     if k <= 0 or not text.strip():
         return np.zeros(0, np.int64)
@@ -123,7 +124,7 @@ def window_dict(run: Any, store: InfluenceStore, row: int, score: float, per_pos
 
 def candidates(run: Any, store: InfluenceStore, cos: np.ndarray, ids: Sequence[int], prompt_len: int, text: str,
                recall: int, bm25: int, exhaustive: bool) -> tuple[np.ndarray, dict[str, int | None]]:
-    from glassgpt.trace.knn import top_ids
+    from glassgpt.trace.knn_search import top_ids
 
     if exhaustive:
         return np.arange(len(store)), {"all": len(store)}

@@ -37,7 +37,7 @@ from glassgpt.artifacts import check_writable, read_json, write_artifact, write_
 from glassgpt.corpus import Corpus
 from glassgpt.errors import UserError
 from glassgpt.trace import influence as inf
-from glassgpt.trace.knn import build_bm25, locate_windows, window_spans
+from glassgpt.trace.knn_store import build_bm25, locate_windows, window_spans
 
 STORE_FORMAT = "glassgpt-influence/1"
 PROJ_DIM = 32  # per side and layer: recall of the exact top-10 0.70 at 32, 0.40 at 16 (docs/influence.md)
@@ -154,7 +154,7 @@ class InfluenceStore:
     def cosines(self, query: np.ndarray) -> np.ndarray:
         """(n,) cosine of a unit query vector with every window's, read from the memory map in chunks
         (bounded memory whatever the store's size)."""
-        from glassgpt.trace.knn import exact_scores
+        from glassgpt.trace.knn_search import exact_scores
 
         return exact_scores(self.vectors, query[None], chunk_rows=8192)[0]
 

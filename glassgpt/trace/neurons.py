@@ -3,41 +3,40 @@
     glassgpt trace-neurons --out_dir=out --start="ROMEO:" [--rank=raw|z|prob|attribution] [--ablate] [--json]
     glassgpt trace-neurons --out_dir=out --prompts=FILE --rank=z --ablate   # + overlap and specificity
     glassgpt trace-neurons --out_dir=out --build_baseline
-    glassgpt neuron --out_dir=out --layer=2 --index=117 [--json]
 
-The viewer calls `explain(run, text, **opts)` (what `trace-neurons --json` prints for one prompt),
-`neuron_card(run, layer, index, **opts)` (what `neuron --json` prints) and `open_baseline(run)`.
-The neurons are every block's `blocks.{i}.mlp.hook_post`; docs/neurons.md defines each statistic
-and shows the measurements that chose the defaults.
+The viewer calls `explain(run, text, **opts)` (what `trace-neurons --json` prints for one prompt) and
+`open_baseline(run)`. Recording, ablating and the baseline's statistics are in neuron_record.py; one
+neuron's card (`glassgpt neuron`) is neuron_card.py. The neurons are every block's
+`blocks.{i}.mlp.hook_post`; docs/neurons.md defines each statistic and shows the measurements that
+chose the defaults.
 """
 
 from __future__ import annotations
 
-import bisect
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-from glassgpt.artifacts import read_json, write_artifact
+from glassgpt.artifacts import Unusable
 from glassgpt.config import load_config, read_text_arg, wants_help
 from glassgpt.errors import UserError
-from glassgpt.evaluate import token_nlls
-from glassgpt.hooks import hooks, mlp_post, record
 from glassgpt.model import GPT
+from glassgpt.progress import ProgressFn
 from glassgpt.sampling import SamplingSettings, generate_from, prompt_ids, sampling_settings
-from glassgpt.windows import sliding_windows
-
-FORMAT = "glassgpt-neurons/2"
-BASELINE_DIR, EXAMPLES_DIR = "neurons_baseline", "neurons_examples"
-QUANTILES = (0.5, 0.9, 0.99, 0.999)
-HIGHLIGHT = ("\u27e6", "\u27e7")  # ⟦max token⟧
+from glassgpt.trace.neuron_record import (
+    DIRS,
+    Baseline,
+    ablated_logprob,
+    build_baseline,
+    load_arrays,
+    record_text,
+    save_arrays,
+    traced_logprob,
+)
 
 
 @dataclass
@@ -88,43 +87,6 @@ class TraceNeuronsConfig(SamplingSettings):
     vocab_dir: str | None = None
 
 
-@dataclass
-class NeuronConfig:
-    out_dir: str = "out"
-    ckpt_iter: str | None = None
-    """Open out_dir/ckpt-<iter>.pt kept by train.py --keep_every (or 'best': ckpt-best.pt) instead of ckpt.pt."""
-    layer: int = -1
-    """Block index of the neuron (required)."""
-    index: int = -1
-    """Neuron index within the block's MLP, 0..4*n_embd-1 (required)."""
-    top: int = 10
-    """Top-activating training windows to show."""
-    context: int = 40
-    """Tokens of context shown before the example token (and a quarter of that after)."""
-    per_quantile: int = 2
-    """Examples shown at each activation quantile (0.5, 0.9, 0.99, 0.999)."""
-    sample_windows: int = 64
-    """Random training windows read for the histogram and the quantile examples."""
-    bins: int = 20
-    n_tokens: int = 10
-    """Tokens shown as promoted / suppressed through the unembedding."""
-    window: int = 0
-    """Scan window length; 0 = min(block_size, 128). Windows overlap by half."""
-    keep: int = 32
-    """Top examples kept per neuron in the cache (>= top)."""
-    max_windows: int | None = None
-    """Scan only the first N windows of the training split (None = all of it)."""
-    batch_size: int = 32
-    json: bool = False
-    device: str = "auto"
-    data_dir: str | None = None
-    vocab_dir: str | None = None
-
-
-# ----------------------------------------------------------------------------------------------
-# Pure functions over arrays
-
-
 def top_neurons(scores: np.ndarray, k: int) -> list[tuple[int, int, float]]:
     """The k highest (layer, index, score) of an (n_layer, n_neurons) array, best first; ties go to
     the lower flat index, so the ranking is deterministic."""
@@ -138,18 +100,6 @@ def top_per_layer(scores: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
     """For each layer, its k highest (index, score), best first."""
     return [[(int(i), float(row[i])) for i in np.argsort(-row, kind="stable")[:k]]
             for row in np.asarray(scores, dtype=np.float64)]
-
-
-@dataclass
-class Baseline:
-    """Per-neuron statistics of MLP activations on text like a trace's (see build_baseline)."""
-
-    mean: np.ndarray  # (n_layer, n_neurons) float64
-    std: np.ndarray  # population std
-    prob: np.ndarray  # fraction of tokens with activation > 0
-    sample: np.ndarray  # (S, n_layer, n_neurons) activations of S random baseline tokens (resampling)
-    n_tokens: int
-    params: dict = field(default_factory=dict)
 
 
 def contrast(acts: np.ndarray, baseline: Baseline, score: str = "z", floor: float = 0.1,
@@ -194,123 +144,16 @@ def matched_controls(raw: np.ndarray, top: list[tuple[int, int]], n_draws: int, 
     same layer whose mean activation on the traced text (raw) is closest to its own, never a top
     neuron nor one already picked in the draw. A control that can win: equally busy neurons."""
     rng, top_set, draws = np.random.default_rng(seed), set(top), []
-    order = {(l, i): np.argsort(np.abs(raw[l] - raw[l, i]), kind="stable") for l, i in top}
+    order = {(ly, i): np.argsort(np.abs(raw[ly] - raw[ly, i]), kind="stable") for ly, i in top}
     for _ in range(n_draws):
         used, pick = set(top_set), []
-        for l, i in top:
-            cands = [int(j) for j in order[l, i] if (l, int(j)) not in used][:pool]
+        for ly, i in top:
+            cands = [int(j) for j in order[ly, i] if (ly, int(j)) not in used][:pool]
             j = cands[int(rng.integers(len(cands)))]
-            used.add((l, j))
-            pick.append((l, j))
+            used.add((ly, j))
+            pick.append((ly, j))
         draws.append(pick)
     return draws
-
-
-def quantile_examples(values: np.ndarray, quantiles=QUANTILES, per: int = 2) -> list[tuple[float, float, list[int]]]:
-    """(q, the q-quantile of values, indices of the `per` values ranked nearest it) for each q;
-    ranks are those of a stable sort, the quantile is np.quantile's (linear)."""
-    order = np.argsort(values, kind="stable")
-    out = []
-    for q in quantiles:
-        r = int(round(q * (len(values) - 1)))
-        lo = min(max(r - per // 2, 0), max(len(values) - per, 0))
-        out.append((float(q), float(np.quantile(values, q)), [int(i) for i in order[lo:lo + per]]))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Recording and ablating with a model
-
-
-def mlp_width(model: GPT) -> int:
-    """MLP neurons per layer (4 * n_embd in GPT-2)."""
-    return model.transformer.h[0].mlp.c_fc.out_features
-
-
-def check_neuron(model: GPT, layer: int, index: int) -> None:
-    """UserError saying the valid range when (layer, index) is not a neuron of this model."""
-    L, N = model.config.n_layer, mlp_width(model)
-    if not 0 <= layer < L:
-        raise UserError(f"--layer={layer} is out of range: this model has layers 0..{L - 1}")
-    if not 0 <= index < N:
-        raise UserError(f"--index={index} is out of range: each layer has MLP neurons 0..{N - 1} (4 * n_embd)")
-
-
-@torch.no_grad()
-def record_activations(model: GPT, idx: torch.Tensor, layers: list[int] | None = None) -> torch.Tensor:
-    """(B, T, len(layers), n_neurons) MLP activations of one forward pass (all layers by default);
-    the pass stops after the last layer asked for."""
-    layers = list(range(model.config.n_layer)) if layers is None else layers
-    names = [mlp_post(i) for i in layers]
-    with record(model, names) as cache:
-        model(idx, stop_at_layer=max(layers) + 1)
-    return torch.stack([cache[n][0] for n in names], dim=2)
-
-
-def record_text(model: GPT, ids: list[int], pos0: int, grad: bool = False):
-    """Every position's MLP activations over `ids`, (T, n_layer, n_neurons) float32, read in
-    half-overlapping windows (glassgpt.windows: each position once, >= block_size/2 context).
-
-    With grad also (sum a*g, sum g), each (n_layer, n_neurons), where g = d/da of the log-prob of the
-    traced tokens ids[pos0+1:], summed over every position of every window: sum (a - ref) * g is then
-    the first-order change of that log-prob when the neuron is set to ref everywhere."""
-    T, block = len(ids), model.config.block_size
-    names = [mlp_post(i) for i in range(model.config.n_layer)]
-    acts = np.zeros((T, len(names), mlp_width(model)), dtype=np.float32)
-    ag, gs = np.zeros(acts.shape[1:]), np.zeros(acts.shape[1:])
-    seq = torch.tensor(list(ids) + [0], device=model.lm_head.weight.device)  # a dummy target at the end
-    for b, e, s in sliding_windows(T, block, max(1, block // 2)):
-        seen: list[torch.Tensor] = []
-        with torch.set_grad_enabled(grad), hooks(model, [(n, lambda a, _n: seen.append(a)) for n in names]):
-            h = model.hidden_states(seq[None, b:e])
-            lo, hi = max(s, pos0), min(e, T - 1)  # this window's traced positions
-            if grad and hi > lo:
-                logp = F.log_softmax(model.head(h[0, lo - b:hi - b]).float(), -1)
-                target = logp.gather(1, seq[lo + 1:hi + 1, None]).sum()
-                for l, g in enumerate(torch.autograd.grad(target, seen)):
-                    ag[l] += (seen[l][0].detach() * g[0]).sum(0).double().cpu().numpy()
-                    gs[l] += g[0].sum(0).double().cpu().numpy()
-        acts[s:e] = torch.stack([a[0, s - b:] for a in seen], 1).detach().float().cpu().numpy()
-    return (acts, ag, gs) if grad else acts
-
-
-def traced_logprob(model: GPT, ids: list[int], pos0: int) -> float:
-    """Teacher-forced sum of log p(ids[j+1] | ids[:j+1]) over traced positions j >= pos0, scored in
-    half-overlapping windows past block_size (each token once, >= block_size/2 context)."""
-    block = model.config.block_size
-    return float(-token_nlls(model, torch.tensor(list(ids)), block, max(1, block // 2))[pos0:].sum())
-
-
-def ablation_hooks(neurons: list[tuple[int, int]], mode: str = "mean", baseline: Baseline | None = None,
-                   seed: int = 0) -> list[tuple[str, Any]]:
-    """Forward hooks that set (layer, index) neurons to their baseline mean, 0, or (resample) at each
-    position the values of a random baseline token (one draw per position and layer)."""
-    by_layer: dict[int, list[int]] = {}
-    for layer, i in neurons:
-        by_layer.setdefault(layer, []).append(i)
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for layer, idx in sorted(by_layer.items()):
-        fill = torch.zeros(len(idx)) if mode == "zero" else torch.from_numpy(
-            baseline.mean[layer, idx] if mode == "mean" else baseline.sample[:, layer, idx].astype(np.float32)).float()
-
-        def ablate(act: torch.Tensor, name: str, idx=idx, fill=fill) -> torch.Tensor:
-            act = act.clone()
-            if mode == "resample":
-                rows = torch.randint(fill.size(0), act.shape[:-1], generator=gen)
-                act[..., idx] = fill[rows].to(act.device, act.dtype)
-            else:
-                act[..., idx] = fill.to(act.device, act.dtype)
-            return act
-
-        out.append((mlp_post(layer), ablate))
-    return out
-
-
-def ablated_logprob(model: GPT, ids: list[int], pos0: int, neurons: list[tuple[int, int]], mode: str = "mean",
-                    baseline: Baseline | None = None, seed: int = 0) -> float:
-    with hooks(model, ablation_hooks(neurons, mode, baseline, seed)):
-        return traced_logprob(model, ids, pos0)
 
 
 def causal_check(model: GPT, ids: list[int], pos0: int, top: list[tuple[int, int]], raw: np.ndarray,
@@ -320,7 +163,7 @@ def causal_check(model: GPT, ids: list[int], pos0: int, top: list[tuple[int, int
     most active neurons) and K activation-matched neurons of the same layers (n_controls draws)."""
     clean = traced_logprob(model, ids, pos0)
     drop = lambda ns: clean - ablated_logprob(model, ids, pos0, ns, mode, baseline, seed)  # noqa: E731
-    raw_top = [(l, i) for l, i, _ in top_neurons(raw, len(top))]
+    raw_top = [(ly, i) for ly, i, _ in top_neurons(raw, len(top))]
     matched = [drop(c) for c in matched_controls(raw, top, n_controls, seed)]
     d_top, m = drop(top), float(np.mean(matched)) if matched else float("nan")
     return {"mode": mode, "k": len(top), "n_tokens": len(ids) - 1 - pos0, "clean_logprob": clean,
@@ -344,144 +187,34 @@ def specificity(model: GPT, items: list[tuple[list[int], int]], tops: list[list[
     return {"drop_per_token": drop.tolist(), "ratio": ratio, "n_pass": int(sum(passed)), "n_pairs": len(passed)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Artifacts beside the run: a directory with arrays.npz + meta.json, appearing by one rename
-
-
-def _load_artifact(run, name: str, params: dict | None) -> tuple[dict | None, str]:
-    """(arrays + "params", "") when run.out_dir/name fits the run (and `params`, if given), else (None, why)."""
-    d = Path(run.out_dir) / name
-    meta = read_json(d / "meta.json", default=None, strict=False)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        return None, f"no {name} in {run.out_dir}"
-    if params is not None and meta.get("params") != params:
-        return None, f"{d} was built with other settings ({meta.get('params')})"
-    stale = run.stale_reasons(meta.get("built_from"))
-    if stale:
-        return None, f"{d} is stale: {stale[0]}"
-    with np.load(d / "arrays.npz") as z:
-        return {**{k: z[k] for k in z.files}, "params": meta["params"]}, ""
-
-
-def _save_artifact(run, name: str, params: dict, arrays: dict[str, np.ndarray]) -> None:
-    with write_artifact(Path(run.out_dir) / name) as tmp:
-        np.savez(tmp / "arrays.npz", **arrays)
-        (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "params": params,
-                                                   "built_from": run.provenance()}, indent=1))
-
-
-def open_baseline(run, params: dict | None = None) -> Baseline:
-    """The run's baseline (built with `params`, if given); UserError with the build command if it is
-    missing, stale or built otherwise."""
-    a, why = _load_artifact(run, BASELINE_DIR, params)
-    if a is None:
-        raise UserError(f"{why}; build it with `glassgpt trace-neurons --out_dir={run.out_dir} --build_baseline`")
+def open_baseline(run: Any, params: dict | None = None) -> Baseline:
+    """The run's baseline (built with `params`, if given); an Unusable (UserError) naming the build
+    command if it is missing, stale or built otherwise."""
+    a = load_arrays(run, "neurons", params)
     return Baseline(a["mean"], a["std"], a["prob"], a["sample"], int(a["n_tokens"]), a["params"])
 
 
-@torch.no_grad()
-def build_baseline(model: GPT, tokens: np.ndarray, source: str = "generated", n_seqs: int = 128,
-                   prompt_len: int = 8, new_tokens: int = 64, temperature: float | None = 0.8, seed: int = 0,
-                   batch_size: int = 16, n_sample: int = 256, progress: bool = True, **_: Any) -> Baseline:
-    """Statistics of every neuron over n_seqs sequences that start with `prompt_len` tokens of random
-    training text and go on for `new_tokens` tokens: the model's own samples at `temperature`
-    (source='generated', what a trace looks like) or the training text itself ('train'). Only the
-    positions that compute the continuation count, as in a trace; sums are float64."""
-    from glassgpt.generate import generate
-
-    new_tokens = min(new_tokens, model.config.block_size + 1 - prompt_len)
-    span = prompt_len + new_tokens
-    if new_tokens < 1 or len(tokens) <= span:
-        raise UserError(f"the training split ({len(tokens)} tokens) or block_size is too small for a baseline "
-                        f"of {prompt_len}-token prompts; lower --baseline_prompt")
-    rng = np.random.default_rng(seed)
-    starts = np.sort(rng.integers(0, len(tokens) - span + 1, size=n_seqs))
-    keep = np.sort(rng.choice(n_seqs * new_tokens, size=min(n_sample, n_seqs * new_tokens), replace=False))
-    L, N = model.config.n_layer, mlp_width(model)
-    s1, s2, n_on, sample = np.zeros((L, N)), np.zeros((L, N)), np.zeros((L, N)), []
-    for b in tqdm(range(0, n_seqs, batch_size), desc="neuron baseline", unit="batch", disable=not progress):
-        seqs = [tokens[s:s + span].astype(np.int64).tolist() for s in starts[b:b + batch_size]]
-        if source == "generated":  # rows seeded seed+b+i: a batch size does not change the samples
-            outs = generate(model, [s[:prompt_len] for s in seqs], new_tokens, temperature=temperature,
-                            seed=1_000_000 + seed + b)
-            seqs = [s[:prompt_len] + o for s, o in zip(seqs, outs, strict=False)]
-        x = torch.tensor(seqs, device=model.lm_head.weight.device)[:, :-1]
-        acts = record_activations(model, x)[:, prompt_len - 1:].double().cpu().reshape(-1, L, N)
-        s1, s2, n_on = s1 + acts.sum(0).numpy(), s2 + (acts**2).sum(0).numpy(), n_on + (acts > 0).sum(0).numpy()
-        lo = b * new_tokens
-        sample.append(acts[torch.from_numpy(keep[(keep >= lo) & (keep < lo + len(acts))] - lo)].half().numpy())
-    n = n_seqs * new_tokens
-    var = np.maximum(s2 / n - (s1 / n) ** 2, 0.0)  # float64 sums keep the cancellation error ~1e-12
-    return Baseline(s1 / n, np.sqrt(var), n_on / n, np.concatenate(sample), n)
-
-
-def get_baseline(run, cfg: TraceNeuronsConfig, log=print, rebuild: bool = False) -> Baseline:
-    """The run's baseline for cfg's settings, built (with a progress bar) if missing, stale or otherwise built."""
+def get_baseline(run: Any, cfg: TraceNeuronsConfig, log: Any = print, rebuild: bool = False,
+                 progress: ProgressFn | None = None) -> Baseline:
+    """The run's baseline for cfg's settings, built (with a progress bar, and `progress(done, total,
+    what)` called) if missing, stale or otherwise built, or when `rebuild`."""
     params = {"source": cfg.baseline_source, "n_seqs": cfg.baseline_windows, "prompt_len": cfg.baseline_prompt,
               "new_tokens": min(64, run.model.config.block_size + 1 - cfg.baseline_prompt), "seed": 0,
               "temperature": cfg.temperature if cfg.baseline_source == "generated" else None, "split": "train"}
-    a, why = (None, "--build_baseline") if rebuild else _load_artifact(run, BASELINE_DIR, params)
-    if a is not None:
-        return Baseline(a["mean"], a["std"], a["prob"], a["sample"], int(a["n_tokens"]), a["params"])
+    why = "--build_baseline"
+    if not rebuild:
+        try:
+            return open_baseline(run, params)
+        except Unusable as e:
+            why = e.reason
     log(f"{why}: building the neuron baseline ({params['n_seqs']} {params['source']} sequences; kept in "
-        f"{Path(run.out_dir) / BASELINE_DIR})")
-    base = build_baseline(run.model, run.corpus.tokens("train"), batch_size=cfg.batch_size, **params)
-    _save_artifact(run, BASELINE_DIR, params, {"mean": base.mean, "std": base.std, "prob": base.prob,
-                                               "sample": base.sample, "n_tokens": np.array(base.n_tokens)})
+        f"{Path(run.out_dir) / DIRS['neurons']})")
+    base = build_baseline(run.model, run.corpus.tokens("train"), batch_size=cfg.batch_size, on_progress=progress,
+                          **params)
+    save_arrays(run, "neurons", params, {"mean": base.mean, "std": base.std, "prob": base.prob,
+                                         "sample": base.sample, "n_tokens": np.array(base.n_tokens)})
     base.params = params
     return base
-
-
-@torch.no_grad()
-def build_neuron_examples(model: GPT, tokens: np.ndarray, window: int, keep: int = 32, batch_size: int = 32,
-                          max_windows: int | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """For every neuron, the `keep` windows where it fires most: (values, positions), each
-    (keep, n_layer, n_neurons), best first; positions index the split. At most one example per scan
-    window per neuron, so one long burst does not fill the list."""
-    windows = [(b, f) for b, _, f in sliding_windows(len(tokens), window, skip=1)][:max_windows]
-    if not windows:
-        raise UserError(f"the training split has {len(tokens)} tokens: too few to scan")
-    window = min(window, len(tokens))
-    L, N = model.config.n_layer, mlp_width(model)
-    values, positions = torch.full((0, L * N), -float("inf")), torch.zeros((0, L * N), dtype=torch.long)
-    for b in tqdm(range(0, len(windows), batch_size), desc="neuron examples", unit="batch", disable=not progress):
-        chunk = windows[b:b + batch_size]
-        x = torch.from_numpy(np.stack([tokens[s:s + window] for s, _ in chunk]).astype(np.int64))
-        acts = record_activations(model, x.to(model.lm_head.weight.device)).float().cpu().reshape(len(chunk), window, -1)
-        score_from = torch.tensor([f - s for s, f in chunk])  # first scored position in each window
-        masked = acts.masked_fill((torch.arange(window)[None, :] < score_from[:, None])[:, :, None], -float("inf"))
-        best, where = masked.max(dim=1)  # (B, L*N)
-        v = torch.cat([values, best])  # merge with the running top, keep the best `keep` per neuron
-        p = torch.cat([positions, torch.tensor([s for s, _ in chunk])[:, None] + where])
-        values, idx = v.topk(min(keep, v.size(0)), dim=0)
-        positions = p.gather(0, idx)
-    return values.reshape(-1, L, N).numpy(), positions.reshape(-1, L, N).numpy()
-
-
-def _window(window: int, model: GPT) -> int:
-    return min(window or 128, model.config.block_size)
-
-
-def open_examples(run, window: int = 0, keep: int = 32, max_windows: int | None = None, build: bool = False,
-                  batch_size: int = 32, log=print) -> tuple[np.ndarray, np.ndarray]:
-    """Every neuron's top training examples (values, positions); built if `build`, else UserError
-    with the build command when missing or stale."""
-    params = {"window": _window(window, run.model), "keep": keep, "max_windows": max_windows, "split": "train"}
-    a, why = _load_artifact(run, EXAMPLES_DIR, params)
-    if a is not None:
-        return a["values"], a["positions"]
-    if not build:
-        raise UserError(f"{why}; build it with `glassgpt neuron --out_dir={run.out_dir} --layer=0 --index=0`")
-    log(f"{why}: scanning the training split for every neuron's top windows (kept in "
-        f"{Path(run.out_dir) / EXAMPLES_DIR}; later neurons are instant)")
-    values, positions = build_neuron_examples(run.model, run.corpus.tokens("train"), params["window"], keep,
-                                              batch_size, max_windows)
-    _save_artifact(run, EXAMPLES_DIR, params, {"values": values, "positions": positions})
-    return values, positions
-
-
-# ----------------------------------------------------------------------------------------------
-# What the commands and the viewer return
 
 
 def explain(run, text: str, *, output: str | None = None, sampling: SamplingSettings | None = None,
@@ -514,20 +247,20 @@ def explain(run, text: str, *, output: str | None = None, sampling: SamplingSett
     if rank == "attribution":  # (a - mu) * g: the first-order log-prob loss of mean-ablating the neuron
         scores = per_layer(rec[1] - baseline.mean * rec[2]) if layer_norm else rec[1] - baseline.mean * rec[2]
     else:
-        scores = raw if rank == "raw" else contrast(traced, baseline, rank, floor, layer_norm)
+        scores = raw if rank == "raw" or baseline is None else contrast(traced, baseline, rank, floor, layer_norm)
     top = top_neurons(scores, n_neurons)
     r: dict[str, Any] = {
         "prompt": text, "output": tok.decode(out_ids), "generated": output is None, "token_ids": seq,
         "tokens": [tok.decode([t]) for t in seq], "first_traced_position": pos0, "n_traced_tokens": len(traced),
         "ranking": rank, "baseline": baseline.params if baseline is not None else None,
-        "top": [{"layer": l, "index": i, "score": s, "mean_activation": float(raw[l, i]),
-                 "token_activations": [round(float(a), 4) for a in acts[:, l, i]]} for l, i, s in top],
-        "layer_counts": np.bincount([l for l, _, _ in top], minlength=model.config.n_layer).tolist(),
+        "top": [{"layer": ly, "index": i, "score": s, "mean_activation": float(raw[ly, i]),
+                 "token_activations": [round(float(a), 4) for a in acts[:, ly, i]]} for ly, i, s in top],
+        "layer_counts": np.bincount([ly for ly, _, _ in top], minlength=model.config.n_layer).tolist(),
         "per_layer": [[{"index": i, "score": s} for i, s in row] for row in top_per_layer(scores, n_neurons)],
-        "top_raw": [[l, i] for l, i, _ in top_neurons(raw, n_neurons)],
+        "top_raw": [[ly, i] for ly, i, _ in top_neurons(raw, n_neurons)],
     }
     if ablate:
-        r["ablation"] = causal_check(model, seq, pos0, [(l, i) for l, i, _ in top], raw, ablation, baseline,
+        r["ablation"] = causal_check(model, seq, pos0, [(ly, i) for ly, i, _ in top], raw, ablation, baseline,
                                      n_controls, seed)
     return r
 
@@ -604,119 +337,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
               "pairs >= 2; " + ", ".join(f"{a}/{b} {x:.1f}" for a, row in enumerate(s["ratio"])
                                          for b, x in enumerate(row) if x is not None))
     return out
-
-
-def logit_effect(model: GPT, layer: int, index: int) -> torch.Tensor:
-    """(vocab,) direct effect of the neuron on the logits: W_U (ln_f.weight * W_out[:, index]), its
-    c_proj column through the final LayerNorm's gain and the unembedding (ln_f's centring and scale
-    are left out: the logit lens approximation)."""
-    w_out = model.transformer.h[layer].mlp.c_proj.weight[:, index]
-    return (model.lm_head.weight @ (model.transformer.ln_f.weight * w_out)).detach().float().cpu()
-
-
-def _example(run, start: int, acts: np.ndarray, pos: int, context: int) -> dict[str, Any]:
-    """The text around token `pos` of a window starting at `start` with this neuron's activations
-    `acts`, kept inside the window and the document segment, each token with its activation."""
-    corpus = run.corpus
-    seg = corpus.segment_of("train", pos)
-    lo = max(int(seg[1]), pos - context, start)
-    hi = min(int(seg[2]), pos + 1 + max(context // 4, 1), start + len(acts))
-    ids = corpus.tokens("train")[lo:hi].tolist()
-    return {"activation": float(acts[pos - start]), "token_position": int(pos),
-            "line": corpus.locate("train", pos, pos + 1).line, "before": corpus.decode("train", lo, pos),
-            "token": corpus.decode("train", pos, pos + 1), "after": corpus.decode("train", pos + 1, hi),
-            "location": corpus.locate("train", lo, hi).to_dict(),
-            "tokens": [[run.tokenizer.decode([t]), round(float(a), 4)]
-                       for t, a in zip(ids, acts[lo - start:hi - start], strict=False)]}
-
-
-def _window_acts(model: GPT, tokens: np.ndarray, starts: list[int], window: int, layer: int,
-                 index: int) -> np.ndarray:
-    x = torch.from_numpy(np.stack([tokens[s:s + window] for s in starts]).astype(np.int64))
-    acts = record_activations(model, x.to(model.lm_head.weight.device), [layer])
-    return acts[:, :, 0, index].float().cpu().numpy()
-
-
-def neuron_card(run, layer: int, index: int, *, top: int = 10, context: int = 40, per_quantile: int = 2,
-                sample_windows: int = 64, bins: int = 20, n_tokens: int = 10, window: int = 0, keep: int = 32,
-                max_windows: int | None = None, build: bool = False, batch_size: int = 32, log=print) -> dict[str, Any]:
-    """A neuron as Neuronpedia shows one: its top training windows (from the examples artifact),
-    examples at activation quantiles and a histogram (over `sample_windows` random scan windows), and
-    the tokens it promotes / suppresses through the unembedding. What `glassgpt neuron --json` prints."""
-    model, tokens = run.model, run.corpus.tokens("train")
-    check_neuron(model, layer, index)
-    values, positions = open_examples(run, window, keep, max_windows, build, batch_size, log)
-    W = _window(window, model)
-    windows = [(b, f) for b, _, f in sliding_windows(len(tokens), W, skip=1)]
-    W = min(W, len(tokens))
-    froms = [f for _, f in windows]
-    hits = [int(p) for v, p in zip(values[:top, layer, index], positions[:top, layer, index], strict=False) if np.isfinite(v)]
-    owner = [windows[bisect.bisect_right(froms, p) - 1][0] for p in hits]  # the scan window that scored p
-    acts = _window_acts(model, tokens, owner, W, layer, index) if hits else []
-    examples = [_example(run, s, a, p, context) for s, a, p in zip(owner, acts, hits, strict=False)]
-    pick = np.random.default_rng(0).choice(len(windows), min(sample_windows, len(windows)), replace=False)
-    starts = [windows[k][0] for k in np.sort(pick)]
-    sacts = np.concatenate([_window_acts(model, tokens, starts[b:b + batch_size], W, layer, index)
-                            for b in range(0, len(starts), batch_size)])
-    where = [(k, j) for k, w in enumerate(np.sort(pick)) for j in range(windows[w][1] - windows[w][0], W)]
-    vals = np.array([sacts[k, j] for k, j in where])  # the scored positions of the sampled windows
-
-    def sampled(i: int) -> dict[str, Any]:
-        k, j = where[i]
-        return _example(run, starts[k], sacts[k], starts[k] + j, context)
-
-    quants = [{"quantile": q, "value": v, "examples": [sampled(i) for i in idx]}
-              for q, v, idx in quantile_examples(vals, QUANTILES, per_quantile)]
-    counts, edges = np.histogram(vals, bins=bins)
-    effect = logit_effect(model, layer, index)[:run.tokenizer.vocab_size]  # GPT-2 pads its vocab
-    order = torch.argsort(effect, descending=True, stable=True).tolist()
-    as_tokens = lambda ids: [{"token": run.tokenizer.decode([t]), "logit": float(effect[t])} for t in ids]  # noqa: E731
-    return {"layer": layer, "index": index, "examples": examples, "quantile_examples": quants,
-            "histogram": {"counts": counts.tolist(), "edges": edges.tolist(), "n_tokens": len(vals),
-                          "n_windows": len(starts), "frac_positive": float((vals > 0).mean())},
-            "promotes": as_tokens(order[:n_tokens]), "suppresses": as_tokens(order[::-1][:n_tokens])}
-
-
-def _show(e: dict[str, Any]) -> str:
-    loc = e["location"]
-    text = (e["before"] + HIGHLIGHT[0] + e["token"] + HIGHLIGHT[1] + e["after"]).replace("\n", "\u23ce")
-    return f"act {e['activation']:.3f}  doc {loc['doc_id']} tokens [{loc['token_start']}, {loc['token_end']}) line {e['line']}: {text}"
-
-
-def format_card(c: dict[str, Any]) -> str:
-    h = c["histogram"]
-    lines = [f"neuron {c['index']} of layer {c['layer']}: top {len(c['examples'])} training windows "
-             f"(example token in {HIGHLIGHT[0]}{HIGHLIGHT[1]})"]
-    lines += [f"{k:>3}. {_show(e)}" for k, e in enumerate(c["examples"], 1)]
-    for q in c["quantile_examples"]:
-        lines.append(f"at quantile {q['quantile']} (activation {q['value']:.3f}):")
-        lines += [f"     {_show(e)}" for e in q["examples"]]
-    lines.append(f"activations over {h['n_tokens']} tokens of {h['n_windows']} random windows "
-                 f"({100 * h['frac_positive']:.0f}% > 0):")
-    peak = max(h["counts"]) or 1
-    lines += [f"  [{lo:>8.3f}, {hi:>8.3f}) {n:>7} {'#' * round(40 * n / peak)}"
-              for lo, hi, n in zip(h["edges"], h["edges"][1:], h["counts"], strict=False)]
-    for key in ("promotes", "suppresses"):
-        lines.append(f"{key}: " + ", ".join(f"{t['token']!r} {t['logit']:+.2f}" for t in c[key]))
-    return "\n".join(lines)
-
-
-def neuron_main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    if wants_help(NeuronConfig, argv, "glassgpt neuron"):
-        return None
-    cfg = load_config(NeuronConfig, argv)
-    if cfg.layer == -1 or cfg.index == -1:
-        raise UserError("give the neuron: --layer=L --index=I (see `glassgpt trace-neurons` for interesting ones)")
-    if cfg.keep < cfg.top:
-        raise UserError(f"--keep (now {cfg.keep}) must be >= --top (now {cfg.top})")
-    from glassgpt.run import open_run
-
-    run = open_run(cfg.out_dir, ckpt_iter=cfg.ckpt_iter, device=cfg.device,
-                   data_dir=cfg.data_dir, vocab_dir=cfg.vocab_dir)
-    check_neuron(run.model, cfg.layer, cfg.index)
-    log = (lambda m: print(m, file=sys.stderr)) if cfg.json else print
-    card = neuron_card(run, cfg.layer, cfg.index, top=cfg.top, context=cfg.context, per_quantile=cfg.per_quantile,
-                       sample_windows=cfg.sample_windows, bins=cfg.bins, n_tokens=cfg.n_tokens, window=cfg.window,
-                       keep=cfg.keep, max_windows=cfg.max_windows, build=True, batch_size=cfg.batch_size, log=log)
-    print(json.dumps(card, indent=1, ensure_ascii=False) if cfg.json else format_card(card))
-    return card

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from glassgpt.errors import UserError
+from glassgpt.progress import ProgressFn
 from glassgpt.sampling import SamplingSettings
 
 KINDS = ("spans", "knn", "neurons", "examples", "influence")
@@ -38,31 +39,25 @@ def check_settings(raw: dict[str, Any], max_new_tokens_limit: int) -> SamplingSe
     argv = [f"--{k}={'None' if v is None else v}" for k, v in raw.items()]
     s = load_config(SamplingSettings, argv)
     if s.max_new_tokens > max_new_tokens_limit:
-        raise UserError(f"max_new_tokens={s.max_new_tokens} is out of range: this viewer allows 1..{max_new_tokens_limit} "
-                        "(start it with --max_new_tokens_limit=N for more)")
+        raise UserError(f"max_new_tokens={s.max_new_tokens} is out of range: this viewer allows "
+                        f"1..{max_new_tokens_limit} (start it with --max_new_tokens_limit=N for more)")
     return s
 
 
 @dataclass
 class Build:
-    """A background index build: its state, for the page's progress bar."""
+    """A background index build: its state and progress (reported by the build itself), for the page."""
 
     kind: str
     state: str = "running"  # running | done | error
     message: str = ""
     started: float = field(default_factory=time.time)
     thread: threading.Thread | None = None
+    bar: dict[str, Any] | None = None  # {"n", "total", "desc"} of the step running now
 
-
-def tqdm_progress() -> dict[str, Any] | None:
-    """n/total of the newest live tqdm bar (the engines' builds draw one); None when none is live."""
-    from tqdm import tqdm
-
-    bars = [b for b in list(getattr(tqdm, "_instances", [])) if getattr(b, "total", None)]
-    if not bars:
-        return None
-    b = bars[-1]
-    return {"n": int(b.n), "total": int(b.total), "desc": str(b.desc or "")}
+    def progress(self, n: int, total: int, desc: str) -> None:
+        """The build functions' progress callback (glassgpt.progress)."""
+        self.bar = {"n": int(n), "total": int(total), "desc": desc}
 
 
 class Session:
@@ -102,24 +97,24 @@ class Session:
                 self.problems[kind] = str(e)
 
     def _open_spans(self):
-        from glassgpt.trace import spans
+        from glassgpt.trace.span_index import SpanIndex
 
-        return spans.open_index(self.data_dir)
+        return SpanIndex(self.data_dir)
 
     def _open_knn(self):
-        from glassgpt.trace import knn
+        from glassgpt.trace.knn_store import open_store
 
-        return knn.open_store(self.run)
+        return open_store(self.run)
 
     def _open_baseline(self):
-        from glassgpt.trace import neurons
+        from glassgpt.trace.neurons import open_baseline
 
-        return neurons.open_baseline(self.run)
+        return open_baseline(self.run)
 
     def _open_examples(self):
-        from glassgpt.trace import neurons
+        from glassgpt.trace.neuron_card import open_examples
 
-        return neurons.open_examples(self.run)
+        return open_examples(self.run)
 
     def _open_influence(self):
         from glassgpt.trace.influence_store import open_store
@@ -132,31 +127,44 @@ class Session:
         return self.indexes[kind]
 
     def build_commands(self) -> dict[str, str]:
-        return {"spans": f"glassgpt trace-spans --build --data_dir={self.data_dir}",
-                "knn": f"glassgpt trace-knn --out_dir={self.out_dir} --build",
-                "neurons": f"glassgpt trace-neurons --out_dir={self.out_dir} --build_baseline",
-                "examples": f"glassgpt neuron --out_dir={self.out_dir} --layer=0 --index=0",
-                "influence": f"glassgpt trace-influence --out_dir={self.out_dir} --build"}
+        """Each index's build command, from the one table (glassgpt.artifacts.ARTIFACTS)."""
+        from glassgpt.artifacts import rebuild_command
 
-    def build(self, kind: str) -> None:
-        """Build one index by running its CLI command in this process (so it is built exactly as the
-        command builds it); the server calls this in a background thread."""
-        import contextlib
-        import io
+        return {kind: rebuild_command(kind, out_dir=self.out_dir, data_dir=self.data_dir) for kind in KINDS}
 
-        from glassgpt.trace import influence_cli, knn, neurons, spans
+    def build(self, kind: str, progress: ProgressFn | None = None) -> None:
+        """Build one index with the library function its command calls, with the command's defaults;
+        `progress(done, total, what)` is called as it goes. The server calls this in a background thread."""
+        from glassgpt.trace.knn import build_run_store
+        from glassgpt.trace.neuron_card import open_examples
+        from glassgpt.trace.neurons import TraceNeuronsConfig, get_baseline
+        from glassgpt.trace.span_index import build_index
 
-        out, d = f"--out_dir={self.out_dir}", f"--data_dir={self.data_dir}"
-        commands = {"spans": (spans.main, ["--build", d]), "knn": (knn.main, [out, d, "--build"]),
-                    "neurons": (neurons.main, [out, d, "--build_baseline"]),
-                    "examples": (neurons.neuron_main, [out, d, "--layer=0", "--index=0", "--json"]),
-                    "influence": (influence_cli.main, [out, d, "--build", "--progress=True"])}
-        if kind not in commands:
+        def quiet(message: str) -> None:
+            pass
+
+        builders: dict[str, Callable[[], Any]] = {
+            "spans": lambda: build_index(self.data_dir, log=quiet, progress=progress),
+            "knn": lambda: build_run_store(self.run, on_progress=progress),
+            "neurons": lambda: get_baseline(self.run, TraceNeuronsConfig(), quiet, rebuild=True, progress=progress),
+            "examples": lambda: open_examples(self.run, build=True, log=quiet, progress=progress),
+            "influence": self._build_influence}
+        if kind not in builders:
             raise UserError(f"unknown index {kind!r}: one of {', '.join(KINDS)}")
-        fn, argv = commands[kind]
-        with self.lock, contextlib.redirect_stdout(io.StringIO()):  # the command's report is not needed
-            fn(argv)
+        with self.lock:
+            builders[kind]()
         self.reopen()
+
+    def _build_influence(self) -> None:
+        """The influence store with trace-influence's defaults (its build draws its own bar; it takes
+        no progress callback yet)."""
+        from glassgpt.trace.influence_cli import TraceInfluenceConfig
+        from glassgpt.trace.influence_store import build_store
+
+        c = TraceInfluenceConfig(out_dir=str(self.out_dir))
+        build_store(self.run.model, self.corpus, c.split, Path(self.out_dir) / f"influence_{c.split}", context=c.context,
+                    proj_dim=c.proj_dim, fit_windows=c.fit_windows, damping=c.damping, batch_size=c.batch_size,
+                    built_from=self.run.provenance())
 
     # ------------------------------------------------------------------ the run
 
@@ -223,11 +231,11 @@ class Session:
 
     def knn(self, text: str, k: int = 5) -> dict[str, Any]:
         """`trace-knn --text=T --k=K --json`."""
-        from glassgpt.trace import knn
+        from glassgpt.trace.knn_rank import explain
 
         store = self.require("knn")
         with self.lock:
-            return knn.explain(self.run, store, text, k=k)
+            return explain(self.run, store, text, k=k)
 
     def influence(self, text: str, prompt_chars: int = 0, k: int = 5) -> dict[str, Any]:
         """`trace-influence --text=PROMPT --output=REST --k=K --json`, the text split at prompt_chars (0: the
@@ -255,11 +263,11 @@ class Session:
 
     def neuron_card(self, layer: int, index: int, top: int = 10) -> dict[str, Any]:
         """`glassgpt neuron --layer=L --index=I --json`."""
-        from glassgpt.trace import neurons
+        from glassgpt.trace.neuron_card import neuron_card
 
         self.require("examples")
         with self.lock:
-            return neurons.neuron_card(self.run, layer, index, top=top, log=lambda m: None)
+            return neuron_card(self.run, layer, index, top=top, log=lambda m: None)
 
     def token_offsets(self, text: str) -> list[int]:
         """Char offset of each token of `text` plus the end."""
@@ -320,7 +328,8 @@ def context_text(session: Session, token_start: int, token_end: int, context: in
             "match": corpus.decode("train", token_start, token_end), "after": corpus.decode("train", token_end, b)}
 
 
-def iter_pieces(fn: Callable[[Callable[[str], None]], dict], on_error: Callable[[str], Any]) -> Iterator[tuple[str, Any]]:
+def iter_pieces(fn: Callable[[Callable[[str], None]], dict],
+                on_error: Callable[[Exception], Any]) -> Iterator[tuple[str, Any]]:
     """Run fn(on_piece) in a thread and yield ("piece", text) as it streams, then ("done", result) or
     ("error", message). Lets a server stream a generation without holding the event loop."""
     import queue

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         for kind in list(session.problems):
             print(f"building the missing {kind} index: {session.build_commands()[kind]}", file=sys.stderr)
             session.build(kind)
-    for kind, problem in session.problems.items():
+    for problem in session.problems.values():
         print(f"warning: {problem}", file=sys.stderr)
     if cfg.text is not None:
         text, prompt = read_text_arg(cfg.text), ""

@@ -229,7 +229,7 @@ def _build_routes(app, session, body, ok) -> None:
     from fastapi import Request
     from fastapi.responses import Response
 
-    from glassgpt.view.explain import Build, tqdm_progress
+    from glassgpt.view.explain import Build
 
     @app.post("/api/build")
     async def build(request: Request) -> Response:
@@ -243,7 +243,7 @@ def _build_routes(app, session, body, ok) -> None:
 
         def work():
             try:
-                session.build(kind)
+                session.build(kind, b.progress)
                 b.state, b.message = "done", f"built in {time.time() - b.started:.1f} s"
             except UserError as e:
                 b.state, b.message = "error", str(e)
@@ -257,7 +257,8 @@ def _build_routes(app, session, body, ok) -> None:
 
     @app.get("/api/progress")
     def progress() -> Response:
-        return ok({"bar": tqdm_progress(), "indexes": session.freshness()})
+        running = [b for b in session.builds.values() if b.state == "running"]
+        return ok({"bar": running[0].bar if running else None, "indexes": session.freshness()})
 
 
 def _influence_route(app, session, body, text_of, int_of, ok) -> None:
@@ -300,7 +301,8 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port (0 = any free one)") from None
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port (0 = any free one)") \
+            from None
     sock.listen(128)
     return sock
 

@@ -1,34 +1,46 @@
 """The on-disk span index: shards split at document boundaries, built in parallel, memory-mapped.
 
 `build_index` plans shards so each build stays within `max_memory`, builds the stale ones in worker
-processes (each shard through the artifact writer, so a killed build leaves whole shards that a rerun
-keeps), then writes the index sidecar last. `SpanIndex` opens it, checks every array against its
-sidecar, and answers across shards: matching statistics are the maximum over shards, counts add up,
+processes (each shard through `save_artifact`, so a killed build leaves whole shards that a rerun
+keeps), then writes the index sidecar last. `SpanIndex` opens it (`open_artifact`: format, data
+fingerprint and the data files' size and mtime), checks every array against its sidecar, and answers
+across shards: matching statistics are the maximum over shards, counts add up,
 sources are a seeded sample of all occurrences. docs/spans.md has the layout and the measurements.
 """
 
 from __future__ import annotations
 
-import sys
+import shutil
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from glassgpt.artifacts import check_writable, read_json, write_artifact, write_json_atomic
+from glassgpt.artifacts import (
+    ARTIFACTS,
+    check_writable,
+    open_artifact,
+    read_json,
+    rebuild_command,
+    save_artifact,
+    sidecar_dict,
+    write_json_atomic,
+)
 from glassgpt.corpus import Corpus, Location
 from glassgpt.errors import UserError
-from glassgpt.run import data_fingerprint_of, open_data
-from glassgpt.trace import spans as S
+from glassgpt.progress import Progress, ProgressFn
+from glassgpt.tokenizer import Tokenizer
+from glassgpt.trace import suffix_array as S
 
-INDEX_FORMAT = "glassgpt-spans/3"
 INDEX_DIRNAME = "spans"
 # Peak bytes per token of one shard build, measured (benchmarks/bench_spans_scale.py): pydivsufsort
 # sorts the 2n bytes of the uint16 text into 2n int32 (8n) and keeps the even half (4n), plus the text.
 BUILD_BYTES_PER_TOKEN = 24
+SHARD_SIDECAR = "shard.json"
 MAX_SHARD_TOKENS = (1 << 30) - 1  # 2 bytes per token must stay under libdivsufsort's 2^31-byte limit
 SCAN_LIMIT = 1 << 16  # occurrences per shard read when sampling sources (beyond: the first ones)
 
@@ -37,9 +49,9 @@ def default_index_dir(data_dir: str | Path) -> Path:
     return Path(data_dir) / INDEX_DIRNAME
 
 
-def build_command(data_dir: Path, index_dir: Path | None = None) -> str:
-    extra = f" --index_dir={index_dir}" if index_dir and Path(index_dir) != default_index_dir(data_dir) else ""
-    return f"glassgpt trace-spans --build --data_dir={data_dir}{extra}"
+def build_command(data_dir: str | Path, index_dir: str | Path | None = None) -> str:
+    custom = index_dir if index_dir and Path(index_dir) != default_index_dir(data_dir) else None
+    return rebuild_command("spans", data_dir=data_dir, index_dir=custom)
 
 
 def parse_bytes(value: str | int) -> int:
@@ -73,85 +85,95 @@ def plan_shards(segments: np.ndarray, max_tokens: int) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------- building
 
 
-def build_shard(data_dir: str, split: str, spec: dict[str, Any], shard_dir: str,
-                per_token: np.ndarray) -> dict[str, Any]:
-    """Build one shard (in a worker process) and write it with its sidecar in one rename."""
+def build_shard(data_dir: str, split: str, spec: dict[str, Any], shard_dir: str, per_token: np.ndarray,
+                data_fp: str, rebuild: str) -> None:
+    """Build one shard (in a worker process) and write it with its sidecar in one rename. The sidecar's
+    params are the shard's place in the plan; built_from is the data's fingerprint."""
     corpus = Corpus(data_dir)
     tokens = corpus.tokens(split).view(np.ndarray)
     segs = corpus.segments(split)[spec["seg_lo"]:spec["seg_hi"]]
     a = S.build_span_arrays(tokens, segs, spec["separator"], spec["eot_token"])
     checkpoints = S.count_checkpoints(tokens[spec["tok_lo"]:spec["tok_hi"]], per_token)
-    side = {**spec, "n_text": len(a.text), "n_segments": len(a.seps), "sa_dtype": str(a.sa.dtype), "bucket_k": a.bucket_k}
-    with write_artifact(shard_dir) as tmp:
-        a.text.tofile(tmp / "tokens.bin")
-        a.sa.tofile(tmp / "sa.bin")
-        for name, arr in (("seps", a.seps), ("unigram", a.unigram), ("checkpoints", checkpoints), ("buckets", a.buckets)):
-            np.save(tmp / f"{name}.npy", arr)
-        write_json_atomic(tmp / "shard.json", side)
-    return side
+    with save_artifact(shard_dir, "spans", params=spec, built_from={"data": data_fp}, rebuild=rebuild,
+                       sidecar=SHARD_SIDECAR) as w:
+        a.text.tofile(w.dir / "tokens.bin")
+        a.sa.tofile(w.dir / "sa.bin")
+        arrays = {"seps": a.seps, "unigram": a.unigram, "checkpoints": checkpoints, "buckets": a.buckets}
+        for name, arr in arrays.items():
+            np.save(w.dir / f"{name}.npy", arr)
+        w.meta.update(n_text=len(a.text), n_segments=len(a.seps), sa_dtype=str(a.sa.dtype), bucket_k=a.bucket_k)
 
 
-def _fresh(shard_dir: Path, spec: dict[str, Any]) -> bool:
+def _fresh(shard_dir: Path, spec: dict[str, Any], data_fp: str) -> bool:
     """Built from the same data with the same plan, and whole (every array checked as a query would)."""
-    side = read_json(shard_dir / "shard.json", default=None, strict=False)
-    if not (isinstance(side, dict) and all(side.get(k) == v for k, v in spec.items())):
-        return False
     try:
-        load_shard(shard_dir, spec, {"built_from": {"data": spec["data"]}, "separator": spec["separator"]}, "")
+        load_shard(shard_dir, spec, data_fp, int(spec["separator"]), "")
     except UserError:
         return False
     return True
 
 
-def build_index(data_dir: str | Path, index_dir: str | Path | None = None, split: str = "train",
-                max_memory: str | int = "4G", num_proc: int = 1, log: Callable[[str], None] = print) -> Path:
-    """Build (or finish building) the sharded span index of a prepared split. Shards already built
-    from the same data with the same plan are kept, so an interrupted build resumes."""
-    from tqdm import tqdm
+def _per_token_counts(corpus: Corpus, vocab: int) -> np.ndarray:
+    """(vocab, 2): characters each token id starts, newlines it holds (the one table, glassgpt/corpus.py)."""
+    per_token = np.zeros((vocab, 2), dtype=np.int64)
+    counts = np.stack(corpus._token_text_counts, axis=1)
+    per_token[:min(vocab, len(counts))] = counts[:vocab]
+    return per_token
 
+
+def _build_shards(jobs: list[tuple], sizes: list[int], num_proc: int, progress: Progress) -> None:
+    if num_proc == 1 or len(jobs) <= 1:
+        for job, n in zip(jobs, sizes, strict=True):
+            build_shard(*job)
+            progress.update(n)
+        return
+    # fork: workers share the parent's numpy state and never import torch
+    with ProcessPoolExecutor(min(num_proc, len(jobs)), mp_context=get_context("fork")) as pool:
+        for _, n in zip(pool.map(build_shard, *zip(*jobs, strict=True)), sizes, strict=True):
+            progress.update(n)
+
+
+def build_index(data_dir: str | Path, index_dir: str | Path | None = None, split: str = "train",
+                max_memory: str | int = "4G", num_proc: int = 1, log: Callable[[str], None] = print,
+                progress: ProgressFn | None = None) -> Path:
+    """Build (or finish building) the sharded span index of a prepared split. Shards already built
+    from the same data with the same plan are kept, so an interrupted build resumes. `progress`
+    (done, total, what) is called as shards finish, in tokens."""
     data_dir = Path(data_dir)
     index_dir = Path(index_dir) if index_dir else default_index_dir(data_dir)
     if num_proc < 1:
         raise UserError(f"--num_proc must be at least 1, got {num_proc}")
-    corpus, fp = open_data(data_dir)  # the data's fingerprint, recorded at prepare time
+    corpus = Corpus(data_dir)
+    built_from, fix = corpus.provenance(), build_command(data_dir, index_dir)  # fingerprint recorded at prepare
     segments, n_tokens = corpus.segments(split), len(corpus.tokens(split))
     vocab = int(corpus.meta.get("vocab_size") or corpus.tokenizer.vocab_size)
     eot = getattr(corpus.tokenizer, "eot_token", None)
     per_shard = min(MAX_SHARD_TOKENS, max(1, parse_bytes(max_memory) // (num_proc * BUILD_BYTES_PER_TOKEN)))
-    plan = plan_shards(segments, per_shard)
-    specs = [{"format": INDEX_FORMAT, "data": fp, "seg_lo": lo, "seg_hi": hi, "separator": vocab, "eot_token": eot,
-              "tok_lo": int(segments[lo, 1]), "tok_hi": int(segments[hi - 1, 2])} for lo, hi in plan]
+    specs = [{"seg_lo": lo, "seg_hi": hi, "separator": vocab, "eot_token": eot, "tok_lo": int(segments[lo, 1]),
+              "tok_hi": int(segments[hi - 1, 2])} for lo, hi in plan_shards(segments, per_shard)]
     names = [f"{split}.shard-{i:05d}" for i in range(len(specs))]
-    check_writable(index_dir / f"{split}.index.json")
-    (index_dir / f"{split}.index.json").unlink(missing_ok=True)  # the index is complete again only at the end
-    todo = [i for i in range(len(specs)) if not _fresh(index_dir / names[i], specs[i])]
+    side = index_dir / f"{split}.index.json"
+    check_writable(side)
+    side.unlink(missing_ok=True)  # the index is complete again only at the end
+    todo = [i for i in range(len(specs)) if not _fresh(index_dir / names[i], specs[i], built_from["data"])]
     log(f"span index of {data_dir}/{split}.bin ({n_tokens:,} tokens) in {index_dir}: {len(specs)} shard(s) "
         f"of <= {per_shard:,} tokens, {len(specs) - len(todo)} already built, {num_proc} process(es)")
-    per_token = np.zeros((vocab, 2), dtype=np.int64)  # characters each token id starts, newlines it holds
-    counts = np.stack(corpus._token_text_counts, axis=1)  # the one per-token table (glassgpt/corpus.py)
-    per_token[:min(vocab, len(counts))] = counts[:vocab]
-    size = {i: specs[i]["tok_hi"] - specs[i]["tok_lo"] for i in todo}
-    bar = tqdm(total=sum(size.values()), unit="tok", unit_scale=True, desc="span shards", disable=None, file=sys.stderr)
-    args = [(str(data_dir), split, specs[i], str(index_dir / names[i]), per_token) for i in todo]
-    if num_proc == 1 or len(todo) <= 1:
-        for i, a in zip(todo, args, strict=False):
-            build_shard(*a)
-            bar.update(size[i])
-    else:  # fork: workers share the parent's numpy state and never import torch
-        with ProcessPoolExecutor(min(num_proc, len(todo)), mp_context=get_context("fork")) as pool:
-            for i, _ in zip(todo, pool.map(build_shard, *zip(*args, strict=False)), strict=False):
-                bar.update(size[i])
-    bar.close()
+    per_token = _per_token_counts(corpus, vocab)
+    sizes = [specs[i]["tok_hi"] - specs[i]["tok_lo"] for i in todo]
+    jobs = [(str(data_dir), split, specs[i], str(index_dir / names[i]), per_token, built_from["data"], fix)
+            for i in todo]
+    with Progress(sum(sizes), "span shards", unit="tok", unit_scale=True, callback=progress) as bar:
+        _build_shards(jobs, sizes, num_proc, bar)
     for old in index_dir.glob(f"{split}.shard-*"):  # shards of an earlier, longer plan
         if old.name not in names and old.is_dir():
-            import shutil
             shutil.rmtree(old)
     np.save(index_dir / f"{split}.token_counts.npy", per_token)
-    write_json_atomic(index_dir / f"{split}.index.json", {
-        "format": INDEX_FORMAT, "split": split, "built_from": {"data": fp}, "tokenizer": corpus.meta.get("tokenizer", "gpt2"),
-        "vocab_size": vocab, "separator": vocab, "eot_token": eot, "n_tokens": n_tokens, "n_segments": len(segments),
-        "shards": [{"dir": n, **{k: s[k] for k in ("seg_lo", "seg_hi", "tok_lo", "tok_hi")}} for n, s in zip(names, specs, strict=False)],
-        "max_memory": str(max_memory), "num_proc": num_proc})
+    shards = [{"dir": n, **{k: s[k] for k in ("seg_lo", "seg_hi", "tok_lo", "tok_hi")}}
+              for n, s in zip(names, specs, strict=True)]
+    write_json_atomic(side, sidecar_dict(
+        "spans", params={"split": split, "max_memory": str(max_memory), "num_proc": num_proc},
+        built_from=built_from, rebuild=fix, split=split, tokenizer=corpus.meta.get("tokenizer", "gpt2"),
+        vocab_size=vocab, separator=vocab, eot_token=eot, n_tokens=n_tokens, n_segments=len(segments), shards=shards))
     log(f"span index built: {len(specs)} shard(s), {len(todo)} built now")
     return index_dir
 
@@ -191,13 +213,18 @@ def _map(path: Path, dtype: str, n: int, fix: str) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r").view(np.ndarray) if n else np.zeros(0, dtype)
 
 
-def load_shard(d: Path, entry: dict[str, Any], meta: dict[str, Any], fix: str) -> Shard:
-    side = read_json(d / "shard.json", default=None, strict=False)
-    _check(isinstance(side, dict) and all(side.get(k) == entry[k] for k in ("seg_lo", "seg_hi", "tok_lo", "tok_hi"))
-           and side.get("data") == meta["built_from"]["data"], f"{d.name} is missing or from another build", fix)
-    n, sep, k = int(side["n_text"]), int(side["separator"]), int(side["bucket_k"])
-    _check(side["n_segments"] == entry["seg_hi"] - entry["seg_lo"] and sep == meta["separator"],
-           f"{d.name}/shard.json disagrees with the index sidecar", fix)
+def load_shard(d: Path, entry: dict[str, Any], data_fp: str, separator: int, fix: str) -> Shard:
+    """One shard, every array checked against its sidecar, the sidecar against the index's `entry`."""
+    side = read_json(d / SHARD_SIDECAR, default=None, strict=False)
+    params = side.get("params") if isinstance(side, dict) else None
+    ok = isinstance(side, dict) and isinstance(params, dict) and side.get("format") == ARTIFACTS["spans"].format \
+        and all(params.get(k) == entry[k] for k in ("seg_lo", "seg_hi", "tok_lo", "tok_hi")) \
+        and (side.get("built_from") or {}).get("data") == data_fp
+    _check(ok, f"{d.name} is missing or from another build", fix)
+    assert isinstance(side, dict) and isinstance(params, dict)
+    n, sep, k = int(side["n_text"]), int(params["separator"]), int(side["bucket_k"])
+    _check(side["n_segments"] == entry["seg_hi"] - entry["seg_lo"] and sep == separator,
+           f"{d.name}/{SHARD_SIDECAR} disagrees with the index sidecar", fix)
     stride = S.COUNT_STRIDE
     arrays = S.SpanArrays(
         text=_map(d / "tokens.bin", "uint16", n, fix), sa=_map(d / "sa.bin", side["sa_dtype"], n, fix),
@@ -214,28 +241,23 @@ def load_shard(d: Path, entry: dict[str, Any], meta: dict[str, Any], fix: str) -
 class SpanIndex:
     """A built span index, memory-mapped, with the corpus it points into."""
 
-    def __init__(self, data_dir: str | Path, index_dir: str | Path | None = None, split: str = "train",
-                 check: bool = True):
+    def __init__(self, data_dir: str | Path, index_dir: str | Path | None = None, split: str = "train"):
         self.data_dir = Path(data_dir)
         self.index_dir = Path(index_dir) if index_dir else default_index_dir(self.data_dir)
         self.split = split
         fix = build_command(self.data_dir, self.index_dir)
-        side = self.index_dir / f"{split}.index.json"
-        if not side.exists():
-            raise UserError(f"no span index for {self.data_dir} ({side} missing); build it with `{fix}`")
-        self.meta = read_json(side)
-        if not isinstance(self.meta, dict) or self.meta.get("format") != INDEX_FORMAT:
-            raise UserError(f"{side} is not a {INDEX_FORMAT} index; rebuild it with `{fix}`")
         self.corpus = Corpus(self.data_dir)
-        # a string compare: the data's fingerprint was recorded when it was written, never re-hashed here
-        if check and self.meta["built_from"]["data"] != data_fingerprint_of(self.data_dir, self.corpus.meta):
-            raise UserError(f"the data in {self.data_dir} changed since its span index was built; rebuild it "
-                            f"with `{fix}`")
+        # fresh = the data fingerprint recorded at prepare time is the one built from (a string compare),
+        # and the data files' size and mtime are as they were (else their bytes are re-fingerprinted)
+        self.meta = open_artifact(self.index_dir, "spans", rebuild=fix, source=self.corpus,
+                                  sidecar=f"{split}.index.json").meta
         self.tokens = self.corpus.tokens(split).view(np.ndarray)
         self.segments = self.corpus.segments(split)
         _check(len(self.tokens) == self.meta["n_tokens"] and len(self.segments) == self.meta["n_segments"],
                f"{split}.bin or {split}.docs.npy differ from the index sidecar", fix)
-        self.shards = [load_shard(self.index_dir / e["dir"], e, self.meta, fix) for e in self.meta["shards"]]
+        data_fp = self.meta["built_from"]["data"]
+        self.shards = [load_shard(self.index_dir / e["dir"], e, data_fp, int(self.meta["separator"]), fix)
+                       for e in self.meta["shards"]]
         self.stack = S.Stack([s.arrays for s in self.shards])
         self.separator = int(self.meta["separator"])
         self.token_counts = _load_npy(self.index_dir / f"{split}.token_counts.npy", (self.separator, 2), fix)
@@ -245,11 +267,12 @@ class SpanIndex:
         self.is_char = getattr(self.tokenizer, "name", "") == "char"
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer:
         return self.corpus.tokenizer
 
-    # -- queries across shards: one search over all of them (spans.Stack), not one per shard
-    def matching_statistics(self, ids: Sequence[int], first: int = 0) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    # -- queries across shards: one search over all of them (suffix_array.Stack), not one per shard
+    def matching_statistics(self, ids: Sequence[int],
+                            first: int = 0) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
         """(ms, (ms, lb) per shard): the longest occurring prefix of each ids[i:] is the longest over
         shards, because no match crosses a document and shards end at documents."""
         per = S.matching_statistics(self.stack, ids, first)
@@ -279,10 +302,11 @@ class SpanIndex:
         """Split positions of up to k occurrences, ascending: the k with the smallest seeded hash of
         their position, so the sample is uniform over all shards (each contributes in proportion to its
         count) and the same whichever way the split was sharded."""
-        pos = [self.split_positions(j, self.shards[j].arrays.sa[lo:min(hi, lo + SCAN_LIMIT)]) for j, lo, hi in ranges]
-        if not pos or k <= 0:
+        parts = [self.split_positions(j, self.shards[j].arrays.sa[lo:min(hi, lo + SCAN_LIMIT)])
+                 for j, lo, hi in ranges]
+        if not parts or k <= 0:
             return np.zeros(0, dtype=np.int64)
-        pos = np.concatenate(pos)
+        pos = np.concatenate(parts)
         keep = np.argsort(_mix(pos, seed), kind="stable")[:k]
         return np.sort(pos[keep])
 
