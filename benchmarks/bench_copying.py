@@ -45,7 +45,7 @@ def make_run(work: Path) -> Path:
     from glassgpt.model import GPT, GPTConfig
     from glassgpt.prepare import ShakespeareConfig, prepare_shakespeare
     from glassgpt.tokenizer import read_meta
-    from glassgpt.trace.shards import build_index
+    from glassgpt.trace.span_index import build_index
 
     data = work / "shakespeare_char"
     src = Path(os.environ["GLASSGPT_MIRROR"]) / "tinyshakespeare" / "input.txt"

@@ -33,7 +33,7 @@ class CopyingCheck:
     def open(cls, run: Any) -> CopyingCheck | None:
         """The check for `run`'s training data; None when it has no (fresh) span index or another
         tokenizer (with a note on stderr when an index exists but cannot be used)."""
-        from glassgpt.trace.shards import default_index_dir
+        from glassgpt.trace.span_index import default_index_dir
 
         data_dir = getattr(run, "data_dir", None)
         if data_dir is None or not (default_index_dir(data_dir) / "train.index.json").exists():

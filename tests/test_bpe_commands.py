@@ -117,7 +117,7 @@ def test_knn_neurons_and_viewer_explain_use_the_bpe(bpe_run, capsys):
 
 def test_hf_export_tokenizer_encodes_identically(bpe_run, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    from glassgpt.pretrained import main as export_main
+    from glassgpt.export import main as export_main
 
     data, out = bpe_run
     dest = tmp_path / "hf"
