@@ -162,9 +162,9 @@ class Session:
         from glassgpt.trace.influence_store import build_store
 
         c = TraceInfluenceConfig(out_dir=str(self.out_dir))
-        build_store(self.run.model, self.corpus, c.split, Path(self.out_dir) / f"influence_{c.split}", context=c.context,
-                    proj_dim=c.proj_dim, fit_windows=c.fit_windows, damping=c.damping, batch_size=c.batch_size,
-                    built_from=self.run.provenance())
+        build_store(self.run.model, self.corpus, c.split, Path(self.out_dir) / f"influence_{c.split}",
+                    context=c.context, proj_dim=c.proj_dim, fit_windows=c.fit_windows, damping=c.damping,
+                    batch_size=c.batch_size, built_from=self.run.provenance())
 
     # ------------------------------------------------------------------ the run
 
