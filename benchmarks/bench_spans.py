@@ -238,7 +238,7 @@ def bench_canaries(canary_dir: Path, max_new_tokens: int) -> list[str]:
     density cut (the rarest ceil(0.05 x length) spans)."""
     import torch
 
-    from glassgpt.generate import complete
+    from glassgpt.sampling import complete
 
     data_dir = canary_dir / "data"
     canaries = json.loads((data_dir / "canaries.json").read_text())["canaries"]

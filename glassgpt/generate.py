@@ -5,7 +5,8 @@ engine runs the prompt once (*prefill*), keeps each layer's keys and values in a
 and then feeds one token per step (*decode*): the new token's query attends to the cached keys, so a
 step costs one token's worth of matmuls instead of a whole window's.
 
-    from glassgpt.generate import complete, generate
+    from glassgpt.generate import generate
+    from glassgpt.sampling import complete
     complete(model, tokenizer, "ROMEO:", 100).text                   # greedy, one prompt
     generate(model, [ids_a, ids_b], 100, temperature=0.8, top_k=200, seed=1)  # a batch of prompts
 
@@ -369,36 +370,6 @@ def generate(
     return outputs
 
 
-def complete(
-    model: GPT,
-    tokenizer,
-    prompt: str,
-    max_new_tokens: int = 200,
-    *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = 1337,
-    stop: str | None = None,
-    window: str = "chunked",
-    on_step: Callable[[Step], None] | None = None,
-) -> Completion:
-    """Generate from one text prompt (greedy by default) and return text and ids.
-
-    The prompt goes through the commands' rules (glassgpt.sampling.prompt_ids): an empty prompt starts
-    after GPT-2's <|endoftext|> where the tokenizer has one (else UserError), a prompt longer than
-    block_size is cropped to its last block_size tokens."""
-    from glassgpt.sampling import prompt_ids
-
-    ids = prompt_ids(tokenizer, prompt, model.config.block_size)
-    out = generate(model, [ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                   stop=stop, tokenizer=tokenizer, on_step=on_step, window=window)[0]
-    text = tokenizer.decode(out)
-    if stop and stop in text:
-        text = text[: text.index(stop) + len(stop)]
-    return Completion(prompt=prompt, text=text, prompt_ids=ids, output_ids=out)
-
-
 @torch.no_grad()
 def full_recompute_generate(
     model: GPT,
@@ -434,5 +405,5 @@ def full_recompute_generate(
     return outputs
 
 
-__all__ = ["generate", "complete", "full_recompute_generate", "Completion", "Step", "TextStream",
+__all__ = ["generate", "full_recompute_generate", "Completion", "Step", "TextStream",
            "window_length", "sample_next", "KVCache", "WINDOWS"]

@@ -77,7 +77,7 @@ def read_passages(path: str | Path, limit: int | None = None) -> list[Passage]:
 
 def score(model: Any, tok: Any, passages: list[Passage], batch_size: int = 8) -> dict[str, Any]:
     """acc (with its standard error) and perplexity over `passages`; per-passage log-likelihoods."""
-    from glassgpt.evaluate import continuation_scores, encode_pair
+    from glassgpt.loglik import continuation_scores, encode_pair
 
     t0 = time.perf_counter()
     lls, hits = [], []

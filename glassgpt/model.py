@@ -449,8 +449,8 @@ class GPT(nn.Module):
         self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
     ) -> torch.optim.Optimizer:
         """nanoGPT's AdamW: the 2-D weights (matmuls, embeddings) decayed, biases and gains not; the
-        groups come from glassgpt.optim, the one parameter-group builder."""
-        from glassgpt.optim import adamw, adamw_groups
+        groups come from glassgpt.param_groups, the one parameter-group builder."""
+        from glassgpt.param_groups import adamw, adamw_groups
 
         return adamw(adamw_groups(self, weight_decay), learning_rate, betas, device_type)
 

@@ -30,6 +30,10 @@ from torch import nn
 
 from glassgpt.config import TrainConfig
 from glassgpt.errors import UserError
+from glassgpt.param_groups import adamw, adamw_groups, split_params
+
+__all__ = ["GroupedMuon", "Optimizers", "adamw", "adamw_groups", "build_optimizers", "check_options", "get_lr",
+           "group_norms", "muon_class", "snapshot", "split_params"]
 
 
 class GroupedMuon(torch.optim.Muon):
@@ -145,47 +149,6 @@ def check_options(cfg: TrainConfig) -> None:
     if cfg.optimizer == "muon" and cfg.parallel == "fsdp":
         raise UserError("optimizer='muon' is not supported with parallel='fsdp' (Muon needs whole matrices); "
                         "use --parallel=ddp or --optimizer=adamw")
-
-
-def split_params(model: nn.Module, muon: bool) -> dict[str, list[nn.Parameter]]:
-    """Named parameter groups: 'hidden' (2-D matrices inside the blocks), 'embed' (other 2-D weights:
-    embeddings and an untied head), 'vector' (gains, biases). Without Muon, hidden and embed are
-    merged into 'decay' as nanoGPT does."""
-    groups: dict[str, list[nn.Parameter]] = {"hidden": [], "embed": [], "vector": []}
-    for name, p in model.named_parameters():  # tied weights appear once
-        if not p.requires_grad:
-            continue
-        if p.dim() < 2:
-            groups["vector"].append(p)
-        elif ".h." in f".{name}" and "wte" not in name and "wpe" not in name:
-            groups["hidden"].append(p)
-        else:
-            groups["embed"].append(p)
-    # nanoGPT's order (model order, all 2-D weights): nanoGPT checkpoints' AdamW state maps by position
-    if not muon:
-        decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-        return {"decay": decay, "vector": groups["vector"]}
-    return groups
-
-
-def adamw_groups(model: nn.Module, weight_decay: float, muon: bool = False) -> list[dict[str, Any]]:
-    """AdamW's named parameter groups: 2-D weights ('decay', or with Muon only the 'embed' ones) at
-    `weight_decay`, gains and biases ('vector') at 0. The one place parameter groups are made: train,
-    bench, extend-context and nanoGPT's GPT.configure_optimizers all come here."""
-    groups = split_params(model, muon)
-    name = "embed" if muon else "decay"
-    out = [{"params": groups[name], "weight_decay": weight_decay, "name": name},
-           {"params": groups["vector"], "weight_decay": 0.0, "name": "vector"}]
-    return [g for g in out if g["params"]]
-
-
-def adamw(groups: list[dict[str, Any]], learning_rate: float, betas: tuple[float, float],
-          device_type: str) -> torch.optim.AdamW:
-    """torch's AdamW over `groups`, fused where torch has it for the device: on CUDA and (torch >= 2.4)
-    CPU it steps ~10x faster than the per-tensor loop on this project's 2-core CPU."""
-    fused_ok = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
-    extra = {"fused": True} if fused_ok else {}
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
 
 class Optimizers:

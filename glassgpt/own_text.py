@@ -135,7 +135,7 @@ def looks_like_tokenizer_path(spec: str) -> bool:
 
 
 def encoder_spec(tok: Any) -> tuple[str, str | None]:
-    """How prepare's tokenizer workers rebuild `tok` (glassgpt.prepare.make_encoder)."""
+    """How prepare's tokenizer workers rebuild `tok` (glassgpt.corpus_input.make_encoder)."""
     import json
 
     if tok.name == "char":

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from glassgpt.errors import UserError
 
 if TYPE_CHECKING:
-    from glassgpt.generate import Step
+    from glassgpt.generate import Completion, Step
     from glassgpt.model import GPT
 
 @dataclass
@@ -105,3 +105,33 @@ def generate_from(model: GPT, tokenizer: Any, prompt: str, settings: SamplingSet
 
 
 __all__ = ["SamplingSettings", "Generated", "generate_from", "prompt_ids", "sampling_settings"]
+
+
+def complete(
+    model: GPT,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 200,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = 1337,
+    stop: str | None = None,
+    window: str = "chunked",
+    on_step: Callable[[Step], None] | None = None,
+) -> Completion:
+    """Generate from one text prompt (greedy by default) and return text and ids.
+
+    The prompt goes through the commands' rules (prompt_ids): an empty prompt starts
+    after GPT-2's <|endoftext|> where the tokenizer has one (else UserError), a prompt longer than
+    block_size is cropped to its last block_size tokens."""
+    from glassgpt.generate import Completion, generate
+
+    ids = prompt_ids(tokenizer, prompt, model.config.block_size)
+    out = generate(model, [ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                   stop=stop, tokenizer=tokenizer, on_step=on_step, window=window)[0]
+    text = tokenizer.decode(out)
+    if stop and stop in text:
+        text = text[: text.index(stop) + len(stop)]
+    return Completion(prompt=prompt, text=text, prompt_ids=ids, output_ids=out)

@@ -10,13 +10,13 @@ from glassgpt.generate import (
     KVCache,
     Step,
     TextStream,
-    complete,
     full_recompute_generate,
     generate,
     sample_next,
     window_length,
 )
 from glassgpt.model import GPT, GPTConfig
+from glassgpt.sampling import complete
 from glassgpt.tokenizer import CharTokenizer, GPT2Tokenizer
 
 CHAR_VOCAB, BPE_VOCAB = 65, 50257

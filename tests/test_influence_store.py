@@ -90,7 +90,7 @@ def test_json_is_what_explain_returns_and_text_output_split(built, capsys):
 
 
 def test_start_traces_exactly_what_sample_generates(built):
-    from glassgpt.generate import complete
+    from glassgpt.sampling import complete
 
     run = open_run(built)
     r = cli.main([f"--out_dir={built}", "--start=All:", "--max_new_tokens=12", "--seed=7", "--json"])

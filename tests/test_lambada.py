@@ -14,7 +14,7 @@ import glassgpt.lambada as lambada
 from glassgpt.cli import main as cli_main
 from glassgpt.download import RemoteFile, sha256_file
 from glassgpt.errors import UserError
-from glassgpt.evaluate import encode_pair
+from glassgpt.loglik import encode_pair
 from glassgpt.tokenizer import CharTokenizer
 from tests.test_evaluate import TEXT, tiny_gpt, train_tiny
 

@@ -446,7 +446,7 @@ def test_bad_text_and_out_dir(tmp_path):
 def test_tokenizing_streams_with_a_bounded_window():
     """Workers get at most 2 x num_proc batches ahead of the writer: the input is read lazily, so
     memory holds a few batches, never the corpus (Pool.imap would queue all of it)."""
-    from glassgpt.prepare import Document, tokenize_in_order
+    from glassgpt.corpus_input import Document, tokenize_in_order
 
     pulled = []
 

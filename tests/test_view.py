@@ -13,9 +13,8 @@ import re
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
-
 from conftest import TINY_TEXT, make_char_dataset, make_checkpoint
+from fastapi.testclient import TestClient
 
 TRAIN_LINE = "Before we proceed any further, hear me speak."  # occurs in the training text
 
@@ -80,8 +79,8 @@ def test_api_returns_exactly_what_the_cli_prints(client, viewer_run):
 
 
 def test_generate_streams_then_explains(client, viewer_run):
-    from glassgpt.generate import complete
     from glassgpt.run import open_run
+    from glassgpt.sampling import complete
 
     body = {"prompt": "First Citizen:\n", "max_new_tokens": 40, "temperature": 0.8, "top_k": 20, "seed": 7}
     with client.stream("POST", "/api/generate", json=body) as r:
