@@ -345,6 +345,10 @@ def prepare_corpus(cfg: CorpusConfig, name: str = "corpus") -> dict:
         n_bytes = sum(len(t) for t in tok.tokens)  # a cheap figure to show; bench_tokenizer measures properly
         print(f"tokenizer: byte-level BPE, {tok.vocab_size} tokens (mean token {n_bytes / len(tok.tokens):.1f} bytes), "
               f"saved as {out_dir / 'tokenizer.json'}")
+    from glassgpt.advice import suggest
+
+    # the size advice for this machine; a GPU is told apart without importing torch (nvidia-smi on PATH)
+    print(suggest(sizes["train"]["tokens"], "cuda" if shutil.which("nvidia-smi") else "cpu"))
     print(f"train on it: glassgpt train --data_dir={out_dir} --out_dir=out-{out_dir.name}")
     return {"out_dir": str(out_dir), "documents": len(documents), "train_tokens": sizes["train"]["tokens"],
             "val_tokens": sizes["val"]["tokens"], "seconds": seconds, "num_proc": num_proc}

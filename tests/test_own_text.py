@@ -50,6 +50,7 @@ def test_readme_recipe_runs_verbatim_on_a_text_file(tmp_path, monkeypatch, capsy
         assert cli_main(argv) == 0, argv
     out = capsys.readouterr().out
     assert "train on it: glassgpt train --data_dir=data/mine" in out
+    assert re.search(r"data: [\d,]+ tokens\. For this (CPU|GPU) try --n_layer=\d+", out), "prepare's size advice"
     assert (tmp_path / "data" / "mine" / "tokenizer.json").exists() and (tmp_path / "out-mine" / "ckpt.pt").exists()
     assert "coverage" in out  # trace-spans traced its sample
     assert cli_main(["sample", "--out_dir=out-mine", "--max_new_tokens=12"]) == 0

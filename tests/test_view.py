@@ -192,6 +192,8 @@ def test_report_is_one_self_contained_file(viewer_run, tmp_path):
     data = json.loads(m.group(1))
     assert data["result"]["text"].startswith("Evil:\n<script>")
     assert data["cards"], "the top neurons' training windows travel with the report"
+    influence = data["result"]["influence"]  # "what taught it": the CLI's --json for this text
+    assert influence["proponents"] or influence["opponents"], sorted(influence)
     assert html.count("<script") == 2 and html.count("</script>") == 2
 
 

@@ -45,7 +45,7 @@ class ReportConfig(SamplingSettings):
     cards: int = 10
     """Top neurons whose training windows are included (each selectable in the page)."""
     build: bool = False
-    """Build every missing or stale index first (spans, kNN store, neuron baseline and examples)."""
+    """Build every missing or stale index first (spans, kNN store, neuron baseline and examples, influence store)."""
     device: str = "auto"
 
 
@@ -76,8 +76,12 @@ def build_html(data: dict[str, Any]) -> str:
 
 
 def report_data(session, text: str, prompt: str, what: str, k: int = 5, cards: int = 10) -> dict[str, Any]:
-    """Everything the page shows: run info, the explanation, and the top neurons' cards."""
-    result = session.explain(text, len(prompt) if prompt and text.startswith(prompt) else 0, k)
+    """Everything the page shows: run info, the explanation (with "what taught it" where the influence
+    store exists), and the top neurons' cards."""
+    prompt_chars = len(prompt) if prompt and text.startswith(prompt) else 0
+    result = session.explain(text, prompt_chars, k)
+    if "influence" in session.indexes:  # the viewer computes it on demand; a report carries it
+        result["influence"] = session.influence(text, prompt_chars, k)
     info = session.info()
     for s in info["indexes"].values():
         s["build"] = None
