@@ -402,6 +402,22 @@ def read_text_arg(value: str, key: str = "text") -> str:
     return value
 
 
+def json_or_text_main(cls: type[C], argv: list[str] | None, command: str, run: Any, render: Any) -> Any:
+    """A trace command's main: --help, load the config, `run(cfg)`, print the result as JSON (--json) or
+    as `render(result, cfg.show_chars)`, return it."""
+    import json
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if wants_help(cls, argv, command):
+        return None
+    cfg: Any = load_config(cls, argv)
+    result = run(cfg)
+    if result is not None:
+        print(json.dumps(result, indent=1, ensure_ascii=False) if cfg.json else render(result, cfg.show_chars))
+    return result
+
+
 def wants_help(cls: type, argv: list[str] | None, prog: str, extra: str = "") -> bool:
     """If -h/--help is among the arguments, print the keys of `cls` (with `extra` after) and say so."""
     if not any(a in ("-h", "--help") for a in argv or []):

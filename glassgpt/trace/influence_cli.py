@@ -12,12 +12,11 @@ functions (glassgpt/trace/influence.py). docs/influence.md has the walkthrough a
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from typing import Any
 
-from glassgpt.config import load_config, read_text_arg, wants_help
+from glassgpt.config import json_or_text_main, read_text_arg
 from glassgpt.errors import UserError
 from glassgpt.sampling import SamplingSettings
 
@@ -29,6 +28,9 @@ class TraceInfluenceConfig(SamplingSettings):
 
     out_dir: str = "out"
     """Run to trace (out_dir, ckpt.pt or HF dir); the store goes in <run out_dir>/influence_<split>."""
+    ckpt_iter: str | None = None
+    """Open out_dir/ckpt-<iter>.pt kept by train.py --keep_every (or 'best': ckpt-best.pt) instead of ckpt.pt;
+    a store is tied to one checkpoint, so give each its own --store_dir."""
     start: str | None = None
     """Prompt to generate from (or FILE:path), sampled as `glassgpt sample` does; the generated tokens are traced."""
     text: str | None = None
@@ -146,7 +148,8 @@ def trace_influence(cfg: TraceInfluenceConfig) -> dict[str, Any] | None:
         raise UserError("--output is the continuation of --text; pass --text=PROMPT too")
     if cfg.text is not None and not read_text_arg(cfg.text, "text") and cfg.output is None:
         raise UserError("the text to trace is empty; pass --text=TEXT (or --start=PROMPT to generate)")
-    run = open_run(cfg.out_dir, device=cfg.device, data_dir=cfg.data_dir, threads=cfg.threads)
+    run = open_run(cfg.out_dir, ckpt_iter=cfg.ckpt_iter, device=cfg.device, data_dir=cfg.data_dir,
+                   threads=cfg.threads)
     if cfg.build:
         _build(cfg, run)
         if cfg.start is None and cfg.text is None:
@@ -197,14 +200,7 @@ def format_result(r: dict[str, Any], show_chars: int = 200) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    argv = sys.argv[1:] if argv is None else argv
-    if wants_help(TraceInfluenceConfig, argv, "glassgpt trace-influence"):
-        return None
-    cfg = load_config(TraceInfluenceConfig, argv)
-    result = trace_influence(cfg)
-    if result is not None:
-        print(json.dumps(result, indent=1, ensure_ascii=False) if cfg.json else format_result(result, cfg.show_chars))
-    return result
+    return json_or_text_main(TraceInfluenceConfig, argv, "glassgpt trace-influence", trace_influence, format_result)
 
 
 if __name__ == "__main__":

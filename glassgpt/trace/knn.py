@@ -12,7 +12,6 @@ the store's layout, the measured quality and when to trust which signal.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 
-from glassgpt.config import load_config, read_text_arg, wants_help
+from glassgpt.config import json_or_text_main, read_text_arg
 from glassgpt.errors import UserError
 from glassgpt.progress import ProgressFn
 from glassgpt.sampling import SamplingSettings
@@ -186,14 +185,7 @@ def format_result(r: dict[str, Any], show_chars: int = 240) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    argv = sys.argv[1:] if argv is None else argv
-    if wants_help(TraceKnnConfig, argv, "glassgpt trace-knn"):
-        return None
-    cfg = load_config(TraceKnnConfig, argv)
-    result = trace_knn(cfg)
-    if result is not None:
-        print(json.dumps(result, indent=1, ensure_ascii=False) if cfg.json else format_result(result, cfg.show_chars))
-    return result
+    return json_or_text_main(TraceKnnConfig, argv, "glassgpt trace-knn", trace_knn, format_result)
 
 
 if __name__ == "__main__":
