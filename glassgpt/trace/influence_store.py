@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from glassgpt.artifacts import check_writable, read_json, write_artifact, write_json_atomic
+from glassgpt.artifacts import check_writable, open_artifact, rebuild_command, save_artifact
 from glassgpt.corpus import Corpus
 from glassgpt.errors import UserError
 from glassgpt.trace import influence as inf
@@ -222,34 +222,34 @@ def build_store(model: torch.nn.Module, corpus: Corpus, split: str, store_dir: s
 
 def write_store(store_dir: Path, corpus: Corpus, split: str, spans: np.ndarray, vecs: np.ndarray,
                 factors: inf.EkfacFactors, proj: list, settings: dict, timings: dict, built_from: dict) -> None:
+    """One artifact through the protocol (glassgpt.artifacts.save_artifact): the settings are the
+    sidecar's params and also stay at its top level, where the readers find them."""
     texts = [corpus.decode(split, int(s), int(e)) for _, s, e in spans]
-    with write_artifact(store_dir) as tmp:
-        np.save(tmp / "vectors.npy", vecs.astype(np.float16))
-        np.save(tmp / "windows.npy", locate_windows(corpus, split, spans))
+    rebuild = rebuild_command("influence", out_dir=store_dir.parent)
+    with save_artifact(store_dir, "influence", params=settings, built_from=built_from, rebuild=rebuild) as w:
+        np.save(w.dir / "vectors.npy", vecs.astype(np.float16))
+        np.save(w.dir / "windows.npy", locate_windows(corpus, split, spans))
         arrays: dict[str, Any] = {f"{s}_{i}": t.numpy() for i, (ra, rs) in enumerate(proj)
                                   for s, t in (("a", ra), ("s", rs))}
         state: dict[str, Any] = factors.state()
-        np.savez(tmp / "factors.npz", **state)
-        np.savez(tmp / "projection.npz", **arrays)
-        build_bm25(texts, tmp / "bm25")
-        factor_bytes = sum(p.stat().st_size for p in (tmp / "factors.npz", tmp / "projection.npz"))
-        write_json_atomic(tmp / "store.json", {
-            "format": STORE_FORMAT, "build_id": uuid.uuid4().hex, "split": split, "n_windows": len(spans),
-            "dim": int(vecs.shape[1]), **settings, "factors": factors.meta(), **timings,
-            "n_tokens": int((spans[:, 2] - spans[:, 1] - 1).sum()),
-            "bytes_per_window": int(vecs.shape[1] * 2 + 5 * 8), "factor_bytes": factor_bytes,
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "built_from": built_from})
+        np.savez(w.dir / "factors.npz", **state)
+        np.savez(w.dir / "projection.npz", **arrays)
+        build_bm25(texts, w.dir / "bm25")
+        factor_bytes = sum(p.stat().st_size for p in (w.dir / "factors.npz", w.dir / "projection.npz"))
+        w.meta.update(build_id=uuid.uuid4().hex, split=split, n_windows=len(spans), dim=int(vecs.shape[1]),
+                      **settings, factors=factors.meta(), **timings,
+                      n_tokens=int((spans[:, 2] - spans[:, 1] - 1).sum()),
+                      bytes_per_window=int(vecs.shape[1] * 2 + 5 * 8), factor_bytes=factor_bytes)
 
 
-def load_store(store_dir: str | Path, build_hint: str = "glassgpt trace-influence --build") -> InfluenceStore:
-    """Open a store, checking that its files exist and have the shapes the sidecar promises."""
+def load_store(store_dir: str | Path, build_hint: str = "glassgpt trace-influence --build", *,
+               source: Any = None, allow_stale: bool = False, stale_hint: str = "") -> InfluenceStore:
+    """Open a store (open_artifact: present, this format, fresh against `source` when given), checking
+    that its files exist and have the shapes the sidecar promises."""
     store_dir = Path(store_dir)
-    side = store_dir / "store.json"
-    if not side.exists():
-        raise UserError(f"no influence store in {store_dir}; build it with `{build_hint}`")
-    meta = read_json(side, None, strict=False)
-    if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
-        raise UserError(f"{side} is not a {STORE_FORMAT} store (corrupt or older); rebuild with `{build_hint}`")
+    art = open_artifact(store_dir, "influence", rebuild=build_hint, source=source, allow_stale=allow_stale,
+                        stale_hint=stale_hint)
+    meta = art.meta
     arrays = {}
     for name, shape, dtype in (("vectors", (meta["n_windows"], meta["dim"]), np.float16),
                                ("windows", (meta["n_windows"], 5), np.int64)):
@@ -270,7 +270,8 @@ def load_store(store_dir: str | Path, build_hint: str = "glassgpt trace-influenc
     except (OSError, KeyError, ValueError) as e:
         raise UserError(f"the factors in {store_dir} are missing or corrupt ({str(e)[:80]}); "
                         f"rebuild with `{build_hint}`") from None
-    return InfluenceStore(store_dir, arrays["vectors"], np.asarray(arrays["windows"]), factors, proj, meta)
+    return InfluenceStore(store_dir, arrays["vectors"], np.asarray(arrays["windows"]), factors, proj, meta,
+                          stale=art.stale)
 
 
 def build_command(run: Any, store_dir: str | Path | None = None) -> str:
@@ -284,14 +285,11 @@ def open_store(run: Any, *, split: str = "train", store_dir: str | Path | None =
     UserError naming the rebuild command (stale + allow_stale: a warning)."""
     hint = build_command(run, store_dir)
     path = Path(store_dir) if store_dir else Path(run.out_dir) / f"influence_{split}"
-    store = load_store(path, hint)
+    store = load_store(path, hint, source=run, allow_stale=allow_stale,
+                       stale_hint=" or pass --allow_stale to use it anyway")
     mods = dict(run.model.named_modules())
     if any(n not in mods for n in store.factors.layers):
         raise UserError(f"the influence store in {path} was built for another model; rebuild with `{hint}`")
-    store.stale = run.stale_reasons(store.meta.get("built_from", {}))
-    if store.stale and not allow_stale:
-        raise UserError(f"the influence store in {path} is stale: {'; '.join(store.stale)}; rebuild it with "
-                        f"`{hint}` or pass --allow_stale to use it anyway")
     if store.stale:
         print(f"warning: using a STALE influence store ({'; '.join(store.stale)}); rebuild with `{hint}`",
               file=sys.stderr)
