@@ -81,7 +81,7 @@ def test_invalid_utf8_bytes_round_trip_exactly(tmp_path, tok, capsys):
 
 
 def test_tiktoken_ids_equal_hugging_face_running_the_saved_file(tmp_path, tok):
-    tokenizers = pytest.importorskip("tokenizers")  # installed with transformers (the test extra)
+    import tokenizers  # installed with transformers (the test extra)
     path = tmp_path / "tokenizer.json"
     write_tokenizer_json(tok, path)
     hf = tokenizers.Tokenizer.from_file(str(path))
@@ -96,7 +96,7 @@ def test_tiktoken_ids_equal_hugging_face_running_the_saved_file(tmp_path, tok):
 
 def test_merges_matter_the_control_can_fail(tmp_path, tok):
     """A tokenizer.json with its merges reversed must encode differently: the equality above is no accident."""
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
     data = tokenizer_json(tok)
     data["model"]["merges"] = data["model"]["merges"][::-1]
     path = tmp_path / "reversed.json"
