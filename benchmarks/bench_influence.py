@@ -190,24 +190,9 @@ def head(run, windows: int, batch_size: int) -> None:
 def convex_damping(n: int = 24, l2: float = 1e-2) -> None:
     """Softmax regression (convex: leave-one-out retraining is exact) against influence per damping."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-    from test_influence import SoftmaxRegression, query_loss, train_convex
+    from test_influence import convex_loo
 
-    torch.manual_seed(0)
-    vocab = 6
-    trans = torch.softmax(torch.randn(vocab, vocab) * 1.5, -1)
-    windows = torch.zeros(n, 7, dtype=torch.long)
-    for i in range(n):
-        windows[i, 0] = i % vocab
-        for t in range(1, 7):
-            windows[i, t] = torch.multinomial(trans[windows[i, t - 1]], 1) if i % 4 else torch.randint(0, vocab, ())
-    base = SoftmaxRegression(vocab).double()
-    train_convex(base, windows, torch.ones(n, dtype=torch.bool), l2)
-    q = [0, 1, 2, 3, 4, 5, 0, 2]
-    actual = []
-    for i in range(n):
-        m = copy.deepcopy(base)
-        train_convex(m, windows, torch.arange(n) != i, l2)
-        actual.append(query_loss(m, q, 2) - query_loss(base, q, 2))
+    windows, base, q, actual = convex_loo(n, l2)
     act = np.array(actual)
     fm = base.float()
     f = inf.fit_ekfac(fm, windows.repeat(40, 1), n_train=n)

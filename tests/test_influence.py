@@ -185,9 +185,11 @@ def query_loss(model: nn.Module, query: list[int], prompt_len: int) -> float:
         return float(nn.functional.cross_entropy(logits.transpose(1, 2), y, ignore_index=-1, reduction="sum"))
 
 
-def test_influence_agrees_with_leave_one_out_retraining():
+def convex_loo(n: int = 24, l2: float = 1e-2, vocab: int = 6):
+    """A convex problem where leave-one-out retraining is exact: softmax regression on n windows of a
+    Markov chain (every fourth window random). Returns (windows, trained base, query, measured change
+    of the query's loss when each window is left out)."""
     torch.manual_seed(0)
-    vocab, n, l2 = 6, 24, 1e-2
     trans = torch.softmax(torch.randn(vocab, vocab) * 1.5, -1)  # a Markov chain, then some odd windows
     windows = torch.zeros(n, 7, dtype=torch.long)
     for i in range(n):
@@ -203,6 +205,12 @@ def test_influence_agrees_with_leave_one_out_retraining():
         m.load_state_dict(base.state_dict())
         train_convex(m, windows, torch.arange(n) != i, l2)
         actual.append(query_loss(m, query, 2) - query_loss(base, query, 2))
+    return windows, base, query, actual
+
+
+def test_influence_agrees_with_leave_one_out_retraining():
+    n, l2 = 24, 1e-2
+    windows, base, query, actual = convex_loo(n, l2)
     model = base.float()
     # the Fisher from sampled labels is noisy on 24 short windows: fit it on 40 passes of them
     f = inf.fit_ekfac(model, windows.repeat(40, 1), n_train=n)
