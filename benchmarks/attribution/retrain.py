@@ -84,17 +84,20 @@ def train_windows(model: GPT, windows: torch.Tensor, keep: np.ndarray | None, sp
         rows = slot[keep[slot]]
         if len(rows) == 0:
             continue  # every window of this slot removed: skip the step, keep the schedule
-        lr = cosine_lr(step, len(slots), spec)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        batch = windows[torch.from_numpy(rows)]
-        _, loss = model(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _step(model, opt, windows[torch.from_numpy(rows)], cosine_lr(step, len(slots), spec), spec.grad_clip)
     model.eval()
     return model
+
+
+def _step(model: GPT, opt: torch.optim.Optimizer, batch: torch.Tensor, lr: float, grad_clip: float) -> None:
+    """One optimizer step on a batch of (T+1)-token windows at learning rate `lr`, gradients clipped."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    _, loss = model(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def train_base(tokens: np.ndarray, spec: TrainSpec, steps: int, batch_size: int = 32) -> GPT:
@@ -107,15 +110,8 @@ def train_base(tokens: np.ndarray, spec: TrainSpec, steps: int, batch_size: int 
     opt = _optimizer(model, spec)
     model.train()
     for step in range(steps):
-        lr = cosine_lr(step, steps, spec)
-        for group in opt.param_groups:
-            group["lr"] = lr
         batch = torch.stack([data[s:s + T + 1] for s in starts[step]])
-        _, loss = model(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _step(model, opt, batch, cosine_lr(step, steps, spec), spec.grad_clip)
     model.eval()
     return model
 
@@ -131,13 +127,8 @@ def from_scratch(windows: torch.Tensor, keep: np.ndarray | None, spec: TrainSpec
     return train_windows(new_model(spec), windows, keep, spec)
 
 
-@torch.no_grad()
-def query_losses(model: torch.nn.Module, queries: list[np.ndarray], prompt_len: int) -> np.ndarray:
-    """(Q,) summed next-token loss (nats) of each query over its tokens ids[prompt_len:], i.e. the
-    targets at positions prompt_len-1 .. len-2. Queries may differ in length (right-padded: the model
-    is causal, so padding never changes an earlier position)."""
-    if prompt_len < 1:
-        raise ValueError("prompt_len must be >= 1: the first token has no prediction")
+def query_xy(queries: list[np.ndarray], prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded inputs and targets of the queries; targets outside ids[prompt_len:] are -1 (ignored)."""
     L = max(len(q) for q in queries)
     x = torch.zeros((len(queries), L - 1), dtype=torch.long)
     y = torch.full((len(queries), L - 1), -1, dtype=torch.long)
@@ -145,6 +136,17 @@ def query_losses(model: torch.nn.Module, queries: list[np.ndarray], prompt_len: 
         t = torch.as_tensor(np.asarray(q, dtype=np.int64))
         x[i, :len(t) - 1] = t[:-1]
         y[i, prompt_len - 1:len(t) - 1] = t[prompt_len:]
+    return x, y
+
+
+@torch.no_grad()
+def query_losses(model: torch.nn.Module, queries: list[np.ndarray], prompt_len: int) -> np.ndarray:
+    """(Q,) summed next-token loss (nats) of each query over its tokens ids[prompt_len:], i.e. the
+    targets at positions prompt_len-1 .. len-2. Queries may differ in length (right-padded: the model
+    is causal, so padding never changes an earlier position)."""
+    if prompt_len < 1:
+        raise ValueError("prompt_len must be >= 1: the first token has no prediction")
+    x, y = query_xy(queries, prompt_len)
     model.eval()
     out = np.zeros(len(queries))
     for a in range(0, len(queries), 64):

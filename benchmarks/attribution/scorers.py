@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from benchmarks.attribution.data import VOCAB, decode
+from benchmarks.attribution.retrain import query_xy
 from glassgpt.model import GPT
 
 MIN_SPAN = 8  # characters: shorter shared strings ("the ", "tion") are everywhere in char data
@@ -159,22 +160,11 @@ def _grad_fn(model: torch.nn.Module):
     return flat
 
 
-def _query_xy(queries: list[np.ndarray], prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(len(q) for q in queries)
-    x = torch.zeros((len(queries), L - 1), dtype=torch.long)
-    y = torch.full((len(queries), L - 1), -1, dtype=torch.long)
-    for i, q in enumerate(queries):
-        t = torch.as_tensor(np.asarray(q, dtype=np.int64))
-        x[i, :len(t) - 1] = t[:-1]
-        y[i, prompt_len - 1:len(t) - 1] = t[prompt_len:]
-    return x, y
-
-
 def tracin_scores(pool: Pool, queries: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
     model = pool.model
     model.eval()
     flat = _grad_fn(model)
-    qx, qy = _query_xy(queries, pool.prompt_len)
+    qx, qy = query_xy(queries, pool.prompt_len)
     gq = torch.cat([flat(qx[a:a + batch_size], qy[a:a + batch_size]) for a in range(0, len(queries), batch_size)])
     W = torch.from_numpy(pool.windows)
     out = np.zeros((len(queries), len(W)))
